@@ -1,0 +1,63 @@
+"""caffe_compat: Caffe, faithfully, on PyTorch. ``import caffe_compat as caffe`` runs pycaffe scripts.
+
+Reads and writes Caffe's formats (prototxt, caffemodel, binaryproto, solverstate, V0/V1 nets),
+interprets nets layer by layer with Caffe's numerics, and trains with Caffe's solvers.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from caffe_compat.errors import CaffeError, DataError, FormatError, LayerError, NetError, PrototxtError, SolverError
+from caffe_compat.mode import current_device, set_device, set_mode_cpu, set_mode_gpu, set_random_seed
+from caffe_compat.proto import caffe_pb2
+from caffe_compat.net import TEST, TRAIN, Net
+from caffe_compat.layers.base import registered_types as _registered_types
+from caffe_compat import io  # noqa: F401  (pycaffe's caffe.io)
+
+try:  # solvers are optional while the package is being assembled
+    from caffe_compat.solvers import (  # noqa: F401
+        AdaDeltaSolver,
+        AdaGradSolver,
+        AdamSolver,
+        NesterovSolver,
+        RMSPropSolver,
+        SGDSolver,
+        get_solver,
+    )
+except ImportError:  # pragma: no cover
+    pass
+
+
+def layer_type_list() -> list[str]:
+    """The registered layer types, as pycaffe's ``caffe.layer_type_list()``."""
+    return _registered_types()
+
+
+def init_log(*args, **kwargs) -> None:
+    """pycaffe's ``caffe.init_log``: route caffe_compat's log to stderr at INFO."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+__all__ = [
+    "CaffeError",
+    "DataError",
+    "FormatError",
+    "LayerError",
+    "Net",
+    "NetError",
+    "PrototxtError",
+    "SolverError",
+    "TEST",
+    "TRAIN",
+    "caffe_pb2",
+    "current_device",
+    "init_log",
+    "layer_type_list",
+    "set_device",
+    "set_mode_cpu",
+    "set_mode_gpu",
+    "set_random_seed",
+]

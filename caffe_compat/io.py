@@ -1,0 +1,578 @@
+"""Reading and writing Caffe's files.
+
+Text (``.prototxt``): nets (``NetParameter``) and solvers (``SolverParameter``), parsed with
+protobuf's text format; a parse error raises ``PrototxtError`` whose message starts with
+``file:line:column:``, names the offending field or token and suggests the fix.
+
+Binary (protobuf wire format): ``.caffemodel`` (``NetParameter``), ``.binaryproto``
+(``BlobProto``, e.g. mean files) and ``.solverstate`` (``SolverState``). A file that is
+truncated or is not a Caffe message raises ``FormatError`` naming the file and what was
+expected. Writers are atomic: a temporary file in the same folder, fsync, ``os.replace``.
+
+Nets and solvers are upgraded on read exactly as Caffe does (``caffe_compat.upgrade``), so V0/V1
+definitions and weights come back in the current format.
+
+Deliberate differences from Caffe: none in what is accepted; Caffe aborts (``CHECK``) where we
+raise, and our messages name the file, line, column and field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf import text_format
+
+from caffe_compat.errors import FormatError, PrototxtError
+from caffe_compat.proto import caffe_pb2
+
+__all__ = [
+    "atomic_write_bytes",
+    "parse_prototxt",
+    "read_prototxt",
+    "write_prototxt",
+    "read_net",
+    "read_net_text",
+    "write_net",
+    "read_solver",
+    "read_solver_text",
+    "write_solver",
+    "read_caffemodel",
+    "write_caffemodel",
+    "read_blobproto",
+    "write_blobproto",
+    "blob_to_array",
+    "array_to_blob",
+    "read_solverstate",
+    "write_solverstate",
+]
+
+M = TypeVar("M", bound=_message.Message)
+
+PathLike = str | os.PathLike
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw file access
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically.
+
+    The bytes go to a temporary file in the destination folder, which is flushed, fsynced and
+    renamed over ``path`` with ``os.replace``: readers see the old file or the new one, never a
+    partial write, even if the process dies midway.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FormatError(f"{path}: cannot write: folder {str(folder)!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable where the platform allows it
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _read_bytes(path: PathLike, what: str) -> bytes:
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"{p}: no such file (expected {what})")
+    if p.is_dir():
+        raise FormatError(f"{p}: is a directory (expected {what})")
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise FormatError(f"{p}: cannot read {what}: {exc.strerror or exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Text format
+
+
+def read_prototxt(path: PathLike, message_cls: type[M]) -> M:
+    """Parse the text-format file ``path`` into a new ``message_cls`` (no upgrade)."""
+    data = _read_bytes(path, f"a text {message_cls.DESCRIPTOR.full_name} (.prototxt)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        hint = (
+            "; this looks like a binary protobuf (a .caffemodel?), not a text .prototxt"
+            if _looks_binary(data)
+            else ""
+        )
+        raise PrototxtError(
+            f"{path}:{_line_col_of_offset(data, exc.start)}: not UTF-8 text "
+            f"(expected a text {message_cls.DESCRIPTOR.full_name}){hint}"
+        ) from None
+    return parse_prototxt(text, message_cls, filename=str(path))
+
+
+def parse_prototxt(text: str, message_cls: type[M], filename: str = "<string>") -> M:
+    """Parse text-format ``text`` into a new ``message_cls``.
+
+    Raises ``PrototxtError`` with ``filename:line:column:`` first, the field or token at fault,
+    the message type it belongs to and a hint (closest field or enum name, expected type).
+    """
+    msg = message_cls()
+    try:
+        text_format.Parse(text, msg)
+    except text_format.ParseError as exc:
+        raise PrototxtError(_describe_parse_error(exc, text, msg.DESCRIPTOR, filename)) from None
+    return msg
+
+
+def write_prototxt(message: _message.Message, path: PathLike) -> None:
+    """Write ``message`` in text format (as Caffe's ``WriteProtoToTextFile``), atomically."""
+    atomic_write_bytes(path, text_format.MessageToString(message).encode("utf-8"))
+
+
+def read_net(path: PathLike) -> caffe_pb2.NetParameter:
+    """Read a net definition (.prototxt) and upgrade it as Caffe does (V0/V1, inputs, ...)."""
+    from caffe_compat.upgrade import upgrade_net
+
+    net = read_prototxt(path, caffe_pb2.NetParameter)
+    return upgrade_net(net, source=str(path))
+
+
+def read_net_text(text: str, filename: str = "<string>") -> caffe_pb2.NetParameter:
+    """Parse a net definition given as text and upgrade it as Caffe does."""
+    from caffe_compat.upgrade import upgrade_net
+
+    net = parse_prototxt(text, caffe_pb2.NetParameter, filename=filename)
+    return upgrade_net(net, source=filename)
+
+
+def write_net(net_param: caffe_pb2.NetParameter, path: PathLike) -> None:
+    """Write a net definition as text (.prototxt), atomically."""
+    write_prototxt(net_param, path)
+
+
+def read_solver(path: PathLike) -> caffe_pb2.SolverParameter:
+    """Read a solver definition and upgrade it as Caffe does.
+
+    ``solver_type`` (enum) becomes ``type`` (string); an unset ``snapshot_prefix`` becomes the
+    solver file's path without extension, and a prefix naming a folder gets the solver file's
+    stem appended (BVLC master's ``UpgradeSnapshotPrefixProperty``).
+    """
+    from caffe_compat.upgrade import upgrade_solver
+
+    solver = read_prototxt(path, caffe_pb2.SolverParameter)
+    return upgrade_solver(solver, source=str(path))
+
+
+def read_solver_text(text: str, filename: str = "<string>") -> caffe_pb2.SolverParameter:
+    """Parse a solver definition given as text; upgrade ``solver_type`` (not the prefix)."""
+    from caffe_compat.upgrade import upgrade_solver
+
+    solver = parse_prototxt(text, caffe_pb2.SolverParameter, filename=filename)
+    return upgrade_solver(solver, source=None)
+
+
+def write_solver(solver_param: caffe_pb2.SolverParameter, path: PathLike) -> None:
+    """Write a solver definition as text, atomically."""
+    write_prototxt(solver_param, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary format
+
+
+def _looks_binary(data: bytes) -> bool:
+    head = data[:512]
+    return b"\x00" in head or sum(b < 9 or 13 < b < 32 for b in head) > len(head) // 10
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:512]
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        # a cut in the middle of a multi-byte character at the end is fine
+        try:
+            head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return bool(head) and not _looks_binary(head)
+
+
+_MAGIC = (
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (snapshot_format: HDF5 is not supported here)"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"PK\x03\x04", "a zip archive (a PyTorch .pt/.pth checkpoint?)"),
+    (b"\x80\x02", "a Python pickle"),
+    (b"\x93NUMPY", "a NumPy .npy file"),
+)
+
+
+def _what_it_looks_like(data: bytes) -> str:
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return f"; it looks like {name}"
+    if _looks_like_text(data):
+        return "; it looks like a text file (a .prototxt? read it with read_net/read_prototxt)"
+    return ""
+
+
+def _parse_binary(data: bytes, message_cls: type[M], path: PathLike, what: str) -> M:
+    msg = message_cls()
+    if not data:
+        raise FormatError(f"{path}: empty file (expected {what})")
+    try:
+        msg.ParseFromString(data)
+    except _message.DecodeError as exc:
+        raise FormatError(
+            f"{path}: not a valid {what}: the protobuf data is truncated or corrupt "
+            f"({exc}){_what_it_looks_like(data)}"
+        ) from None
+    if not msg.ListFields():
+        raise FormatError(
+            f"{path}: not a {what}: it decodes to no known {message_cls.DESCRIPTOR.full_name} "
+            f"field{_what_it_looks_like(data)}"
+        )
+    return msg
+
+
+def read_caffemodel(path: PathLike) -> caffe_pb2.NetParameter:
+    """Read trained weights (binary ``NetParameter``) and upgrade them as Caffe does.
+
+    V1 ``layers`` (and V0) become ``layer``; blob contents are left as stored (legacy
+    num/channels/height/width dims and ``double_data`` are kept; see ``blob_to_array``).
+    Raises ``FormatError`` for a truncated or non-Caffe file.
+    """
+    from caffe_compat.upgrade import upgrade_net
+
+    what = "Caffe .caffemodel (binary NetParameter)"
+    data = _read_bytes(path, what)
+    net = _parse_binary(data, caffe_pb2.NetParameter, path, what)
+    if not net.layer and not net.layers:
+        raise FormatError(
+            f"{path}: not a usable {what}: it holds no layers{_what_it_looks_like(data)}"
+        )
+    return upgrade_net(net, source=str(path))
+
+
+def write_caffemodel(net_param: caffe_pb2.NetParameter, path: PathLike) -> None:
+    """Write trained weights (binary ``NetParameter``), atomically."""
+    atomic_write_bytes(path, net_param.SerializeToString())
+
+
+def read_blobproto(path: PathLike) -> caffe_pb2.BlobProto:
+    """Read a binary ``BlobProto`` (``.binaryproto``: mean files, infogain matrices)."""
+    what = "Caffe .binaryproto (binary BlobProto)"
+    data = _read_bytes(path, what)
+    return _parse_binary(data, caffe_pb2.BlobProto, path, what)
+
+
+def write_blobproto(blob: caffe_pb2.BlobProto, path: PathLike) -> None:
+    """Write a binary ``BlobProto``, atomically."""
+    atomic_write_bytes(path, blob.SerializeToString())
+
+
+def read_solverstate(path: PathLike) -> caffe_pb2.SolverState:
+    """Read a binary ``SolverState`` (``.solverstate``)."""
+    what = "Caffe .solverstate (binary SolverState)"
+    data = _read_bytes(path, what)
+    return _parse_binary(data, caffe_pb2.SolverState, path, what)
+
+
+def write_solverstate(state: caffe_pb2.SolverState, path: PathLike) -> None:
+    """Write a binary ``SolverState``, atomically."""
+    atomic_write_bytes(path, state.SerializeToString())
+
+
+# ---------------------------------------------------------------------------------------------
+# Blobs <-> arrays
+
+
+def _blob_shape(blob: caffe_pb2.BlobProto) -> tuple[int, ...]:
+    # As Caffe's Blob::FromProto: any legacy dim set means the 4-D (num, channels, height, width).
+    if (
+        blob.HasField("num")
+        or blob.HasField("channels")
+        or blob.HasField("height")
+        or blob.HasField("width")
+    ):
+        return (blob.num, blob.channels, blob.height, blob.width)
+    return tuple(int(d) for d in blob.shape.dim)
+
+
+def blob_to_array(
+    blob: caffe_pb2.BlobProto, *, diff: bool = False, what: str = "blob"
+) -> np.ndarray:
+    """The values of ``blob`` as a NumPy array of the blob's shape.
+
+    ``double_data`` is used when non-empty (array float64), else ``data`` (float32); with
+    ``diff=True`` the same for ``double_diff`` / ``diff``. The shape is the legacy
+    (num, channels, height, width) when any of those is set, else ``shape.dim`` (empty: a
+    0-d scalar), as Caffe's ``Blob::FromProto``. The number of values must equal the shape's
+    count; otherwise ``FormatError`` (``what`` names the blob in the message).
+    """
+    doubles = blob.double_diff if diff else blob.double_data
+    floats = blob.diff if diff else blob.data
+    if len(doubles) > 0:
+        values = np.array(doubles, dtype=np.float64)
+    else:
+        values = np.array(floats, dtype=np.float32)
+    shape = _blob_shape(blob)
+    count = int(np.prod(shape, dtype=np.int64))
+    if any(d < 0 for d in shape):
+        raise FormatError(f"{what}: negative dimension in shape {shape}")
+    if values.size != count:
+        field = ("double_diff" if diff else "double_data") if len(doubles) else (
+            "diff" if diff else "data"
+        )
+        raise FormatError(
+            f"{what}: shape {shape} needs {count} values but '{field}' holds {values.size}"
+        )
+    return values.reshape(shape)
+
+
+def array_to_blob(
+    arr: np.ndarray | Sequence[float],
+    diff: np.ndarray | Sequence[float] | None = None,
+    *,
+    double: bool = False,
+) -> caffe_pb2.BlobProto:
+    """A ``BlobProto`` holding ``arr`` as Caffe writes it: ``shape`` + packed float32 ``data``.
+
+    ``diff`` (same shape) goes to ``diff``. With ``double=True`` the values go to
+    ``double_data`` / ``double_diff`` in float64 instead.
+    """
+    a = np.asarray(arr)
+    blob = caffe_pb2.BlobProto()
+    blob.shape.dim.extend(int(d) for d in a.shape)
+    dtype = np.float64 if double else np.float32
+    (blob.double_data if double else blob.data).extend(a.astype(dtype).ravel().tolist())
+    if diff is not None:
+        d = np.asarray(diff)
+        if d.shape != a.shape:
+            raise ValueError(f"array_to_blob: diff shape {d.shape} differs from data shape {a.shape}")
+        (blob.double_diff if double else blob.diff).extend(d.astype(dtype).ravel().tolist())
+    return blob
+
+
+# ---------------------------------------------------------------------------------------------
+# Parse-error messages
+
+
+def _line_col_of_offset(data: bytes, offset: int) -> str:
+    line = data.count(b"\n", 0, offset) + 1
+    col = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    return f"{line}:{col}"
+
+
+_TOKEN_RE = re.compile(
+    r"""
+    (?P<ws>\s+)
+  | (?P<comment>\#[^\n]*)
+  | (?P<string>"(?:[^"\\\n]|\\.)*"?|'(?:[^'\\\n]|\\.)*'?)
+  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<number>[-+]?[0-9.][0-9A-Za-z_.+-]*)
+  | (?P<punct>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+_TYPE_NAMES = {
+    _descriptor.FieldDescriptor.TYPE_DOUBLE: "double",
+    _descriptor.FieldDescriptor.TYPE_FLOAT: "float",
+    _descriptor.FieldDescriptor.TYPE_INT64: "int64",
+    _descriptor.FieldDescriptor.TYPE_UINT64: "uint64",
+    _descriptor.FieldDescriptor.TYPE_INT32: "int32",
+    _descriptor.FieldDescriptor.TYPE_FIXED64: "fixed64",
+    _descriptor.FieldDescriptor.TYPE_FIXED32: "fixed32",
+    _descriptor.FieldDescriptor.TYPE_BOOL: "bool",
+    _descriptor.FieldDescriptor.TYPE_STRING: "string",
+    _descriptor.FieldDescriptor.TYPE_BYTES: "bytes",
+    _descriptor.FieldDescriptor.TYPE_UINT32: "uint32",
+    _descriptor.FieldDescriptor.TYPE_SFIXED32: "sfixed32",
+    _descriptor.FieldDescriptor.TYPE_SFIXED64: "sfixed64",
+    _descriptor.FieldDescriptor.TYPE_SINT32: "sint32",
+    _descriptor.FieldDescriptor.TYPE_SINT64: "sint64",
+}
+
+
+def _type_name(field: _descriptor.FieldDescriptor) -> str:
+    if field.type == _descriptor.FieldDescriptor.TYPE_ENUM:
+        return f"enum {field.enum_type.full_name}"
+    if field.type in (_descriptor.FieldDescriptor.TYPE_MESSAGE, _descriptor.FieldDescriptor.TYPE_GROUP):
+        return f"message {field.message_type.full_name}"
+    return _TYPE_NAMES.get(field.type, "?")
+
+
+def _context_at(
+    text: str, offset: int, root: _descriptor.Descriptor
+) -> tuple[_descriptor.Descriptor | None, str | None]:
+    """The message type being parsed at ``offset`` and the last field name set there."""
+    stack: list[_descriptor.Descriptor | None] = [root]
+    key: str | None = None
+    pending: str | None = None  # an identifier that may be a field name (followed by ':' or '{')
+    pos = 0
+    while pos < offset:
+        m = _TOKEN_RE.match(text, pos)
+        if m is None:
+            break
+        pos = m.end()
+        kind = m.lastgroup
+        tok = m.group()
+        if kind in ("ws", "comment"):
+            continue
+        if kind == "ident":
+            pending = tok
+            continue
+        if kind == "punct" and tok == ":":
+            if pending is not None:
+                key = pending
+            pending = None
+            continue
+        if kind == "punct" and tok in "{<":
+            name = pending if pending is not None else key
+            cur = stack[-1]
+            sub = None
+            if cur is not None and name is not None:
+                f = cur.fields_by_name.get(name)
+                if f is not None and f.message_type is not None:
+                    sub = f.message_type
+            stack.append(sub)
+            key = None
+            pending = None
+            continue
+        if kind == "punct" and tok in "}>":
+            if len(stack) > 1:
+                stack.pop()
+            key = None
+            pending = None
+            continue
+        pending = None
+    return stack[-1], key
+
+
+def _suggest(name: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    if not close:
+        close = difflib.get_close_matches(name.lower(), [c.lower() for c in candidates], n=1, cutoff=0.6)
+        if close:
+            close = [c for c in candidates if c.lower() == close[0]]
+    return close[0] if close else ""
+
+
+def _describe_parse_error(
+    exc: text_format.ParseError, text: str, root: _descriptor.Descriptor, filename: str
+) -> str:
+    line, col = exc.GetLine(), exc.GetColumn()
+    raw = str(exc)
+    m = re.match(r"^\d+:\d+ : ", raw)
+    body = raw[m.end():] if m else raw
+    lines = text.split("\n")
+    if line is not None and 1 <= line <= len(lines):
+        src = lines[line - 1]
+        for quoted in (f"'{src}': ", f"'{src.rstrip()}': "):
+            if body.startswith(quoted):
+                body = body[len(quoted):]
+                break
+        else:
+            body = re.sub(r"^'.*?': ", "", body, count=1)
+    loc = f"{filename}:{line}:{col}" if line is not None else filename
+    offset = len(text)
+    if line is not None and col is not None and 1 <= line <= len(lines):
+        offset = sum(len(s) + 1 for s in lines[: line - 1]) + max(col - 1, 0)
+    desc, key = _context_at(text, offset, root)
+    pool = root.file.pool
+
+    m = re.match(r'Message type "([\w.]+)" has no field named "(\w+)"', body)
+    if m:
+        type_name, field = m.groups()
+        try:
+            mdesc = pool.FindMessageTypeByName(type_name)
+            names = [f.name for f in mdesc.fields]
+        except KeyError:
+            names = []
+        guess = _suggest(field, names)
+        hint = f"; did you mean '{guess}'?" if guess else ""
+        extra = ""
+        if not guess and type_name == "caffe.NetParameter":
+            layer_fields = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
+            if field in layer_fields:
+                extra = f" ('{field}' is a field of a layer: put it inside a layer {{ ... }} block)"
+        return f"{loc}: unknown field '{field}' in message {type_name}{hint}{extra}"
+
+    m = re.match(r'Enum type "([\w.]+)" has no value named (\S+?)\.?$', body)
+    if m:
+        enum_name, value = m.groups()
+        try:
+            values = [v.name for v in pool.FindEnumTypeByName(enum_name).values]
+        except KeyError:
+            values = []
+        guess = _suggest(value, values)
+        field_part = f" for field '{key}'" if key else ""
+        hint = f"; did you mean {guess}?" if guess else ""
+        return (
+            f"{loc}: '{value}' is not a value of enum {enum_name}{field_part}{hint} "
+            f"(valid values: {', '.join(values)})"
+        )
+
+    m = re.match(r'Message type "([\w.]+)" should not have multiple "(\w+)" fields', body)
+    if m:
+        type_name, field = m.groups()
+        return (
+            f"{loc}: field '{field}' of message {type_name} is given more than once "
+            f"but is not repeated; keep one"
+        )
+
+    value_error = re.match(
+        r"(Couldn't parse (?:integer|float|double|unsigned integer)|Value out of range|"
+        r"Expected string but found|Expected \"true\" or \"false\"|Invalid value)(.*)$",
+        body,
+    )
+    if value_error:
+        field_desc = desc.fields_by_name.get(key) if (desc is not None and key) else None
+        token = text[offset:].split("\n", 1)[0].strip()
+        tm = _TOKEN_RE.match(token) if token else None
+        token = tm.group() if tm else token
+        where = ""
+        if field_desc is not None:
+            where = f" for field '{key}' ({_type_name(field_desc)}) of message {desc.full_name}"
+        elif key:
+            where = f" for field '{key}'"
+        reason = body.rstrip(".")
+        hint = ""
+        if field_desc is not None and field_desc.type == _descriptor.FieldDescriptor.TYPE_STRING:
+            hint = "; strings must be in double quotes"
+        elif field_desc is not None and field_desc.type == _descriptor.FieldDescriptor.TYPE_ENUM:
+            hint = f"; valid values: {', '.join(v.name for v in field_desc.enum_type.values)}"
+        elif field_desc is not None and field_desc.type == _descriptor.FieldDescriptor.TYPE_BOOL:
+            hint = "; use true or false"
+        elif "out of range" in reason and field_desc is not None:
+            hint = f"; {_type_name(field_desc)} cannot hold it"
+        return f"{loc}: invalid value {token}{where}: {reason}{hint}"
+
+    context = f" (in message {desc.full_name})" if desc is not None else ""
+    return f"{loc}: {body.rstrip('.')}{context}"

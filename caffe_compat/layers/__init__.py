@@ -1,0 +1,15 @@
+"""Caffe's layers, one module per family, each class registered under its Caffe type string."""
+
+from caffe_compat.layers import (  # noqa: F401  (importing registers the layers)
+    common,
+    conv,
+    data,
+    loss,
+    neuron,
+    norm,
+    pooling,
+    python,
+)
+from caffe_compat.layers.base import LAYER_REGISTRY, Layer, layer_class, register_layer, registered_types
+
+__all__ = ["LAYER_REGISTRY", "Layer", "layer_class", "register_layer", "registered_types"]

@@ -1,0 +1,157 @@
+"""The layer base class and the registry of layer types by Caffe's type string.
+
+A layer is a ``torch.nn.Module`` built from its ``LayerParameter`` and the shapes of its bottoms.
+Its learnable blobs live in ``self.blobs`` in Caffe's order and layout (Convolution: weight
+``(O, C/g, kh, kw)`` then bias ``(O,)``), so caffemodel I/O, surgery and snapshots need no
+per-layer cases. ``forward`` takes the bottom tensors and returns a tuple of top tensors; the
+backward pass is torch's autograd through that forward (a layer may use a custom
+``torch.autograd.Function`` where Caffe's gradient differs from the autograd of the forward).
+
+The net (``caffe_compat.net``) owns everything that is not one layer's business: phase
+filtering, wiring, in-place blobs, ``propagate_down`` (it detaches such bottoms), loss weights,
+parameter sharing and which blobs need a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from caffe_compat.errors import LayerError
+
+__all__ = ["Layer", "register_layer", "layer_class", "registered_types", "LAYER_REGISTRY"]
+
+LAYER_REGISTRY: dict[str, type[Layer]] = {}
+
+
+def register_layer(type_name: str):
+    """Class decorator: register a ``Layer`` subclass under Caffe's type string."""
+
+    def deco(cls: type[Layer]) -> type[Layer]:
+        if type_name in LAYER_REGISTRY:
+            raise ValueError(
+                f"layer type {type_name!r} registered twice "
+                f"({LAYER_REGISTRY[type_name].__qualname__} and {cls.__qualname__})"
+            )
+        LAYER_REGISTRY[type_name] = cls
+        cls.caffe_type = type_name
+        return cls
+
+    return deco
+
+
+def registered_types() -> list[str]:
+    return sorted(LAYER_REGISTRY)
+
+
+def layer_class(type_name: str, layer_name: str = "?") -> type[Layer]:
+    try:
+        return LAYER_REGISTRY[type_name]
+    except KeyError:
+        raise LayerError(
+            f"Unknown layer type {type_name!r} (layer {layer_name!r}); "
+            f"known types: {', '.join(registered_types())}"
+        ) from None
+
+
+class Layer(nn.Module):
+    """Base of every Caffe layer.
+
+    Subclasses override:
+
+    - ``setup(bottom_shapes)``: read parameters from ``self.param`` (the compiled proto, so
+      defaults are caffe.proto's), validate them (raise ``self.error(...)``), create blobs with
+      ``self.add_blob(shape, filler)``.
+    - ``forward(*bottoms) -> tuple[Tensor, ...]``: compute the tops. No parameter parsing here.
+    - ``top_shapes(bottom_shapes)``: only where running ``forward`` on meta tensors cannot give
+      the shapes (side effects, data layers, data-dependent shapes).
+
+    Class attributes set the bottom/top counts Caffe checks and the loss-layer behaviour.
+    """
+
+    caffe_type: str = ""
+    #: Exact / minimum / maximum numbers of bottoms and tops (None: not checked).
+    exact_num_bottom: int | None = None
+    min_bottom: int | None = None
+    max_bottom: int | None = None
+    exact_num_top: int | None = None
+    min_top: int | None = None
+    max_top: int | None = None
+    #: Caffe's LossLayer: top 0 gets loss_weight 1 when the prototxt gives none.
+    is_loss: bool = False
+    #: Layers whose blobs never receive a gradient (BatchNorm statistics).
+    blobs_have_gradient: bool = True
+    #: Input-like layers: the net keeps their tops as the net's inputs and never calls forward.
+    is_net_input: bool = False
+
+    def __init__(self, param, bottom_shapes: list[tuple[int, ...]], phase: int):
+        super().__init__()
+        self.param = param
+        self.name: str = param.name
+        self.type: str = param.type
+        self.phase: int = phase
+        self.blobs = nn.ParameterList()
+        self._check_counts(len(bottom_shapes), len(param.top))
+        self.setup([tuple(s) for s in bottom_shapes])
+
+    # -- to override ---------------------------------------------------------------------------
+
+    def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
+        """Read parameters and create blobs. Default: nothing to set up."""
+
+    def forward(self, *bottoms: torch.Tensor) -> tuple[torch.Tensor, ...]:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def top_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """Shapes of the tops for these bottom shapes; by default, forward on meta tensors."""
+        metas = [torch.empty(s, device="meta") for s in bottom_shapes]
+        saved = list(self.blobs)
+        try:
+            with torch.no_grad():
+                for p in self.blobs:
+                    p.data = torch.empty(p.shape, dtype=p.dtype, device="meta")
+                tops = self.forward(*metas)
+        finally:
+            for p, s in zip(self.blobs, saved):
+                p.data = s.data
+        return [tuple(t.shape) for t in tops]
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        """Caffe's AllowForceBackward: loss layers refuse it for their label bottom."""
+        if self.is_loss:
+            return bottom_index != 1
+        return True
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+
+    def add_blob(self, shape, filler=None, value: float | None = None) -> nn.Parameter:
+        """Create the next learnable blob, filled by ``filler`` (a FillerParameter) or ``value``."""
+        from caffe_compat.fillers import fill
+
+        t = torch.zeros(tuple(int(d) for d in shape), dtype=torch.float32)
+        if filler is not None:
+            fill(t, filler)
+        elif value is not None:
+            t.fill_(value)
+        p = nn.Parameter(t, requires_grad=self.blobs_have_gradient)
+        self.blobs.append(p)
+        return p
+
+    def error(self, message: str) -> LayerError:
+        """An error naming this layer, to ``raise``."""
+        return LayerError(f"layer {self.name!r} ({self.type}): {message}")
+
+    def _check_counts(self, nb: int, nt: int) -> None:
+        for what, n, exact, lo, hi in (
+            ("bottom", nb, self.exact_num_bottom, self.min_bottom, self.max_bottom),
+            ("top", nt, self.exact_num_top, self.min_top, self.max_top),
+        ):
+            if exact is not None and n != exact:
+                raise self.error(f"takes exactly {exact} {what} blob(s), got {n}")
+            if lo is not None and n < lo:
+                raise self.error(f"takes at least {lo} {what} blob(s), got {n}")
+            if hi is not None and n > hi:
+                raise self.error(f"takes at most {hi} {what} blob(s), got {n}")
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, type={self.type!r}"

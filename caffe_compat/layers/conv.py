@@ -1,0 +1,206 @@
+"""Convolution and Deconvolution (BVLC/caffe src/caffe/layers/base_conv_layer.cpp, conv_layer.cpp,
+deconv_layer.cpp), on torch's ``conv{1,2,3}d`` / ``conv_transpose{1,2,3}d``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from caffe_compat.layers.base import Layer, register_layer
+
+__all__ = ["ConvolutionLayer", "DeconvolutionLayer"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class _BaseConvolution(Layer):
+    """What Convolution and Deconvolution share: parameter parsing, checks and blobs.
+
+    Several bottoms are allowed (each gives the top of the same index, all with the same weights);
+    Caffe requires them to have one shape.
+    """
+
+    min_bottom = 1
+    min_top = 1
+    #: Deconvolution: weights stored (C_in, O/g, k...) and the output grows.
+    reverse = False
+
+    def setup(self, bottom_shapes):
+        cp = self.param.convolution_param
+        if len(self.param.top) != len(bottom_shapes):
+            raise self.error(
+                f"needs as many tops as bottoms (one top per bottom), got {len(bottom_shapes)} "
+                f"bottom(s) and {len(self.param.top)} top(s)"
+            )
+        shape0 = bottom_shapes[0]
+        for i, s in enumerate(bottom_shapes[1:], 1):
+            if s != shape0:
+                raise self.error(
+                    f"all bottoms must have the same shape: bottom 0 is {shape0}, bottom {i} is {s}"
+                )
+        ndim = len(shape0)
+        axis = cp.axis + ndim if cp.axis < 0 else cp.axis
+        if not 0 <= axis < ndim:
+            raise self.error(
+                f"convolution_param.axis {cp.axis} is out of range for a {ndim}-D bottom {shape0}"
+            )
+        self.axis = axis
+        nsp = ndim - axis - 1
+        if nsp not in _CONV:
+            raise self.error(
+                f"bottom {shape0} has {nsp} spatial axes after axis {axis}; only 1, 2 or 3 are "
+                "supported (set convolution_param.axis to the channel axis)"
+            )
+        self.num_spatial = nsp
+
+        self.kernel = self._spatial(cp, "kernel_size", "kernel_h", "kernel_w", None)
+        self.stride = self._spatial(cp, "stride", "stride_h", "stride_w", 1)
+        self.pad = self._spatial(cp, "pad", "pad_h", "pad_w", 0)
+        if len(cp.dilation) not in (0, 1, nsp):
+            raise self.error(
+                f"dilation must be given once, or once per spatial axis ({nsp}); got "
+                f"{len(cp.dilation)} values"
+            )
+        self.dilation = tuple(cp.dilation[i if len(cp.dilation) > 1 else 0] if cp.dilation else 1 for i in range(nsp))
+        for name, vals in (("kernel_size", self.kernel), ("stride", self.stride), ("dilation", self.dilation)):
+            if any(v <= 0 for v in vals):
+                raise self.error(f"convolution_param.{name} must be > 0, got {list(vals)}")
+
+        if not cp.HasField("num_output") or cp.num_output == 0:
+            raise self.error("convolution_param.num_output is required and must be > 0")
+        self.num_output = cp.num_output
+        self.channels = shape0[axis]
+        self.group = cp.group
+        if self.group == 0:
+            raise self.error("convolution_param.group must be > 0")
+        if self.channels % self.group:
+            raise self.error(
+                f"the bottom's {self.channels} channels are not divisible by convolution_param.group "
+                f"({self.group})"
+            )
+        if self.num_output % self.group:
+            raise self.error(
+                f"convolution_param.num_output ({self.num_output}) must be a multiple of "
+                f"convolution_param.group ({self.group})"
+            )
+        if self.reverse:
+            wshape = (self.channels, self.num_output // self.group, *self.kernel)
+        else:
+            wshape = (self.num_output, self.channels // self.group, *self.kernel)
+        self.bias_term = cp.bias_term
+        self.add_blob(wshape, cp.weight_filler)
+        if self.bias_term:
+            self.add_blob((self.num_output,), cp.bias_filler)
+        self._check_output(shape0)
+
+    def _spatial(self, cp, name, name_h, name_w, default):
+        """Caffe's rule: ``<name>`` repeated (once or once per spatial axis) or ``<name>_h/_w``."""
+        nsp = self.num_spatial
+        vals = list(getattr(cp, name))
+        has_h, has_w = cp.HasField(name_h), cp.HasField(name_w)
+        if has_h or has_w:
+            if nsp != 2:
+                raise self.error(f"{name_h} & {name_w} can only be used for 2-D convolution")
+            if vals:
+                raise self.error(f"give either {name} or {name_h}/{name_w}, not both")
+            if default is None and not (has_h and has_w):
+                raise self.error(f"for a non-square kernel both {name_h} and {name_w} are required")
+            return (
+                getattr(cp, name_h) if has_h else default,
+                getattr(cp, name_w) if has_w else default,
+            )
+        if not vals:
+            if default is None:
+                raise self.error(
+                    f"convolution_param.{name} (or {name_h} and {name_w}) is required"
+                )
+            return (default,) * nsp
+        if len(vals) not in (1, nsp):
+            raise self.error(
+                f"{name} must be given once, or once per spatial axis ({nsp}); got {len(vals)} values"
+            )
+        return tuple(vals[i if len(vals) > 1 else 0] for i in range(nsp))
+
+    def _out_size(self, size, k, s, p, d):
+        raise NotImplementedError
+
+    def _check_output(self, shape):
+        for i, n in enumerate(shape[self.axis + 1 :]):
+            out = self._out_size(n, self.kernel[i], self.stride[i], self.pad[i], self.dilation[i])
+            if out <= 0:
+                raise self.error(
+                    f"spatial axis {i} of size {n} gives an output of size {out} with kernel "
+                    f"{self.kernel[i]}, stride {self.stride[i]}, pad {self.pad[i]}, dilation "
+                    f"{self.dilation[i]}"
+                )
+
+    def _conv_one(self, op, x, weight, bias):
+        lead = x.shape[: self.axis]
+        if self.axis != 1:
+            x = x.reshape(-1, *x.shape[self.axis :])
+        if x.shape[1] != self.channels:
+            raise self.error(f"expected {self.channels} channels at axis {self.axis}, got shape {tuple(x.shape)}")
+        y = op(x, weight, bias, stride=self.stride, padding=self.pad, dilation=self.dilation, groups=self.group)
+        if self.axis != 1:
+            y = y.reshape(*lead, *y.shape[1:])
+        return y
+
+    def _run(self, op, bottoms):
+        weight = self.blobs[0]
+        bias = self.blobs[1] if self.bias_term else None
+        dtype = bottoms[0].dtype
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        return tuple(self._conv_one(op, x, weight, bias) for x in bottoms)
+
+
+@register_layer("Convolution")
+class ConvolutionLayer(_BaseConvolution):
+    """Caffe's Convolution: cross-correlation of each bottom with ``num_output`` filters.
+
+    ``y[n, o] = b[o] + Σ_{c in group(o)} Σ_k W[o, c, k] · x[n, g·C/g + c, s·i + d·k − p]``
+
+    Parameters (``convolution_param``): ``num_output`` (required), ``kernel_size`` (required;
+    once or once per spatial axis, or ``kernel_h``/``kernel_w``), ``stride`` 1, ``pad`` 0,
+    ``dilation`` 1 (same repetition rules; ``stride_h/_w``, ``pad_h/_w`` for 2-D), ``group`` 1,
+    ``bias_term`` true, ``weight_filler``/``bias_filler`` (unset: constant 0), ``axis`` 1 (the
+    channel axis; earlier axes are batch axes, later ones spatial). ``engine`` and
+    ``force_nd_im2col`` do not change the result and are ignored.
+
+    Blobs: weight ``(O, C/g, k...)``, bias ``(O,)`` when ``bias_term``.
+
+    Bottoms/tops: one or more bottoms ``(N, C, S1[, S2[, S3]])`` of one shape, each giving the top
+    of the same index ``(N, O, S1'...)`` with ``S' = floor((S + 2p − (d(k−1)+1)) / s) + 1``.
+
+    Differences from Caffe: 1 to 3 spatial axes only (Caffe's im2col takes any number).
+    """
+
+    def _out_size(self, size, k, s, p, d):
+        return (size + 2 * p - (d * (k - 1) + 1)) // s + 1
+
+    def forward(self, *bottoms):
+        return self._run(_CONV[self.num_spatial], bottoms)
+
+
+@register_layer("Deconvolution")
+class DeconvolutionLayer(_BaseConvolution):
+    """Caffe's Deconvolution: the transpose (gradient) of Convolution, used for upsampling.
+
+    Same parameters as Convolution (``convolution_param``); ``num_output`` is the number of
+    output channels. Blobs: weight ``(C_in, O/g, k...)`` (torch's ConvTranspose layout), bias
+    ``(O,)``. Top size per spatial axis: ``S' = s(S − 1) + d(k − 1) + 1 − 2p`` (Caffe has no
+    output_padding). A ``bilinear`` weight filler with ``group = C`` and lr_mult 0 gives fixed
+    bilinear upsampling.
+
+    Differences from Caffe: 1 to 3 spatial axes only.
+    """
+
+    reverse = True
+
+    def _out_size(self, size, k, s, p, d):
+        return s * (size - 1) + d * (k - 1) + 1 - 2 * p
+
+    def forward(self, *bottoms):
+        return self._run(_DECONV[self.num_spatial], bottoms)

@@ -1,0 +1,255 @@
+"""Normalization layers: LRN, BatchNorm, MVN (BVLC/caffe src/caffe/layers/lrn_layer.cpp,
+batch_norm_layer.cpp, mvn_layer.cpp)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from caffe_compat.layers.base import Layer, register_layer
+from caffe_compat.proto import caffe_pb2
+
+__all__ = ["LRNLayer", "BatchNormLayer", "MVNLayer", "lrn_across_channels"]
+
+_LRN = caffe_pb2.LRNParameter
+
+
+def _channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``out[:, c] = Σ_{|c' − c| ≤ (size−1)/2} t[:, c']`` (zero outside the channels), for 4-D t."""
+    n, c, h, w = t.shape
+    half = (size - 1) // 2
+    s = F.avg_pool3d(
+        t.reshape(n, 1, c, h, w), (size, 1, 1), stride=1, padding=(half, 0, 0), divisor_override=1
+    )
+    return s.reshape(n, c, h, w)
+
+
+class _LRNAcross(torch.autograd.Function):
+    """Fused ACROSS_CHANNELS LRN; saves only the bottom and the scale (as Caffe does).
+
+    Backward (Caffe's): ``dx = g·scale^−β − (2αβ/n)·x·Σ_window(g·y/scale)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, size, alpha, beta, k):
+        scale = _channel_window_sum(x * x, size).mul_(alpha / size).add_(k)
+        y = x * scale.pow(-beta)
+        ctx.save_for_backward(x, scale)
+        ctx.consts = (size, alpha, beta)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, scale = ctx.saved_tensors
+        size, alpha, beta = ctx.consts
+        scale_pow = scale.pow(-beta)
+        ratio = g * x * scale_pow / scale
+        acc = _channel_window_sum(ratio, size)
+        return g * scale_pow - (2.0 * alpha * beta / size) * x * acc, None, None, None, None
+
+
+def lrn_across_channels(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    """``y = x · (k + (α/n)·Σ_{window of n channels} x²)^−β`` on a 4-D tensor, with Caffe's backward."""
+    if x.device.type == "meta":
+        return torch.empty_like(x)
+    return _LRNAcross.apply(x, size, alpha, beta, k)
+
+
+@register_layer("LRN")
+class LRNLayer(Layer):
+    """Caffe's Local Response Normalization.
+
+    Parameters (``lrn_param``): ``local_size`` n = 5 (odd), ``alpha`` 1, ``beta`` 0.75, ``k`` 1,
+    ``norm_region`` ACROSS_CHANNELS | WITHIN_CHANNEL.
+
+    - ACROSS_CHANNELS: ``y = x · (k + (α/n)·Σ_{c' = c−(n−1)/2}^{c+(n−1)/2} x_{c'}²)^−β`` (channels
+      outside [0, C) count as zero). Fused forward/backward saving only x and the scale.
+    - WITHIN_CHANNEL: ``y = x · (1 + (α/n²)·Σ_{n×n window} x²)^−β`` (zero padding, divisor always
+      n²). **k is ignored**: Caffe builds this mode from Power/Pooling/Power/Eltwise layers with a
+      fixed shift of 1.
+
+    Bottom ``(N, C, H, W)``; top the same shape. ``engine`` is ignored.
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom_shapes):
+        lp = self.param.lrn_param
+        if lp.local_size % 2 != 1:
+            raise self.error(f"lrn_param.local_size must be odd, got {lp.local_size}")
+        if len(bottom_shapes[0]) != 4:
+            raise self.error(
+                f"the bottom must have 4 axes (num, channels, height, width), got shape {bottom_shapes[0]}"
+            )
+        self.size = lp.local_size
+        self.alpha = lp.alpha
+        self.beta = lp.beta
+        self.k = lp.k
+        self.region = lp.norm_region
+
+    def forward(self, x):
+        if self.region == _LRN.ACROSS_CHANNELS:
+            return (lrn_across_channels(x, self.size, self.alpha, self.beta, self.k),)
+        pad = (self.size - 1) // 2
+        mean_sq = F.avg_pool2d(x * x, self.size, stride=1, padding=pad, count_include_pad=True)
+        return (x * (1.0 + self.alpha * mean_sq).pow(-self.beta),)
+
+
+@register_layer("BatchNorm")
+class BatchNormLayer(Layer):
+    """Caffe's BatchNorm: normalizes each channel (axis 1) over the batch and spatial axes; no affine
+    part (follow it with ``Scale { bias_term: true }``).
+
+    Parameters (``batch_norm_param``): ``use_global_stats`` (unset: true in TEST, false in
+    TRAIN), ``moving_average_fraction`` λ = 0.999, ``eps`` 1e-5.
+
+    Blobs (never learned; shapes ``(C,)``, ``(C,)``, ``(1,)``, zero-initialised): the mean
+    accumulator, the variance accumulator and the scale factor s.
+
+    - Batch statistics (``use_global_stats`` false): with μ, σ² the batch mean and biased variance
+      over the m = count/C values of each channel, ``y = (x − μ)/√(σ² + eps)``; the forward then
+      updates, in place: ``s ← λs + 1``, ``acc_μ ← λ·acc_μ + μ``,
+      ``acc_σ² ← λ·acc_σ² + m/(m−1)·σ²`` (factor 1 when m = 1). The gradient goes through the
+      batch statistics.
+    - Global statistics: ``μ = acc_μ/s``, ``σ² = acc_σ²/s`` (both 0 when s = 0, so ``y = x/√eps``),
+      ``y = (x − μ)/√(σ² + eps)``.
+
+    Bottom ``(N, C, ...)`` (a 1-D bottom is one channel); top the same shape. Like Caffe, a
+    ``param {}`` spec given for a statistics blob must have ``lr_mult: 0``; missing specs are
+    added with ``lr_mult: 0`` to this layer's own copy of its LayerParameter.
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+    blobs_have_gradient = False
+
+    def setup(self, bottom_shapes):
+        bp = self.param.batch_norm_param
+        shape = bottom_shapes[0]
+        if len(shape) == 0:
+            raise self.error("the bottom must have at least one axis")
+        self.use_global_stats = (
+            bp.use_global_stats if bp.HasField("use_global_stats") else self.phase == caffe_pb2.TEST
+        )
+        self.fraction = bp.moving_average_fraction
+        self.eps = bp.eps
+        self.channels = 1 if len(shape) == 1 else shape[1]
+        for i, spec in enumerate(self.param.param[:3]):
+            if spec.lr_mult != 0:
+                raise self.error(
+                    f"param {i} has lr_mult {spec.lr_mult}: the statistics blobs cannot be learned "
+                    "(set lr_mult: 0 or remove the param spec)"
+                )
+        if len(self.param.param) < 3:
+            own = type(self.param)()
+            own.CopyFrom(self.param)
+            while len(own.param) < 3:
+                own.param.add().lr_mult = 0.0
+            self.param = own
+        self.add_blob((self.channels,))
+        self.add_blob((self.channels,))
+        self.add_blob((1,))
+
+    def top_shapes(self, bottom_shapes):
+        return [tuple(bottom_shapes[0])]
+
+    def _as_nc(self, x):
+        if x.dim() == 1:
+            return x.reshape(-1, 1)
+        if x.shape[1] != self.channels:
+            raise self.error(f"expected {self.channels} channels at axis 1, got shape {tuple(x.shape)}")
+        return x
+
+    def forward(self, x):
+        xc = self._as_nc(x)
+        mean_acc, var_acc, s = self.blobs
+        if self.use_global_stats:
+            with torch.no_grad():
+                factor = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
+                mean = (mean_acc * factor).to(x.dtype)
+                var = (var_acc * factor).to(x.dtype)
+            y = F.batch_norm(xc, mean, var, None, None, training=False, eps=self.eps)
+            return (y.reshape(x.shape),)
+        m = xc.numel() // self.channels
+        if m > 1:
+            mean = torch.zeros(self.channels, dtype=x.dtype, device=x.device)
+            var = torch.ones(self.channels, dtype=x.dtype, device=x.device)
+            # momentum 1 makes torch leave the batch mean and the m/(m-1)-unbiased variance there
+            y = F.batch_norm(xc, mean, var, None, None, training=True, momentum=1.0, eps=self.eps)
+        else:
+            dims = [d for d in range(xc.dim()) if d != 1]
+            mu = xc.mean(dim=dims, keepdim=True)
+            d = xc - mu
+            y = d / ((d * d).mean(dim=dims, keepdim=True) + self.eps).sqrt()
+            mean = mu.detach().reshape(-1)
+            var = torch.zeros_like(mean)  # one value per channel: variance 0, factor 1
+        with torch.no_grad():
+            s.mul_(self.fraction).add_(1.0)
+            mean_acc.mul_(self.fraction).add_(mean.to(mean_acc.dtype))
+            var_acc.mul_(self.fraction).add_(var.to(var_acc.dtype))
+        return (y.reshape(x.shape),)
+
+
+class _MVNVariance(torch.autograd.Function):
+    """``y = (x − mean)/(std + eps)`` per row of a 2-D tensor, with Caffe's backward
+    ``dx = (g − mean(g) − mean(g·y)·y)/(std + eps)`` (finite even for a constant row)."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        d = x - x.mean(dim=1, keepdim=True)
+        sd = (d * d).mean(dim=1, keepdim=True).sqrt_().add_(eps)
+        y = d / sd
+        ctx.save_for_backward(y, sd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        y, sd = ctx.saved_tensors
+        gx = g - g.mean(dim=1, keepdim=True) - (g * y).mean(dim=1, keepdim=True) * y
+        return gx / sd, None
+
+
+@register_layer("MVN")
+class MVNLayer(Layer):
+    """Caffe's Mean-Variance Normalization.
+
+    Parameters (``mvn_param``): ``normalize_variance`` true, ``across_channels`` false, ``eps``
+    1e-9. Each group — one (n, c) plane, or with ``across_channels`` all of sample n — becomes
+    ``y = x − mean``, and with ``normalize_variance`` ``y = (x − mean)/(std + eps)`` where
+    ``std = √(mean((x − mean)²))``: **eps is added to the standard deviation**, not the variance.
+    The backward is Caffe's, ``(g − mean(g) − mean(g·y)·y)/(std + eps)``, which is the exact
+    gradient up to the eps term.
+
+    Bottom ``(N, C, ...)`` (Caffe: up to 4 axes, ``num`` = axis 0, ``channels`` = axis 1); top the
+    same shape.
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom_shapes):
+        mp = self.param.mvn_param
+        shape = bottom_shapes[0]
+        if not 1 <= len(shape) <= 4:
+            raise self.error(f"the bottom must have 1 to 4 axes (Caffe's num/channels/height/width), got {shape}")
+        self.normalize_variance = mp.normalize_variance
+        self.across_channels = mp.across_channels
+        self.eps = mp.eps
+
+    def forward(self, x):
+        if self.across_channels or x.dim() < 2:
+            rows = x.shape[0]
+        else:
+            rows = x.shape[0] * x.shape[1]
+        x2 = x.reshape(rows, -1)
+        if self.normalize_variance:
+            if x.device.type == "meta":
+                return (torch.empty_like(x),)
+            y = _MVNVariance.apply(x2, self.eps)
+        else:
+            y = x2 - x2.mean(dim=1, keepdim=True)
+        return (y.reshape(x.shape),)

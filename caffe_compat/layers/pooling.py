@@ -1,0 +1,192 @@
+"""Pooling (BVLC/caffe src/caffe/layers/pooling_layer.cpp), with Caffe's output-size rule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from caffe_compat.layers.base import Layer, register_layer
+from caffe_compat.proto import caffe_pb2
+
+__all__ = ["PoolingLayer", "caffe_pooled_size"]
+
+_PP = caffe_pb2.PoolingParameter
+_FLT_MAX = 3.4028234663852886e38
+
+
+def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool, any_pad: bool) -> int:
+    """Caffe's pooled size along one axis.
+
+    ``ceil((size + 2·pad − kernel) / stride) + 1`` (``floor`` with ``round_mode: FLOOR``); then,
+    when the layer has any padding (``any_pad``: pad_h or pad_w non-zero), the last window must
+    start inside the image plus its left padding, else it is dropped.
+    """
+    q = (size + 2 * pad - kernel) / stride
+    out = (math.ceil(q) if ceil else math.floor(q)) + 1
+    if any_pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _torch_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool) -> int:
+    """torch's pooled size (aten pooling_output_shape), to know when torch's padding can be used."""
+    out = (size + 2 * pad - kernel + (stride - 1 if ceil else 0)) // stride + 1
+    if ceil and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+@register_layer("Pooling")
+class PoolingLayer(Layer):
+    """Caffe's Pooling: MAX or AVE over ``kernel`` windows of each channel of a 4-D bottom.
+
+    Parameters (``pooling_param``): ``pool`` MAX (default) | AVE | STOCHASTIC; ``kernel_size``
+    or ``kernel_h`` + ``kernel_w`` (required unless ``global_pooling``); ``pad`` 0 or
+    ``pad_h`` + ``pad_w``; ``stride`` 1 or ``stride_h`` + ``stride_w``; ``global_pooling``
+    false (kernel = the bottom's H×W; pad must be 0 and stride 1); ``round_mode`` CEIL | FLOOR.
+    ``pad < kernel`` is required when padding.
+
+    Output size per axis: ``Ho = ceil((H + 2p − k)/s) + 1`` (FLOOR: floor), minus one when the
+    layer pads (any axis) and ``(Ho − 1)·s ≥ H + p`` (the last window must start inside the image
+    or its left padding). Window ``ph`` covers rows ``[ph·s − p, ph·s − p + k)``:
+
+    - MAX: the largest real pixel in the window (padding never wins; the first maximum in
+      row-major order on ties, which also receives the whole gradient). A window with no real
+      pixel gives −FLT_MAX. Optional top 1 (MAX only): the argmax as the flat index ``h·W + w``
+      into the bottom plane, as a float (−1 for an empty window).
+    - AVE: the sum of the real pixels divided by ``(min(hend, H + p) − hstart)·(min(wend, W + p)
+      − wstart)``, i.e. the divisor counts padding cells but not the ceil overhang past ``H + p``.
+
+    Bottom ``(N, C, H, W)``; top(s) ``(N, C, Ho, Wo)``.
+
+    Implementation: torch's ``max_pool2d`` / ``avg_pool2d(ceil_mode, count_include_pad=True)``
+    where their window rule is Caffe's (``p ≤ k/2`` and torch's size equals Caffe's); otherwise
+    explicit padding and Caffe's divisor. Torch differs from Caffe when ``p > k/2`` (torch refuses)
+    and, without padding, when ``k < s`` leaves a last window starting past the image (torch drops
+    it, Caffe keeps an empty window).
+
+    Differences from Caffe: STOCHASTIC raises (Caffe's CPU build does not implement it either; its
+    GPU training pass samples with cuRAND). A NaN input wins a MAX window here (torch), where
+    Caffe's ``>`` comparison skips it.
+    """
+
+    exact_num_bottom = 1
+    min_top = 1
+    max_top = 2
+
+    def setup(self, bottom_shapes):
+        pp = self.param.pooling_param
+        if pp.pool == _PP.STOCHASTIC:
+            raise self.error(
+                "pool: STOCHASTIC is not supported: Caffe implements it only in its GPU kernels "
+                "(its CPU build aborts with NOT_IMPLEMENTED), with a cuRAND sampling that cannot "
+                "be reproduced; use MAX or AVE"
+            )
+        if len(self.param.top) == 2 and pp.pool != _PP.MAX:
+            raise self.error("a second top (the argmax mask) is only produced by pool: MAX")
+        if len(bottom_shapes[0]) != 4:
+            raise self.error(
+                f"the bottom must have 4 axes (num, channels, height, width), got shape {bottom_shapes[0]}"
+            )
+        self.pool = pp.pool
+        self.ceil = pp.round_mode == _PP.CEIL
+        self.global_pooling = pp.global_pooling
+
+        has_k, has_kh, has_kw = pp.HasField("kernel_size"), pp.HasField("kernel_h"), pp.HasField("kernel_w")
+        if self.global_pooling:
+            if has_k or has_kh or has_kw:
+                raise self.error(
+                    "with global_pooling: true the kernel is the bottom's H×W: remove kernel_size/kernel_h/kernel_w"
+                )
+            self.kernel = None
+        else:
+            if has_k and (has_kh or has_kw):
+                raise self.error("give either kernel_size or kernel_h and kernel_w, not both")
+            if not has_k and not (has_kh and has_kw):
+                raise self.error(
+                    "pooling_param.kernel_size (or both kernel_h and kernel_w) is required"
+                )
+            self.kernel = (pp.kernel_size, pp.kernel_size) if has_k else (pp.kernel_h, pp.kernel_w)
+            if min(self.kernel) <= 0:
+                raise self.error(f"kernel dimensions must be > 0, got {self.kernel}")
+        self.pad = self._pair(pp, "pad")
+        self.stride = self._pair(pp, "stride")
+        if min(self.stride) <= 0:
+            raise self.error(f"stride must be > 0, got {self.stride}")
+        if self.global_pooling and (self.pad != (0, 0) or self.stride != (1, 1)):
+            raise self.error("with global_pooling: true only pad = 0 and stride = 1 are allowed")
+        if self.pad != (0, 0) and not self.global_pooling:
+            if self.pad[0] >= self.kernel[0] or self.pad[1] >= self.kernel[1]:
+                raise self.error(f"pad {self.pad} must be smaller than kernel {self.kernel}")
+        self._plans: dict[tuple[int, int], tuple] = {}
+        self._plan(*bottom_shapes[0][2:])
+
+    def _pair(self, pp, name):
+        has, has_h, has_w = pp.HasField(name), pp.HasField(f"{name}_h"), pp.HasField(f"{name}_w")
+        if has_h or has_w:
+            if has or not (has_h and has_w):
+                raise self.error(f"give either {name} or both {name}_h and {name}_w")
+            return (getattr(pp, f"{name}_h"), getattr(pp, f"{name}_w"))
+        v = getattr(pp, name)
+        return (v, v)
+
+    def _plan(self, H: int, W: int):
+        """Output size and method for an H×W bottom (cached per size)."""
+        plan = self._plans.get((H, W))
+        if plan is not None:
+            return plan
+        k = (H, W) if self.global_pooling else self.kernel
+        s, p = self.stride, self.pad
+        any_pad = p != (0, 0)
+        out = tuple(caffe_pooled_size(n, k[i], s[i], p[i], self.ceil, any_pad) for i, n in enumerate((H, W)))
+        if min(out) <= 0:
+            raise self.error(
+                f"a {H}×{W} bottom gives an empty output {out} with kernel {k}, stride {s}, pad {p}"
+            )
+        direct = all(
+            2 * p[i] <= k[i] and _torch_pooled_size(n, k[i], s[i], p[i], self.ceil) == out[i]
+            for i, n in enumerate((H, W))
+        )
+        # explicit path: pad left by p, right so that the last window fits; Caffe's AVE divisor
+        right = tuple(max(0, (out[i] - 1) * s[i] + k[i] - p[i] - n) for i, n in enumerate((H, W)))
+        spans = [
+            [min(o * s[i] - p[i] + k[i], n + p[i]) - (o * s[i] - p[i]) for o in range(out[i])]
+            for i, n in enumerate((H, W))
+        ]
+        plan = (k, out, direct, right, spans)
+        self._plans[(H, W)] = plan
+        return plan
+
+    def forward(self, x):
+        H, W = x.shape[2], x.shape[3]
+        k, (Ho, Wo), direct, right, spans = self._plan(H, W)
+        s, p = self.stride, self.pad
+        want_mask = len(self.param.top) == 2
+        if self.pool == _PP.MAX:
+            if direct:
+                if want_mask:
+                    y, idx = F.max_pool2d(x, k, s, p, ceil_mode=self.ceil, return_indices=True)
+                    return y, idx.to(x.dtype)
+                return (F.max_pool2d(x, k, s, p, ceil_mode=self.ceil),)
+            xp = F.pad(x, (p[1], right[1], p[0], right[0]), value=-math.inf)
+            y, idx = F.max_pool2d(xp, k, s, return_indices=True)
+            y, idx = y[:, :, :Ho, :Wo], idx[:, :, :Ho, :Wo]
+            empty = y == -math.inf
+            y = y.clamp_min(-_FLT_MAX)
+            if not want_mask:
+                return (y,)
+            Wp = W + p[1] + right[1]
+            h, w = idx // Wp - p[0], idx % Wp - p[1]
+            mask = torch.where(empty, torch.full_like(idx, -1), h * W + w)
+            return y, mask.to(x.dtype)
+        # AVE
+        if direct:
+            return (F.avg_pool2d(x, k, s, p, ceil_mode=self.ceil, count_include_pad=True),)
+        xp = F.pad(x, (p[1], right[1], p[0], right[0]))
+        total = F.avg_pool2d(xp, k, s, divisor_override=1)[:, :, :Ho, :Wo]
+        div = torch.tensor(spans[0], dtype=x.dtype, device=x.device)[:, None] * torch.tensor(
+            spans[1], dtype=x.dtype, device=x.device
+        )
+        return (total / div,)

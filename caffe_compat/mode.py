@@ -1,0 +1,59 @@
+"""Caffe's global mode (CPU/GPU), device id and random seed, as pycaffe exposes them."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from caffe_compat.errors import CaffeError
+
+__all__ = ["set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed", "current_device", "mode"]
+
+_state = {"mode": "CPU", "device_id": 0}
+
+
+def set_mode_cpu() -> None:
+    """Run nets on the CPU (the default)."""
+    _state["mode"] = "CPU"
+
+
+def set_mode_gpu() -> None:
+    """Run nets on the CUDA device chosen by ``set_device`` (0 by default).
+
+    Raises ``CaffeError`` when torch sees no CUDA device, rather than failing later.
+    """
+    if not torch.cuda.is_available():
+        raise CaffeError("set_mode_gpu(): no CUDA device is available to torch; use set_mode_cpu()")
+    _state["mode"] = "GPU"
+
+
+def set_device(device_id: int) -> None:
+    """Choose the CUDA device used in GPU mode."""
+    if torch.cuda.is_available() and not 0 <= device_id < torch.cuda.device_count():
+        raise CaffeError(
+            f"set_device({device_id}): no such GPU; torch sees {torch.cuda.device_count()} device(s)"
+        )
+    _state["device_id"] = int(device_id)
+
+
+def mode() -> str:
+    return _state["mode"]
+
+
+def current_device() -> torch.device:
+    if _state["mode"] == "GPU":
+        return torch.device("cuda", _state["device_id"])
+    return torch.device("cpu")
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed every random source caffe_compat uses (fillers, Dropout, data shuffling, crops).
+
+    Caffe seeds its mt19937; the streams cannot match Caffe's bit for bit, only in distribution.
+    """
+    seed = int(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)

@@ -1,0 +1,875 @@
+"""Net: a Caffe NetParameter interpreted into PyTorch layers, with pycaffe's Net API.
+
+What the net does, in Caffe's order (BVLC/caffe src/caffe/net.cpp ``Init``):
+
+1. filter layers by the NetState (phase, level, stages) and NetStateRules;
+2. insert Caffe's implicit ``Split`` layers where a blob feeds several layers, named
+   ``<blob>_<producer>_<top index>_split`` with tops ``..._split_<k>``;
+3. build each layer from its parameters and its bottoms' shapes (shape inference), wire
+   in-place layers (top name == bottom name at the same index), give each top its loss weight
+   (loss layers default to 1 on top 0), resolve parameter sharing through ``ParamSpec.name`` and
+   each learnable blob's ``lr_mult`` / ``decay_mult``;
+4. decide which layers and bottoms need a backward pass exactly as Caffe does (blobs that need
+   a gradient, ``propagate_down``, layers that do not contribute to the loss, ``force_backward``).
+
+Forward runs the layers in order on torch tensors, recording autograd's graph; backward is one
+autograd call from the net's outputs (seeded with their diffs: the loss weight for loss blobs)
+to the blobs and parameters whose diffs Caffe would compute. Bottoms that Caffe would not
+backpropagate to are detached, so the same diffs come out. An in-place blob's diff is the
+gradient at its first producer, which is what Caffe leaves in the shared memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from caffe_compat import layers as _layers  # noqa: F401  (registers every layer type)
+from caffe_compat.blob import Blob, ParamBlob
+from caffe_compat.errors import CaffeError, LayerError, NetError
+from caffe_compat.layers.base import Layer, layer_class
+from caffe_compat.mode import current_device
+from caffe_compat.proto import caffe_pb2
+
+__all__ = ["Net", "filter_net", "insert_splits", "state_meets_rule", "TRAIN", "TEST"]
+
+log = logging.getLogger("caffe_compat")
+
+TRAIN = caffe_pb2.TRAIN
+TEST = caffe_pb2.TEST
+
+
+# ---------------------------------------------------------------------------------------------
+# NetParameter transformations (pure functions on protos)
+
+
+def state_meets_rule(state, rule) -> bool:
+    """Caffe's StateMeetsRule: phase, min/max level, every stage, no not_stage."""
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(s not in stages for s in rule.stage):
+        return False
+    if any(s in stages for s in rule.not_stage):
+        return False
+    return True
+
+
+def filter_net(param, source: str = "<net>"):
+    """Caffe's FilterNet: keep the layers whose include/exclude rules admit ``param.state``."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    del out.layer[:]
+    for lp in param.layer:
+        if len(lp.include) and len(lp.exclude):
+            raise NetError(
+                f"{source}: layer {lp.name!r}: specify either include rules or exclude rules, not both"
+            )
+        included = len(lp.include) == 0
+        for rule in lp.exclude:
+            if state_meets_rule(param.state, rule):
+                included = False
+        for rule in lp.include:
+            if state_meets_rule(param.state, rule):
+                included = True
+        if included:
+            out.layer.add().CopyFrom(lp)
+    return out
+
+
+def _split_layer_name(layer_name: str, blob_name: str, top_idx: int) -> str:
+    return f"{blob_name}_{layer_name}_{top_idx}_split"
+
+
+def insert_splits(param, source: str = "<net>"):
+    """Caffe's InsertSplits: a Split layer after every top that feeds more than one consumer.
+
+    A top with a non-zero ``loss_weight`` counts as one extra consumer; its weight moves to the
+    split's first top.
+    """
+    last_top: dict[str, tuple[int, int]] = {}
+    source_of: dict[tuple[int, int], tuple[int, int]] = {}
+    consumers: dict[tuple[int, int], int] = {}
+    loss_weight: dict[tuple[int, int], float] = {}
+    for i, lp in enumerate(param.layer):
+        for j, b in enumerate(lp.bottom):
+            if b not in last_top:
+                raise NetError(f"{source}: Unknown bottom blob {b!r} (layer {lp.name!r}, bottom index {j})")
+            src = last_top[b]
+            source_of[(i, j)] = src
+            consumers[src] = consumers.get(src, 0) + 1
+        for j, t in enumerate(lp.top):
+            last_top[t] = (i, j)
+        for j in range(min(len(lp.loss_weight), len(lp.top))):
+            w = lp.loss_weight[j]
+            loss_weight[(i, j)] = w
+            if w:
+                consumers[(i, j)] = consumers.get((i, j), 0) + 1
+
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    del out.layer[:]
+    next_split: dict[tuple[int, int], int] = {}
+    for i, lp in enumerate(param.layer):
+        nl = out.layer.add()
+        nl.CopyFrom(lp)
+        for j, b in enumerate(lp.bottom):
+            src = source_of[(i, j)]
+            if consumers.get(src, 0) > 1:
+                k = next_split.get(src, 0)
+                next_split[src] = k + 1
+                producer = param.layer[src[0]].name
+                nl.bottom[j] = f"{_split_layer_name(producer, b, src[1])}_{k}"
+        for j, t in enumerate(lp.top):
+            n = consumers.get((i, j), 0)
+            if n <= 1:
+                continue
+            w = loss_weight.get((i, j), 0.0)
+            sp = out.layer.add()
+            sp.name = _split_layer_name(lp.name, t, j)
+            sp.type = "Split"
+            sp.bottom.append(t)
+            for k in range(n):
+                sp.top.append(f"{sp.name}_{k}")
+                if w:
+                    sp.loss_weight.append(w if k == 0 else 0.0)
+            if w:
+                del nl.loss_weight[:]
+                next_split[(i, j)] = next_split.get((i, j), 0) + 1
+    return out
+
+
+def _load_net_param(model, source_hint: str | None = None):
+    from caffe_compat import io as cio
+
+    if isinstance(model, caffe_pb2.NetParameter):
+        p = caffe_pb2.NetParameter()
+        p.CopyFrom(model)
+        from caffe_compat.upgrade import upgrade_net
+
+        return upgrade_net(p, source_hint or "<NetParameter>"), source_hint or "<NetParameter>"
+    path = os.fspath(model)
+    return cio.read_net(path), path
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    """A Caffe net. pycaffe's API plus ``torch.nn.Module``.
+
+    ``Net(model, phase)``, ``Net(model, weights, phase)`` or keywords ``weights=``, ``phase=``;
+    ``model`` is a prototxt path or a ``NetParameter``. ``phase`` is ``caffe_compat.TRAIN`` or
+    ``TEST``; when omitted the NetParameter's own ``state`` decides (TEST by default).
+    ``level`` and ``stages`` complete the NetState as in Caffe.
+
+    pycaffe: ``blobs``, ``params``, ``layers``, ``layer_dict``, ``inputs``, ``outputs``,
+    ``top_names``, ``bottom_names``, ``_layer_names``, ``forward``, ``backward``, ``reshape``,
+    ``copy_from``, ``save``, ``set_input_arrays``.
+
+    PyTorch: ``net(data=tensor, ...)`` (``run``) returns the output tensors with autograd's graph;
+    ``net.parameters()``, ``net.to(device)`` as for any module.
+    """
+
+    def __init__(
+        self,
+        model,
+        *args,
+        weights: str | None = None,
+        phase: int | None = None,
+        level: int = 0,
+        stages: Iterable[str] = (),
+    ):
+        super().__init__()
+        # pycaffe's positional forms: Net(model, phase) and Net(model, weights, phase)
+        if len(args) == 1:
+            if isinstance(args[0], (str, os.PathLike)):
+                weights = args[0]
+            else:
+                phase = args[0]
+        elif len(args) == 2:
+            weights, phase = args
+        elif len(args) > 2:
+            raise TypeError("Net(model, [weights,] phase): too many positional arguments")
+
+        param, self.source = _load_net_param(model)
+        if phase is not None:
+            if phase not in (TRAIN, TEST):
+                raise NetError(f"{self.source}: phase must be caffe_compat.TRAIN or TEST, got {phase!r}")
+            param.state.phase = phase
+        if level:
+            param.state.level = level
+        for s in stages:
+            param.state.stage.append(s)
+        self.phase = param.state.phase
+        self.name = param.name
+        self.force_backward = param.force_backward
+        self.net_param = insert_splits(filter_net(param, self.source), self.source)
+        self._build()
+        dev = current_device()
+        if dev.type != "cpu":
+            self.to(dev)
+        if weights is not None:
+            self.copy_from(weights)
+
+    # -----------------------------------------------------------------------------------------
+    # construction
+
+    def _build(self) -> None:
+        src = self.source
+        self.layers = nn.ModuleList()
+        self._layer_names: list[str] = []
+        self.blobs: OrderedDict[str, Blob] = OrderedDict()
+        self._bottoms: list[list[str]] = []
+        self._tops: list[list[str]] = []
+        self._inplace: list[list[bool]] = []
+        self._top_loss_weights: list[list[float]] = []
+        self.inputs: list[str] = []
+        self._param_owner: dict[str, tuple[int, int]] = {}  # ParamSpec.name -> (layer, blob idx)
+        self._param_specs: list[list[tuple[float, float, bool, bool]]] = []
+        layer_param_need_bw: list[list[bool]] = []
+        blob_need_backward: dict[str, bool] = {}
+        bottom_need_backward: list[list[bool]] = []
+        layer_need_backward: list[bool] = []
+        consumed: set[str] = set()
+
+        for li, lp in enumerate(self.net_param.layer):
+            if not lp.HasField("phase"):
+                lp.phase = self.phase
+            lname = lp.name or f"layer{li}"
+            if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
+                raise NetError(
+                    f"{src}: layer {lname!r}: propagate_down must be given once per bottom "
+                    f"({len(lp.bottom)} bottoms, {len(lp.propagate_down)} propagate_down)"
+                )
+            bshapes = []
+            need_bw = False
+            bneed = []
+            for j, b in enumerate(lp.bottom):
+                if b not in self.blobs:
+                    raise NetError(f"{src}: Unknown bottom blob {b!r} (layer {lname!r}, bottom index {j})")
+                bshapes.append(self.blobs[b].shape)
+                nb = blob_need_backward[b]
+                if len(lp.propagate_down):
+                    nb = bool(lp.propagate_down[j])
+                bneed.append(nb)
+                need_bw |= blob_need_backward[b]
+                consumed.add(b)
+            cls = layer_class(lp.type, lname)
+            try:
+                layer = cls(lp, bshapes, lp.phase)
+                tshapes = layer.top_shapes(bshapes)
+            except CaffeError as e:
+                raise type(e)(f"{src}: {e}") from None
+            except Exception as e:  # a layer's own failure on these shapes
+                raise LayerError(
+                    f"{src}: layer {lname!r} ({lp.type}): cannot set up with bottom shapes "
+                    f"{[list(s) for s in bshapes]}: {e}"
+                ) from e
+            if len(tshapes) != len(lp.top):
+                raise LayerError(
+                    f"{src}: layer {lname!r} ({lp.type}) produces {len(tshapes)} top(s), "
+                    f"the prototxt names {len(lp.top)}"
+                )
+
+            # loss weights (Layer::SetLossWeights; LossLayer adds loss_weight 1 when none given)
+            weights = list(lp.loss_weight)
+            if not weights and layer.is_loss:
+                weights = [1.0]
+            if weights and len(weights) != len(lp.top):
+                raise NetError(
+                    f"{src}: layer {lname!r}: loss_weight must be unspecified or given once per top "
+                    f"({len(lp.top)} tops, {len(weights)} loss_weight)"
+                )
+            weights = weights or [0.0] * len(lp.top)
+
+            # parameters: sharing, lr/decay multipliers
+            specs = []
+            pneed = []
+            for k in range(len(layer.blobs)):
+                ps = lp.param[k] if k < len(lp.param) else caffe_pb2.ParamSpec()
+                lr = ps.lr_mult
+                dm = ps.decay_mult
+                has_lr, has_dm = ps.HasField("lr_mult"), ps.HasField("decay_mult")
+                if ps.name:
+                    if ps.name in self._param_owner:
+                        oli, ok = self._param_owner[ps.name]
+                        owner = self.layers[oli].blobs[ok]
+                        mine = layer.blobs[k]
+                        if ps.share_mode == caffe_pb2.ParamSpec.PERMISSIVE:
+                            if owner.numel() != mine.numel():
+                                raise NetError(
+                                    f"{src}: layer {lname!r} shares param {ps.name!r} (blob {k}) with "
+                                    f"layer {self._layer_names[oli]!r}, but the counts differ: "
+                                    f"{owner.numel()} vs {mine.numel()}"
+                                )
+                        elif tuple(owner.shape) != tuple(mine.shape):
+                            raise NetError(
+                                f"{src}: layer {lname!r} shares param {ps.name!r} (blob {k}) with "
+                                f"layer {self._layer_names[oli]!r}, but the shapes differ: "
+                                f"{list(owner.shape)} vs {list(mine.shape)} (share_mode STRICT)"
+                            )
+                        layer.blobs[k] = owner
+                        olr, odm, ohas_lr, ohas_dm = self._param_specs[oli][ok]
+                        if has_lr and ohas_lr and lr != olr:
+                            raise NetError(
+                                f"{src}: layer {lname!r}: shared param {ps.name!r} has lr_mult {lr}, its "
+                                f"owner {self._layer_names[oli]!r} has {olr}; they must be equal"
+                            )
+                        if has_dm and ohas_dm and dm != odm:
+                            raise NetError(
+                                f"{src}: layer {lname!r}: shared param {ps.name!r} has decay_mult {dm}, "
+                                f"its owner {self._layer_names[oli]!r} has {odm}; they must be equal"
+                            )
+                        if has_lr and not ohas_lr:
+                            self._param_specs[oli][ok] = (lr, odm, True, ohas_dm)
+                        if has_dm and not ohas_dm:
+                            olr2 = self._param_specs[oli][ok][0]
+                            self._param_specs[oli][ok] = (olr2, dm, self._param_specs[oli][ok][2], True)
+                    else:
+                        self._param_owner[ps.name] = (li, k)
+                specs.append((lr, dm, has_lr, has_dm))
+                need = lr != 0
+                pneed.append(need)
+                need_bw |= need
+            self._param_specs.append(specs)
+            layer_param_need_bw.append(pneed)
+
+            # tops
+            inplace = []
+            for j, t in enumerate(lp.top):
+                is_inplace = j < len(lp.bottom) and lp.bottom[j] == t
+                if t in self.blobs and not is_inplace:
+                    raise NetError(f"{src}: Top blob {t!r} produced by multiple sources (layer {lname!r})")
+                inplace.append(is_inplace)
+                if is_inplace:
+                    self.blobs[t]._shape = tuple(tshapes[j])
+                else:
+                    self.blobs[t] = Blob(t, tshapes[j])
+                if weights[j]:
+                    self.blobs[t].loss_weight = float(weights[j])
+                blob_need_backward[t] = need_bw
+                if getattr(layer, "is_net_input", False):
+                    self.inputs.append(t)
+
+            self.layers.append(layer)
+            self._layer_names.append(lname)
+            self._bottoms.append(list(lp.bottom))
+            self._tops.append(list(lp.top))
+            self._inplace.append(inplace)
+            self._top_loss_weights.append(weights)
+            bottom_need_backward.append(bneed)
+            layer_need_backward.append(need_bw)
+
+        self.outputs = [b for b in self.blobs if b not in consumed]
+
+        # Caffe's backward pruning: layers not under a loss do not backpropagate.
+        under_loss: set[str] = set()
+        skip_bp: set[str] = set()
+        for li in range(len(self.layers) - 1, -1, -1):
+            contributes = False
+            skip = True
+            for j, t in enumerate(self._tops[li]):
+                if self._top_loss_weights[li][j] or t in under_loss:
+                    contributes = True
+                if t not in skip_bp:
+                    skip = False
+                if contributes and not skip:
+                    break
+            if layer_need_backward[li] and skip:
+                layer_need_backward[li] = False
+                bottom_need_backward[li] = [False] * len(bottom_need_backward[li])
+            if not contributes:
+                layer_need_backward[li] = False
+            for j, b in enumerate(self._bottoms[li]):
+                if contributes:
+                    under_loss.add(b)
+                else:
+                    bottom_need_backward[li][j] = False
+                if not bottom_need_backward[li][j]:
+                    skip_bp.add(b)
+
+        if self.force_backward:
+            for li, layer in enumerate(self.layers):
+                layer_need_backward[li] = True
+                for j in range(len(bottom_need_backward[li])):
+                    bottom_need_backward[li][j] = bottom_need_backward[li][j] or layer.allow_force_backward(j)
+                layer_param_need_bw[li] = [True] * len(layer_param_need_bw[li])
+
+        self._layer_need_backward = layer_need_backward
+        self._bottom_need_backward = bottom_need_backward
+        self._needs_grad_bottom = [
+            [need and lnb for need in bneed] for bneed, lnb in zip(bottom_need_backward, layer_need_backward)
+        ]
+        # input tensors need a gradient when some consumer backpropagates into them
+        self._input_needs_grad = {b: False for b in self.inputs}
+        for li, bs in enumerate(self._bottoms):
+            for j, b in enumerate(bs):
+                if b in self._input_needs_grad and self._needs_grad_bottom[li][j]:
+                    self._input_needs_grad[b] = True
+
+        # learnable params: owners in order; requires_grad as Caffe's param_propagate_down
+        self.learnable_params: list[nn.Parameter] = []
+        self.params_lr: list[float] = []
+        self.params_weight_decay: list[float] = []
+        self._learnable_layer_of: list[tuple[str, int]] = []
+        seen: set[int] = set()
+        for li, layer in enumerate(self.layers):
+            for k, p in enumerate(layer.blobs):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                want = layer.blobs_have_gradient and layer_param_need_bw[li][k] and layer_need_backward[li]
+                p.requires_grad_(bool(want))
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p.data)
+                lr, dm, _, _ = self._param_specs[li][k]
+                self.learnable_params.append(p)
+                self.params_lr.append(float(lr))
+                self.params_weight_decay.append(float(dm))
+                self._learnable_layer_of.append((self._layer_names[li], k))
+        self._diffs_cleared = False
+
+        self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
+        self.params: OrderedDict[str, list[ParamBlob]] = OrderedDict(
+            (n, [ParamBlob(p) for p in layer.blobs])
+            for n, layer in zip(self._layer_names, self.layers)
+            if len(layer.blobs)
+        )
+        self.blob_loss_weights = OrderedDict((n, b.loss_weight) for n, b in self.blobs.items())
+        self.top_names = OrderedDict(zip(self._layer_names, self._tops))
+        self.bottom_names = OrderedDict(zip(self._layer_names, self._bottoms))
+        self._device = torch.device("cpu")
+        self._dtype = torch.float32
+
+    # -----------------------------------------------------------------------------------------
+    # devices
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        probe = fn(torch.zeros(1))
+        self._device = probe.device
+        self._dtype = probe.dtype if probe.is_floating_point() else self._dtype
+        for b in self.blobs.values():
+            b.to(self._device, self._dtype)
+        return out
+
+    def _sync_mode(self) -> None:
+        dev = current_device()
+        if dev != self._device:
+            self.to(dev)
+
+    # -----------------------------------------------------------------------------------------
+    # execution
+
+    def _layer_index(self, name: str | None, default: int) -> int:
+        if name is None:
+            return default
+        try:
+            return self._layer_names.index(name)
+        except ValueError:
+            raise NetError(f"{self.source}: no layer named {name!r}") from None
+
+    def _run_layers(self, start: int, end: int, caffe_grads: bool = True) -> None:
+        grad_on = torch.is_grad_enabled()
+        for li in range(start, end + 1):
+            layer = self.layers[li]
+            if getattr(layer, "is_net_input", False):
+                continue
+            bnames = self._bottoms[li]
+            bottoms = []
+            for j, b in enumerate(bnames):
+                t = self.blobs[b].tensor
+                if grad_on and t.requires_grad:
+                    if caffe_grads:
+                        if not self._needs_grad_bottom[li][j]:
+                            t = t.detach()
+                    elif (len(layer.param.propagate_down) and not layer.param.propagate_down[j]) or (
+                        not layer.allow_force_backward(j)
+                    ):
+                        t = t.detach()
+                bottoms.append(t)
+            try:
+                tops = layer(*bottoms)
+            except CaffeError:
+                raise
+            except Exception as e:
+                raise LayerError(
+                    f"{e} (while running layer {self._layer_names[li]!r} ({layer.type}) with bottom "
+                    f"shapes {[list(t.shape) for t in bottoms]})"
+                ) from e
+            for j, t in enumerate(self._tops[li]):
+                blob = self.blobs[t]
+                if self._inplace[li][j]:
+                    blob.set_tensor(tops[j])
+                else:
+                    blob.set_tensor(tops[j], tops[j])
+
+    def _prepare_inputs(self) -> None:
+        self._sync_mode()
+        grad_on = torch.is_grad_enabled()
+        for b in self.inputs:
+            blob = self.blobs[b]
+            blob.sync_to_device()
+            t = blob.tensor
+            if t.grad_fn is not None:  # an in-place layer wrote into this input last time
+                t = t.detach()
+                blob._data = t
+            want = grad_on and self._input_needs_grad[b]
+            if t.requires_grad != want:
+                t.requires_grad_(want)
+            blob._grad_tensor = t
+
+    def _loss(self) -> torch.Tensor | float:
+        loss = 0.0
+        for name, b in self.blobs.items():
+            if b.loss_weight and b._data is not None:
+                loss = loss + b.loss_weight * b._data.sum()
+        return loss
+
+    def forward(self, blobs: list[str] | None = None, start: str | None = None, end: str | None = None, **kwargs):
+        """pycaffe's ``forward``: set inputs from ``kwargs``, run layers ``start``..``end``.
+
+        Returns ``{blob: ndarray}`` for the outputs (or the tops of ``end``) and ``blobs``.
+        """
+        for name, arr in kwargs.items():
+            if name not in self.blobs:
+                raise NetError(f"forward(): {name!r} is not a blob of net {self.name!r}")
+            blob = self.blobs[name]
+            arr = np.asarray(arr)
+            if tuple(arr.shape) != blob.shape:
+                if arr.size == blob.count and arr.shape[:1] == blob.shape[:1]:
+                    arr = arr.reshape(blob.shape)
+                else:
+                    raise NetError(
+                        f"forward(): input {name!r} has shape {list(arr.shape)}, the blob is "
+                        f"{list(blob.shape)}; reshape the blob first (net.blobs[{name!r}].reshape(...))"
+                    )
+            blob.data[...] = arr
+        s = self._layer_index(start, 0)
+        e = self._layer_index(end, len(self.layers) - 1)
+        self._prepare_inputs()
+        self._run_layers(s, e)
+        self._diffs_cleared = False
+        outs = list(self._tops[e]) if end is not None else list(self.outputs)
+        for b in blobs or ():
+            if b not in outs:
+                outs.append(b)
+        return {b: self.blobs[b].data for b in outs}
+
+    def _forward_loss(self) -> torch.Tensor | float:
+        self._prepare_inputs()
+        self._run_layers(0, len(self.layers) - 1)
+        return self._loss()
+
+    def backward(self, diffs: list[str] | None = None, start: str | None = None, end: str | None = None, **kwargs):
+        """pycaffe's ``backward``: set output diffs from ``kwargs``, backpropagate.
+
+        Blob diffs are set (not accumulated) as in Caffe; parameter diffs accumulate.
+        Returns ``{blob: diff ndarray}`` for the inputs (or the bottoms of ``end``) and ``diffs``.
+        """
+        for name, arr in kwargs.items():
+            if name not in self.outputs:
+                raise NetError(f"backward(): {name!r} is not an output of net {self.name!r}")
+            self.blobs[name].diff[...] = np.asarray(arr).reshape(self.blobs[name].shape)
+        s = self._layer_index(start, len(self.layers) - 1)
+        e = self._layer_index(end, 0)
+        if start is None:
+            root_names = [
+                o for o in self.outputs if self.force_backward or self.blobs[o].loss_weight
+            ]
+            # loss-weighted tops consumed by later layers (rare: Split takes them otherwise)
+            root_names += [b for b, blob in self.blobs.items() if blob.loss_weight and b not in root_names]
+        else:
+            root_names = list(self._tops[s])
+        roots, grads = [], []
+        for b in root_names:
+            blob = self.blobs[b]
+            blob.sync_to_device()
+            t = blob._data
+            if t is None or not t.requires_grad:
+                continue
+            roots.append(t)
+            grads.append(blob.diff_tensor.to(t.dtype))
+        layer_range = range(e, s + 1)
+        blob_names = []
+        seen = set()
+        for li in layer_range:
+            for b in self._bottoms[li] + self._tops[li]:
+                if b not in seen:
+                    seen.add(b)
+                    blob_names.append(b)
+        targets = []
+        target_blobs = []
+        for b in blob_names:
+            gt = self.blobs[b]._grad_tensor
+            if gt is not None and gt.requires_grad:
+                targets.append(gt)
+                target_blobs.append(b)
+        params = []
+        seen_p = set()
+        for li in layer_range:
+            for p in self.layers[li].blobs:
+                if p.requires_grad and id(p) not in seen_p:
+                    seen_p.add(id(p))
+                    params.append(p)
+        if roots and (targets or params):
+            gs = torch.autograd.grad(roots, targets + params, grads, allow_unused=True, retain_graph=True)
+            for b, g in zip(target_blobs, gs[: len(targets)]):
+                if g is not None:
+                    self.blobs[b].set_diff(g)
+            with torch.no_grad():
+                for p, g in zip(params, gs[len(targets):]):
+                    if g is not None:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p.data)
+                        p.grad.add_(g)
+        outs = list(self._bottoms[e]) if end is not None else list(self.inputs)
+        for b in diffs or ():
+            if b not in outs:
+                outs.append(b)
+        return {b: self.blobs[b].diff for b in outs}
+
+    def forward_backward(self) -> float:
+        """Caffe's ForwardBackward for solvers: forward with the loss, backward into param diffs.
+
+        Parameter gradients accumulate into each learnable blob's ``.grad`` (its diff).
+        """
+        with torch.enable_grad():
+            loss = self._forward_loss()
+            params = [p for p in self.learnable_params if p.requires_grad]
+            if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
+                if self._diffs_cleared:
+                    # Let autograd hand over its gradient tensors instead of adding them to zeros.
+                    for p in params:
+                        p.grad = None
+                torch.autograd.backward([loss], inputs=params)
+                if self._diffs_cleared:
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p.data)
+        self._diffs_cleared = False
+        return float(loss)
+
+    def clear_param_diffs(self) -> None:
+        """Zero every learnable blob's diff (Caffe's ClearParamDiffs)."""
+        with torch.no_grad():
+            for p in self.learnable_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p.data)
+                else:
+                    p.grad.zero_()
+        self._diffs_cleared = True
+
+    def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Differentiable forward for PyTorch users: input tensors in, output tensors out.
+
+        Every input that requires grad gets gradients through the whole net (as with
+        ``force_backward``), except where the prototxt sets ``propagate_down: false`` or into
+        loss layers' labels.
+        """
+        self._sync_mode()
+        for name, t in inputs.items():
+            if name not in self.blobs:
+                raise NetError(f"run(): {name!r} is not a blob of net {self.name!r}")
+            self.blobs[name].set_tensor(t, t)
+        for b in self.inputs:
+            if b not in inputs:
+                self.blobs[b].sync_to_device()
+        self._run_layers(0, len(self.layers) - 1, caffe_grads=False)
+        return {b: self.blobs[b]._data for b in self.outputs}
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.run(**inputs)
+
+    def reshape(self) -> None:
+        """Propagate input shapes through the net (Caffe's Net::Reshape)."""
+        for li, layer in enumerate(self.layers):
+            if getattr(layer, "is_net_input", False):
+                continue
+            shapes = [self.blobs[b].shape for b in self._bottoms[li]]
+            try:
+                tshapes = layer.top_shapes(shapes)
+            except CaffeError:
+                raise
+            except Exception as e:
+                raise LayerError(
+                    f"layer {self._layer_names[li]!r} ({layer.type}): cannot reshape to bottom shapes "
+                    f"{[list(s) for s in shapes]}: {e}"
+                ) from e
+            for t, shp in zip(self._tops[li], tshapes):
+                blob = self.blobs[t]
+                if blob.shape != tuple(shp):
+                    blob._shape = tuple(shp)
+                    blob._data = None
+
+    def set_input_arrays(self, data, labels, layer: int | str = 0) -> None:
+        """pycaffe's ``set_input_arrays`` for a MemoryData layer (the first layer by default)."""
+        li = layer if isinstance(layer, int) else self._layer_index(layer, 0)
+        target = self.layers[li]
+        if not hasattr(target, "set_input_arrays"):
+            raise NetError(
+                f"set_input_arrays(): layer {self._layer_names[li]!r} ({target.type}) is not a MemoryData layer"
+            )
+        target.set_input_arrays(data, labels)
+
+    # -----------------------------------------------------------------------------------------
+    # weights
+
+    def copy_from(self, path) -> None:
+        """Load weights by layer name (Caffe's CopyTrainedLayersFrom; .caffemodel or .h5).
+
+        Layers absent from this net are skipped; a blob count or shape mismatch raises, naming
+        the layer, the blob index and both shapes.
+        """
+        from caffe_compat import io as cio
+
+        path = os.fspath(path)
+        if path.endswith(".h5"):
+            self._copy_from_hdf5(path)
+            return
+        src = cio.read_caffemodel(path)
+        self.copy_from_proto(src, path)
+
+    def copy_from_proto(self, src, source: str = "<NetParameter>") -> None:
+        from caffe_compat import io as cio
+
+        layers = src.layer
+        for lp in layers:
+            if lp.name not in self.layer_dict:
+                log.info("Ignoring source layer %s", lp.name)
+                continue
+            target = self.layer_dict[lp.name]
+            if len(lp.blobs) != len(target.blobs):
+                raise NetError(
+                    f"{source}: layer {lp.name!r}: the weights have {len(lp.blobs)} blob(s), the net's "
+                    f"layer has {len(target.blobs)}: incompatible number of blobs"
+                )
+            for k, bp in enumerate(lp.blobs):
+                arr = cio.blob_to_array(bp)
+                p = target.blobs[k]
+                if not _shapes_match(bp, arr.shape, tuple(p.shape)):
+                    raise NetError(
+                        f"{source}: cannot copy param {k} weights from layer {lp.name!r}; shape mismatch. "
+                        f"Source param shape is {list(arr.shape)}; target param shape is "
+                        f"{list(p.shape)}. To learn this layer's parameters from scratch rather than "
+                        f"copying from a saved net, rename the layer."
+                    )
+                with torch.no_grad():
+                    p.data.copy_(torch.from_numpy(np.ascontiguousarray(arr).reshape(tuple(p.shape))))
+
+    def _copy_from_hdf5(self, path: str) -> None:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            if "data" not in f:
+                raise NetError(f"{path}: not a Caffe HDF5 weights file (no 'data' group)")
+            g = f["data"]
+            for lname in g:
+                if lname not in self.layer_dict:
+                    log.info("Ignoring source layer %s", lname)
+                    continue
+                target = self.layer_dict[lname]
+                lg = g[lname]
+                if len(lg) != len(target.blobs):
+                    raise NetError(
+                        f"{path}: layer {lname!r}: {len(lg)} blob(s) in the file, {len(target.blobs)} in the net"
+                    )
+                for k in range(len(lg)):
+                    arr = np.asarray(lg[str(k)])
+                    p = target.blobs[k]
+                    if arr.size != p.numel():
+                        raise NetError(
+                            f"{path}: layer {lname!r} blob {k}: shape {list(arr.shape)} in the file, "
+                            f"{list(p.shape)} in the net"
+                        )
+                    with torch.no_grad():
+                        p.data.copy_(torch.from_numpy(arr.astype(np.float32).reshape(tuple(p.shape))))
+
+    def share_trained_layers_with(self, other: Net) -> None:
+        """Use ``other``'s parameter tensors for layers of the same name (Caffe's ShareTrainedLayersWith)."""
+        for name, layer in other.layer_dict.items():
+            if name not in self.layer_dict or not len(layer.blobs):
+                continue
+            mine = self.layer_dict[name]
+            if len(mine.blobs) != len(layer.blobs):
+                raise NetError(f"layer {name!r}: {len(mine.blobs)} blobs here, {len(layer.blobs)} in the trained net")
+            for k, p in enumerate(layer.blobs):
+                if tuple(p.shape) != tuple(mine.blobs[k].shape):
+                    raise NetError(
+                        f"layer {name!r} blob {k}: shape {list(mine.blobs[k].shape)} here, "
+                        f"{list(p.shape)} in the trained net"
+                    )
+                mine.blobs[k] = p
+        self.params = OrderedDict(
+            (n, [ParamBlob(p) for p in layer.blobs])
+            for n, layer in zip(self._layer_names, self.layers)
+            if len(layer.blobs)
+        )
+
+    def to_proto(self, write_diff: bool = False):
+        """The net as Caffe's Net::ToProto writes it: every layer (splits and inputs included)
+        with its parameters and blobs (``shape`` + float ``data``)."""
+        from caffe_compat import io as cio
+
+        out = caffe_pb2.NetParameter()
+        out.name = self.name
+        for lp, layer in zip(self.net_param.layer, self.layers):
+            nl = out.layer.add()
+            nl.CopyFrom(lp)
+            del nl.blobs[:]
+            for p in layer.blobs:
+                diff = None
+                if write_diff:
+                    diff = (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu().numpy()
+                nl.blobs.add().CopyFrom(cio.array_to_blob(p.detach().cpu().numpy(), diff))
+        return out
+
+    def save(self, path, write_diff: bool = False) -> None:
+        """Write the weights as a binary .caffemodel (atomically), as pycaffe's ``net.save``."""
+        from caffe_compat import io as cio
+
+        cio.write_caffemodel(self.to_proto(write_diff), os.fspath(path))
+
+    def save_hdf5(self, path, write_diff: bool = False) -> None:
+        """Write the weights as Caffe's HDF5 format (``data/<layer>/<i>``)."""
+        import h5py
+
+        tmp = os.fspath(path) + ".tmp"
+        with h5py.File(tmp, "w") as f:
+            g = f.create_group("data")
+            gd = f.create_group("diff") if write_diff else None
+            for name, layer in zip(self._layer_names, self.layers):
+                if not len(layer.blobs):
+                    continue
+                lg = g.create_group(name)
+                for k, p in enumerate(layer.blobs):
+                    lg.create_dataset(str(k), data=p.detach().cpu().numpy())
+                if gd is not None:
+                    dg = gd.create_group(name)
+                    for k, p in enumerate(layer.blobs):
+                        dg.create_dataset(str(k), data=p.grad.detach().cpu().numpy())
+        os.replace(tmp, os.fspath(path))
+
+    def __repr__(self) -> str:
+        return f"Net({self.name!r}, {len(self.layers)} layers, phase={'TRAIN' if self.phase == TRAIN else 'TEST'})"
+
+
+def _shapes_match(bp, src_shape: tuple, dst_shape: tuple) -> bool:
+    if tuple(src_shape) == tuple(dst_shape):
+        return True
+    legacy = any(bp.HasField(f) for f in ("num", "channels", "height", "width"))
+    if legacy and len(dst_shape) <= 4:
+        padded = (1,) * (4 - len(dst_shape)) + tuple(dst_shape)
+        return tuple(src_shape) == padded
+    return False

@@ -1,0 +1,67 @@
+"""Every real-Caffe layer case replayed through the whole Net (forward, every blob diff, every
+parameter diff), as tests/fixtures/caffe_reference/README.md prescribes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import caffe_compat as caffe
+from tests.conftest import CAFFE_REF
+
+RTOL, ATOL = 1e-4, 1e-5
+CASES = sorted(p.name for p in (CAFFE_REF / "layers").iterdir() if p.is_dir())
+
+
+def _close(ours, ref) -> bool:
+    ours = np.asarray(ours)
+    if ours.shape != ref.shape and ours.size == ref.size:
+        return False  # a shape difference is a failure, not something to reshape away
+    return ours.shape == ref.shape and np.allclose(ours, ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_layer_case_matches_caffe(case):
+    d = CAFFE_REF / "layers" / case
+    ref = np.load(d / "blobs.npz")
+    phase = caffe.TRAIN if case == "batchnorm_train" else caffe.TEST
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        caffe.set_random_seed(1)
+        net = caffe.Net("net.prototxt", "weights.caffemodel", phase)
+        for b in net.inputs:
+            net.blobs[b].data[...] = ref["data__" + b]
+        net.forward()
+        backward = not case.startswith("forward_only")
+        if backward:
+            for k in ref.files:
+                if k.startswith("topdiff__"):
+                    net.blobs[k[len("topdiff__"):]].diff[...] = ref[k]
+            net.backward()
+    finally:
+        os.chdir(old)
+    fails = []
+    checked = 0
+    for k in ref.files:
+        kind, _, rest = k.partition("__")
+        if kind == "topdiff" or (not backward and kind in ("diff", "pdiff")):
+            continue
+        if kind in ("data", "diff"):
+            assert rest in net.blobs, f"{case}: blob {rest!r} missing from net.blobs"
+            ours = getattr(net.blobs[rest], kind)
+        else:
+            layer, _, i = rest.rpartition("__")
+            assert layer in net.params, f"{case}: layer {layer!r} missing from net.params"
+            p = net.params[layer][int(i)]
+            ours = p.data if kind == "param" else p.diff
+        checked += 1
+        if not _close(ours, ref[k]):
+            o = np.asarray(ours, dtype=np.float64)
+            r = ref[k].astype(np.float64)
+            err = float(np.max(np.abs(o - r))) if o.shape == r.shape else f"shape {o.shape} vs {r.shape}"
+            fails.append(f"{k} (max abs err {err})")
+    assert checked > 0
+    assert not fails, f"{case}: {len(fails)} arrays differ from real Caffe: {fails[:8]}"
