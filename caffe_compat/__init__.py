@@ -14,6 +14,8 @@ from caffe_compat.proto import caffe_pb2
 from caffe_compat.net import TEST, TRAIN, Net
 from caffe_compat.layers.base import registered_types as _registered_types
 from caffe_compat import io  # noqa: F401  (pycaffe's caffe.io)
+from caffe_compat.layers.python import PyLayer as Layer
+from caffe_compat.layers.python import allow_python_layers
 
 try:  # solvers are optional while the package is being assembled
     from caffe_compat.solvers import (  # noqa: F401
@@ -45,7 +47,9 @@ __all__ = [
     "CaffeError",
     "DataError",
     "FormatError",
+    "Layer",
     "LayerError",
+    "allow_python_layers",
     "Net",
     "NetError",
     "PrototxtError",

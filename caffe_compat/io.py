@@ -30,6 +30,7 @@ import numpy as np
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import text_format
+from google.protobuf import unknown_fields as _unknown_fields
 
 from caffe_compat.errors import FormatError, PrototxtError
 from caffe_compat.proto import caffe_pb2
@@ -39,6 +40,7 @@ __all__ = [
     "parse_prototxt",
     "read_prototxt",
     "write_prototxt",
+    "message_to_text",
     "read_net",
     "read_net_text",
     "write_net",
@@ -123,9 +125,7 @@ def read_prototxt(path: PathLike, message_cls: type[M]) -> M:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         hint = (
-            "; this looks like a binary protobuf (a .caffemodel?), not a text .prototxt"
-            if _looks_binary(data)
-            else ""
+            "; this looks like a binary protobuf (a .caffemodel?), not a text .prototxt" if _looks_binary(data) else ""
         )
         raise PrototxtError(
             f"{path}:{_line_col_of_offset(data, exc.start)}: not UTF-8 text "
@@ -148,9 +148,22 @@ def parse_prototxt(text: str, message_cls: type[M], filename: str = "<string>") 
     return msg
 
 
+_INTEGRAL_FLOAT_RE = re.compile(r"^(\s*[A-Za-z_][A-Za-z0-9_]*: -?[0-9]+)\.0$", re.MULTILINE)
+
+
+def message_to_text(message: _message.Message) -> str:
+    """``message`` in text format as Caffe's C++ printer writes it.
+
+    Python's printer writes integral floats as ``1.0`` where C++ writes ``1``; we write ``1``
+    so that upgraded files match Caffe's byte for byte. (Quoted strings are never touched: the
+    pattern only matches unquoted numbers.)
+    """
+    return _INTEGRAL_FLOAT_RE.sub(r"\1", text_format.MessageToString(message))
+
+
 def write_prototxt(message: _message.Message, path: PathLike) -> None:
     """Write ``message`` in text format (as Caffe's ``WriteProtoToTextFile``), atomically."""
-    atomic_write_bytes(path, text_format.MessageToString(message).encode("utf-8"))
+    atomic_write_bytes(path, message_to_text(message).encode("utf-8"))
 
 
 def read_net(path: PathLike) -> caffe_pb2.NetParameter:
@@ -219,7 +232,7 @@ def _looks_like_text(data: bytes) -> bool:
             head[:-3].decode("utf-8")
         except UnicodeDecodeError:
             return False
-    return bool(head) and not _looks_binary(head)
+    return len(head) >= 16 and all(b >= 32 or b in (9, 10, 13) for b in head)
 
 
 _MAGIC = (
@@ -249,9 +262,20 @@ def _parse_binary(data: bytes, message_cls: type[M], path: PathLike, what: str) 
         msg.ParseFromString(data)
     except _message.DecodeError as exc:
         raise FormatError(
-            f"{path}: not a valid {what}: the protobuf data is truncated or corrupt "
-            f"({exc}){_what_it_looks_like(data)}"
+            f"{path}: not a valid {what}: the protobuf data is truncated or corrupt ({exc}){_what_it_looks_like(data)}"
         ) from None
+    # A field number of the schema arriving with another wire type means the bytes are some
+    # other message (a .solverstate read as a .caffemodel...); unknown numbers are tolerated
+    # (forks of Caffe add fields).
+    known = message_cls.DESCRIPTOR.fields_by_number
+    clashes = sorted({f.field_number for f in _unknown_fields.UnknownFieldSet(msg) if f.field_number in known})
+    if clashes:
+        names = ", ".join(f"{known[n].name} ({n})" for n in clashes)
+        fields = "field" if len(clashes) == 1 else "fields"
+        raise FormatError(
+            f"{path}: not a {what}: {fields} {names} stored with the wrong wire type for "
+            f"{message_cls.DESCRIPTOR.full_name}{_what_it_looks_like(data)}"
+        )
     if not msg.ListFields():
         raise FormatError(
             f"{path}: not a {what}: it decodes to no known {message_cls.DESCRIPTOR.full_name} "
@@ -273,9 +297,7 @@ def read_caffemodel(path: PathLike) -> caffe_pb2.NetParameter:
     data = _read_bytes(path, what)
     net = _parse_binary(data, caffe_pb2.NetParameter, path, what)
     if not net.layer and not net.layers:
-        raise FormatError(
-            f"{path}: not a usable {what}: it holds no layers{_what_it_looks_like(data)}"
-        )
+        raise FormatError(f"{path}: not a usable {what}: it holds no layers{_what_it_looks_like(data)}")
     return upgrade_net(net, source=str(path))
 
 
@@ -314,19 +336,12 @@ def write_solverstate(state: caffe_pb2.SolverState, path: PathLike) -> None:
 
 def _blob_shape(blob: caffe_pb2.BlobProto) -> tuple[int, ...]:
     # As Caffe's Blob::FromProto: any legacy dim set means the 4-D (num, channels, height, width).
-    if (
-        blob.HasField("num")
-        or blob.HasField("channels")
-        or blob.HasField("height")
-        or blob.HasField("width")
-    ):
+    if blob.HasField("num") or blob.HasField("channels") or blob.HasField("height") or blob.HasField("width"):
         return (blob.num, blob.channels, blob.height, blob.width)
     return tuple(int(d) for d in blob.shape.dim)
 
 
-def blob_to_array(
-    blob: caffe_pb2.BlobProto, *, diff: bool = False, what: str = "blob"
-) -> np.ndarray:
+def blob_to_array(blob: caffe_pb2.BlobProto, *, diff: bool = False, what: str = "blob") -> np.ndarray:
     """The values of ``blob`` as a NumPy array of the blob's shape.
 
     ``double_data`` is used when non-empty (array float64), else ``data`` (float32); with
@@ -346,12 +361,8 @@ def blob_to_array(
     if any(d < 0 for d in shape):
         raise FormatError(f"{what}: negative dimension in shape {shape}")
     if values.size != count:
-        field = ("double_diff" if diff else "double_data") if len(doubles) else (
-            "diff" if diff else "data"
-        )
-        raise FormatError(
-            f"{what}: shape {shape} needs {count} values but '{field}' holds {values.size}"
-        )
+        field = ("double_diff" if diff else "double_data") if len(doubles) else ("diff" if diff else "data")
+        raise FormatError(f"{what}: shape {shape} needs {count} values but '{field}' holds {values.size}")
     return values.reshape(shape)
 
 
@@ -484,19 +495,17 @@ def _suggest(name: str, candidates: Sequence[str]) -> str:
     return close[0] if close else ""
 
 
-def _describe_parse_error(
-    exc: text_format.ParseError, text: str, root: _descriptor.Descriptor, filename: str
-) -> str:
+def _describe_parse_error(exc: text_format.ParseError, text: str, root: _descriptor.Descriptor, filename: str) -> str:
     line, col = exc.GetLine(), exc.GetColumn()
     raw = str(exc)
     m = re.match(r"^\d+:\d+ : ", raw)
-    body = raw[m.end():] if m else raw
+    body = raw[m.end() :] if m else raw
     lines = text.split("\n")
     if line is not None and 1 <= line <= len(lines):
         src = lines[line - 1]
         for quoted in (f"'{src}': ", f"'{src.rstrip()}': "):
             if body.startswith(quoted):
-                body = body[len(quoted):]
+                body = body[len(quoted) :]
                 break
         else:
             body = re.sub(r"^'.*?': ", "", body, count=1)
@@ -535,17 +544,13 @@ def _describe_parse_error(
         field_part = f" for field '{key}'" if key else ""
         hint = f"; did you mean {guess}?" if guess else ""
         return (
-            f"{loc}: '{value}' is not a value of enum {enum_name}{field_part}{hint} "
-            f"(valid values: {', '.join(values)})"
+            f"{loc}: '{value}' is not a value of enum {enum_name}{field_part}{hint} (valid values: {', '.join(values)})"
         )
 
     m = re.match(r'Message type "([\w.]+)" should not have multiple "(\w+)" fields', body)
     if m:
         type_name, field = m.groups()
-        return (
-            f"{loc}: field '{field}' of message {type_name} is given more than once "
-            f"but is not repeated; keep one"
-        )
+        return f"{loc}: field '{field}' of message {type_name} is given more than once but is not repeated; keep one"
 
     value_error = re.match(
         r"(Couldn't parse (?:integer|float|double|unsigned integer)|Value out of range|"
@@ -575,4 +580,16 @@ def _describe_parse_error(
         return f"{loc}: invalid value {token}{where}: {reason}{hint}"
 
     context = f" (in message {desc.full_name})" if desc is not None else ""
+    m = re.match(r'Expected "(.)"\.?$', body)
+    tok = _TOKEN_RE.match(text, offset) if offset < len(text) else None
+    after = text[tok.end() :] if tok is not None and tok.lastgroup != "ws" else text[offset:]
+    if m and not re.sub(r"#[^\n]*", "", after).strip():
+        return f"{loc}: unexpected end of file: expected '{m.group(1)}' to close a block{context}"
+    m = re.match(r"Expected identifier or number, got (.*)\.$", body, re.DOTALL)
+    if m:
+        got = m.group(1)
+        if got in ("}", ">") and desc is root:
+            return f"{loc}: unexpected '{got}': there is no open block to close"
+        shown = repr(got) if not got.isprintable() or not got.strip() else f"'{got}'"
+        return f"{loc}: expected a field name, found {shown}{context}"
     return f"{loc}: {body.rstrip('.')}{context}"

@@ -267,8 +267,7 @@ def _upgrade_v0_layer(conn: caffe_pb2.V1LayerParameter, out: caffe_pb2.V1LayerPa
     if v0.HasField("type"):
         if t not in V0_LAYER_TYPES:
             raise FormatError(
-                f"unknown V0 layer type {t!r} (layer {v0.name!r}); known V0 types: "
-                f"{', '.join(sorted(V0_LAYER_TYPES))}"
+                f"unknown V0 layer type {t!r} (layer {v0.name!r}); known V0 types: {', '.join(sorted(V0_LAYER_TYPES))}"
             )
         out.type = V0_LAYER_TYPES[t]
     for b in v0.blobs:
@@ -283,7 +282,10 @@ def _upgrade_v0_layer(conn: caffe_pb2.V1LayerParameter, out: caffe_pb2.V1LayerPa
 
     # (V0 field, {V0 type: (V1 param message, V1 field, how)}); how: "set", "add" or "copy".
     simple = {
-        "num_output": {"conv": ("convolution_param", "num_output"), "innerproduct": ("inner_product_param", "num_output")},
+        "num_output": {
+            "conv": ("convolution_param", "num_output"),
+            "innerproduct": ("inner_product_param", "num_output"),
+        },
         "biasterm": {"conv": ("convolution_param", "bias_term"), "innerproduct": ("inner_product_param", "bias_term")},
         "group": {"conv": ("convolution_param", "group")},
         "dropout_ratio": {"dropout": ("dropout_param", "dropout_ratio")},
@@ -341,7 +343,11 @@ def _upgrade_v0_layer(conn: caffe_pb2.V1LayerParameter, out: caffe_pb2.V1LayerPa
     for field, targets in repeated.items():
         if v0.HasField(field):
             if t in targets:
-                getattr(getattr(out, targets[t]), repeated_target[field]).append(getattr(v0, field))
+                target = getattr(out, targets[t])
+                if t == "conv":  # repeated in ConvolutionParameter, optional in PoolingParameter
+                    getattr(target, repeated_target[field]).append(getattr(v0, field))
+                else:
+                    setattr(target, repeated_target[field], getattr(v0, field))
             else:
                 unknown(field)
     if v0.HasField("pool"):
@@ -537,9 +543,7 @@ def upgrade_net(net_param: caffe_pb2.NetParameter, source: str = "<net>") -> caf
     return net
 
 
-def upgrade_solver(
-    solver_param: caffe_pb2.SolverParameter, source: str | None = None
-) -> caffe_pb2.SolverParameter:
+def upgrade_solver(solver_param: caffe_pb2.SolverParameter, source: str | None = None) -> caffe_pb2.SolverParameter:
     """Return ``solver_param`` upgraded as Caffe's ``ReadSolverParamsFromTextFileOrDie`` does.
 
     - ``solver_type`` (legacy enum) -> ``type`` (string: SGD, Nesterov, AdaGrad, RMSProp,

@@ -460,11 +460,14 @@ def test_gradchecks():
     r = rng(11)
     x4 = r.normal(size=(2, 3, 2, 2))
     lab = r.integers(0, 3, size=(2, 1, 2, 2)).astype(np.float64)
-    for params in ["", "loss_param { ignore_label: 1 normalization: FULL }", "softmax_param { axis: 2 }"]:
-        lab_ax = r.integers(0, 2, size=(2, 1, 2, 2)).astype(np.float64) if "axis" in params else lab
-        shapes = [x4.shape, lab_ax.shape] if "axis" not in params else [x4.shape, (2, 3, 1, 2)]
-        layer = make_layer("SoftmaxWithLoss", shapes, params)
-        _gradcheck(layer, [x4, lab_ax.reshape(shapes[1])], (0,))
+    lab_ax2 = r.integers(0, 2, size=(2, 3, 2)).astype(np.float64)  # classes along axis 2
+    for params, labels in [
+        ("", lab),
+        ("loss_param { ignore_label: 1 normalization: FULL }", lab),
+        ("softmax_param { axis: 2 } loss_param { normalization: BATCH_SIZE }", lab_ax2),
+    ]:
+        layer = make_layer("SoftmaxWithLoss", [x4.shape, labels.shape], params)
+        _gradcheck(layer, [x4, labels], (0,))
     t = r.uniform(size=(2, 3, 2, 2))
     _gradcheck(make_layer("SigmoidCrossEntropyLoss", [x4.shape, t.shape]), [x4, t], (0,))
     b = r.normal(size=(2, 12))
@@ -479,7 +482,9 @@ def test_gradchecks():
     _gradcheck(make_layer("InfogainLoss", [p.shape, pl.shape, h.shape]), [p, pl, h], (0,))
     a, c = r.normal(size=(4, 3)), r.normal(size=(4, 3))
     y = np.array([1.0, 0.0, 1.0, 0.0])
-    legacy = make_layer("ContrastiveLoss", [a.shape, c.shape, y.shape], "contrastive_loss_param { margin: 5 legacy_version: true }")
+    legacy = make_layer(
+        "ContrastiveLoss", [a.shape, c.shape, y.shape], "contrastive_loss_param { margin: 5 legacy_version: true }"
+    )
     _gradcheck(legacy, [a, c, y], (0, 1))
 
 
@@ -545,3 +550,77 @@ def test_fixture_layers_replayed_alone(case, monkeypatch):
             np.testing.assert_allclose(got, expected, rtol=FIX_RTOL, atol=FIX_ATOL, err_msg=f"{case}:{lp.name}:{b}")
         replayed += 1
     assert replayed or case.startswith("forward_only")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fixture_cases_through_the_net(case, monkeypatch):
+    """The whole case through ``caffe_compat.Net`` (splits, Flatten/Softmax/ArgMax, loss weights)."""
+    from caffe_compat.net import TEST, Net
+
+    folder = FIXTURES / case
+    monkeypatch.chdir(folder)
+    ref = np.load(folder / "blobs.npz")
+    net = Net("net.prototxt", TEST, weights="weights.caffemodel")
+    for name in net.inputs:
+        net.blobs[name].data[...] = ref[f"data__{name}"]
+    net.forward()
+    if not case.startswith("forward_only"):
+        for key in ref.files:
+            if key.startswith("topdiff__"):
+                net.blobs[key[len("topdiff__") :]].diff[...] = ref[key]
+        net.backward()
+    compared = 0
+    for key in ref.files:
+        kind, blob = key.split("__", 1)
+        if kind not in ("data", "diff"):
+            continue
+        ours = net.blobs[blob].data if kind == "data" else net.blobs[blob].diff
+        np.testing.assert_allclose(ours, ref[key], rtol=FIX_RTOL, atol=FIX_ATOL, err_msg=f"{case}:{key}")
+        compared += 1
+    assert compared == sum(1 for k in ref.files if k.split("__", 1)[0] in ("data", "diff"))
+
+
+def test_infogain_corrupt_source_names_layer_and_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "H.binaryproto").write_bytes(b"\xff\xff\xff not a blob")
+    with pytest.raises(LayerError, match="'lossy'.*infogain matrix.*H.binaryproto"):
+        make_layer("InfogainLoss", [(2, 3), (2,)], 'infogain_loss_param { source: "H.binaryproto" }')
+
+
+CUDA_CASES = [
+    ("SoftmaxWithLoss", [(3, 4, 2), (3, 2)], "loss_param { ignore_label: 1 }", 2),
+    ("SigmoidCrossEntropyLoss", [(3, 4), (3, 4)], "", 1),
+    ("EuclideanLoss", [(3, 4), (3, 4)], "", 1),
+    ("HingeLoss", [(3, 4), (3,)], "hinge_loss_param { norm: L2 }", 1),
+    ("InfogainLoss", [(3, 4), (3,), (4, 4)], "", 1),
+    ("ContrastiveLoss", [(3, 4), (3, 4), (3,)], "", 1),
+    ("MultinomialLogisticLoss", [(3, 4), (3,)], "", 1),
+    ("Accuracy", [(3, 4, 2), (3, 2)], "accuracy_param { top_k: 2 }", 2),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("type_name,shapes,params,ntop", CUDA_CASES)
+def test_cuda_matches_cpu(type_name, shapes, params, ntop):
+    r = rng(12)
+    arrays = [r.uniform(0.05, 1.0, size=shapes[0])]
+    for s in shapes[1:]:
+        arrays.append(r.integers(0, 2, size=s).astype(np.float32) if len(s) < 2 or s[-1] != 4 else r.uniform(size=s))
+    layer = make_layer(type_name, shapes, params, ntop=ntop)
+    results = []
+    for device in ("cpu", "cuda"):
+        layer.to(device)
+        ts = [torch.tensor(a, dtype=torch.float32, device=device) for a in arrays]
+        ts[0].requires_grad_(True)
+        tops = layer(*ts)
+        assert all(t.device.type == device for t in tops)
+        if tops[0].requires_grad:
+            tops[0].backward()
+        grad = ts[0].grad.cpu().numpy() if ts[0].grad is not None else None
+        results.append(([t.detach().cpu().numpy() for t in tops], grad))
+    (cpu_tops, cpu_grad), (gpu_tops, gpu_grad) = results
+    for a, b in zip(cpu_tops, gpu_tops):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    assert (cpu_grad is None) == (gpu_grad is None) == (type_name == "Accuracy")
+    if cpu_grad is not None:
+        np.testing.assert_allclose(gpu_grad, cpu_grad, rtol=1e-5, atol=1e-6)

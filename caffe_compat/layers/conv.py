@@ -135,6 +135,17 @@ class _BaseConvolution(Layer):
                     f"{self.dilation[i]}"
                 )
 
+    def top_shapes(self, bottom_shapes):
+        """Caffe's output-size rule per spatial axis (no forward pass needed)."""
+        tops = []
+        for shape in bottom_shapes:
+            spatial = tuple(
+                self._out_size(n, self.kernel[i], self.stride[i], self.pad[i], self.dilation[i])
+                for i, n in enumerate(shape[self.axis + 1 :])
+            )
+            tops.append((*shape[: self.axis], self.num_output, *spatial))
+        return tops
+
     def _conv_one(self, op, x, weight, bias):
         lead = x.shape[: self.axis]
         if self.axis != 1:

@@ -1,1 +1,510 @@
-"""(placeholder: filled in by the layer family work)"""
+"""Caffe's data layers: Data (LMDB), ImageData, HDF5Data, MemoryData and HDF5Output.
+
+Data layers have no bottoms; ``forward()`` returns the next batch as float32 tensors and the net
+calls it once per net forward. They override ``top_shapes`` (the shapes Caffe gives the tops at
+setup, from the first record) so that shape inference reads nothing. Paths in the prototxt are
+relative to the working directory, as in Caffe.
+
+Randomness (shuffling, ``rand_skip``, the transformer's mirror and crop offsets) comes from NumPy
+Generators seeded at construction from torch's global RNG, so ``caffe_compat.set_random_seed``
+(or ``torch.manual_seed``) before building the net reproduces every batch. Caffe seeds its
+per-layer RNGs from its global RNG the same way; the bits differ (boost mt19937), the
+distributions are Caffe's.
+
+Data and ImageData prepare batches in a background thread, ``data_param.prefetch`` (default 4)
+batches ahead, as Caffe's BasePrefetchingDataLayer; batch k is the same with or without
+prefetching (``prefetch: 0`` makes them synchronous).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import numpy as np
+import torch
+
+from caffe_compat.data.hdf5 import append_hdf5, create_hdf5, load_hdf5_file, read_hdf5_source
+from caffe_compat.data.image_list import read_image, read_image_list
+from caffe_compat.data.lmdb_db import LMDBReader, check_backend
+from caffe_compat.data.prefetch import Prefetcher
+from caffe_compat.data.transformer import DataTransformer
+from caffe_compat.errors import DataError
+from caffe_compat.layers.base import Layer, register_layer
+
+__all__ = ["DataLayer", "HDF5DataLayer", "HDF5OutputLayer", "ImageDataLayer", "MemoryDataLayer"]
+
+_LEGACY_TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
+
+
+class _BaseDataLayer(Layer):
+    """Common parts of the layers without bottoms: fixed top shapes, seeding, error wrapping."""
+
+    exact_num_bottom = 0
+    _shapes: list[tuple[int, ...]]
+
+    def top_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return [tuple(s) for s in self._shapes]
+
+    def _rngs(self) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
+        """Independent NumPy Generators (transform, order, skip), seeded from one draw of torch's
+        global RNG. Every layer type spawns the same three, so for one seed the Data and the
+        ImageData layer draw the same crops and mirrors."""
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        transform, order, skip = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+        return transform, order, skip
+
+    def _data_error(self, e: DataError) -> DataError:
+        return DataError(f"layer {self.name!r} ({self.type}): {e}")
+
+    def _transform_param(self, legacy=None):
+        """``transform_param``, with the legacy fields of ``legacy`` (data_param or
+        image_data_param: scale, mean_file, crop_size, mirror) moved in as Caffe's upgrade does."""
+        from caffe_compat.proto import caffe_pb2
+
+        tp = caffe_pb2.TransformationParameter()
+        tp.CopyFrom(self.param.transform_param)
+        if legacy is not None:
+            for field in _LEGACY_TRANSFORM_FIELDS:
+                if legacy.HasField(field):
+                    setattr(tp, field, getattr(legacy, field))
+        return tp
+
+
+class _PrefetchingDataLayer(_BaseDataLayer):
+    """A data layer whose batches come from a ``Prefetcher`` running ``self._source``."""
+
+    def _start_prefetch(self, source, depth: int) -> None:
+        self._prefetcher = Prefetcher(source, depth, name=f"prefetch:{self.name}")
+        weakref.finalize(self, self._prefetcher.close)
+
+    def forward(self) -> tuple[torch.Tensor, ...]:
+        try:
+            arrays = self._prefetcher.next()
+        except DataError as e:
+            raise self._data_error(e) from e
+        return tuple(torch.from_numpy(a) for a in arrays)
+
+    def close(self) -> None:
+        """Stop the prefetch thread (also done when the layer is garbage-collected)."""
+        self._prefetcher.close()
+
+
+# -- ImageData -------------------------------------------------------------------------------
+
+
+class _ImageListSource:
+    """Produces ImageData batches: (data N×C×H×W, labels N), walking the list with wrap-around."""
+
+    def __init__(self, entries, list_file, root, p, transformer, rng, start, order):
+        self.entries, self.list_file, self.root = entries, list_file, root
+        self.new_height, self.new_width, self.is_color = int(p.new_height), int(p.new_width), bool(p.is_color)
+        self.batch_size = int(p.batch_size)
+        self.shuffle = bool(p.shuffle)
+        self.transformer, self.rng = transformer, rng
+        self.pos, self.order = start, order
+
+    def read(self, i: int) -> tuple[np.ndarray, int, str]:
+        path, label, lineno = self.entries[self.order[i]]
+        where = f"{self.list_file}:{lineno}"
+        full = self.root + path
+        try:
+            img = read_image(full, self.new_height, self.new_width, self.is_color, where=where)
+        except DataError as e:
+            if self.root and not self.root.endswith(("/", os.sep)) and not os.path.exists(full):
+                raise DataError(f"{e} (root_folder {self.root!r} is prepended as is: end it with '/')") from None
+            raise
+        return img, label, where
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        bs = self.batch_size
+        data = labels = shape = None
+        for k in range(bs):
+            img, label, where = self.read(self.pos)
+            out_shape = self.transformer.output_shape(img.shape)
+            if k == 0:  # Caffe reshapes the batch to its first image
+                shape = out_shape
+                data = np.empty((bs, *shape), dtype=np.float32)
+                labels = np.empty((bs,), dtype=np.float32)
+            elif out_shape != shape:
+                raise DataError(
+                    f"{where}: image {self.root + self.entries[self.order[self.pos]][0]!r} gives "
+                    f"{'×'.join(map(str, out_shape))} but this batch's first image gives "
+                    f"{'×'.join(map(str, shape))}; set new_height/new_width or crop_size, or batch_size 1"
+                )
+            data[k] = self.transformer.transform(img, where=where)
+            labels[k] = label
+            self.pos += 1
+            if self.pos >= len(self.order):
+                self.pos = 0
+                if self.shuffle:
+                    self.rng.shuffle(self.order)
+        return data, labels
+
+
+@register_layer("ImageData")
+class ImageDataLayer(_PrefetchingDataLayer):
+    """Caffe's ImageDataLayer: images listed in a text file, with their integer labels.
+
+    ``image_data_param``: ``source`` (lines ``path label``; path relative to ``root_folder``, which
+    is prepended as a plain string, default ""), ``batch_size`` 1, ``shuffle`` false (shuffle at
+    setup and at every wrap-around), ``rand_skip`` 0 (start at a random entry in [0, rand_skip)),
+    ``new_height``/``new_width`` 0 (resize with OpenCV bilinear when both are set), ``is_color``
+    true (3-channel BGR; false: 1 channel). ``transform_param`` as :class:`DataTransformer`.
+    ``data_param.prefetch`` (4) batches are prepared ahead in a thread.
+
+    Tops: data (batch_size, C, H, W) float32 — shaped by the first image of each batch, so with
+    ``batch_size: 1`` images of varying size pass through; label (batch_size,) float32.
+
+    Differences from Caffe: list lines without an integer label are refused (Caffe reads 0); an
+    image of another size inside a batch raises a DataError (Caffe aborts on a CHECK).
+    """
+
+    exact_num_top = 2
+
+    def setup(self, bottom_shapes):
+        p = self.param.image_data_param
+        if p.batch_size <= 0:
+            raise self.error("image_data_param.batch_size must be positive")
+        if (p.new_height > 0) != (p.new_width > 0):
+            raise self.error("image_data_param.new_height and new_width must be set together (or neither)")
+        if not p.HasField("source"):
+            raise self.error("image_data_param.source (the 'path label' list file) is required")
+        transform_rng, shuffle_rng, skip_rng = self._rngs()
+        try:
+            entries = read_image_list(p.source, what="image_data_param.source")
+            if not entries:
+                raise DataError(f"image_data_param.source {p.source!r} lists no image")
+            transformer = DataTransformer(self._transform_param(p), self.phase, transform_rng, where=p.source)
+            order = np.arange(len(entries))
+            if p.shuffle:
+                shuffle_rng.shuffle(order)
+            start = 0
+            if p.rand_skip:
+                start = int(skip_rng.integers(p.rand_skip))
+                if start >= len(entries):
+                    raise DataError(f"rand_skip drew {start} but {p.source!r} lists only {len(entries)} images")
+            src = _ImageListSource(entries, p.source, p.root_folder, p, transformer, shuffle_rng, start, order)
+            first, _, _ = src.read(start)
+            shape = transformer.output_shape(first.shape)
+        except DataError as e:
+            raise self._data_error(e) from e
+        self._shapes = [(int(p.batch_size), *shape), (int(p.batch_size),)]
+        self._start_prefetch(src, self.param.data_param.prefetch)
+
+
+# -- Data (LMDB) -----------------------------------------------------------------------------
+
+
+class _DatumSource:
+    """Produces Data-layer batches from an LMDB of Datum records, cycling through the keys."""
+
+    def __init__(self, reader: LMDBReader, skip: int, batch_size: int, transformer, output_labels: bool):
+        self.reader, self.skip, self.batch_size = reader, skip, batch_size
+        self.transformer, self.output_labels = transformer, output_labels
+        self._records = None
+
+    def decode(self, key: bytes, value: bytes) -> tuple[np.ndarray, int, str]:
+        from caffe_compat.proto import caffe_pb2
+
+        where = f"{self.reader.path} key {key.decode('utf-8', 'replace')!r}"
+        datum = caffe_pb2.Datum()
+        try:
+            datum.ParseFromString(value)
+        except Exception as e:  # protobuf's DecodeError
+            raise DataError(f"{where}: record is not a Datum ({e})") from None
+        return self.transformer.decode(datum, where=where), datum.label, where
+
+    def __call__(self) -> tuple[np.ndarray, ...]:
+        if self._records is None:  # opened in the thread that iterates it
+            self._records = self.reader.cycle(self.skip)
+        bs = self.batch_size
+        data = labels = shape = None
+        for k in range(bs):
+            x, label, where = self.decode(*next(self._records))
+            out_shape = self.transformer.output_shape(x.shape)
+            if k == 0:  # Caffe reshapes the batch to its first datum
+                shape = out_shape
+                data = np.empty((bs, *shape), dtype=np.float32)
+                labels = np.empty((bs,), dtype=np.float32)
+            elif out_shape != shape:
+                raise DataError(
+                    f"{where}: datum gives {'×'.join(map(str, out_shape))} but this batch's first gives "
+                    f"{'×'.join(map(str, shape))}; records of one batch must have one size"
+                )
+            data[k] = self.transformer.transform(x, where=where)
+            labels[k] = label
+        return (data, labels) if self.output_labels else (data,)
+
+
+@register_layer("Data")
+class DataLayer(_PrefetchingDataLayer):
+    """Caffe's DataLayer reading Datum records from an LMDB.
+
+    ``data_param``: ``source`` (the LMDB directory), ``backend`` (must be LMDB; the proto default
+    LEVELDB is refused with instructions to convert), ``batch_size`` (required), ``rand_skip`` 0
+    (skip a random number in [0, rand_skip) of records at the start), ``prefetch`` 4.
+    Records: raw (uint8 ``data`` or ``float_data``, C×H×W) or ``encoded`` (decoded with OpenCV,
+    BGR, natively or forced by ``transform_param.force_color``/``force_gray``). Keys are read in
+    order and wrap around at the end. ``transform_param`` as :class:`DataTransformer`.
+
+    Tops: data (batch_size, C, H, W) float32, shaped by the first record of each batch;
+    optional label (batch_size,) float32 (``Datum.label``).
+
+    Differences from Caffe: LevelDB is not supported; ``rand_skip`` is honoured as older Caffe
+    did (Caffe 1.0's cursor-based DataLayer ignores it).
+    """
+
+    min_top = 1
+    max_top = 2
+
+    def setup(self, bottom_shapes):
+        p = self.param.data_param
+        if p.batch_size <= 0:
+            raise self.error("data_param.batch_size is required and must be positive")
+        if not p.HasField("source"):
+            raise self.error("data_param.source (the LMDB directory) is required")
+        transform_rng, _, skip_rng = self._rngs()
+        try:
+            check_backend(p.backend, p.source)
+            reader = LMDBReader(p.source)
+            tp = self._transform_param(p)
+            if p.force_encoded_color:
+                tp.force_color = True
+            transformer = DataTransformer(tp, self.phase, transform_rng, where=p.source)
+            skip = int(skip_rng.integers(p.rand_skip)) if p.rand_skip else 0
+            src = _DatumSource(reader, skip, int(p.batch_size), transformer, len(self.param.top) > 1)
+            x, _, _ = src.decode(*reader.first())
+            shape = transformer.output_shape(x.shape)
+        except DataError as e:
+            raise self._data_error(e) from e
+        self._shapes = [(int(p.batch_size), *shape), (int(p.batch_size),)][: len(self.param.top)]
+        self._start_prefetch(src, p.prefetch)
+
+
+# -- HDF5Data --------------------------------------------------------------------------------
+
+
+@register_layer("HDF5Data")
+class HDF5DataLayer(_BaseDataLayer):
+    """Caffe's HDF5DataLayer: rows of the datasets named by the tops, from a list of .h5 files.
+
+    ``hdf5_data_param``: ``source`` (text file of .h5 paths, opened as given: relative to the
+    working directory), ``batch_size`` (required), ``shuffle`` false (permute the file order at
+    setup and at every pass, and the rows of each file when it is loaded; with one file, its rows
+    at every pass). Rows are taken in order across files and wrap around. Datasets of float or
+    integer type are read as float32; all datasets of a file must have the same number of rows,
+    and every file the same row shapes. ``transform_param`` is refused, as in Caffe.
+
+    Tops: one per dataset, shaped (batch_size, *dataset.shape[1:]) — a 1-D label dataset gives
+    a (batch_size,) top, an N×1 one (batch_size, 1).
+    """
+
+    min_top = 1
+
+    def setup(self, bottom_shapes):
+        p = self.param.hdf5_data_param
+        if self.param.HasField("transform_param"):
+            raise self.error(
+                "HDF5Data does not transform data: remove transform_param (scale, mean, crop...) "
+                "and store preprocessed data in the .h5 files"
+            )
+        if p.batch_size <= 0:
+            raise self.error("hdf5_data_param.batch_size is required and must be positive")
+        if not p.HasField("source"):
+            raise self.error("hdf5_data_param.source (a text file listing .h5 files) is required")
+        _, self._rng, _ = self._rngs()
+        self._shuffle = bool(p.shuffle)
+        self._batch_size = int(p.batch_size)
+        self._names = list(self.param.top)
+        self._row_shapes: list[tuple[int, ...]] | None = None
+        try:
+            self._source = p.source
+            self._files = read_hdf5_source(p.source)
+            self._file_perm = np.arange(len(self._files))
+            if self._shuffle:
+                self._rng.shuffle(self._file_perm)
+            self._current_file = 0
+            self._load(self._file_perm[0])
+        except DataError as e:
+            raise self._data_error(e) from e
+        self._shapes = [(self._batch_size, *s) for s in self._row_shapes]
+
+    def _load(self, index: int) -> None:
+        arrays = load_hdf5_file(self._files[index], self._names, source=self._source, index=int(index))
+        shapes = [a.shape[1:] for a in arrays]
+        if self._row_shapes is None:
+            self._row_shapes = shapes
+        elif shapes != self._row_shapes:
+            bad = next(i for i, (a, b) in enumerate(zip(shapes, self._row_shapes)) if a != b)
+            raise DataError(
+                f"HDF5 file {self._files[index]!r} (entry {index + 1} of {self._source!r}): dataset "
+                f"{self._names[bad]!r} has rows of shape {shapes[bad]}, the first file's have {self._row_shapes[bad]}"
+            )
+        self._arrays = arrays
+        self._row_perm = np.arange(arrays[0].shape[0])
+        if self._shuffle:
+            self._rng.shuffle(self._row_perm)
+        self._current_row = 0
+
+    def _end_of_file(self) -> None:
+        if len(self._files) > 1:
+            self._current_file += 1
+            if self._current_file == len(self._files):
+                self._current_file = 0
+                if self._shuffle:
+                    self._rng.shuffle(self._file_perm)
+            self._load(self._file_perm[self._current_file])
+        else:
+            if self._shuffle:
+                self._rng.shuffle(self._row_perm)
+            self._current_row = 0
+
+    def forward(self) -> tuple[torch.Tensor, ...]:
+        bs = self._batch_size
+        outs = [np.empty((bs, *s), dtype=np.float32) for s in self._row_shapes]
+        filled = 0
+        try:
+            while filled < bs:
+                rows = self._row_perm[self._current_row : self._current_row + bs - filled]
+                for out, a in zip(outs, self._arrays):
+                    out[filled : filled + len(rows)] = a[rows]
+                filled += len(rows)
+                self._current_row += len(rows)
+                if self._current_row == len(self._row_perm):
+                    self._end_of_file()
+        except DataError as e:
+            raise self._data_error(e) from e
+        return tuple(torch.from_numpy(o) for o in outs)
+
+
+# -- MemoryData ------------------------------------------------------------------------------
+
+
+@register_layer("MemoryData")
+class MemoryDataLayer(_BaseDataLayer):
+    """Caffe's MemoryDataLayer: batches from arrays handed over by ``set_input_arrays``.
+
+    ``memory_data_param``: ``batch_size``, ``channels``, ``height``, ``width`` (all required,
+    positive). Tops: data (batch_size, channels, height, width), label (batch_size,).
+
+    ``set_input_arrays(data, labels)`` (what pycaffe's ``net.set_input_arrays`` calls; Caffe's
+    ``MemoryDataLayer::Reset``): ``data`` N×channels×height×width, ``labels`` N, N×1 or N×1×1×1,
+    N a positive multiple of batch_size. Each forward returns the next batch_size rows, wrapping
+    to row 0 after the last. Float32 C-contiguous arrays are kept by reference, so later
+    in-place changes are seen (as in Caffe); other arrays are converted (copied) to float32.
+    ``transform_param`` does not apply to these arrays (Caffe applies it only in AddDatumVector /
+    AddMatVector, which are not provided).
+    """
+
+    exact_num_top = 2
+
+    def setup(self, bottom_shapes):
+        p = self.param.memory_data_param
+        dims = (int(p.batch_size), int(p.channels), int(p.height), int(p.width))
+        if min(dims) <= 0:
+            raise self.error(
+                "batch_size, channels, height and width must be specified and positive in "
+                f"memory_data_param (got {dims[0]}, {dims[1]}, {dims[2]}, {dims[3]})"
+            )
+        self._dims = dims
+        self._shapes = [dims, (dims[0],)]
+        self._data: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+        self._pos = 0
+
+    def set_input_arrays(self, data, labels) -> None:
+        """Use ``data`` (N, C, H, W) and ``labels`` (N,) as the source; see the class docstring."""
+        bs, c, h, w = self._dims
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        labels = np.ascontiguousarray(labels, dtype=np.float32)
+        if data.ndim != 4 or data.shape[1:] != (c, h, w):
+            raise self.error(
+                f"set_input_arrays: data must be N×{c}×{h}×{w} (memory_data_param), got shape {data.shape}"
+            )
+        if labels.ndim not in (1, 2, 4) or labels.shape[1:] != (1,) * (labels.ndim - 1):
+            raise self.error(f"set_input_arrays: labels must be N, N×1 or N×1×1×1, got shape {labels.shape}")
+        n = data.shape[0]
+        if labels.shape[0] != n:
+            raise self.error(
+                f"set_input_arrays: data and labels must have the same first dimension ({n} vs {labels.shape[0]})"
+            )
+        if n == 0 or n % bs:
+            raise self.error(
+                f"set_input_arrays: the number of rows ({n}) must be a positive multiple of batch_size {bs}"
+            )
+        self._data, self._labels, self._pos = data, labels.reshape(n), 0
+
+    reset = set_input_arrays
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._data is None:
+            raise self.error("no input arrays: call net.set_input_arrays(data, labels) before forward")
+        bs = self._dims[0]
+        sl = slice(self._pos, self._pos + bs)
+        data, labels = torch.tensor(self._data[sl]), torch.tensor(self._labels[sl])
+        self._pos = (self._pos + bs) % self._data.shape[0]
+        return data, labels
+
+
+# -- HDF5Output ------------------------------------------------------------------------------
+
+
+def _legacy_4d(shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """Caffe's num/channels/height/width view of a blob shape (missing axes are 1)."""
+    if len(shape) > 4:
+        return None
+    return tuple(shape) + (1,) * (4 - len(shape))  # type: ignore[return-value]
+
+
+@register_layer("HDF5Output")
+class HDF5OutputLayer(Layer):
+    """Caffe's HDF5OutputLayer: writes its two bottoms to ``hdf5_output_param.file_name``.
+
+    The file is created (truncated) at setup. Each forward writes bottom 0 to dataset ``data``
+    and bottom 1 to dataset ``label`` (Caffe's names, whatever the bottoms are called), as float32
+    with Caffe's legacy 4-D shape (N, C, H, W; a (N,) label becomes (N, 1, 1, 1)). No tops; no
+    gradient.
+
+    Difference from Caffe: each forward appends its rows to the datasets (Caffe's second forward
+    fails because the datasets already exist), so a test run collects every batch.
+    """
+
+    exact_num_bottom = 2
+    exact_num_top = 0
+
+    def setup(self, bottom_shapes):
+        p = self.param.hdf5_output_param
+        if not p.file_name:
+            raise self.error("hdf5_output_param.file_name is required")
+        self.file_name = p.file_name
+        for i, s in enumerate(bottom_shapes):
+            if _legacy_4d(s) is None:
+                raise self.error(f"bottom {i} has {len(s)} axes; HDF5Output writes blobs of at most 4 axes")
+        if bottom_shapes and bottom_shapes[0][:1] != bottom_shapes[1][:1]:
+            raise self.error(
+                f"data and label bottoms must have the same batch size ({bottom_shapes[0]} vs {bottom_shapes[1]})"
+            )
+        try:
+            create_hdf5(self.file_name)
+        except DataError as e:
+            raise self.error(str(e)) from e
+
+    def top_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return []
+
+    def forward(self, data: torch.Tensor, label: torch.Tensor) -> tuple[()]:
+        shapes = [_legacy_4d(tuple(t.shape)) for t in (data, label)]
+        if None in shapes:
+            raise self.error("HDF5Output writes blobs of at most 4 axes")
+        if shapes[0][0] != shapes[1][0]:
+            raise self.error(f"data and label must have the same batch size ({shapes[0][0]} vs {shapes[1][0]})")
+        arrays = {
+            name: t.detach().to("cpu", torch.float32).numpy().reshape(s)
+            for name, t, s in (("data", data, shapes[0]), ("label", label, shapes[1]))
+        }
+        try:
+            append_hdf5(self.file_name, arrays)
+        except DataError as e:
+            raise self.error(str(e)) from e
+        return ()

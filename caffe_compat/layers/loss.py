@@ -20,6 +20,8 @@ import os
 import torch
 from torch import Tensor
 
+from caffe_compat.errors import CaffeError
+from caffe_compat.io import blob_to_array, read_blobproto
 from caffe_compat.layers.base import Layer, register_layer
 from caffe_compat.proto import caffe_pb2
 
@@ -110,29 +112,6 @@ def _normalizer(mode: int, outer: int, inner: int, valid: Tensor | None, like: T
         return torch.clamp(valid.sum().to(like.dtype), min=1.0)
     n = {_NORM.FULL: outer * inner, _NORM.VALID: outer * inner, _NORM.BATCH_SIZE: outer, _NORM.NONE: 1}[mode]
     return torch.tensor(max(1.0, float(n)), dtype=like.dtype, device=like.device)
-
-
-def _read_blob_array(path: str):
-    """The array of a .binaryproto BlobProto (``shape``, else the legacy 4-D dims)."""
-    import numpy as np
-
-    blob = caffe_pb2.BlobProto()
-    with open(path, "rb") as f:
-        blob.ParseFromString(f.read())
-    if blob.HasField("shape"):
-        shape = tuple(blob.shape.dim)
-    else:
-        shape = (blob.num, blob.channels, blob.height, blob.width)
-    values = blob.double_data if len(blob.double_data) else blob.data
-    return np.asarray(values, dtype=np.float64).reshape(shape)
-
-
-def _load_blob(path: str):
-    try:
-        from caffe_compat.io import blob_to_array, read_blobproto
-    except ImportError:  # io.py not available: read the BlobProto directly
-        return _read_blob_array(path)
-    return blob_to_array(read_blobproto(path))
 
 
 # -- autograd functions with Caffe's backward ---------------------------------------------------
@@ -350,8 +329,8 @@ class SigmoidCrossEntropyLossLayer(Layer):
 
     Parameters: ``loss_param.ignore_label`` (unset: none; an item is ignored when
     ``int(t) == ignore_label``); ``loss_param.normalization``, which here defaults to BATCH_SIZE
-    when neither it nor the legacy ``normalize`` is set (FULL / VALID = N*count(1) or the
-    non-ignored count / BATCH_SIZE = N / NONE = 1, at least 1).
+    when neither it nor the legacy ``normalize`` is set. FULL = N*count(1); VALID = the number
+    of non-ignored items (N*count(1) without ignore_label); BATCH_SIZE = N; NONE = 1; at least 1.
     Bottoms: scores x and targets t of the same count, same first dimension. Top: 0-d loss.
     Gradient: ``(sigmoid(x) - t) / normalizer`` to x (0 at ignored items), none to t.
     """
@@ -371,8 +350,7 @@ class SigmoidCrossEntropyLossLayer(Layer):
         _check_first_dims(self, shapes)
         if _count(shapes[0]) != _count(shapes[1]):
             raise self.error(
-                f"scores {shapes[0]} and targets {shapes[1]} (bottom {_bottom_name(self, 1)}) "
-                "must have the same count"
+                f"scores {shapes[0]} and targets {shapes[1]} (bottom {_bottom_name(self, 1)}) must have the same count"
             )
 
     def forward(self, x: Tensor, target: Tensor) -> tuple[Tensor]:
@@ -411,7 +389,9 @@ class HingeLossLayer(Layer):
     def _check(self, shapes) -> None:
         _check_first_dims(self, shapes)
         if _count(shapes[1]) != shapes[0][0]:
-            raise self.error(f"bottom {_bottom_name(self, 1)} {shapes[1]} must hold one label per item ({shapes[0][0]})")
+            raise self.error(
+                f"bottom {_bottom_name(self, 1)} {shapes[1]} must hold one label per item ({shapes[0][0]})"
+            )
 
     def forward(self, x: Tensor, label: Tensor) -> tuple[Tensor]:
         self._check([tuple(x.shape), tuple(label.shape)])
@@ -466,16 +446,18 @@ class InfogainLossLayer(Layer):
         self.register_buffer("infogain", None, persistent=False)
         if len(bottom_shapes) < 3:
             if not ip.source:
-                raise self.error("infogain_loss_param.source must name the .binaryproto holding H (or give H as bottom 2)")
+                raise self.error(
+                    "infogain_loss_param.source must name the .binaryproto holding H (or give H as bottom 2)"
+                )
             if not os.path.isfile(ip.source):
                 raise self.error(
                     f"infogain_loss_param.source {ip.source!r} not found (relative to the working "
                     f"directory {os.getcwd()!r}); run from the folder it is relative to or give an absolute path"
                 )
             try:
-                array = _load_blob(ip.source)
-            except Exception as exc:  # a corrupt file: say which one
-                raise self.error(f"cannot read the infogain matrix {ip.source!r}: {exc}") from exc
+                array = blob_to_array(read_blobproto(ip.source), what=f"infogain matrix {ip.source!r}")
+            except CaffeError as exc:  # a corrupt file: say which one, for which layer
+                raise self.error(f"cannot read the infogain matrix: {exc}") from exc
             self.infogain = torch.as_tensor(array, dtype=torch.float32).reshape(-1)
         self._check(bottom_shapes)
 
@@ -534,7 +516,9 @@ class ContrastiveLossLayer(Layer):
         _check_first_dims(self, shapes)
         a, b, y = shapes
         if _count(a) != _count(b) or _count(a[1:]) != _count(b[1:]):
-            raise self.error(f"bottoms {_bottom_name(self, 0)} {a} and {_bottom_name(self, 1)} {b} must have the same shape")
+            raise self.error(
+                f"bottoms {_bottom_name(self, 0)} {a} and {_bottom_name(self, 1)} {b} must have the same shape"
+            )
         if _count(y) != a[0]:
             raise self.error(f"bottom {_bottom_name(self, 2)} {y} must hold one similarity label per pair ({a[0]})")
 
@@ -567,7 +551,9 @@ class MultinomialLogisticLossLayer(Layer):
     def _check(self, shapes) -> None:
         _check_first_dims(self, shapes)
         if _count(shapes[1]) != shapes[0][0]:
-            raise self.error(f"bottom {_bottom_name(self, 1)} {shapes[1]} must hold one label per item ({shapes[0][0]})")
+            raise self.error(
+                f"bottom {_bottom_name(self, 1)} {shapes[1]} must hold one label per item ({shapes[0][0]})"
+            )
 
     def forward(self, prob: Tensor, label: Tensor) -> tuple[Tensor]:
         self._check([tuple(prob.shape), tuple(label.shape)])

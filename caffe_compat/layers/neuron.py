@@ -80,15 +80,22 @@ class PReLULayer(_NeuronLayer):
         p = self.param.prelu_param
         shape = bottom_shapes[0]
         if len(shape) < 2:
-            raise self.error(
-                f"bottom must have at least 2 axes, like (N, C); got shape {shape}"
-            )
+            raise self.error(f"bottom must have at least 2 axes, like (N, C); got shape {shape}")
         self.channel_shared = bool(p.channel_shared)
         blob_shape = () if self.channel_shared else (shape[1],)
         if p.HasField("filler"):
             self.add_blob(blob_shape, p.filler)
         else:
             self.add_blob(blob_shape, value=0.25)
+
+    def top_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        shape = tuple(bottom_shapes[0])
+        if not self.channel_shared and (len(shape) < 2 or shape[1] != self.blobs[0].shape[0]):
+            raise self.error(
+                f"bottom {shape} does not have the {self.blobs[0].shape[0]} channels (axis 1) of the "
+                f"slope blob: the channel count cannot change after setup"
+            )
+        return [shape]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         a = self.blobs[0]

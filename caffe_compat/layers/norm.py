@@ -17,12 +17,12 @@ _LRN = caffe_pb2.LRNParameter
 
 def _channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
     """``out[:, c] = Σ_{|c' − c| ≤ (size−1)/2} t[:, c']`` (zero outside the channels), for 4-D t."""
-    n, c, h, w = t.shape
-    half = (size - 1) // 2
-    s = F.avg_pool3d(
-        t.reshape(n, 1, c, h, w), (size, 1, 1), stride=1, padding=(half, 0, 0), divisor_override=1
-    )
-    return s.reshape(n, c, h, w)
+    out = t.clone()
+    c = t.shape[1]
+    for d in range(1, min((size - 1) // 2, c - 1) + 1):
+        out[:, d:] += t[:, :-d]
+        out[:, :-d] += t[:, d:]
+    return out
 
 
 class _LRNAcross(torch.autograd.Function):
@@ -89,6 +89,9 @@ class LRNLayer(Layer):
         self.beta = lp.beta
         self.k = lp.k
         self.region = lp.norm_region
+
+    def top_shapes(self, bottom_shapes):
+        return [tuple(bottom_shapes[0])]
 
     def forward(self, x):
         if self.region == _LRN.ACROSS_CHANNELS:
@@ -239,6 +242,9 @@ class MVNLayer(Layer):
         self.normalize_variance = mp.normalize_variance
         self.across_channels = mp.across_channels
         self.eps = mp.eps
+
+    def top_shapes(self, bottom_shapes):
+        return [tuple(bottom_shapes[0])]
 
     def forward(self, x):
         if self.across_channels or x.dim() < 2:

@@ -159,6 +159,11 @@ class PoolingLayer(Layer):
         self._plans[(H, W)] = plan
         return plan
 
+    def top_shapes(self, bottom_shapes):
+        n, c, h, w = bottom_shapes[0]
+        _, (ho, wo), _, _, _ = self._plan(h, w)
+        return [(n, c, ho, wo)] * len(self.param.top)
+
     def forward(self, x):
         H, W = x.shape[2], x.shape[3]
         k, (Ho, Wo), direct, right, spans = self._plan(H, W)

@@ -50,7 +50,10 @@ class SignalHandler:
     def install(self) -> SignalHandler:
         sigs = [signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
         for s in sigs:
-            self._previous[s] = signal.signal(s, self._on_signal)
+            try:
+                self._previous[s] = signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                break
         return self
 
     def restore(self) -> None:

@@ -1,0 +1,38 @@
+"""Caffe's AdaDelta solver (BVLC/caffe src/caffe/solvers/adadelta_solver.cpp)."""
+
+from __future__ import annotations
+
+import torch
+
+from caffe_compat.solvers.base import Solver, register_solver
+
+__all__ = ["AdaDeltaSolver"]
+
+
+@register_solver("AdaDelta")
+class AdaDeltaSolver(Solver):
+    """AdaDelta (Zeiler 2012), Caffe's form, with ``rho = momentum``::
+
+        Eg  <- rho * Eg + (1 - rho) * g^2
+        u   <- g * sqrt((Edx + delta) / (Eg + delta))
+        Edx <- rho * Edx + (1 - rho) * u^2          (the update before the learning rate)
+        W   <- W - local_rate * u
+
+    Parameters: ``momentum`` (rho; 0 unless set, 0.95 is usual), ``delta`` (1e-8),
+    ``base_lr`` (1.0 in the paper). History: ``[Eg_0..Eg_{N-1}, Edx_0..Edx_{N-1}]``.
+    """
+
+    num_history_sets = 2
+
+    def compute_update_value(self, i: int, rate: float) -> None:
+        g = self.net.learnable_params[i].grad
+        n = len(self.net.learnable_params)
+        eg, edx = self.history[i], self.history[n + i]
+        rho = float(self.param.momentum)
+        one_minus = float(1.0 - self.param.momentum)
+        delta = float(self.param.delta)
+        eg.mul_(rho).add_(g * g, alpha=one_minus)
+        update = (edx + delta).div_(eg + delta).sqrt_()
+        g.mul_(update)
+        edx.mul_(rho).add_(g * g, alpha=one_minus)
+        g.mul_(self.local_rate(i, rate))

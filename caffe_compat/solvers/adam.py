@@ -1,0 +1,46 @@
+"""Caffe's Adam solver (BVLC/caffe src/caffe/solvers/adam_solver.cpp)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from caffe_compat.solvers.base import Solver, register_solver
+
+__all__ = ["AdamSolver"]
+
+
+@register_solver("Adam")
+class AdamSolver(Solver):
+    """Adam (Kingma & Ba 2014), Caffe's form, with ``beta1 = momentum``, ``beta2 = momentum2``,
+    ``t = iter + 1``::
+
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g^2
+        W <- W - local_rate * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + delta)
+
+    Parameters: ``momentum`` (beta1; 0 unless set, 0.9 is usual), ``momentum2`` (0.999),
+    ``delta`` (1e-8). History: ``[m_0..m_{N-1}, v_0..v_{N-1}]``.
+    Difference from ``torch.optim.Adam``: torch adds eps to ``sqrt(v_hat)``, i.e.
+    ``eps * sqrt(1 - beta2^t)`` in Caffe's terms, so early iterations differ slightly; weight
+    decay is Caffe's coupled L2 (as torch's Adam ``weight_decay``, not AdamW).
+    """
+
+    num_history_sets = 2
+
+    def compute_update_value(self, i: int, rate: float) -> None:
+        g = self.net.learnable_params[i].grad
+        n = len(self.net.learnable_params)
+        m, v = self.history[i], self.history[n + i]
+        beta1 = np.float32(self.param.momentum)
+        beta2 = np.float32(self.param.momentum2)
+        t = self.iter + 1
+        # Caffe: double arithmetic from float betas, rounded to float once
+        correction = np.float32(math.sqrt(1.0 - math.pow(float(beta2), t)) / (1.0 - math.pow(float(beta1), t)))
+        m.mul_(float(beta1)).add_(g, alpha=float(np.float32(1) - beta1))
+        v.mul_(float(beta2)).add_(g * g, alpha=float(np.float32(1) - beta2))
+        update = torch.sqrt(v).add_(float(self.param.delta))
+        torch.div(m, update, out=update)
+        g.copy_(update).mul_(float(np.float32(self.local_rate(i, rate)) * correction))

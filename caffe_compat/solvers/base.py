@@ -1,0 +1,672 @@
+"""The Solver base class: Caffe's training loop, tests, snapshots and the one update pipeline.
+
+BVLC/caffe src/caffe/solver.cpp (Init, Step, Solve, Test, Snapshot, Restore) and
+src/caffe/solvers/sgd_solver.cpp (ApplyUpdate, ClipGradients, Normalize, Regularize).
+The update order lives only here (STYLE.md convention 4)::
+
+    rate = lr_policy(iter)                        # "Iteration N, lr = rate" when displaying
+    clip:       if clip_gradients >= 0 and L = ||all diffs||_2 > clip: diff *= clip / L
+    for each learnable param i (net.learnable_params order):
+      normalize:  if iter_size > 1: diff *= 1 / iter_size
+      regularize: local_decay = weight_decay * decay_mult_i
+                  L2: diff += local_decay * W     L1: diff += local_decay * sign(W)
+      compute_update_value(i, rate * lr_mult_i)   # the solver type's hook: diff := update
+    W -= diff                                      # net.Update()
+    iter += 1
+
+Each solver type overrides only ``compute_update_value`` (and ``check_param`` for its own
+CHECKs); the formula is in its class docstring.
+
+Deliberate differences from Caffe:
+
+- Every check Caffe makes lazily (unknown ``lr_policy`` or ``regularization_type`` at the first
+  update, ``stepsize`` at the first ``step`` rate...) is made before any net is built, and the
+  error (``SolverError``) names the field.
+- ``restore`` also fast-forwards the data layers (train net: ``iter * iter_size`` batches; test
+  nets: the test passes run before ``iter``), so a resumed run continues exactly as the
+  uninterrupted one would have; Caffe restarts its data sources from the beginning.
+- ``solver_mode: GPU`` in the solver file is honoured only when CUDA is available (the tools
+  choose the device); ``--gpu`` without CUDA is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import ClassVar
+
+import numpy as np
+import torch
+from google.protobuf import text_format
+
+from caffe_compat import io as cio
+from caffe_compat.errors import SolverError
+from caffe_compat.proto import caffe_pb2
+from caffe_compat.solvers import lr_policy
+from caffe_compat.solvers import signals
+from caffe_compat.solvers.log import fmt, logger, progress_bar
+from caffe_compat.solvers.state import SolverStateData, read_state, write_state
+
+__all__ = ["Solver", "SOLVER_REGISTRY", "register_solver", "solver_class", "get_solver"]
+
+SOLVER_REGISTRY: dict[str, type["Solver"]] = {}
+
+#: Data layers fast-forwarded on ``restore`` by running their forward (when they do not offer
+#: ``skip_batches(n)``).
+_DATA_LAYER_TYPES = ("Data", "HDF5Data", "ImageData", "WindowData")
+
+
+def register_solver(type_name: str):
+    """Class decorator: register a ``Solver`` subclass under Caffe's ``type`` string."""
+
+    def deco(cls):
+        if type_name in SOLVER_REGISTRY:
+            raise ValueError(f"solver type {type_name!r} registered twice")
+        SOLVER_REGISTRY[type_name] = cls
+        cls.type_name = type_name
+        return cls
+
+    return deco
+
+
+def solver_class(type_name: str) -> type["Solver"]:
+    """The class registered for ``type`` (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam)."""
+    try:
+        return SOLVER_REGISTRY[type_name]
+    except KeyError:
+        raise SolverError(
+            f"Unknown solver type: type: {type_name!r}; known types: {', '.join(sorted(SOLVER_REGISTRY))}"
+        ) from None
+
+
+def _read_param(param) -> tuple[caffe_pb2.SolverParameter, str | None]:
+    if isinstance(param, caffe_pb2.SolverParameter):
+        p = caffe_pb2.SolverParameter()
+        p.CopyFrom(param)
+        from caffe_compat.upgrade import upgrade_solver
+
+        return upgrade_solver(p, source=None), None
+    path = os.fspath(param)
+    return cio.read_solver(path), path
+
+
+def get_solver(param) -> "Solver":
+    """pycaffe's ``caffe.get_solver(path)``: the solver of the file's ``type`` (SGD by default).
+
+    ``param`` is a solver prototxt path or a ``SolverParameter``.
+    """
+    p, path = _read_param(param)
+    return solver_class(p.type)(p, source=path)
+
+
+def _f32(x) -> np.float32:
+    return np.float32(x)
+
+
+class Solver:
+    """Caffe's Solver: builds the train and test nets from a ``SolverParameter`` and trains.
+
+    ``Solver(path_or_SolverParameter)``; pycaffe API: ``net``, ``test_nets``, ``iter``,
+    ``param``, ``step(n)``, ``solve(resume_file=None)``, ``snapshot()``, ``restore(path)``,
+    ``apply_update()``.
+
+    ``net=`` / ``test_nets=`` train nets the caller built (any object with the Net contract:
+    ``learnable_params``, ``params_lr``, ``params_weight_decay``, ``forward_backward``,
+    ``clear_param_diffs``...); the SolverParameter then needs no net field.
+
+    SolverParameter fields used (defaults from caffe.proto): ``net`` / ``net_param`` /
+    ``train_net`` / ``train_net_param`` (exactly one), ``train_state``; ``test_net`` /
+    ``test_net_param`` / the generic net, ``test_state``, ``test_iter`` (one per test net),
+    ``test_interval`` (0), ``test_initialization`` (true), ``test_compute_loss`` (false);
+    ``base_lr``, ``lr_policy`` (required), ``gamma``, ``power``, ``stepsize``, ``stepvalue``,
+    ``max_iter``; ``momentum``, ``weight_decay``, ``regularization_type`` ("L2"),
+    ``clip_gradients`` (-1), ``iter_size`` (1), ``average_loss`` (1), ``display`` (0),
+    ``random_seed`` (-1); ``snapshot`` (0), ``snapshot_prefix``, ``snapshot_after_train``
+    (true), ``snapshot_format`` (BINARYPROTO), ``snapshot_diff`` (false); ``weights``.
+    Paths are relative to the working directory, as in Caffe.
+    """
+
+    type_name: ClassVar[str] = ""
+    #: History blobs per learnable parameter (AdaDelta and Adam keep two).
+    num_history_sets: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        param,
+        *,
+        source: str | None = None,
+        device: torch.device | str | None = None,
+        net=None,
+        test_nets=None,
+    ):
+        if isinstance(param, caffe_pb2.SolverParameter) and source is not None:
+            self.param = caffe_pb2.SolverParameter()
+            self.param.CopyFrom(param)
+            self.source = source
+        else:
+            self.param, path = _read_param(param)
+            self.source = path or source or "<SolverParameter>"
+        self.iter = 0
+        self.current_step = 0
+        self._given_net = net is not None
+        self.check_param()
+        self._check_snapshot_write_permissions()
+        logger.info("Initializing solver from parameters: \n%s", text_format.MessageToString(self.param))
+        if self.param.random_seed >= 0:
+            from caffe_compat.mode import set_random_seed
+
+            set_random_seed(self.param.random_seed)
+        self.device = torch.device(device) if device is not None else None
+        self._action_function: Callable[[], str] | None = None
+        self.requested_early_exit = False
+        if net is not None:  # nets built by the caller (PyTorch users, tests)
+            self.net = net
+            self.test_nets = list(test_nets or [])
+            if len(self.test_nets) != len(self.param.test_iter):
+                raise SolverError(
+                    f"{self.source}: test_iter must be specified for each test network: "
+                    f"{len(self.test_nets)} test net(s) but {len(self.param.test_iter)} test_iter"
+                )
+            self._load_weights([self.net, *self.test_nets])
+        else:
+            self.net = self._init_train_net()
+            self.test_nets = self._init_test_nets()
+        logger.info("Solver scaffolding done.")
+        params = self.net.learnable_params
+        self.history: list[torch.Tensor] = [
+            torch.zeros_like(p.data) for _ in range(self.num_history_sets) for p in params
+        ]
+        self._losses: list[np.float32] = []
+        self.smoothed_loss = _f32(0)
+
+    # -- validation ------------------------------------------------------------------------------
+
+    def check_param(self) -> None:
+        """Every check on the SolverParameter, before any net is built (``SolverError``).
+
+        Subclasses extend it with their own CHECKs (and call ``super().check_param()``).
+        """
+        p = self.param
+        where = self.source
+        lr_policy.check_lr_policy(p)
+        train_fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
+        if not train_fields and not self._given_net:
+            raise SolverError(
+                f"{where}: no train net: set one of the fields net, net_param, train_net, train_net_param"
+            )
+        if len(train_fields) > 1:
+            raise SolverError(
+                f"{where}: the train net is given more than once ({', '.join(train_fields)}); "
+                "keep exactly one of net, net_param, train_net, train_net_param"
+            )
+        if p.HasField("net") and p.HasField("net_param"):  # pragma: no cover (caught above)
+            raise SolverError(f"{where}: both net and net_param are set")
+        n_generic = int(p.HasField("net") or p.HasField("net_param"))
+        n_specific = len(p.test_net) + len(p.test_net_param)
+        if n_generic:
+            if len(p.test_iter) < n_specific:
+                raise SolverError(
+                    f"{where}: test_iter must be specified for each test network: {n_specific} test "
+                    f"net(s) (test_net/test_net_param) but {len(p.test_iter)} test_iter"
+                )
+        elif len(p.test_iter) != n_specific and not self._given_net:
+            raise SolverError(
+                f"{where}: test_iter must be specified for each test network: {n_specific} test "
+                f"net(s) (test_net/test_net_param) but {len(p.test_iter)} test_iter"
+            )
+        n_test = len(p.test_iter) if n_generic else n_specific
+        if self._given_net:
+            n_test = len(p.test_iter)
+        if len(p.test_state) and len(p.test_state) != n_test:
+            raise SolverError(
+                f"{where}: test_state must be unspecified or specified once per test net "
+                f"({n_test} test net(s), {len(p.test_state)} test_state)"
+            )
+        if n_test and p.test_interval <= 0:
+            raise SolverError(
+                f"{where}: {n_test} test net(s) but test_interval is {p.test_interval}; "
+                "set test_interval > 0 (or remove test_iter)"
+            )
+        for i, t in enumerate(p.test_iter):
+            if t < 0:
+                raise SolverError(f"{where}: test_iter[{i}] is {t}; it must be >= 0")
+        if p.average_loss < 1:
+            raise SolverError(f"{where}: average_loss should be >= 1 (got {p.average_loss})")
+        if p.iter_size < 1:
+            raise SolverError(f"{where}: iter_size should be >= 1 (got {p.iter_size})")
+        if p.regularization_type not in ("L1", "L2"):
+            raise SolverError(
+                f"{where}: Unknown regularization type: regularization_type: {p.regularization_type!r}; "
+                "use \"L2\" or \"L1\""
+            )
+        if p.display < 0 or p.snapshot < 0 or p.max_iter < 0:
+            bad = [f for f in ("display", "snapshot", "max_iter") if getattr(p, f) < 0][0]
+            raise SolverError(f"{where}: {bad} must be >= 0 (got {getattr(p, bad)})")
+
+    def _check_snapshot_write_permissions(self) -> None:
+        p = self.param
+        if not p.snapshot:
+            return
+        if not p.HasField("snapshot_prefix") or not p.snapshot_prefix:
+            raise SolverError(
+                f"{self.source}: snapshot is {p.snapshot} but snapshot_prefix is not set; "
+                "set snapshot_prefix: \"path/prefix\""
+            )
+        probe = self._snapshot_filename(".tempfile")
+        try:
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise SolverError(
+                f"{self.source}: Cannot write to snapshot_prefix {p.snapshot_prefix!r} ({e.strerror}); "
+                "make sure that the directory exists and is writeable"
+            ) from None
+
+    # -- nets --------------------------------------------------------------------------------------
+
+    def _make_net(self, net_param: caffe_pb2.NetParameter, phase: int):
+        from caffe_compat.net import Net
+
+        net = Net(net_param, phase=phase)
+        if self.device is not None and self.device.type != "cpu":
+            net.to(self.device)
+        return net
+
+    def _init_train_net(self):
+        p = self.param
+        if p.HasField("train_net_param"):
+            logger.info("Creating training net specified in train_net_param.")
+            net_param = caffe_pb2.NetParameter()
+            net_param.CopyFrom(p.train_net_param)
+        elif p.HasField("train_net"):
+            logger.info("Creating training net from train_net file: %s", p.train_net)
+            net_param = cio.read_net(p.train_net)
+        elif p.HasField("net_param"):
+            logger.info("Creating training net specified in net_param.")
+            net_param = caffe_pb2.NetParameter()
+            net_param.CopyFrom(p.net_param)
+        else:
+            logger.info("Creating training net from net file: %s", p.net)
+            net_param = cio.read_net(p.net)
+        # NetState: solver default (TRAIN) < the net's own state < train_state
+        state = caffe_pb2.NetState()
+        state.phase = caffe_pb2.TRAIN
+        state.MergeFrom(net_param.state)
+        state.MergeFrom(p.train_state)
+        net_param.state.CopyFrom(state)
+        net = self._make_net(net_param, state.phase)
+        self._load_weights([net])
+        return net
+
+    def _init_test_nets(self) -> list:
+        p = self.param
+        sources: list[str] = []
+        params: list[caffe_pb2.NetParameter] = []
+        for tp in p.test_net_param:
+            sources.append("test_net_param")
+            q = caffe_pb2.NetParameter()
+            q.CopyFrom(tp)
+            params.append(q)
+        for tf in p.test_net:
+            sources.append(f"test_net file: {tf}")
+            params.append(cio.read_net(tf))
+        remaining = len(p.test_iter) - len(params)
+        for _ in range(max(remaining, 0)):
+            if p.HasField("net_param"):
+                sources.append("net_param")
+                q = caffe_pb2.NetParameter()
+                q.CopyFrom(p.net_param)
+                params.append(q)
+            elif p.HasField("net"):
+                sources.append(f"net file: {p.net}")
+                params.append(cio.read_net(p.net))
+        nets = []
+        for i, net_param in enumerate(params):
+            state = caffe_pb2.NetState()
+            state.phase = caffe_pb2.TEST
+            state.MergeFrom(net_param.state)
+            if len(p.test_state):
+                state.MergeFrom(p.test_state[i])
+            net_param.state.CopyFrom(state)
+            logger.info("Creating test net (#%d) specified by %s", i, sources[i])
+            nets.append(self._make_net(net_param, state.phase))
+        self._load_weights(nets)
+        return nets
+
+    def _load_weights(self, nets: list) -> None:
+        for entry in self.param.weights:
+            for path in entry.split(","):
+                if not path:
+                    continue
+                logger.info("Finetuning from %s", path)
+                for net in nets:
+                    net.copy_from(path)
+
+    def copy_weights(self, paths: str) -> None:
+        """Load ``a.caffemodel[,b.caffemodel...]`` into the train net and every test net
+        (``caffe train --weights``)."""
+        for path in paths.split(","):
+            if not path:
+                continue
+            logger.info("Finetuning from %s", path)
+            for net in [self.net, *self.test_nets]:
+                net.copy_from(path)
+
+    # -- signals -----------------------------------------------------------------------------------
+
+    def set_action_function(self, fn: Callable[[], str] | None) -> None:
+        """``fn()`` -> "stop" | "snapshot" | "none", asked between iterations (Caffe's
+        SetActionFunction; tools/train.py passes a ``SignalHandler``'s ``action``)."""
+        self._action_function = fn
+
+    def _requested_action(self) -> str:
+        if self._action_function is None:
+            return signals.NONE
+        return self._action_function()
+
+    # -- the update pipeline -----------------------------------------------------------------------
+
+    def get_learning_rate(self) -> float:
+        """The rate for the current iteration; advances ``current_step`` as Caffe does."""
+        rate, self.current_step = lr_policy.get_learning_rate(self.param, self.iter, self.current_step)
+        return rate
+
+    def apply_update(self) -> None:
+        """One update from the accumulated diffs: clip, then per parameter normalize,
+        regularize, compute the update value; then ``W -= diff``."""
+        rate = self.get_learning_rate()
+        if self.param.display and self.iter % self.param.display == 0:
+            logger.info("Iteration %d, lr = %s", self.iter, fmt(rate))
+        with torch.no_grad():
+            self.clip_gradients()
+            for i in range(len(self.net.learnable_params)):
+                self.normalize(i)
+                self.regularize(i)
+                self.compute_update_value(i, rate)
+            for p in self.net.learnable_params:
+                p.data.sub_(p.grad)
+
+    def clip_gradients(self) -> None:
+        """If ``clip_gradients >= 0`` and the L2 norm of all diffs exceeds it, scale every diff
+        by ``clip_gradients / norm``."""
+        clip = _f32(self.param.clip_gradients)
+        if clip < 0:
+            return
+        params = self.net.learnable_params
+        sumsq = sum(float(torch.sum(p.grad.double() * p.grad.double())) for p in params)
+        l2norm = _f32(np.sqrt(_f32(sumsq)))
+        if l2norm > clip:
+            scale = _f32(clip / l2norm)
+            logger.info(
+                "Gradient clipping: scaling down gradients (L2 norm %s > %s) by scale factor %s",
+                fmt(l2norm), fmt(clip), fmt(scale),
+            )
+            for p in params:
+                p.grad.mul_(float(scale))
+
+    def normalize(self, i: int) -> None:
+        """``diff *= 1 / iter_size`` (the diffs of ``iter_size`` passes were summed)."""
+        if self.param.iter_size == 1:
+            return
+        self.net.learnable_params[i].grad.mul_(float(_f32(1.0) / _f32(self.param.iter_size)))
+
+    def regularize(self, i: int) -> None:
+        """L2: ``diff += weight_decay * decay_mult * W``; L1: ``... * sign(W)``."""
+        p = self.net.learnable_params[i]
+        local_decay = float(_f32(self.param.weight_decay) * _f32(self.net.params_weight_decay[i]))
+        if not local_decay:
+            return
+        if self.param.regularization_type == "L2":
+            p.grad.add_(p.data, alpha=local_decay)
+        else:
+            p.grad.add_(torch.sign(p.data), alpha=local_decay)
+
+    def local_rate(self, i: int, rate: float) -> float:
+        return float(_f32(rate) * _f32(self.net.params_lr[i]))
+
+    def compute_update_value(self, i: int, rate: float) -> None:  # pragma: no cover
+        """The solver type's hook: turn ``learnable_params[i].grad`` into the update."""
+        raise NotImplementedError(type(self).__name__)
+
+    # -- training loop -----------------------------------------------------------------------------
+
+    def _update_smoothed_loss(self, loss: np.float32, start_iter: int, average_loss: int) -> None:
+        if len(self._losses) < average_loss:
+            self._losses.append(loss)
+            size = len(self._losses)
+            self.smoothed_loss = _f32((self.smoothed_loss * _f32(size - 1) + loss) / _f32(size))
+        else:
+            idx = (self.iter - start_iter) % average_loss
+            self.smoothed_loss = _f32(self.smoothed_loss + (loss - self._losses[idx]) / _f32(average_loss))
+            self._losses[idx] = loss
+
+    def step(self, iters: int) -> None:
+        """Run ``iters`` iterations (Caffe's Step): test when due, forward/backward ×
+        ``iter_size``, display, update, snapshot when due or requested."""
+        p = self.param
+        start_iter = self.iter
+        stop_iter = self.iter + int(iters)
+        self._losses = []
+        self.smoothed_loss = _f32(0)
+        with progress_bar(max(int(iters), 0), desc=self.type_name) as bar:
+            while self.iter < stop_iter:
+                self.net.clear_param_diffs()
+                if (
+                    p.test_interval
+                    and self.iter % p.test_interval == 0
+                    and (self.iter > 0 or p.test_initialization)
+                ):
+                    self.test_all()
+                    if self.requested_early_exit:
+                        break
+                display = bool(p.display) and self.iter % p.display == 0
+                loss = _f32(0)
+                for _ in range(p.iter_size):
+                    loss = _f32(loss + _f32(self.net.forward_backward()))
+                loss = _f32(loss / _f32(p.iter_size))
+                self._update_smoothed_loss(loss, start_iter, p.average_loss)
+                if display:
+                    logger.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
+                    self._log_outputs(self.net, "Train", {o: self.net.blobs[o].data for o in self.net.outputs})
+                self.apply_update()
+                self.iter += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=fmt(self.smoothed_loss))
+                request = self._requested_action()
+                if (p.snapshot and self.iter % p.snapshot == 0) or request == signals.SNAPSHOT:
+                    self.snapshot()
+                if request == signals.STOP:
+                    self.requested_early_exit = True
+                    break
+
+    def _log_outputs(self, net, what: str, outputs: dict) -> None:
+        index = 0
+        for name in net.outputs:
+            weight = _f32(net.blob_loss_weights.get(name, 0.0))
+            for v in np.asarray(outputs[name], dtype=np.float32).ravel():
+                extra = f" (* {fmt(weight)} = {fmt(_f32(weight * v))} loss)" if weight else ""
+                logger.info("    %s net output #%d: %s = %s%s", what, index, name, fmt(v), extra)
+                index += 1
+
+    def solve(self, resume_file: str | None = None) -> None:
+        """Train to ``max_iter`` (Caffe's Solve), optionally resuming from a ``.solverstate``;
+        snapshot after training, one last display and test."""
+        p = self.param
+        logger.info("Solving %s", self.net.name)
+        logger.info("Learning Rate Policy: %s", p.lr_policy)
+        self.requested_early_exit = False
+        if resume_file:
+            logger.info("Restoring previous solver status from %s", resume_file)
+            self.restore(resume_file)
+        start_iter = self.iter
+        self.step(p.max_iter - self.iter)
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+            self.snapshot()
+        if self.requested_early_exit:
+            logger.info("Optimization stopped early.")
+            return
+        if p.display and self.iter % p.display == 0:
+            with torch.no_grad():
+                _, loss = self._forward_with_loss(self.net)
+            self._update_smoothed_loss(loss, start_iter, p.average_loss)
+            logger.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
+        if p.test_interval and self.iter % p.test_interval == 0:
+            self.test_all()
+        logger.info("Optimization Done.")
+
+    # -- testing -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _forward_with_loss(net) -> tuple[dict, np.float32]:
+        outputs = net.forward()
+        loss = _f32(0)
+        for name, blob in net.blobs.items():
+            w = net.blob_loss_weights.get(name, 0.0)
+            if w:
+                loss = _f32(loss + _f32(w) * _f32(np.sum(np.asarray(blob.data, dtype=np.float32))))
+        return outputs, loss
+
+    def test_all(self) -> None:
+        """Run every test net (Caffe's TestAll)."""
+        for i in range(len(self.test_nets)):
+            if self.requested_early_exit:
+                break
+            self.test(i)
+
+    def test(self, test_net_id: int = 0) -> list[tuple[str, float]]:
+        """Run test net ``test_net_id`` for ``test_iter`` batches; log each output element's mean.
+
+        Returns ``[(output name, mean), ...]`` in Caffe's output order.
+        """
+        p = self.param
+        logger.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
+        test_net = self.test_nets[test_net_id]
+        test_net.share_trained_layers_with(self.net)
+        n_iter = p.test_iter[test_net_id]
+        scores: list[np.ndarray] | None = None
+        loss = _f32(0)
+        with torch.no_grad():
+            for _ in range(n_iter):
+                request = self._requested_action()
+                while request != signals.NONE:
+                    if request == signals.SNAPSHOT:
+                        self.snapshot()
+                    elif request == signals.STOP:
+                        self.requested_early_exit = True
+                    request = self._requested_action()
+                if self.requested_early_exit:
+                    break
+                outputs, iter_loss = self._forward_with_loss(test_net)
+                if p.test_compute_loss:
+                    loss = _f32(loss + iter_loss)
+                vals = [np.array(outputs[o], dtype=np.float32).ravel() for o in test_net.outputs]
+                if scores is None:
+                    scores = vals
+                else:
+                    for acc, v in zip(scores, vals):
+                        acc += v
+        if self.requested_early_exit:
+            logger.info("Test interrupted.")
+            return []
+        if p.test_compute_loss:
+            logger.info("Test loss: %s", fmt(_f32(loss / _f32(n_iter))))
+        result = []
+        index = 0
+        for name, acc in zip(test_net.outputs, scores or []):
+            weight = _f32(test_net.blob_loss_weights.get(name, 0.0))
+            for v in acc:
+                mean = _f32(v / _f32(n_iter))
+                extra = f" (* {fmt(weight)} = {fmt(_f32(weight * mean))} loss)" if weight else ""
+                logger.info("    Test net output #%d: %s = %s%s", index, name, fmt(mean), extra)
+                result.append((name, float(mean)))
+                index += 1
+        return result
+
+    # -- snapshots ---------------------------------------------------------------------------------
+
+    def _snapshot_filename(self, extension: str) -> str:
+        return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
+
+    def snapshot(self) -> str:
+        """Write ``<prefix>_iter_<N>.caffemodel[.h5]`` and ``.solverstate[.h5]`` (atomically).
+
+        Returns the solverstate's path.
+        """
+        p = self.param
+        if not p.snapshot_prefix:
+            raise SolverError(f"{self.source}: snapshot_prefix is not set; cannot snapshot")
+        hdf5 = p.snapshot_format == caffe_pb2.SolverParameter.HDF5
+        if hdf5:
+            model_filename = self._snapshot_filename(".caffemodel.h5")
+            logger.info("Snapshotting to HDF5 file %s", model_filename)
+            self.net.save_hdf5(model_filename, write_diff=p.snapshot_diff)
+            state_filename = self._snapshot_filename(".solverstate.h5")
+            logger.info("Snapshotting solver state to HDF5 file %s", state_filename)
+        else:
+            model_filename = self._snapshot_filename(".caffemodel")
+            logger.info("Snapshotting to binary proto file %s", model_filename)
+            cio.write_caffemodel(self.net.to_proto(write_diff=p.snapshot_diff), model_filename)
+            state_filename = self._snapshot_filename(".solverstate")
+            logger.info("Snapshotting solver state to binary proto file %s", state_filename)
+        write_state(self.state(model_filename), state_filename, hdf5=hdf5)
+        return state_filename
+
+    def state(self, learned_net: str | None = None) -> SolverStateData:
+        """The current ``SolverState`` (history copied to NumPy)."""
+        return SolverStateData(
+            iter=self.iter,
+            learned_net=learned_net,
+            current_step=self.current_step,
+            history=[h.detach().cpu().numpy().copy() for h in self.history],
+        )
+
+    def restore(self, path: str) -> None:
+        """Resume from a ``.solverstate`` or ``.solverstate.h5``: iteration, ``current_step``,
+        history and the weights of ``learned_net`` (relative to the working directory)."""
+        path = os.fspath(path)
+        st = read_state(path)
+        if len(st.history) != len(self.history):
+            raise SolverError(
+                f"{path}: Incorrect length of history blobs: the file has {len(st.history)}, the "
+                f"{self.type_name} solver for this net needs {len(self.history)} "
+                f"({self.num_history_sets} per learnable parameter); was it written by another solver type or net?"
+            )
+        for i, (h, arr) in enumerate(zip(self.history, st.history)):
+            if tuple(arr.shape) != tuple(h.shape) and arr.size != h.numel():
+                raise SolverError(
+                    f"{path}: history blob {i} has shape {list(arr.shape)}, the solver's is {list(h.shape)}"
+                )
+        self.iter = st.iter
+        if st.learned_net:
+            self.net.copy_from(st.learned_net)
+        self.current_step = st.current_step
+        logger.info("%s: restoring history", type(self).__name__)
+        with torch.no_grad():
+            for h, arr in zip(self.history, st.history):
+                h.copy_(torch.from_numpy(np.ascontiguousarray(arr).reshape(tuple(h.shape))).to(h.device))
+        self._fast_forward_data()
+
+    def _fast_forward_data(self) -> None:
+        p = self.param
+        self._skip_batches(self.net, self.iter * p.iter_size)
+        if not self.test_nets or not p.test_interval:
+            return
+        n_tests = sum(
+            1 for k in range(0, self.iter, p.test_interval) if k > 0 or p.test_initialization
+        )
+        for i, net in enumerate(self.test_nets):
+            self._skip_batches(net, n_tests * p.test_iter[i])
+
+    @staticmethod
+    def _skip_batches(net, n: int) -> None:
+        if n <= 0:
+            return
+        for layer in net.layers:
+            if hasattr(layer, "skip_batches"):
+                layer.skip_batches(n)
+            elif getattr(layer, "type", "") in _DATA_LAYER_TYPES:
+                with torch.no_grad():
+                    for _ in range(n):
+                        layer()

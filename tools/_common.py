@@ -1,0 +1,81 @@
+"""What the command-line tools share: Caffe's flag parsing quirks, --gpu, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+try:
+    import caffe_compat  # noqa: F401
+except ImportError:  # run from a source checkout without installing
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from caffe_compat.errors import CaffeError
+
+__all__ = ["UsageError", "ArgumentParser", "parse_gpus", "select_device", "report_error", "stages_from_flag"]
+
+
+class UsageError(CaffeError):
+    """A bad command line (the tools print it as one line and exit 1)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors raise ``UsageError`` instead of printing usage and exiting 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+def stages_from_flag(stage: str) -> list[str]:
+    """``--stage a,b`` as Caffe's get_stages_from_flags (empty flag: no stage)."""
+    return [s for s in stage.split(",") if s] if stage else []
+
+
+def parse_gpus(flag: str | None) -> list[int]:
+    """``--gpu 0`` / ``0,1`` / ``all`` -> device ids; raises ``UsageError`` when CUDA is absent."""
+    if not flag:
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(
+            f"--gpu {flag}: no CUDA device is available to torch; run without --gpu to use the CPU"
+        )
+    if flag == "all":
+        return list(range(torch.cuda.device_count()))
+    try:
+        ids = [int(s) for s in flag.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--gpu {flag!r}: expected a device id, a comma-separated list or 'all'") from None
+    n = torch.cuda.device_count()
+    for i in ids:
+        if not 0 <= i < n:
+            raise UsageError(f"--gpu {flag}: no GPU {i}; torch sees {n} device(s) (0..{n - 1})")
+    return ids
+
+
+def select_device(gpus: list[int], log) -> None:
+    """Set caffe_compat's global mode: CPU, or the one GPU in ``gpus``."""
+    from caffe_compat import mode
+
+    if not gpus:
+        log.info("Use CPU.")
+        mode.set_mode_cpu()
+        return
+    if len(gpus) > 1:
+        raise UsageError(
+            f"--gpu {','.join(map(str, gpus))}: training on several GPUs is not supported yet; "
+            "give one device id (--gpu 0)"
+        )
+    log.info("Use GPU with device ID %d", gpus[0])
+    mode.set_device(gpus[0])
+    mode.set_mode_gpu()
+
+
+def report_error(prog: str, e: BaseException) -> int:
+    """Print ``prog: error: message`` on one line to stderr; return the exit status 1."""
+    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    return 1
