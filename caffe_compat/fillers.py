@@ -73,8 +73,7 @@ def _fan_n(shape: tuple[int, ...], fp, kind: str) -> float:
 def _no_sparse(fp, kind: str) -> None:
     if fp.sparse != -1:
         raise LayerError(
-            f"{kind} filler: 'sparse: {fp.sparse}' is supported only by the gaussian filler "
-            "(remove the field)"
+            f"{kind} filler: 'sparse: {fp.sparse}' is supported only by the gaussian filler (remove the field)"
         )
 
 
@@ -161,9 +160,7 @@ def fill(tensor: torch.Tensor, filler_param) -> torch.Tensor:
     try:
         fn = FILLER_TYPES[kind]
     except KeyError:
-        raise LayerError(
-            f"Unknown filler type {kind!r}; known types: {', '.join(sorted(FILLER_TYPES))}"
-        ) from None
+        raise LayerError(f"Unknown filler type {kind!r}; known types: {', '.join(sorted(FILLER_TYPES))}") from None
     with torch.no_grad():
         if not tensor.is_contiguous():
             raise LayerError("fill(): the tensor must be contiguous")

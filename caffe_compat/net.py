@@ -659,7 +659,7 @@ class Net(nn.Module):
                         if p.grad is None:
                             p.grad = torch.zeros_like(p.data)
         self._diffs_cleared = False
-        return float(loss)
+        return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
     def clear_param_diffs(self) -> None:
         """Zero every learnable blob's diff (Caffe's ClearParamDiffs)."""

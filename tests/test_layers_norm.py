@@ -65,7 +65,9 @@ def test_lrn_across_channels_formula_and_gradient(lp, n, alpha, beta, k, shape):
     layer = layer_from_text(_lrn_text(lp), [shape])
     x = _x(shape, 0, 2.0).requires_grad_(True)
     y = layer(x)[0]
-    np.testing.assert_allclose(y.detach().numpy(), np_lrn_across(x.detach().numpy(), n, f32(alpha), f32(beta), f32(k)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        y.detach().numpy(), np_lrn_across(x.detach().numpy(), n, f32(alpha), f32(beta), f32(k)), rtol=1e-12, atol=1e-12
+    )
     assert layer.top_shapes([shape]) == [shape]
     assert torch.autograd.gradcheck(lambda t: layer(t)[0], (x,), eps=1e-6, atol=1e-7)
 
@@ -82,13 +84,19 @@ def test_lrn_across_fused_backward_equals_autograd_of_the_formula():
     np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("n,alpha,beta,shape", [(3, 0.5, 0.75, (2, 3, 6, 5)), (5, 2.0, 0.6, (1, 2, 4, 7)), (1, 1.0, 0.5, (1, 1, 3, 3))])
+@pytest.mark.parametrize(
+    "n,alpha,beta,shape", [(3, 0.5, 0.75, (2, 2, 4, 3)), (5, 2.0, 0.6, (1, 2, 4, 5)), (1, 1.0, 0.5, (1, 1, 3, 3))]
+)
 def test_lrn_within_channel_formula_gradient_and_k_ignored(n, alpha, beta, shape):
-    layer = layer_from_text(_lrn_text(f"local_size: {n} alpha: {alpha} beta: {beta} norm_region: WITHIN_CHANNEL k: 7"), [shape])
+    layer = layer_from_text(
+        _lrn_text(f"local_size: {n} alpha: {alpha} beta: {beta} norm_region: WITHIN_CHANNEL k: 7"), [shape]
+    )
     x = _x(shape, 3, 2.0).requires_grad_(True)
     y = layer(x)[0]
     # Caffe fixes the Power layer's shift to 1: k (here 7) plays no part
-    np.testing.assert_allclose(y.detach().numpy(), np_lrn_within(x.detach().numpy(), n, f32(alpha), f32(beta)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        y.detach().numpy(), np_lrn_within(x.detach().numpy(), n, f32(alpha), f32(beta)), rtol=1e-12, atol=1e-12
+    )
     assert torch.autograd.gradcheck(lambda t: layer(t)[0], (x,), eps=1e-6, atol=1e-7)
 
 
@@ -107,7 +115,9 @@ def test_alexnet_norm1_matches_caffe_fixture():
     np.testing.assert_allclose((g * (x > 0)).detach().numpy(), ref["diff__conv1"], rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("lp,shape,message", [("local_size: 4", (1, 3, 4, 4), "local_size must be odd"), ("", (2, 3, 4), "4 axes")])
+@pytest.mark.parametrize(
+    "lp,shape,message", [("local_size: 4", (1, 3, 4, 4), "local_size must be odd"), ("", (2, 3, 4), "4 axes")]
+)
 def test_lrn_invalid(lp, shape, message):
     with pytest.raises(LayerError, match=message):
         layer_from_text(_lrn_text(lp), [shape])

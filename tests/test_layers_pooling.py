@@ -71,12 +71,28 @@ CASES = [
     ((2, 2, 10, 10), "kernel_size: 3 stride: 2", (3, 3), (2, 2), (0, 0), True, False),  # ceil overhang
     ((1, 2, 7, 7), "kernel_size: 3 stride: 2 pad: 1", (3, 3), (2, 2), (1, 1), True, False),
     ((1, 2, 5, 5), "kernel_size: 2 stride: 2 pad: 1", (2, 2), (2, 2), (1, 1), True, False),  # last window dropped
-    ((1, 2, 6, 7), "kernel_size: 3 stride: 1 pad: 2", (3, 3), (1, 1), (2, 2), True, False),  # pad > k/2
+    ((1, 1, 5, 6), "kernel_size: 3 stride: 1 pad: 2", (3, 3), (1, 1), (2, 2), True, False),  # pad > k/2
     ((1, 2, 8, 7), "kernel_size: 4 stride: 3 pad: 3", (4, 4), (3, 3), (3, 3), True, False),  # pad > k/2, ceil
     ((1, 2, 5, 5), "kernel_size: 1 stride: 3", (1, 1), (3, 3), (0, 0), True, False),  # k < s: empty windows
-    ((1, 2, 7, 6), "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0", (3, 2), (2, 1), (1, 0), True, False),
+    (
+        (1, 2, 7, 6),
+        "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0",
+        (3, 2),
+        (2, 1),
+        (1, 0),
+        True,
+        False,
+    ),
     # pad only along H, yet Caffe's "last window" rule then also applies along W
-    ((1, 1, 5, 5), "kernel_h: 3 kernel_w: 1 stride_h: 1 stride_w: 3 pad_h: 1 pad_w: 0", (3, 1), (1, 3), (1, 0), True, False),
+    (
+        (1, 1, 5, 5),
+        "kernel_h: 3 kernel_w: 1 stride_h: 1 stride_w: 3 pad_h: 1 pad_w: 0",
+        (3, 1),
+        (1, 3),
+        (1, 0),
+        True,
+        False,
+    ),
     ((1, 2, 8, 8), "kernel_size: 3 stride: 2 pad: 1 round_mode: FLOOR", (3, 3), (2, 2), (1, 1), False, False),
     ((1, 2, 9, 9), "kernel_size: 2 stride: 3 round_mode: FLOOR", (2, 2), (3, 3), (0, 0), False, False),
     ((2, 3, 5, 6), "global_pooling: true", None, (1, 1), (0, 0), True, True),
@@ -151,7 +167,16 @@ def test_torch_ceil_mode_claim():
 
 @pytest.mark.parametrize(
     "case",
-    ["pool_ave_ceil", "pool_ave_global", "pool_ave_pad3", "pool_ave_pad_clip", "pool_max_ceil", "pool_max_global", "pool_max_pad3", "pool_max_pad_clip"],
+    [
+        "pool_ave_ceil",
+        "pool_ave_global",
+        "pool_ave_pad3",
+        "pool_ave_pad_clip",
+        "pool_max_ceil",
+        "pool_max_global",
+        "pool_max_pad3",
+        "pool_max_pad_clip",
+    ],
 )
 def test_matches_caffe_fixture(case):
     layer = replay(case, "pool", ["data"], "pool")
@@ -180,7 +205,9 @@ def test_mask_is_a_float_constant():
     x = torch.randn(1, 1, 4, 4, requires_grad=True)
     y, mask = layer(x)
     assert mask.dtype == x.dtype and not mask.requires_grad
-    np.testing.assert_array_equal(x.detach().reshape(-1)[mask.long().reshape(-1)].numpy(), y.detach().reshape(-1).numpy())
+    np.testing.assert_array_equal(
+        x.detach().reshape(-1)[mask.long().reshape(-1)].numpy(), y.detach().reshape(-1).numpy()
+    )
 
 
 @pytest.mark.parametrize(

@@ -295,8 +295,8 @@ def test_restore_rejects_other_solver_type(case_dir):
 def test_snapshot_diff_and_prefix(case_dir):
     d = case_dir("sgd_fixed")
     (d / "out").mkdir()
-    with open("solver.prototxt", "a") as f:
-        f.write('\nsnapshot_diff: true\nsnapshot_prefix: "out/run"\n')
+    text = Path("solver.prototxt").read_text().replace('snapshot_prefix: "final"', 'snapshot_prefix: "out/run"')
+    Path("solver.prototxt").write_text(text + "\nsnapshot_diff: true\n")
     s = get_solver("solver.prototxt")
     s.step(2)
     s.snapshot()

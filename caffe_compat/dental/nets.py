@@ -328,6 +328,7 @@ def solver(net_path: str, snapshot_prefix: str, *, base_lr: float, max_iter: int
     sp.net = net_path
     sp.test_iter.append(test_iter)
     sp.test_interval = test_interval
+    sp.test_initialization = False
     sp.base_lr = base_lr
     sp.lr_policy = "step"
     sp.gamma = 0.1

@@ -107,13 +107,14 @@ class Layer(nn.Module):
         metas = [torch.empty(s, device="meta") for s in bottom_shapes]
         saved = list(self.blobs)
         try:
+            # whole meta Parameters in and out: torch refuses .data assignment across devices
+            for i, p in enumerate(saved):
+                self.blobs[i] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"))
             with torch.no_grad():
-                for p in self.blobs:
-                    p.data = torch.empty(p.shape, dtype=p.dtype, device="meta")
                 tops = self.forward(*metas)
         finally:
-            for p, s in zip(self.blobs, saved):
-                p.data = s.data
+            for i, p in enumerate(saved):
+                self.blobs[i] = p
         return [tuple(t.shape) for t in tops]
 
     def allow_force_backward(self, bottom_index: int) -> bool:

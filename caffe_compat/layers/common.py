@@ -54,33 +54,12 @@ def _shape_str(shape) -> str:
     return "(" + ", ".join(str(int(d)) for d in shape) + ")"
 
 
-class _BlobsOnMeta(Layer):
-    """Shape inference for layers with blobs: ``forward`` on meta tensors, blobs included.
-
-    (Swaps meta ``Parameter``s into ``self.blobs`` for the call; assigning ``.data`` across
-    devices is refused by torch.)
-    """
-
-    def top_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        metas = [torch.empty(s, device="meta") for s in bottom_shapes]
-        saved = list(self.blobs)
-        try:
-            for i, p in enumerate(saved):
-                self.blobs[i] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"))
-            with torch.no_grad():
-                tops = self.forward(*metas)
-        finally:
-            for i, p in enumerate(saved):
-                self.blobs[i] = p
-        return [tuple(t.shape) for t in tops]
-
-
 # ---------------------------------------------------------------------------------------------
 # InnerProduct
 
 
 @register_layer("InnerProduct")
-class InnerProductLayer(_BlobsOnMeta):
+class InnerProductLayer(Layer):
     """Fully connected layer: ``y = x W^T + b`` on ``x`` flattened from ``axis`` on.
 
     Parameters (``inner_product_param``): ``num_output`` N (required), ``bias_term`` (true),
@@ -554,7 +533,7 @@ def _learned_shape(layer: Layer, shape: tuple[int, ...], axis_param: int, num_ax
 
 
 @register_layer("Scale")
-class ScaleLayer(_BlobsOnMeta):
+class ScaleLayer(Layer):
     """``y = x * gamma (+ beta)``, gamma broadcast along ``x``'s axes ``axis`` .. ``axis + gamma.ndim - 1``.
 
     Parameters (``scale_param``): ``axis`` (1), ``num_axes`` (1; -1 = to the end) for a learned
@@ -597,7 +576,7 @@ class ScaleLayer(_BlobsOnMeta):
 
 
 @register_layer("Bias")
-class BiasLayer(_BlobsOnMeta):
+class BiasLayer(Layer):
     """``y = x + b``, b broadcast along ``x``'s axes ``axis`` .. ``axis + b.ndim - 1``.
 
     Parameters (``bias_param``): ``axis`` (1), ``num_axes`` (1; -1 = to the end) for a learned
@@ -763,7 +742,7 @@ class SoftmaxLayer(Layer):
 
 
 @register_layer("Embed")
-class EmbedLayer(_BlobsOnMeta):
+class EmbedLayer(Layer):
     """Look-up table: ``y[..., :] = W[int(x[...]), :] + b``.
 
     Parameters (``embed_param``): ``input_dim`` K (required), ``num_output`` N (required),
@@ -832,7 +811,7 @@ class _SourceLayer(Layer):
 
 
 @register_layer("Parameter")
-class ParameterLayer(_BlobsOnMeta):
+class ParameterLayer(Layer):
     """Expose a learnable blob as a top.
 
     Parameters (``parameter_param``): ``shape``. Blobs: ``[p]`` of that shape, zeros (Caffe

@@ -3,7 +3,6 @@ deconv_layer.cpp), on torch's ``conv{1,2,3}d`` / ``conv_transpose{1,2,3}d``."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from caffe_compat.layers.base import Layer, register_layer
@@ -36,15 +35,11 @@ class _BaseConvolution(Layer):
         shape0 = bottom_shapes[0]
         for i, s in enumerate(bottom_shapes[1:], 1):
             if s != shape0:
-                raise self.error(
-                    f"all bottoms must have the same shape: bottom 0 is {shape0}, bottom {i} is {s}"
-                )
+                raise self.error(f"all bottoms must have the same shape: bottom 0 is {shape0}, bottom {i} is {s}")
         ndim = len(shape0)
         axis = cp.axis + ndim if cp.axis < 0 else cp.axis
         if not 0 <= axis < ndim:
-            raise self.error(
-                f"convolution_param.axis {cp.axis} is out of range for a {ndim}-D bottom {shape0}"
-            )
+            raise self.error(f"convolution_param.axis {cp.axis} is out of range for a {ndim}-D bottom {shape0}")
         self.axis = axis
         nsp = ndim - axis - 1
         if nsp not in _CONV:
@@ -59,8 +54,7 @@ class _BaseConvolution(Layer):
         self.pad = self._spatial(cp, "pad", "pad_h", "pad_w", 0)
         if len(cp.dilation) not in (0, 1, nsp):
             raise self.error(
-                f"dilation must be given once, or once per spatial axis ({nsp}); got "
-                f"{len(cp.dilation)} values"
+                f"dilation must be given once, or once per spatial axis ({nsp}); got {len(cp.dilation)} values"
             )
         self.dilation = tuple(cp.dilation[i if len(cp.dilation) > 1 else 0] if cp.dilation else 1 for i in range(nsp))
         for name, vals in (("kernel_size", self.kernel), ("stride", self.stride), ("dilation", self.dilation)):
@@ -76,8 +70,7 @@ class _BaseConvolution(Layer):
             raise self.error("convolution_param.group must be > 0")
         if self.channels % self.group:
             raise self.error(
-                f"the bottom's {self.channels} channels are not divisible by convolution_param.group "
-                f"({self.group})"
+                f"the bottom's {self.channels} channels are not divisible by convolution_param.group ({self.group})"
             )
         if self.num_output % self.group:
             raise self.error(
@@ -112,14 +105,10 @@ class _BaseConvolution(Layer):
             )
         if not vals:
             if default is None:
-                raise self.error(
-                    f"convolution_param.{name} (or {name_h} and {name_w}) is required"
-                )
+                raise self.error(f"convolution_param.{name} (or {name_h} and {name_w}) is required")
             return (default,) * nsp
         if len(vals) not in (1, nsp):
-            raise self.error(
-                f"{name} must be given once, or once per spatial axis ({nsp}); got {len(vals)} values"
-            )
+            raise self.error(f"{name} must be given once, or once per spatial axis ({nsp}); got {len(vals)} values")
         return tuple(vals[i if len(vals) > 1 else 0] for i in range(nsp))
 
     def _out_size(self, size, k, s, p, d):

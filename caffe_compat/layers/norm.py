@@ -134,9 +134,7 @@ class BatchNormLayer(Layer):
         shape = bottom_shapes[0]
         if len(shape) == 0:
             raise self.error("the bottom must have at least one axis")
-        self.use_global_stats = (
-            bp.use_global_stats if bp.HasField("use_global_stats") else self.phase == caffe_pb2.TEST
-        )
+        self.use_global_stats = bp.use_global_stats if bp.HasField("use_global_stats") else self.phase == caffe_pb2.TEST
         self.fraction = bp.moving_average_fraction
         self.eps = bp.eps
         self.channels = 1 if len(shape) == 1 else shape[1]

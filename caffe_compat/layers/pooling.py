@@ -105,9 +105,7 @@ class PoolingLayer(Layer):
             if has_k and (has_kh or has_kw):
                 raise self.error("give either kernel_size or kernel_h and kernel_w, not both")
             if not has_k and not (has_kh and has_kw):
-                raise self.error(
-                    "pooling_param.kernel_size (or both kernel_h and kernel_w) is required"
-                )
+                raise self.error("pooling_param.kernel_size (or both kernel_h and kernel_w) is required")
             self.kernel = (pp.kernel_size, pp.kernel_size) if has_k else (pp.kernel_h, pp.kernel_w)
             if min(self.kernel) <= 0:
                 raise self.error(f"kernel dimensions must be > 0, got {self.kernel}")
@@ -142,9 +140,7 @@ class PoolingLayer(Layer):
         any_pad = p != (0, 0)
         out = tuple(caffe_pooled_size(n, k[i], s[i], p[i], self.ceil, any_pad) for i, n in enumerate((H, W)))
         if min(out) <= 0:
-            raise self.error(
-                f"a {H}×{W} bottom gives an empty output {out} with kernel {k}, stride {s}, pad {p}"
-            )
+            raise self.error(f"a {H}×{W} bottom gives an empty output {out} with kernel {k}, stride {s}, pad {p}")
         direct = all(
             2 * p[i] <= k[i] and _torch_pooled_size(n, k[i], s[i], p[i], self.ceil) == out[i]
             for i, n in enumerate((H, W))

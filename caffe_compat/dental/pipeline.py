@@ -1,0 +1,370 @@
+"""The reproduction, end to end: data → CAE → surgery → 4 landmark regressors → Table II.
+
+:func:`run_reproduction` drives Caffe's solvers (``caffe_compat.get_solver``) on nets built by
+:mod:`caffe_compat.dental.nets` for a :class:`Preset`, and writes one run folder:
+
+- ``data/`` (``raw/`` synthetic radiographs when no data folder is given, ``prepared/`` halves)
+- ``nets/`` the prototxts and solvers of this run (the shipped ones, resized for the preset)
+- ``cae/`` the CAE's caffemodel, learning curve and reconstructions
+- ``<config>/`` for each of the 4 configurations: the regressor's caffemodel, the surgery
+  report (what was copied from the CAE / ImageNet, what was left at its filler), predictions
+- ``table2.md|csv|json``, ``learning_curves.png``, ``cae_learning_curve.png``,
+  ``cae_reconstructions.png``, ``landmarks.png``, ``summary.json``, ``log.txt``
+
+Configurations (the paper's Table II): the regressor's conv1-conv5 and fc6 come from the CAE, or
+("no CAE") from ImageNet's AlexNet — from Caffe's fillers when no ImageNet weights are given —
+and fc6 is either fine-tuned or frozen (lr_mult 0). Every configuration starts from the same
+random seed, so fc7 and fc8_landmarks start from identical filler values.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from google.protobuf import text_format
+
+from caffe_compat.dental import evaluate, figures, nets
+from caffe_compat.dental.dataset import IMAGENET_MEAN_BGR, PreparedData, prepare, read_dataset
+from caffe_compat.dental.generator import generate_dataset
+
+__all__ = ["PRESETS", "Preset", "RunResult", "new_run_dir", "predict_landmarks", "run_reproduction"]
+
+log = logging.getLogger("caffe_compat")
+
+#: The layers the paper moves from the CAE (or ImageNet) into the regressor.
+TRANSFERRED = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6")
+#: The AlexNet layers the CAE takes from ImageNet.
+IMAGENET_TO_CAE = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+
+@dataclass
+class Preset:
+    """Scale of one run. ``conv``/``fc``/``code`` are the layer widths (AlexNet: 96-256-384-384-256,
+    4096, 1000); ``image_size`` (H, W) is the synthetic radiographs' size."""
+
+    name: str
+    input_size: int
+    conv: tuple
+    fc: int
+    code: int
+    num_images: int
+    num_annotated: int
+    image_size: tuple
+    cae_iters: int
+    cae_lr: float
+    reg_iters: int
+    reg_lr: float
+    batch: int
+    test_interval: int
+    max_val_batch: int = 32
+    figure_halves: int = 4
+
+    def arch(self) -> nets.Arch:
+        return nets.Arch(input_size=self.input_size, conv=tuple(self.conv), fc=self.fc, code=self.code)
+
+
+PRESETS = {
+    # every step on a tiny scale (a test runs it): seconds on 2 CPU cores
+    "smoke": Preset("smoke", 64, (16, 32, 48, 48, 32), 64, 32, 8, 6, (96, 192), cae_iters=6, cae_lr=0.01,
+                    reg_iters=6, reg_lr=0.001, batch=4, test_interval=3, figure_halves=2),
+    # AlexNet's widths on 128×128 halves of the 108 synthetic radiographs: under 20 min on 2 CPU cores
+    "quick": Preset("quick", 128, (96, 256, 384, 384, 256), 1024, 1000, 108, 54, (256, 512), cae_iters=150,
+                    cae_lr=0.01, reg_iters=150, reg_lr=0.001, batch=16, test_interval=25),
+    # the paper's scale (224×224, AlexNet unchanged, so bvlc_alexnet's fc6 loads too): for a GPU
+    "paper": Preset("paper", 224, (96, 256, 384, 384, 256), 4096, 1000, 108, 54, (320, 640), cae_iters=4000,
+                    cae_lr=0.01, reg_iters=2000, reg_lr=0.001, batch=16, test_interval=100),
+}
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_reproduction` produced (paths are absolute)."""
+
+    run_dir: str
+    results: dict
+    tables: dict
+    figures: dict
+    caffemodels: dict
+    notes: list = field(default_factory=list)
+    final_train_loss: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def new_run_dir(root: str, prefix: str = "run") -> str:
+    """A new folder ``root/<prefix>-YYYYmmdd-HHMMSS[-n]``; never an existing one."""
+    os.makedirs(root, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10000):
+        path = os.path.join(root, f"{prefix}-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            os.makedirs(path)
+        except FileExistsError:
+            continue
+        return os.path.abspath(path)
+    raise RuntimeError(f"could not create a new run folder under {root!r}")
+
+
+def _write_text(msg, path: str) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text_format.MessageToString(msg))
+    return path
+
+
+def _count(prepared: PreparedData, split: str) -> int:
+    return sum(1 for r in prepared.halves if r["split"] == split)
+
+
+def _write_nets(preset: Preset, prepared: PreparedData, net_dir: str, run_dir: str, seed: int) -> dict:
+    arch = preset.arch()
+    L = prepared.lists
+    n_cae_val, n_lm_val = _count(prepared, "cae_val"), _count(prepared, "landmarks_val")
+    cae_vb = min(n_cae_val, preset.max_val_batch)
+    lm_vb = min(n_lm_val, preset.max_val_batch)
+    p = {
+        "cae_train_val": _write_text(nets.cae_train_val(arch, L["cae_train"], L["cae_val"], preset.batch, cae_vb),
+                                     os.path.join(net_dir, "cae_train_val.prototxt")),
+        "cae_deploy": _write_text(nets.cae_deploy(arch), os.path.join(net_dir, "cae_deploy.prototxt")),
+        "landmark_deploy": _write_text(nets.landmark_deploy(arch), os.path.join(net_dir, "landmarks_deploy.prototxt")),
+    }
+    for frozen in (False, True):
+        key = "landmarks_fc6_frozen" if frozen else "landmarks"
+        p[key] = _write_text(
+            nets.landmark_train_val(arch, L["landmarks_train"], L["landmarks_val"], preset.batch, lm_vb, frozen),
+            os.path.join(net_dir, f"{key}_train_val.prototxt"))
+    # The pipeline runs the tests itself (for the learning curves): the solver's own never come due.
+    cae_solver = nets.solver(p["cae_train_val"], os.path.join(run_dir, "cae", "cae"), base_lr=preset.cae_lr,
+                             max_iter=preset.cae_iters, stepsize=max(1, int(preset.cae_iters * 0.75)),
+                             test_iter=math.ceil(n_cae_val / cae_vb), test_interval=preset.cae_iters + 1,
+                             display=preset.test_interval, seed=seed)
+    p["cae_solver"] = _write_text(cae_solver, os.path.join(net_dir, "cae_solver.prototxt"))
+    for frozen in (False, True):
+        key = "landmarks_fc6_frozen" if frozen else "landmarks"
+        sp = nets.solver(p[key], os.path.join(run_dir, key), base_lr=preset.reg_lr, max_iter=preset.reg_iters,
+                         stepsize=max(1, int(preset.reg_iters * 0.75)), test_iter=math.ceil(n_lm_val / lm_vb),
+                         test_interval=preset.reg_iters + 1, display=preset.test_interval, seed=seed)
+        p[f"{key}_solver"] = _write_text(sp, os.path.join(net_dir, f"{key}_solver.prototxt"))
+    return p
+
+
+def _val_loss(solver) -> float:
+    weights = solver.test_nets[0].blob_loss_weights
+    total = 0.0
+    for name, mean in solver.test(0):
+        total += float(weights.get(name, 0.0)) * mean
+    return total
+
+
+def _train(solver, iters: int, interval: int, desc: str) -> dict:
+    """Train ``iters`` iterations; the train loss of every iteration, the validation loss every
+    ``interval`` iterations (and before the first)."""
+    from tqdm.auto import tqdm
+
+    train: list = []
+    net = solver.net
+    forward_backward = net.forward_backward
+
+    def recording_forward_backward() -> float:
+        loss = forward_backward()
+        train.append((solver.iter, float(loss)))
+        return loss
+
+    net.forward_backward = recording_forward_backward
+    val = [(solver.iter, _val_loss(solver))]
+    try:
+        with tqdm(total=iters, desc=desc, disable=None, leave=False) as bar:
+            done = 0
+            while done < iters:
+                n = min(interval, iters - done)
+                solver.step(n)
+                done += n
+                val.append((solver.iter, _val_loss(solver)))
+                bar.update(n)
+                bar.set_postfix(train=f"{train[-1][1]:.4g}", val=f"{val[-1][1]:.4g}")
+    finally:
+        del net.forward_backward
+    log.info("%s: final train loss %.6g, validation loss %.6g", desc, train[-1][1] if train else float("nan"),
+             val[-1][1])
+    return {"train": train, "val": val}
+
+
+def _load_h5(path: str, names: tuple) -> list:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return [np.asarray(f[n], dtype=np.float32) for n in names]
+
+
+def _forward_batches(net, data: np.ndarray, out: str, batch: int = 16) -> np.ndarray:
+    outs = []
+    for i in range(0, len(data), batch):
+        x = data[i:i + batch]
+        net.blobs["data"].reshape(*x.shape)
+        net.reshape()
+        outs.append(np.array(net.forward(data=x)[out], copy=True))
+    return np.concatenate(outs)
+
+
+def predict_landmarks(deploy: str, weights: str, data: np.ndarray) -> np.ndarray:
+    """Run the landmark regressor ``deploy`` with ``weights`` on ``data`` (N, 3, S, S); (N, 8)."""
+    from caffe_compat.net import TEST, Net
+
+    return _forward_batches(Net(deploy, TEST, weights=weights), data, "fc8_landmarks")
+
+
+def _gray(data: np.ndarray) -> np.ndarray:
+    """HDF5 ``data`` rows (N, 3, S, S) back to grey images in [0, 1]."""
+    mean = np.asarray(IMAGENET_MEAN_BGR, dtype=np.float32).reshape(1, 3, 1, 1)
+    return ((data + mean) / 255.0).mean(axis=1)
+
+
+def run_reproduction(
+    out_root: str,
+    preset: str | Preset = "quick",
+    data_dir: str | None = None,
+    csv_path: str | None = None,
+    imagenet_weights: str | None = None,
+    gpu: int | None = None,
+    seed: int = 0,
+) -> RunResult:
+    """Run every step of the paper's experiment into a new folder under ``out_root``."""
+    from caffe_compat import mode
+    from caffe_compat.net import TEST, Net
+    from caffe_compat.solvers import get_solver
+    from caffe_compat.surgery import SurgeryReport, copy_layers
+
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    run_dir = new_run_dir(out_root)
+    handler = logging.FileHandler(os.path.join(run_dir, "log.txt"), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    old_level = log.level
+    log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    t0 = time.time()
+    try:
+        if gpu is not None:
+            mode.set_device(gpu)
+            mode.set_mode_gpu()
+        else:
+            mode.set_mode_cpu()
+        notes: list[str] = [f"preset {p.name!r}: input {p.input_size}x{p.input_size}, conv widths {list(p.conv)}, "
+                            f"fc {p.fc}, code {p.code}, CAE {p.cae_iters} iterations, regressors {p.reg_iters} "
+                            "iterations each"]
+        # 1. data
+        if data_dir:
+            samples = read_dataset(data_dir, csv_path)
+            notes.append(f"data: {os.path.abspath(data_dir)} ({len(samples)} images)")
+        else:
+            raw = os.path.join(run_dir, "data", "raw")
+            generate_dataset(raw, p.num_images, p.num_annotated, seed=seed, height=p.image_size[0], width=p.image_size[1])
+            samples = read_dataset(raw)
+            notes.append(f"data: synthetic radiographs ({p.num_images} images, {p.num_annotated} annotated, "
+                         f"seed {seed}), not the paper's X-rays")
+        prepared = prepare(samples, os.path.join(run_dir, "data", "prepared"), size=p.input_size, seed=seed)
+        if imagenet_weights:
+            imagenet_weights = os.path.abspath(imagenet_weights)
+            notes.append(f"ImageNet weights: {imagenet_weights}")
+        else:
+            notes.append("no ImageNet weights given: the CAE and the 'no CAE' baseline start from Caffe's fillers "
+                         "(not from ImageNet's AlexNet as in the paper)")
+        net_dir = os.path.join(run_dir, "nets")
+        os.makedirs(net_dir)
+        for d in ("cae", *evaluate.CONFIGS):
+            os.makedirs(os.path.join(run_dir, d))
+        paths = _write_nets(p, prepared, net_dir, run_dir, seed)
+
+        # 2. CAE
+        solver = get_solver(paths["cae_solver"])
+        if imagenet_weights:
+            rep = copy_layers(imagenet_weights, solver.net, IMAGENET_TO_CAE, strict=False)
+            rep.save(os.path.join(run_dir, "cae", "surgery_from_imagenet.json"))
+            log.info("CAE from ImageNet:\n%s", rep.to_text())
+        cae_curves = _train(solver, p.cae_iters, p.test_interval, "CAE")
+        cae_model = os.path.join(run_dir, "cae", "cae.caffemodel")
+        solver.net.save(cae_model)
+        del solver
+        cae_val = _load_h5(prepared.h5["cae_val"], ("data",))[0][: p.figure_halves]
+        recon = _forward_batches(Net(paths["cae_deploy"], TEST, weights=cae_model), cae_val, "recon")
+        recon_gray = np.clip((recon * 256.0 + np.asarray(IMAGENET_MEAN_BGR, np.float32).reshape(1, 3, 1, 1))
+                             .mean(axis=1) / 255.0, 0.0, 1.0)
+        rows = prepared.rows("cae_val")[: p.figure_halves]
+        figs = {
+            "cae_reconstructions": figures.plot_reconstructions(
+                _gray(cae_val), recon_gray, os.path.join(run_dir, "cae_reconstructions.png"),
+                [f"{r['image']} ({r['side']})" for r in rows]),
+            "cae_learning_curve": figures.plot_learning_curves(
+                {"CAE": cae_curves}, os.path.join(run_dir, "cae_learning_curve.png"), "CAE (Euclidean loss)"),
+        }
+
+        # 3.-4. surgery and the four regressors
+        val_data, _ = _load_h5(prepared.h5["landmarks_val"], ("data", "landmarks"))
+        val_rows = prepared.rows("landmarks_val")
+        results, curves, models, preds, final_loss = {}, {}, {}, {}, {}
+        for key, (use_cae, fc6_ft, label) in evaluate.CONFIGS.items():
+            solver = get_solver(paths["landmarks_solver" if fc6_ft else "landmarks_fc6_frozen_solver"])
+            source = cae_model if use_cae else imagenet_weights
+            if source:
+                rep = copy_layers(source, solver.net, TRANSFERRED, strict=False)
+            else:
+                rep = SurgeryReport(left_at_filler=list(solver.net.params))
+                rep.skipped.append({"src": "-", "dst": ",".join(TRANSFERRED),
+                                    "reason": "no ImageNet weights given: conv1-5 and fc6 start from the fillers"})
+            rep.save(os.path.join(run_dir, key, "surgery.json"))
+            with open(os.path.join(run_dir, key, "surgery.txt"), "w", encoding="utf-8") as f:
+                f.write(rep.to_text() + "\n")
+            log.info("%s: surgery from %s\n%s", key, source or "fillers", rep.to_text())
+            curves[label] = _train(solver, p.reg_iters, p.test_interval, key)
+            final_loss[key] = curves[label]["train"][-1][1]
+            models[key] = os.path.join(run_dir, key, f"{key}.caffemodel")
+            solver.net.save(models[key])
+            del solver
+            pred = predict_landmarks(paths["landmark_deploy"], models[key], val_data)
+            preds[key] = pred
+            errors = evaluate.landmark_errors_mm(pred, val_rows)
+            np.savetxt(os.path.join(run_dir, key, "predictions.csv"), pred, delimiter=",", fmt="%.6f",
+                       header="u1,v1,u2,v2,u3,v3,u4,v4 (landmarks_val.h5 order)", comments="")
+            np.savetxt(os.path.join(run_dir, key, "errors_mm.csv"), errors, delimiter=",", fmt="%.6f",
+                       header="landmark1,landmark2,landmark3,landmark4", comments="")
+            results[key] = evaluate.summarize(errors)
+            log.info("%s: mean error %.4f mm", key, results[key]["mean_over_landmarks"])
+
+        # 5. outputs
+        notes.append("final training losses: " + ", ".join(f"{k} {v:.6g}" for k, v in final_loss.items())
+                     + " (paper: 0.003593 with CAE, 0.006545 without)")
+        tables = evaluate.write_table(results, run_dir, notes)
+        figs["learning_curves"] = figures.plot_learning_curves(
+            curves, os.path.join(run_dir, "learning_curves.png"), "Landmark regressors (Euclidean loss)")
+        n = min(p.figure_halves, len(val_rows))
+        size = p.input_size
+
+        def to_px(pred: np.ndarray) -> np.ndarray:
+            return pred[:n].reshape(n, 4, 2) * size - 0.5  # continuous -> pixel-centre coordinates
+
+        truth = _load_h5(prepared.h5["landmarks_val"], ("landmarks",))[0]
+        figs["landmarks"] = figures.plot_landmarks(
+            _gray(val_data[:n]), to_px(truth),
+            {"w/o unsupervised fine-tuning": to_px(preds["nocae_fc6_finetuned"]),
+             "with unsupervised fine-tuning": to_px(preds["cae_fc6_finetuned"])},
+            os.path.join(run_dir, "landmarks.png"), [f"{r['image']} ({r['side']})" for r in val_rows[:n]])
+        models["cae"] = cae_model
+        result = RunResult(run_dir, results, tables, figs, models, notes, final_loss)
+        with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump({"preset": asdict(p), "seed": seed, "seconds": time.time() - t0, "results": results,
+                       "tables": tables, "figures": figs, "caffemodels": models, "notes": notes,
+                       "final_train_loss": final_loss,
+                       "curves": {"cae": cae_curves, **curves}}, f, indent=1)
+        log.info("reproduction done in %.0f s: %s", time.time() - t0, run_dir)
+        return result
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(old_level)

@@ -1,0 +1,39 @@
+"""docs/layers.md lists exactly the registered layer types, and unknown types fail clearly."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import caffe_compat as caffe
+from caffe_compat.errors import LayerError
+from caffe_compat.layers.base import LAYER_REGISTRY, register_layer
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "layers.md"
+
+
+def test_support_table_lists_exactly_the_registered_types():
+    rows = re.findall(r"^\| (\w+) \| (\w+)\.py \| yes \|", DOC.read_text(), flags=re.M)
+    listed = {t: f for t, f in rows}
+    assert set(listed) == set(caffe.layer_type_list())
+    for t, f in listed.items():
+        assert LAYER_REGISTRY[t].__module__ == f"caffe_compat.layers.{f}", t
+
+
+def test_registering_a_type_twice_raises():
+    with pytest.raises(ValueError, match="registered twice"):
+        register_layer("ReLU")(type("Again", (), {}))
+
+
+def test_unknown_layer_type_names_layer_and_known_types(tmp_path):
+    p = tmp_path / "net.prototxt"
+    p.write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }\n'
+        'layer { name: "spp1" type: "SPP" bottom: "data" top: "out" }\n'
+    )
+    with pytest.raises(LayerError) as e:
+        caffe.Net(str(p), caffe.TEST)
+    msg = str(e.value)
+    assert "'SPP'" in msg and "'spp1'" in msg and "Convolution" in msg

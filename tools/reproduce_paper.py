@@ -1,0 +1,69 @@
+"""Reproduce the paper: CAE fine-tuning of AlexNet on dental X-ray halves, then landmark regression.
+
+    python tools/reproduce_paper.py                                 # preset quick, synthetic data
+    python tools/reproduce_paper.py --preset smoke --out runs/
+    python tools/reproduce_paper.py --preset paper --gpu 0 \\
+        --imagenet-weights models/bvlc_alexnet/bvlc_alexnet.caffemodel --data my_xrays/
+
+Steps: data (``--data`` folder + landmarks.csv, else synthetic radiographs) → half-images →
+CAE training → surgery (conv1-5 and fc6 into the regressor) → the 4 regressor configurations
+({no CAE, CAE} × {fc6 frozen, fc6 fine-tuned}) → evaluation in mm. Every run writes a new folder
+``<out>/run-<date>-<time>[-n]`` (never an earlier one): Table II (md, csv, json), the learning
+curves, CAE reconstructions and landmark figures (PNG), caffemodels, surgery reports and the log.
+Presets: ``smoke`` (tiny, seconds), ``quick`` (default, < 20 min on 2 CPU cores), ``paper``
+(the paper's 224×224 AlexNet, for a GPU). See docs/paper.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+try:
+    from tools._common import parse_gpus, report_error
+except ImportError:  # run as a script: tools/ is sys.path[0]
+    from _common import parse_gpus, report_error
+
+from caffe_compat.dental.pipeline import PRESETS, run_reproduction
+from caffe_compat.errors import CaffeError
+from caffe_compat.solvers.log import setup_logging
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reproduce_paper.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/paper", help="where the run folder is created (default runs/paper)")
+    p.add_argument("--data", default="", help="folder of radiographs with landmarks.csv (default: synthetic)")
+    p.add_argument("--csv", default="", help="the landmark CSV (default <data>/landmarks.csv)")
+    p.add_argument("--imagenet-weights", default="", help="bvlc_alexnet.caffemodel (see models/bvlc_alexnet/readme.md)")
+    p.add_argument("--gpu", default="", help="GPU id; CPU when omitted")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="scale of the run (default quick)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, splits and fillers")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        gpus = parse_gpus(args.gpu)
+        result = run_reproduction(
+            args.out,
+            args.preset,
+            data_dir=args.data or None,
+            csv_path=args.csv or None,
+            imagenet_weights=args.imagenet_weights or None,
+            gpu=gpus[0] if gpus else None,
+            seed=args.seed,
+        )
+    except (CaffeError, OSError, ValueError) as e:
+        return report_error("reproduce_paper.py", e)
+    with open(result.tables["md"], encoding="utf-8") as f:
+        print(f.read())
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Score a trained net: ``caffe test`` (BVLC/caffe tools/caffe.cpp ``test()``).
+
+    python tools/test.py --model train_val.prototxt --weights net.caffemodel --iterations 100
+
+Builds the net in TEST phase (``--level``, ``--stage`` complete its NetState), loads
+``--weights``, runs ``--iterations`` (50) forward passes and logs, as Caffe,
+``Batch i, <output> = v`` for every element of every output, ``Loss: <mean loss>`` and then
+``<output> = <mean>`` (with `` (* w = w*mean loss)`` for loss outputs). ``--gpu 0`` runs on
+that GPU (an error without CUDA). Errors print one line and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+try:
+    from tools._common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
+except ImportError:  # run as a script: tools/ is sys.path[0]
+    from _common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
+
+import numpy as np
+import torch
+
+from caffe_compat.errors import CaffeError
+from caffe_compat.solvers.log import fmt, setup_logging
+
+__all__ = ["main", "build_parser", "score"]
+
+log = logging.getLogger("caffe_compat")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="test.py", description="Score a Caffe net over N batches (caffe test).")
+    p.add_argument("--model", default="", help="the net definition (.prototxt)")
+    p.add_argument("--weights", default="", help="the trained weights (.caffemodel or .h5)")
+    p.add_argument("--iterations", type=int, default=50, help="number of batches (50)")
+    p.add_argument("--gpu", default="", help="GPU id; CPU when omitted")
+    p.add_argument("--level", type=int, default=0, help="NetState level")
+    p.add_argument("--stage", default="", help="NetState stages, comma-separated")
+    return p
+
+
+def score(net, iterations: int) -> tuple[float, list[tuple[str, float, float]]]:
+    """Run ``iterations`` forwards; log Caffe's lines. Returns (mean loss, [(name, mean, weight)])."""
+    f32 = np.float32
+    scores: list[np.ndarray] | None = None
+    loss = f32(0)
+    with torch.no_grad():
+        for i in range(iterations):
+            outputs = net.forward()
+            iter_loss = f32(0)
+            for name, blob in net.blobs.items():
+                w = net.blob_loss_weights.get(name, 0.0)
+                if w:
+                    iter_loss = f32(iter_loss + f32(w) * f32(np.sum(np.asarray(blob.data, dtype=np.float32))))
+            loss = f32(loss + iter_loss)
+            vals = [np.array(outputs[o], dtype=np.float32).ravel() for o in net.outputs]
+            for name, v in zip(net.outputs, vals):
+                for x in v:
+                    log.info("Batch %d, %s = %s", i, name, fmt(x))
+            if scores is None:
+                scores = vals
+            else:
+                for acc, v in zip(scores, vals):
+                    acc += v
+    loss = f32(loss / f32(iterations))
+    log.info("Loss: %s", fmt(loss))
+    results = []
+    for name, acc in zip(net.outputs, scores or []):
+        w = f32(net.blob_loss_weights.get(name, 0.0))
+        for x in acc:
+            mean = f32(x / f32(iterations))
+            extra = f" (* {fmt(w)} = {fmt(f32(w * mean))} loss)" if w else ""
+            log.info("%s = %s%s", name, fmt(mean), extra)
+            results.append((name, float(mean), float(w)))
+    return float(loss), results
+
+
+def _test(args) -> int:
+    from caffe_compat.net import TEST, Net
+
+    if not args.model:
+        raise UsageError("Need a model definition to score (--model net.prototxt)")
+    if not args.weights:
+        raise UsageError("Need model weights to score (--weights net.caffemodel)")
+    if args.iterations < 1:
+        raise UsageError(f"--iterations must be >= 1 (got {args.iterations})")
+    select_device(parse_gpus(args.gpu), log)
+    net = Net(args.model, phase=TEST, level=args.level, stages=stages_from_flag(args.stage))
+    net.copy_from(args.weights)
+    log.info("Running for %d iterations.", args.iterations)
+    score(net, args.iterations)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        return _test(build_parser().parse_args(argv))
+    except (CaffeError, OSError) as e:
+        return report_error("test.py", e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
