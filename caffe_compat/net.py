@@ -296,8 +296,9 @@ class Net(nn.Module):
             # parameters: sharing, lr/decay multipliers
             specs = []
             pneed = []
+            own = layer.param  # a layer may complete its param specs (BatchNorm: lr_mult 0)
             for k in range(len(layer.blobs)):
-                ps = lp.param[k] if k < len(lp.param) else caffe_pb2.ParamSpec()
+                ps = own.param[k] if k < len(own.param) else caffe_pb2.ParamSpec()
                 lr = ps.lr_mult
                 dm = ps.decay_mult
                 has_lr, has_dm = ps.HasField("lr_mult"), ps.HasField("decay_mult")
@@ -824,9 +825,9 @@ class Net(nn.Module):
 
         out = caffe_pb2.NetParameter()
         out.name = self.name
-        for lp, layer in zip(self.net_param.layer, self.layers):
+        for layer in self.layers:
             nl = out.layer.add()
-            nl.CopyFrom(lp)
+            nl.CopyFrom(layer.param)
             del nl.blobs[:]
             for p in layer.blobs:
                 diff = None

@@ -131,7 +131,10 @@ class Layer(nn.Module):
 
         t = torch.zeros(tuple(int(d) for d in shape), dtype=torch.float32)
         if filler is not None:
-            fill(t, filler)
+            try:
+                fill(t, filler)
+            except LayerError as e:
+                raise self.error(f"blob {len(self.blobs)}: {e}") from None
         elif value is not None:
             t.fill_(value)
         p = nn.Parameter(t, requires_grad=self.blobs_have_gradient)
