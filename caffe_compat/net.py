@@ -782,11 +782,15 @@ class Net(nn.Module):
                     continue
                 target = self.layer_dict[lname]
                 lg = g[lname]
-                if len(lg) != len(target.blobs):
+                if len(lg) == 0:
+                    continue
+                if len(lg) > len(target.blobs):
                     raise NetError(
                         f"{path}: layer {lname!r}: {len(lg)} blob(s) in the file, {len(target.blobs)} in the net"
                     )
-                for k in range(len(lg)):
+                for k in range(len(target.blobs)):
+                    if str(k) not in lg:  # a shared parameter, written under its owner
+                        continue
                     arr = np.asarray(lg[str(k)])
                     p = target.blobs[k]
                     if arr.size != p.numel():
@@ -843,23 +847,27 @@ class Net(nn.Module):
         cio.write_caffemodel(self.to_proto(write_diff), os.fspath(path))
 
     def save_hdf5(self, path, write_diff: bool = False) -> None:
-        """Write the weights as Caffe's HDF5 format (``data/<layer>/<i>``)."""
+        """Write the weights in Caffe's HDF5 format (Net::ToHDF5): a group ``data/<layer>`` for
+        every layer, holding datasets ``0, 1, ...`` for the parameters the layer owns (a shared
+        parameter is written once, under its owner); ``diff/...`` alike when ``write_diff``."""
         import h5py
 
         tmp = os.fspath(path) + ".tmp"
+        written: set[int] = set()
         with h5py.File(tmp, "w") as f:
             g = f.create_group("data")
             gd = f.create_group("diff") if write_diff else None
             for name, layer in zip(self._layer_names, self.layers):
-                if not len(layer.blobs):
-                    continue
                 lg = g.create_group(name)
+                dg = gd.create_group(name) if gd is not None else None
                 for k, p in enumerate(layer.blobs):
+                    if id(p) in written:
+                        continue
+                    written.add(id(p))
                     lg.create_dataset(str(k), data=p.detach().cpu().numpy())
-                if gd is not None:
-                    dg = gd.create_group(name)
-                    for k, p in enumerate(layer.blobs):
-                        dg.create_dataset(str(k), data=p.grad.detach().cpu().numpy())
+                    if dg is not None:
+                        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                        dg.create_dataset(str(k), data=grad.detach().cpu().numpy())
         os.replace(tmp, os.fspath(path))
 
     def __repr__(self) -> str:

@@ -143,8 +143,14 @@ def numpy_caffe(kind, param, net, iters):
 
 CLOSED_FORM = {
     "SGD": (SGDSolver, 'momentum: 0.9 weight_decay: 0.01 lr_policy: "step" gamma: 0.5 stepsize: 3'),
-    "SGD_L1_clip": (SGDSolver, 'momentum: 0.8 weight_decay: 0.05 regularization_type: "L1" clip_gradients: 1.5 lr_policy: "fixed"'),
-    "SGD_iter_size": (SGDSolver, 'momentum: 0.9 weight_decay: 0.01 iter_size: 3 lr_policy: "multistep" gamma: 0.3 stepvalue: 2 stepvalue: 5'),
+    "SGD_L1_clip": (
+        SGDSolver,
+        'momentum: 0.8 weight_decay: 0.05 regularization_type: "L1" clip_gradients: 1.5 lr_policy: "fixed"',
+    ),
+    "SGD_iter_size": (
+        SGDSolver,
+        'momentum: 0.9 weight_decay: 0.01 iter_size: 3 lr_policy: "multistep" gamma: 0.3 stepvalue: 2 stepvalue: 5',
+    ),
     "Nesterov": (NesterovSolver, 'momentum: 0.9 weight_decay: 0.01 lr_policy: "inv" gamma: 0.1 power: 0.75'),
     "AdaGrad": (AdaGradSolver, 'delta: 1e-6 weight_decay: 0.01 lr_policy: "fixed"'),
     "RMSProp": (RMSPropSolver, 'rms_decay: 0.9 delta: 1e-6 weight_decay: 0.01 lr_policy: "exp" gamma: 0.9'),
@@ -242,7 +248,10 @@ def test_trajectory_matches_caffe(case, case_dir):
             for lname, ps in solver.net.params.items():
                 for i, p in enumerate(ps):
                     np.testing.assert_allclose(
-                        p.data, ref[f"iter{it}__{lname}__{i}"], rtol=PARAM_RTOL, atol=PARAM_ATOL,
+                        p.data,
+                        ref[f"iter{it}__{lname}__{i}"],
+                        rtol=PARAM_RTOL,
+                        atol=PARAM_ATOL,
                         err_msg=f"{lname}[{i}]@{it}",
                     )
     state_file = solver.snapshot()
@@ -336,7 +345,9 @@ def test_sigkill_during_snapshot_keeps_previous_snapshot(case_dir):
         f.rename(d / ("ref_" + f.name))
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLED_RUN.format(repo=str(REPO))],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         line = proc.stdout.readline()

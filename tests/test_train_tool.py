@@ -61,7 +61,9 @@ def assert_caffemodels_close(ours, ref):
     for la, lb in zip(a.layer, b.layer):
         assert len(la.blobs) == len(lb.blobs)
         for x, y in zip(la.blobs, lb.blobs):
-            np.testing.assert_allclose(cio.blob_to_array(x), cio.blob_to_array(y), rtol=RTOL, atol=ATOL, err_msg=la.name)
+            np.testing.assert_allclose(
+                cio.blob_to_array(x), cio.blob_to_array(y), rtol=RTOL, atol=ATOL, err_msg=la.name
+            )
 
 
 def assert_states_close(ours, ref):
@@ -156,25 +158,43 @@ def test_gpu_without_cuda_is_a_clear_error(cli_dir, capsys):
 
 
 def test_iterations_and_model_flags(cli_dir, capsys):
-    assert train.main(["--solver", "solver.prototxt", "--weights", "init.caffemodel", "--iterations", "2",
-                       "--model", "train.prototxt"]) == 0
+    assert (
+        train.main(
+            [
+                "--solver",
+                "solver.prototxt",
+                "--weights",
+                "init.caffemodel",
+                "--iterations",
+                "2",
+                "--model",
+                "train.prototxt",
+            ]
+        )
+        == 0
+    )
     ours = messages(capsys.readouterr().err)
     assert "Snapshotting to binary proto file snap_iter_2.caffemodel" in ours  # snapshot_after_train
     assert ours[-1] == "Optimization Done."
 
 
 def test_signal_effects(cli_dir):
+    solver = get_solver("solver.prototxt")
+    solver.set_action_function(lambda: "stop" if solver.iter == 2 else "none")
+    solver.solve()
+    assert solver.iter == 2 and solver.requested_early_exit
+    assert Path("snap_iter_2.caffemodel").exists()  # snapshot_after_train still runs
+
+    # a stop asked during a test (checked before each test batch) interrupts it
     calls = {"n": 0}
 
-    def stop_after_three():
+    def stop_on_third_call():
         calls["n"] += 1
         return "stop" if calls["n"] == 3 else "none"
 
     solver = get_solver("solver.prototxt")
-    solver.set_action_function(stop_after_three)
-    solver.solve()
-    assert solver.iter == 2  # the iteration-0 test asked 1..3 times; stopped before iteration 2
-    assert Path("snap_iter_2.caffemodel").exists()  # snapshot_after_train still runs
+    solver.set_action_function(stop_on_third_call)
+    assert solver.test(0) == [] and solver.requested_early_exit
 
     solver = get_solver("solver.prototxt")
     solver.set_action_function(lambda: "snapshot" if solver.iter == 1 else "none")
@@ -193,8 +213,10 @@ def test_signal_effects(cli_dir):
 
 
 def test_test_tool_scores_like_caffe(cli_dir, capsys):
-    assert test_tool.main(["--model", "train.prototxt", "--weights", "ref_snap_iter_8.caffemodel",
-                           "--iterations", "3"]) == 0
+    assert (
+        test_tool.main(["--model", "train.prototxt", "--weights", "ref_snap_iter_8.caffemodel", "--iterations", "3"])
+        == 0
+    )
     ours = messages(capsys.readouterr().err)
     assert [m.split(",")[0] for m in ours if m.startswith("Batch")] == ["Batch 0", "Batch 1", "Batch 2"]
     # Caffe's final test of the same weights on the same three batches: 0.886448

@@ -40,9 +40,7 @@ def parse_gpus(flag: str | None) -> list[int]:
     import torch
 
     if not torch.cuda.is_available():
-        raise UsageError(
-            f"--gpu {flag}: no CUDA device is available to torch; run without --gpu to use the CPU"
-        )
+        raise UsageError(f"--gpu {flag}: no CUDA device is available to torch; run without --gpu to use the CPU")
     if flag == "all":
         return list(range(torch.cuda.device_count()))
     try:

@@ -75,8 +75,8 @@ PRESETS = {
     "smoke": Preset("smoke", 64, (16, 32, 48, 48, 32), 64, 32, 8, 6, (96, 192), cae_iters=6, cae_lr=0.01,
                     reg_iters=6, reg_lr=0.001, batch=4, test_interval=3, figure_halves=2),
     # AlexNet's widths on 128×128 halves of the 108 synthetic radiographs: under 20 min on 2 CPU cores
-    "quick": Preset("quick", 128, (96, 256, 384, 384, 256), 1024, 1000, 108, 54, (256, 512), cae_iters=150,
-                    cae_lr=0.01, reg_iters=150, reg_lr=0.001, batch=16, test_interval=25),
+    "quick": Preset("quick", 128, (96, 256, 384, 384, 256), 1024, 1000, 108, 54, (256, 512), cae_iters=600,
+                    cae_lr=0.01, reg_iters=500, reg_lr=0.001, batch=16, test_interval=50),
     # the paper's scale (224×224, AlexNet unchanged, so bvlc_alexnet's fc6 loads too): for a GPU
     "paper": Preset("paper", 224, (96, 256, 384, 384, 256), 4096, 1000, 108, 54, (320, 640), cae_iters=4000,
                     cae_lr=0.01, reg_iters=2000, reg_lr=0.001, batch=16, test_interval=100),

@@ -4,13 +4,13 @@
 pycaffe's ``caffe.get_solver``; the per-type classes take a path or a ``SolverParameter``.
 """
 
-from caffe_compat.solvers.base import SOLVER_REGISTRY, Solver, get_solver, register_solver, solver_class
-from caffe_compat.solvers.sgd import SGDSolver
-from caffe_compat.solvers.nesterov import NesterovSolver
-from caffe_compat.solvers.adagrad import AdaGradSolver
-from caffe_compat.solvers.rmsprop import RMSPropSolver
 from caffe_compat.solvers.adadelta import AdaDeltaSolver
+from caffe_compat.solvers.adagrad import AdaGradSolver
 from caffe_compat.solvers.adam import AdamSolver
+from caffe_compat.solvers.base import SOLVER_REGISTRY, Solver, get_solver, register_solver, solver_class
+from caffe_compat.solvers.nesterov import NesterovSolver
+from caffe_compat.solvers.rmsprop import RMSPropSolver
+from caffe_compat.solvers.sgd import SGDSolver
 from caffe_compat.solvers.signals import SignalHandler
 from caffe_compat.solvers.state import SolverStateData, read_state, write_state
 

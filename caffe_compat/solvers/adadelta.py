@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from caffe_compat.solvers.base import Solver, register_solver
 
 __all__ = ["AdaDeltaSolver"]

@@ -42,14 +42,13 @@ from google.protobuf import text_format
 from caffe_compat import io as cio
 from caffe_compat.errors import SolverError
 from caffe_compat.proto import caffe_pb2
-from caffe_compat.solvers import lr_policy
-from caffe_compat.solvers import signals
+from caffe_compat.solvers import lr_policy, signals
 from caffe_compat.solvers.log import fmt, logger, progress_bar
 from caffe_compat.solvers.state import SolverStateData, read_state, write_state
 
 __all__ = ["Solver", "SOLVER_REGISTRY", "register_solver", "solver_class", "get_solver"]
 
-SOLVER_REGISTRY: dict[str, type["Solver"]] = {}
+SOLVER_REGISTRY: dict[str, type[Solver]] = {}
 
 #: Data layers fast-forwarded on ``restore`` by running their forward (when they do not offer
 #: ``skip_batches(n)``).
@@ -69,7 +68,7 @@ def register_solver(type_name: str):
     return deco
 
 
-def solver_class(type_name: str) -> type["Solver"]:
+def solver_class(type_name: str) -> type[Solver]:
     """The class registered for ``type`` (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam)."""
     try:
         return SOLVER_REGISTRY[type_name]
@@ -90,7 +89,7 @@ def _read_param(param) -> tuple[caffe_pb2.SolverParameter, str | None]:
     return cio.read_solver(path), path
 
 
-def get_solver(param) -> "Solver":
+def get_solver(param) -> Solver:
     """pycaffe's ``caffe.get_solver(path)``: the solver of the file's ``type`` (SGD by default).
 
     ``param`` is a solver prototxt path or a ``SolverParameter``.
@@ -112,7 +111,8 @@ class Solver:
 
     ``net=`` / ``test_nets=`` train nets the caller built (any object with the Net contract:
     ``learnable_params``, ``params_lr``, ``params_weight_decay``, ``forward_backward``,
-    ``clear_param_diffs``...); the SolverParameter then needs no net field.
+    ``clear_param_diffs``...); the SolverParameter then needs no net field. ``device=`` moves
+    the nets there; by default they follow caffe_compat's mode (``set_mode_gpu``/``set_device``).
 
     SolverParameter fields used (defaults from caffe.proto): ``net`` / ``net_param`` /
     ``train_net`` / ``train_net_param`` (exactly one), ``train_state``; ``test_net`` /
@@ -237,7 +237,7 @@ class Solver:
         if p.regularization_type not in ("L1", "L2"):
             raise SolverError(
                 f"{where}: Unknown regularization type: regularization_type: {p.regularization_type!r}; "
-                "use \"L2\" or \"L1\""
+                'use "L2" or "L1"'
             )
         if p.display < 0 or p.snapshot < 0 or p.max_iter < 0:
             bad = [f for f in ("display", "snapshot", "max_iter") if getattr(p, f) < 0][0]
@@ -250,7 +250,7 @@ class Solver:
         if not p.HasField("snapshot_prefix") or not p.snapshot_prefix:
             raise SolverError(
                 f"{self.source}: snapshot is {p.snapshot} but snapshot_prefix is not set; "
-                "set snapshot_prefix: \"path/prefix\""
+                'set snapshot_prefix: "path/prefix"'
             )
         probe = self._snapshot_filename(".tempfile")
         try:
@@ -400,7 +400,9 @@ class Solver:
             scale = _f32(clip / l2norm)
             logger.info(
                 "Gradient clipping: scaling down gradients (L2 norm %s > %s) by scale factor %s",
-                fmt(l2norm), fmt(clip), fmt(scale),
+                fmt(l2norm),
+                fmt(clip),
+                fmt(scale),
             )
             for p in params:
                 p.grad.mul_(float(scale))
@@ -452,11 +454,7 @@ class Solver:
         with progress_bar(max(int(iters), 0), desc=self.type_name) as bar:
             while self.iter < stop_iter:
                 self.net.clear_param_diffs()
-                if (
-                    p.test_interval
-                    and self.iter % p.test_interval == 0
-                    and (self.iter > 0 or p.test_initialization)
-                ):
+                if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
                     self.test_all()
                     if self.requested_early_exit:
                         break
@@ -653,9 +651,7 @@ class Solver:
         self._skip_batches(self.net, self.iter * p.iter_size)
         if not self.test_nets or not p.test_interval:
             return
-        n_tests = sum(
-            1 for k in range(0, self.iter, p.test_interval) if k > 0 or p.test_initialization
-        )
+        n_tests = sum(1 for k in range(0, self.iter, p.test_interval) if k > 0 or p.test_initialization)
         for i, net in enumerate(self.test_nets):
             self._skip_batches(net, n_tests * p.test_iter[i])
 

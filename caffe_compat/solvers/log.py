@@ -51,6 +51,21 @@ class GlogFormatter(logging.Formatter):
         return prefix + msg
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (tests swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(stream=None) -> logging.Handler:
     """Send the ``caffe_compat`` logger to ``stream`` (stderr) in glog's format; returns the handler.
 
@@ -61,7 +76,7 @@ def setup_logging(stream=None) -> logging.Handler:
     for h in list(logger.handlers):
         if getattr(h, "_caffe_compat_glog", False):
             logger.removeHandler(h)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(GlogFormatter())
     handler._caffe_compat_glog = True  # type: ignore[attr-defined]
     logger.addHandler(handler)

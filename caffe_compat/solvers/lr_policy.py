@@ -115,9 +115,7 @@ def check_lr_policy(param) -> None:
             f"set lr_policy to one of: {', '.join(LR_POLICIES)}"
         )
     if name not in LR_POLICIES:
-        raise SolverError(
-            f"Unknown learning rate policy lr_policy: {name!r}; known policies: {', '.join(LR_POLICIES)}"
-        )
+        raise SolverError(f"Unknown learning rate policy lr_policy: {name!r}; known policies: {', '.join(LR_POLICIES)}")
     if name == "step" and param.stepsize <= 0:
         raise SolverError(f"lr_policy 'step' needs a positive 'stepsize' (got stepsize: {param.stepsize})")
     if name == "poly" and param.max_iter <= 0:

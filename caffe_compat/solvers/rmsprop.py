@@ -28,8 +28,7 @@ class RMSPropSolver(Solver):
         p = self.param
         if p.momentum != 0:
             raise SolverError(
-                f"{self.source}: Momentum cannot be used with RMSProp: remove 'momentum' "
-                f"(got momentum: {p.momentum:g})"
+                f"{self.source}: Momentum cannot be used with RMSProp: remove 'momentum' (got momentum: {p.momentum:g})"
             )
         if not 0 <= p.rms_decay < 1:
             raise SolverError(f"{self.source}: rms_decay should lie between 0 and 1 (got rms_decay: {p.rms_decay:g})")

@@ -1,0 +1,1 @@
+"""device-check stub: LMDB is not used by the dental reproduction."""

@@ -1,0 +1,104 @@
+"""tools/reproduce_paper.py end to end on the ``smoke`` preset: every step runs, the outputs have
+the expected structure, and Table II's numbers are recomputed from the saved predictions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from caffe_compat.dental import evaluate
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from tools import reproduce_paper
+
+    out = tmp_path_factory.mktemp("runs")
+    assert reproduce_paper.main(["--preset", "smoke", "--out", str(out), "--seed", "0"]) == 0
+    runs = sorted(os.listdir(out))
+    assert len(runs) == 1 and runs[0].startswith("run-")
+    return out, os.path.join(out, runs[0])
+
+
+def test_outputs_structure(smoke_run):
+    _, run = smoke_run
+    for name in ("table2.md", "table2.csv", "table2.json", "learning_curves.png", "cae_learning_curve.png",
+                 "cae_reconstructions.png", "landmarks.png", "summary.json", "log.txt", "cae/cae.caffemodel",
+                 "nets/cae_solver.prototxt", "nets/landmarks_fc6_frozen_train_val.prototxt"):
+        assert os.path.isfile(os.path.join(run, name)), name
+    for png in ("learning_curves.png", "cae_reconstructions.png", "landmarks.png"):
+        with open(os.path.join(run, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for key in evaluate.CONFIGS:
+        for name in (f"{key}.caffemodel", "surgery.json", "predictions.csv", "errors_mm.csv"):
+            assert os.path.isfile(os.path.join(run, key, name)), (key, name)
+    table = json.load(open(os.path.join(run, "table2.json")))
+    assert [r["config"] for r in table["rows"]] == list(evaluate.CONFIGS)
+    for r in table["rows"]:
+        assert len(r["mean"]) == 4 and len(r["std"]) == 4
+        assert all(np.isfinite(r["mean"])) and all(m >= 0 for m in r["mean"])
+    assert any("no ImageNet weights" in n for n in table["notes"])
+    md = open(os.path.join(run, "table2.md")).read()
+    assert "no ImageNet weights" in md and "| with unsupervised (CAE) fine-tuning, fc6 fine-tuned |" in md
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    for key, c in summary["curves"].items():
+        assert len(c["train"]) == 6 and [v[0] for v in c["val"]] == [0, 3, 6], key
+    assert "nocae_fc6_frozen" in summary["final_train_loss"]
+
+
+def test_surgery_reports(smoke_run):
+    _, run = smoke_run
+    cae = json.load(open(os.path.join(run, "cae_fc6_frozen", "surgery.json")))
+    assert [c["dst"] for c in cae["copied"]] == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6"]
+    assert cae["left_at_filler"] == ["fc7", "fc8_landmarks"]
+    nocae = json.load(open(os.path.join(run, "nocae_fc6_frozen", "surgery.json")))
+    assert nocae["copied"] == [] and "no ImageNet weights" in nocae["skipped"][0]["reason"]
+
+
+def test_frozen_fc6_stays_and_cae_weights_arrive(smoke_run):
+    from caffe_compat.surgery import load_weights
+
+    _, run = smoke_run
+    cae = load_weights(os.path.join(run, "cae", "cae.caffemodel"))
+    frozen = load_weights(os.path.join(run, "cae_fc6_frozen", "cae_fc6_frozen.caffemodel"))
+    tuned = load_weights(os.path.join(run, "cae_fc6_finetuned", "cae_fc6_finetuned.caffemodel"))
+    for k in range(2):
+        np.testing.assert_allclose(frozen["fc6"][k], cae["fc6"][k], rtol=0, atol=0)
+    assert not np.allclose(tuned["fc6"][0], cae["fc6"][0], rtol=0, atol=0)
+
+
+def test_table_numbers_come_from_the_predictions(smoke_run):
+    _, run = smoke_run
+    with open(os.path.join(run, "data", "prepared", "halves.csv"), newline="") as f:
+        rows = sorted((r for r in csv.DictReader(f) if r["split"] == "landmarks_val"), key=lambda r: int(r["index"]))
+    table = {r["config"]: r for r in json.load(open(os.path.join(run, "table2.json")))["rows"]}
+    for key in evaluate.CONFIGS:
+        pred = np.loadtxt(os.path.join(run, key, "predictions.csv"), delimiter=",", skiprows=1, ndmin=2)
+        err = evaluate.landmark_errors_mm(pred, rows)
+        np.testing.assert_allclose(table[key]["mean"], err.mean(axis=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(table[key]["std"], err.std(axis=0), rtol=1e-5, atol=1e-5)
+    # the annotated positions, written as predictions, give zero error
+    np.testing.assert_allclose(evaluate.landmark_errors_mm(_truth(rows), rows), 0, rtol=0, atol=1e-9)
+
+
+def _truth(rows) -> np.ndarray:
+    out = []
+    for r in rows:
+        w, h, hw = int(r["image_width"]), int(r["image_height"]), int(r["half_width"])
+        xy = np.array([[float(r[f"x{k}"]), float(r[f"y{k}"])] for k in range(1, 5)])
+        xc = xy[:, 0] + 0.5
+        if r["side"] == "right":
+            xc = w - xc
+        out.append(np.stack([xc / hw, (xy[:, 1] + 0.5) / h], axis=1).reshape(8))
+    return np.array(out)
+
+
+def test_a_second_run_gets_a_new_folder(tmp_path):
+    from caffe_compat.dental.pipeline import new_run_dir
+
+    a, b = new_run_dir(str(tmp_path)), new_run_dir(str(tmp_path))
+    assert a != b and os.path.isdir(a) and os.path.isdir(b)
