@@ -16,6 +16,10 @@ from caffe_compat.layers.base import registered_types as _registered_types
 from caffe_compat import io  # noqa: F401  (pycaffe's caffe.io)
 from caffe_compat.layers.python import PyLayer as Layer
 from caffe_compat.layers.python import allow_python_layers
+from caffe_compat.net_spec import NetSpec, params, to_proto
+from caffe_compat.classifier import Classifier
+from caffe_compat.detector import Detector
+from caffe_compat import coord_map  # noqa: F401  (pycaffe's caffe.coord_map)
 
 try:  # solvers are optional while the package is being assembled
     from caffe_compat.solvers import (  # noqa: F401
@@ -44,6 +48,12 @@ def init_log(*args, **kwargs) -> None:
 
 
 __all__ = [
+    "Classifier",
+    "Detector",
+    "NetSpec",
+    "layers",
+    "params",
+    "to_proto",
     "CaffeError",
     "DataError",
     "FormatError",

@@ -114,9 +114,8 @@ class Blob(_HostSynced):
         return int(np.prod(self._shape, dtype=np.int64))
 
     def _legacy(self, i: int) -> int:
-        # Caffe's LegacyShape: axes counted from the end of a 4-axis shape, 1 where absent.
-        ax = i - 4 + len(self._shape)
-        return self._shape[ax] if 0 <= ax < len(self._shape) else 1
+        # Caffe's LegacyShape(i): shape[i], or 1 past the last axis (num is always shape[0])
+        return self._shape[i] if i < len(self._shape) else 1
 
     num = property(lambda self: self._legacy(0))
     channels = property(lambda self: self._legacy(1))

@@ -36,6 +36,17 @@ from caffe_compat.errors import FormatError, PrototxtError
 from caffe_compat.proto import caffe_pb2
 
 __all__ = [
+    "Transformer",
+    "array_to_blobproto",
+    "array_to_datum",
+    "arraylist_to_blobprotovector_str",
+    "arraylist_to_blobprotovecor_str",
+    "blobproto_to_array",
+    "blobprotovector_str_to_arraylist",
+    "datum_to_array",
+    "load_image",
+    "oversample",
+    "resize_image",
     "atomic_write_bytes",
     "parse_prototxt",
     "read_prototxt",
@@ -593,3 +604,19 @@ def _describe_parse_error(exc: text_format.ParseError, text: str, root: _descrip
         shown = repr(got) if not got.isprintable() or not got.strip() else f"'{got}'"
         return f"{loc}: expected a field name, found {shown}{context}"
     return f"{loc}: {body.rstrip('.')}{context}"
+
+
+# pycaffe's caffe.io helpers (defined in caffe_compat/pycaffe_io.py)
+from caffe_compat.pycaffe_io import (  # noqa: E402
+    Transformer,
+    array_to_blobproto,
+    array_to_datum,
+    arraylist_to_blobprotovecor_str,
+    arraylist_to_blobprotovector_str,
+    blobproto_to_array,
+    blobprotovector_str_to_arraylist,
+    datum_to_array,
+    load_image,
+    oversample,
+    resize_image,
+)

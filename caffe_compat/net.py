@@ -33,7 +33,7 @@ from torch import nn
 from caffe_compat import layers as _layers  # noqa: F401  (registers every layer type)
 from caffe_compat.blob import Blob, ParamBlob
 from caffe_compat.errors import CaffeError, LayerError, NetError
-from caffe_compat.layers.base import Layer, layer_class
+from caffe_compat.layers.base import layer_class
 from caffe_compat.mode import current_device
 from caffe_compat.proto import caffe_pb2
 
@@ -509,8 +509,14 @@ class Net(nn.Module):
                     f"{e} (while running layer {self._layer_names[li]!r} ({layer.type}) with bottom "
                     f"shapes {[list(t.shape) for t in bottoms]})"
                 ) from e
+            dev, dtype = self._device, self._dtype
             for j, t in enumerate(self._tops[li]):
                 blob = self.blobs[t]
+                top = tops[j]
+                if top.device != dev or (top.dtype != dtype and top.is_floating_point()):
+                    # data layers produce their batches on the CPU, in float32
+                    top = top.to(dev, dtype, non_blocking=True)
+                    tops = (*tops[:j], top, *tops[j + 1 :])
                 if self._inplace[li][j]:
                     blob.set_tensor(tops[j])
                 else:
@@ -533,7 +539,7 @@ class Net(nn.Module):
 
     def _loss(self) -> torch.Tensor | float:
         loss = 0.0
-        for name, b in self.blobs.items():
+        for b in self.blobs.values():
             if b.loss_weight and b._data is not None:
                 loss = loss + b.loss_weight * b._data.sum()
         return loss

@@ -92,7 +92,7 @@ def parse_mapping(specs: Iterable[str] | None) -> list[tuple[str, str]] | None:
     return out or None
 
 
-def load_weights(src) -> "OrderedDict[str, list[np.ndarray]]":
+def load_weights(src) -> OrderedDict[str, list[np.ndarray]]:
     """Layer name -> list of weight arrays, from a Net, a caffemodel path (.caffemodel or .h5) or
     a NetParameter with blobs. Layers without blobs are left out."""
     from caffe_compat import io as cio
@@ -124,7 +124,7 @@ def load_weights(src) -> "OrderedDict[str, list[np.ndarray]]":
     return out
 
 
-def _dst_shapes(dst) -> "OrderedDict[str, list[tuple]]":
+def _dst_shapes(dst) -> OrderedDict[str, list[tuple]]:
     if hasattr(dst, "params") and hasattr(dst, "layer_dict"):
         return OrderedDict((n, [tuple(b.data.shape) for b in blobs]) for n, blobs in dst.params.items())
     from caffe_compat import io as cio

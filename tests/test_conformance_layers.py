@@ -12,6 +12,8 @@ import caffe_compat as caffe
 from tests.conftest import CAFFE_REF
 
 RTOL, ATOL = 1e-4, 1e-5
+# On a machine with CUDA, CAFFE_COMPAT_TEST_GPU=1 replays every case in GPU mode too.
+GPU = bool(os.environ.get("CAFFE_COMPAT_TEST_GPU"))
 CASES = sorted(p.name for p in (CAFFE_REF / "layers").iterdir() if p.is_dir())
 
 
@@ -29,6 +31,8 @@ def test_layer_case_matches_caffe(case):
     phase = caffe.TRAIN if case == "batchnorm_train" else caffe.TEST
     old = os.getcwd()
     os.chdir(d)
+    if GPU:
+        caffe.set_mode_gpu()
     try:
         caffe.set_random_seed(1)
         net = caffe.Net("net.prototxt", "weights.caffemodel", phase)
@@ -43,6 +47,7 @@ def test_layer_case_matches_caffe(case):
             net.backward()
     finally:
         os.chdir(old)
+        caffe.set_mode_cpu()
     fails = []
     checked = 0
     for k in ref.files:

@@ -21,7 +21,6 @@ from caffe_compat.dental.dataset import (
     read_dataset,
     split_images,
     to_image_pixels,
-    write_dataset,
 )
 from caffe_compat.dental.generator import generate_dataset, generate_radiograph
 from caffe_compat.errors import DataError

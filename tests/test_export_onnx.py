@@ -160,8 +160,10 @@ LAYER_CASES = {
     "convolution_param { num_output: 4 kernel_size: 4 stride: 2 pad: 1 group: 4 } }",
     "deconv_dense": 'layer { name: "d" type: "Deconvolution" bottom: "data" top: "d" '
     "convolution_param { num_output: 3 kernel_size: 3 stride: 3 } }",
-    "batchnorm_scale": 'layer { name: "bn" type: "BatchNorm" bottom: "data" top: "data" }\n'
-    'layer { name: "sc" type: "Scale" bottom: "data" top: "data" scale_param { bias_term: true } }',
+    "batchnorm_scale": 'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 4 kernel_size: 1 } }\n'
+    'layer { name: "bn" type: "BatchNorm" bottom: "c" top: "c" }\n'
+    'layer { name: "sc" type: "Scale" bottom: "c" top: "c" scale_param { bias_term: true } }\n'
+    'layer { name: "out" type: "Power" bottom: "c" top: "out" }',
     "batchnorm_eps": 'layer { name: "bn" type: "BatchNorm" bottom: "data" top: "bn" batch_norm_param { eps: 0.1 } }',
     "scale_no_bias_axis0": 'layer { name: "sc" type: "Scale" bottom: "data" top: "sc" scale_param { axis: 0 num_axes: 2 } }',
     "scale_two_bottoms": 'layer { name: "r" type: "Reduction" bottom: "data" top: "r" reduction_param { axis: 2 } }\n'
@@ -215,7 +217,7 @@ LAYER_CASES = {
     'layer { name: "relu" type: "ReLU" bottom: "c" top: "c" }\n'
     'layer { name: "p1" type: "Pooling" bottom: "c" top: "p1" pooling_param { kernel_size: 2 stride: 2 } }\n'
     'layer { name: "p2" type: "Pooling" bottom: "c" top: "p2" pooling_param { pool: AVE kernel_size: 3 stride: 2 } }',
-    "parameter_dummy": 'layer { name: "p" type: "Parameter" top: "p" parameter_param { shape { dim: 4 dim: 1 dim: 1 } } }\n'
+    "parameter_dummy": 'layer { name: "p" type: "Parameter" top: "p" parameter_param { shape { dim: 4 } } }\n'
     'layer { name: "dd" type: "DummyData" top: "dd" dummy_data_param { shape { dim: 2 dim: 4 dim: 9 dim: 8 } '
     "data_filler { type: 'constant' value: 0.5 } } }\n"
     'layer { name: "b" type: "Bias" bottom: "data" bottom: "p" top: "b" }\n'

@@ -13,9 +13,17 @@ import threading
 import weakref
 from collections.abc import Iterator
 
-import lmdb
-
 from caffe_compat.errors import DataError
+
+
+def _lmdb():
+    """The ``lmdb`` module, imported on first use so the package imports without it."""
+    try:
+        import lmdb
+    except ImportError:
+        raise DataError("LMDB support needs the 'lmdb' package: pip install lmdb") from None
+    return lmdb
+
 
 __all__ = ["LMDBReader", "LMDBWriter", "check_backend", "LEVELDB_HELP"]
 
@@ -35,7 +43,7 @@ def _open_readonly(path: str):
     with _ENVS_LOCK:
         env = _ENVS.get(key)
         if env is None:
-            env = lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=126)
+            env = _lmdb().open(path, readonly=True, lock=False, readahead=False, max_readers=126)
             _ENVS[key] = env
         return env
 
@@ -72,7 +80,7 @@ class LMDBReader:
             raise DataError(f"{what} {path!r} has no data.mdb: not an LMDB ({LEVELDB_HELP})")
         try:
             self.env = _open_readonly(path)
-        except lmdb.Error as e:
+        except _lmdb().Error as e:
             raise DataError(f"{what} {path!r} could not be opened as an LMDB: {e}") from e
         self.count = int(self.env.stat()["entries"])
         if self.count == 0:
@@ -116,8 +124,8 @@ class LMDBWriter:
             raise DataError(f"database {path!r} already exists; remove it or choose another DB_NAME")
         try:
             os.makedirs(path)
-            self.env = lmdb.open(path, map_size=map_size, subdir=True)
-        except (OSError, lmdb.Error) as e:
+            self.env = _lmdb().open(path, map_size=map_size, subdir=True)
+        except (OSError, _lmdb().Error) as e:
             raise DataError(f"could not create LMDB {path!r}: {e}") from e
         self.path = path
         self.commit_every = commit_every
@@ -139,7 +147,7 @@ class LMDBWriter:
                     for k, v in self._pending:
                         txn.put(k, v)
                 break
-            except lmdb.MapFullError:
+            except _lmdb().MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
         self._pending.clear()
 

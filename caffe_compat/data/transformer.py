@@ -145,6 +145,22 @@ class DataTransformer:
             return (c, self.crop_size, self.crop_size)
         return (c, h, w)
 
+    @property
+    def random(self) -> bool:
+        """Whether ``transform`` draws from ``rng`` (``mirror``, or ``crop_size`` in TRAIN)."""
+        return self.mirror or bool(self.crop_size and self.train)
+
+    def skip(self, chw: tuple[int, int, int]) -> None:
+        """Make the random draws ``transform`` would make for a C×H×W image, without
+        transforming: a data layer skipping an image (another process's share) keeps the same
+        random stream as if it had transformed it."""
+        _, h, w = chw
+        if self.mirror:
+            self.rng.integers(2)
+        if self.crop_size and self.train and h >= self.crop_size and w >= self.crop_size:
+            self.rng.integers(h - self.crop_size + 1)
+            self.rng.integers(w - self.crop_size + 1)
+
     def decode(self, datum, *, where: str) -> np.ndarray:
         """A Datum's C×H×W pixels, decoded with this transformer's force_color/force_gray."""
         if not datum.encoded and (self.force_color or self.force_gray) and not self._warned_raw:

@@ -165,7 +165,7 @@ def read_dataset(folder: str, csv_path: str | None = None, *, include_unlisted: 
             if not any(c.strip() for c in row):
                 continue
 
-            def bad(name: str, msg: str) -> None:
+            def bad(name: str, msg: str, line: int = line) -> None:
                 problems.append(f"{csv_path}:{line}:{col[name] + 1} (column {name!r}): {msg}")
 
             if len(row) != len(header):

@@ -87,9 +87,9 @@ def _filler(msg, kind: str, value: float) -> None:
 
 
 def _params(lp, lr: tuple = (1.0, 2.0), decay: tuple = (1.0, 0.0)) -> None:
-    for l, d in zip(lr, decay):
+    for lr_mult, d in zip(lr, decay):
         p = lp.param.add()
-        p.lr_mult = l
+        p.lr_mult = lr_mult
         p.decay_mult = d
 
 

@@ -14,6 +14,17 @@ distributions are Caffe's.
 Data and ImageData prepare batches in a background thread, ``data_param.prefetch`` (default 4)
 batches ahead, as Caffe's BasePrefetchingDataLayer; batch k is the same with or without
 prefetching (``prefetch: 0`` makes them synchronous).
+
+Sharding for multi-process training (``set_shard(rank, world_size)``, called by the solver on
+its train net's data layers): process ``rank`` of ``world_size`` keeps batches ``rank``,
+``rank + world_size``, ``rank + 2 world_size``... of the stream the layer would produce alone, so
+every example is read once per epoch across processes and N processes × ``batch_size`` see what
+one process with ``iter_size: N`` sees. Skipped batches are not assembled: rows/records are
+stepped over, and only the random draws they would have used (shuffles, crops, mirrors) are
+made, so the kept batches are bit-identical to the single-process ones. ``skip_batches(n)``
+(used when resuming) skips ``n`` of the layer's own (sharded) batches the same cheap way.
+Deliberate difference: Caffe 1.0 interleaves *records* between solvers (record i goes to
+solver i mod N); we interleave *batches*, which makes N processes equal ``iter_size: N``.
 """
 
 from __future__ import annotations
@@ -37,11 +48,63 @@ __all__ = ["DataLayer", "HDF5DataLayer", "HDF5OutputLayer", "ImageDataLayer", "M
 _LEGACY_TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
 
 
+class _Shard:
+    """Which batches of a stream one process keeps: ``rank``, ``rank + size``, ...
+
+    ``pending`` counts the stream's batches to step over before the next kept one.
+    """
+
+    def __init__(self):
+        self.rank, self.size, self.pending, self.started = 0, 1, 0, False
+
+    def set(self, rank: int, size: int) -> None:
+        self.rank, self.size, self.pending = rank, size, rank
+
+    def take(self) -> int:
+        """Before producing a kept batch: how many batches to step over first."""
+        n, self.pending, self.started = self.pending, self.size - 1, True
+        return n
+
+    def skip(self, n: int) -> None:
+        """Step over ``n`` kept batches (``n × size`` of the stream)."""
+        self.pending += n * self.size
+
+
 class _BaseDataLayer(Layer):
-    """Common parts of the layers without bottoms: fixed top shapes, seeding, error wrapping."""
+    """Common parts of the layers without bottoms: fixed top shapes, seeding, error wrapping,
+    sharding (``set_shard``, ``skip_batches``)."""
 
     exact_num_bottom = 0
     _shapes: list[tuple[int, ...]]
+
+    def _get_shard(self) -> _Shard:
+        shard = self.__dict__.get("_shard_state")
+        if shard is None:
+            shard = _Shard()
+            self.__dict__["_shard_state"] = shard
+        return shard
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Keep only batches ``rank``, ``rank + world_size``, ... of this layer's stream (see the
+        module docstring). Call before the first batch is read."""
+        rank, world_size = int(rank), int(world_size)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise self.error(f"set_shard: rank {rank} of world_size {world_size}; need 0 <= rank < world_size")
+        shard = self._get_shard()
+        if shard.started or shard.pending != shard.rank:
+            raise self.error("set_shard must be called before the layer reads its first batch")
+        shard.set(rank, world_size)
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of this layer's share of the data (``(0, 1)``: all of it)."""
+        shard = self._get_shard()
+        return shard.rank, shard.size
+
+    def skip_batches(self, n: int) -> None:
+        """Step over the next ``n`` batches this layer would return (resuming a run)."""
+        if n > 0:
+            self._get_shard().skip(int(n))
 
     def top_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         return [tuple(s) for s in self._shapes]
@@ -75,8 +138,19 @@ class _PrefetchingDataLayer(_BaseDataLayer):
     """A data layer whose batches come from a ``Prefetcher`` running ``self._source``."""
 
     def _start_prefetch(self, source, depth: int) -> None:
-        self._prefetcher = Prefetcher(source, depth, name=f"prefetch:{self.name}")
+        self._source = source
+        self._prefetcher = Prefetcher(_ShardedSource(source, self._get_shard()), depth, name=f"prefetch:{self.name}")
         weakref.finalize(self, self._prefetcher.close)
+
+    def skip_batches(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self._prefetcher.running or self._get_shard().started:
+            # the worker thread owns the source now: take the batches and drop them
+            for _ in range(int(n)):
+                self.forward()
+            return
+        super().skip_batches(n)
 
     def forward(self) -> tuple[torch.Tensor, ...]:
         try:
@@ -88,6 +162,19 @@ class _PrefetchingDataLayer(_BaseDataLayer):
     def close(self) -> None:
         """Stop the prefetch thread (also done when the layer is garbage-collected)."""
         self._prefetcher.close()
+
+
+class _ShardedSource:
+    """Calls ``source()`` for the kept batches and ``source.skip(k)`` for the others."""
+
+    def __init__(self, source, shard: _Shard):
+        self.source, self.shard = source, shard
+
+    def __call__(self):
+        n = self.shard.take()
+        if n:
+            self.source.skip(n)
+        return self.source()
 
 
 # -- ImageData -------------------------------------------------------------------------------
@@ -134,12 +221,27 @@ class _ImageListSource:
                 )
             data[k] = self.transformer.transform(img, where=where)
             labels[k] = label
-            self.pos += 1
-            if self.pos >= len(self.order):
-                self.pos = 0
-                if self.shuffle:
-                    self.rng.shuffle(self.order)
+            self._advance()
         return data, labels
+
+    def _advance(self) -> None:
+        self.pos += 1
+        if self.pos >= len(self.order):
+            self.pos = 0
+            if self.shuffle:
+                self.rng.shuffle(self.order)
+
+    def skip(self, n_batches: int) -> None:
+        """Step over ``n_batches`` batches, making only their random draws (an image is read
+        only when a random transform needs its size and no new_height/new_width gives it)."""
+        for _ in range(n_batches * self.batch_size):
+            if self.transformer.random:
+                if self.new_height > 0 and self.new_width > 0:
+                    shape = (3 if self.is_color else 1, self.new_height, self.new_width)
+                else:
+                    shape = self.read(self.pos)[0].shape
+                self.transformer.skip(shape)
+            self._advance()
 
 
 @register_layer("ImageData")
@@ -200,7 +302,7 @@ class _DatumSource:
     """Produces Data-layer batches from an LMDB of Datum records, cycling through the keys."""
 
     def __init__(self, reader: LMDBReader, skip: int, batch_size: int, transformer, output_labels: bool):
-        self.reader, self.skip, self.batch_size = reader, skip, batch_size
+        self.reader, self.skip_records, self.batch_size = reader, skip, batch_size
         self.transformer, self.output_labels = transformer, output_labels
         self._records = None
 
@@ -215,9 +317,31 @@ class _DatumSource:
             raise DataError(f"{where}: record is not a Datum ({e})") from None
         return self.transformer.decode(datum, where=where), datum.label, where
 
+    def _shape(self, key: bytes, value: bytes) -> tuple[int, int, int]:
+        from caffe_compat.proto import caffe_pb2
+
+        datum = caffe_pb2.Datum()
+        try:
+            datum.ParseFromString(value)
+        except Exception:  # protobuf's DecodeError: reported if the record is ever used
+            return (0, 0, 0)
+        if datum.encoded:
+            return self.decode(key, value)[0].shape
+        return (datum.channels, datum.height, datum.width)
+
+    def skip(self, n_batches: int) -> None:
+        """Step over ``n_batches`` batches of records, making only their random draws (a
+        record is parsed only when a random transform needs its size)."""
+        if self._records is None:
+            self._records = self.reader.cycle(self.skip_records)
+        for _ in range(n_batches * self.batch_size):
+            key, value = next(self._records)
+            if self.transformer.random:
+                self.transformer.skip(self._shape(key, value))
+
     def __call__(self) -> tuple[np.ndarray, ...]:
         if self._records is None:  # opened in the thread that iterates it
-            self._records = self.reader.cycle(self.skip)
+            self._records = self.reader.cycle(self.skip_records)
         bs = self.batch_size
         data = labels = shape = None
         for k in range(bs):
@@ -360,11 +484,22 @@ class HDF5DataLayer(_BaseDataLayer):
                 self._rng.shuffle(self._row_perm)
             self._current_row = 0
 
+    def _skip_rows(self, n: int) -> None:
+        while n > 0:
+            step = min(n, len(self._row_perm) - self._current_row)
+            self._current_row += step
+            n -= step
+            if self._current_row == len(self._row_perm):
+                self._end_of_file()
+
     def forward(self) -> tuple[torch.Tensor, ...]:
         bs = self._batch_size
         outs = [np.empty((bs, *s), dtype=np.float32) for s in self._row_shapes]
         filled = 0
         try:
+            skip = self._get_shard().take()
+            if skip:
+                self._skip_rows(skip * bs)
             while filled < bs:
                 rows = self._row_perm[self._current_row : self._current_row + bs - filled]
                 for out, a in zip(outs, self._arrays):
@@ -395,6 +530,9 @@ class MemoryDataLayer(_BaseDataLayer):
     in-place changes are seen (as in Caffe); other arrays are converted (copied) to float32.
     ``transform_param`` does not apply to these arrays (Caffe applies it only in AddDatumVector /
     AddMatVector, which are not provided).
+
+    Sharded (``set_shard(rank, N)``), each process must be given the same arrays; process
+    ``rank`` then returns batches rank, rank + N, ... of them (restarting at each new array).
     """
 
     exact_num_top = 2
@@ -434,6 +572,8 @@ class MemoryDataLayer(_BaseDataLayer):
                 f"set_input_arrays: the number of rows ({n}) must be a positive multiple of batch_size {bs}"
             )
         self._data, self._labels, self._pos = data, labels.reshape(n), 0
+        shard = self._get_shard()  # a new stream: this process's share starts over
+        shard.pending = shard.rank
 
     reset = set_input_arrays
 
@@ -441,6 +581,9 @@ class MemoryDataLayer(_BaseDataLayer):
         if self._data is None:
             raise self.error("no input arrays: call net.set_input_arrays(data, labels) before forward")
         bs = self._dims[0]
+        skip = self._get_shard().take()
+        if skip:
+            self._pos = (self._pos + skip * bs) % self._data.shape[0]
         sl = slice(self._pos, self._pos + bs)
         data, labels = torch.tensor(self._data[sl]), torch.tensor(self._labels[sl])
         self._pos = (self._pos + bs) % self._data.shape[0]

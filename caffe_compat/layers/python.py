@@ -65,8 +65,7 @@ class _PyBlob:
         return int(self.data.size)
 
     def _legacy(self, i):
-        ax = i - 4 + self.data.ndim
-        return self.data.shape[ax] if 0 <= ax < self.data.ndim else 1
+        return self.data.shape[i] if i < self.data.ndim else 1
 
     num = property(lambda self: self._legacy(0))
     channels = property(lambda self: self._legacy(1))

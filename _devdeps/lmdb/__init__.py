@@ -1,1 +1,0 @@
-"""device-check stub: LMDB is not used by the dental reproduction."""

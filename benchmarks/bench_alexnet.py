@@ -1,0 +1,320 @@
+"""AlexNet speed: caffe_compat's Net against a hand-written PyTorch AlexNet, side by side.
+
+    python benchmarks/bench_alexnet.py [--batches 1,2,4,10,16,32,64] [--reps 3] [--device cpu|cuda]
+                                       [--threads N] [--channels_last] [--baseline_channels_last]
+                                       [--compile] [--amp bf16|fp16] [--profile] [--memory]
+
+Both models have BVLC AlexNet's topology (``prototxt/alexnet_deploy.prototxt``: grouped convs,
+LRN, ceil-mode max pooling, dropout) and are timed in one process, alternating, on the same
+input; the figure is the median over ``--reps`` alternating rounds of the mean over
+``--iters`` calls (after ``--warmup`` calls). Three measurements per batch size:
+
+- ``fwd``: inference forward (TEST phase; ``torch.no_grad`` on both sides — our
+  ``net.forward()`` and the baseline's ``model.eval()(x)``);
+- ``fwd+bwd``: TRAIN-phase forward with a SoftmaxWithLoss / ``cross_entropy`` loss, then the
+  backward into the parameters (ours: ``net.forward_backward()``; the baseline:
+  ``loss.backward()``);
+- ``iter``: one full solver iteration (ours: ``solver.step(1)`` of Caffe's SGD with momentum 0.9,
+  weight decay 5e-4 and AlexNet's lr_mult/decay_mult; the baseline: ``zero_grad``, forward,
+  backward, ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4).step()``).
+
+Ratios are ours / baseline (below 1: we are faster). The baseline is idiomatic PyTorch
+(``nn.Conv2d(groups=2)``, ``nn.LocalResponseNorm``, ``nn.MaxPool2d(ceil_mode=True)``,
+``nn.ReLU(inplace=True)``, ``nn.Dropout``, ``nn.Linear``); options that speed up our side and
+that the baseline could use too (channels_last) are reported for the baseline as well.
+``--memory`` adds the peak resident memory of a training step for each side (each in a fresh
+subprocess, on the CPU) or the peak CUDA allocation (on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from caffe_compat import io as cio  # noqa: E402
+from caffe_compat import mode as cmode  # noqa: E402
+from caffe_compat.net import TEST, TRAIN, Net  # noqa: E402
+from caffe_compat.proto import caffe_pb2  # noqa: E402
+from caffe_compat.solvers import SGDSolver  # noqa: E402
+
+__all__ = ["main", "alexnet_param", "TorchAlexNet"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEPLOY = os.path.join(ROOT, "prototxt", "alexnet_deploy.prototxt")
+NUM_CLASSES = 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# the two models
+
+
+def alexnet_param(batch: int, train: bool) -> caffe_pb2.NetParameter:
+    """prototxt/alexnet_deploy.prototxt with input batch ``batch``; for training, a ``label``
+    Input and SoftmaxWithLoss replace the final Softmax."""
+    p = cio.read_net(DEPLOY)
+    data = p.layer[0]
+    data.input_param.shape[0].dim[0] = batch
+    if train:
+        label = caffe_pb2.LayerParameter(name="label", type="Input", top=["label"])
+        label.input_param.shape.add().dim.extend([batch])
+        p.layer.insert(1, label)
+        last = p.layer[-1]
+        assert last.type == "Softmax", last.type
+        last.type = "SoftmaxWithLoss"
+        last.name = "loss"
+        del last.top[:]
+        last.bottom.append("label")
+        last.top.append("loss")
+    return p
+
+
+class TorchAlexNet(nn.Module):
+    """BVLC AlexNet written the way a PyTorch user would write it."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, 11, stride=4),
+            nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0),
+            nn.MaxPool2d(3, 2, ceil_mode=True),
+            nn.Conv2d(96, 256, 5, padding=2, groups=2),
+            nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0),
+            nn.MaxPool2d(3, 2, ceil_mode=True),
+            nn.Conv2d(256, 384, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 384, 3, padding=1, groups=2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1, groups=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, ceil_mode=True),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(256 * 6 * 6, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(4096, num_classes),
+        )
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.constant_(m.bias, 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the measured callables
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Ours:
+    """Our side: a TEST net for inference, a TRAIN net under Caffe's SGD solver for training."""
+
+    def __init__(self, batch: int, device: torch.device, x: torch.Tensor, y: torch.Tensor):
+        self.test_net = Net(alexnet_param(batch, False), phase=TEST)
+        self.train_net = Net(alexnet_param(batch, True), phase=TRAIN)
+        sp = caffe_pb2.SolverParameter(
+            base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4, display=0, max_iter=10**9
+        )
+        self.solver = SGDSolver(sp, source="<bench>", net=self.train_net, device=device)
+        if device.type != "cpu":
+            self.test_net.to(device)
+            self.train_net.to(device)
+        # inputs written once (a data layer would write them each iteration on both sides)
+        self.test_net.blobs["data"].data[...] = x.cpu().numpy()
+        self.train_net.blobs["data"].data[...] = x.cpu().numpy()
+        self.train_net.blobs["label"].data[...] = y.cpu().numpy()
+
+    def fwd(self) -> None:
+        with torch.no_grad():
+            self.test_net.forward()
+
+    def fwd_bwd(self) -> None:
+        self.train_net.clear_param_diffs()
+        self.train_net.forward_backward()
+
+    def iter(self) -> None:
+        self.solver.step(1)
+
+
+class Baseline:
+    """The hand-written model under torch.optim.SGD."""
+
+    def __init__(self, device: torch.device, x: torch.Tensor, y: torch.Tensor, channels_last: bool):
+        self.model = TorchAlexNet().to(device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=fmt)
+        self.x = x.to(device).contiguous(memory_format=fmt)
+        self.y = y.to(device).long()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def fwd(self) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            self.model(self.x)
+
+    def fwd_bwd(self) -> None:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(self.x), self.y).backward()
+
+    def iter(self) -> None:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.opt.step()
+
+
+def _time(fn, device: torch.device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: one training step per side in a fresh process
+
+
+def _peak_rss_child(side: str, batch: int) -> None:
+    import resource
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 227, 227)
+    y = torch.randint(0, NUM_CLASSES, (batch,))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    runner = Ours(batch, torch.device("cpu"), x, y) if side == "ours" else Baseline(torch.device("cpu"), x, y, False)
+    for _ in range(2):
+        runner.iter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"before_mb": before / 1024, "peak_mb": peak / 1024}))
+
+
+def _peak_rss(side: str, batch: int, threads: int) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--_memchild", side, "--batches", str(batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", default="1,2,4,10,16,32,64")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--iters", type=int, default=0, help="timed calls per round (0: by batch size)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: caffe_compat's default)")
+    p.add_argument("--what", default="fwd,fwd_bwd,iter")
+    p.add_argument("--baseline_channels_last", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables for batch[0]")
+    p.add_argument("--memory", action="store_true", help="peak memory of a training step (CPU: RSS)")
+    p.add_argument("--_memchild", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    if args._memchild:
+        _peak_rss_child(args._memchild, batches[0])
+        return 0
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        cmode.set_mode_gpu()
+        cmode.set_device(device.index or 0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    whats = args.what.split(",")
+    load = os.getloadavg()
+    print(
+        f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}, load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    if device.type == "cuda":
+        print(f"# {torch.cuda.get_device_name(device)}")
+    print(
+        f"# median of {args.reps} alternating rounds; ms per call; ratio = ours / baseline"
+        + ("; baseline channels_last" if args.baseline_channels_last else "")
+    )
+    header = f"{'batch':>5} {'what':>8} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} {'ours img/s':>10} {'torch img/s':>11}"
+    print(header)
+    results = []
+    for batch in batches:
+        torch.manual_seed(0)
+        x = torch.randn(batch, 3, 227, 227)
+        y = torch.randint(0, NUM_CLASSES, (batch,))
+        ours = Ours(batch, device, x, y)
+        base = Baseline(device, x, y, args.baseline_channels_last)
+        iters = args.iters or max(2, min(10, 40 // batch))
+        if args.profile:
+            _profile(ours, base, whats)
+        for what in whats:
+            t_ours, t_base = [], []
+            for _ in range(args.reps):
+                t_ours.append(_time(getattr(ours, what), device, args.warmup, iters))
+                t_base.append(_time(getattr(base, what), device, args.warmup, iters))
+            mo, mb = statistics.median(t_ours), statistics.median(t_base)
+            results.append({"batch": batch, "what": what, "ours_ms": mo, "torch_ms": mb})
+            print(
+                f"{batch:>5} {what:>8} {mo:>9.1f} {mb:>9.1f} {mo / mb:>6.3f} "
+                f"{batch / mo * 1e3:>10.1f} {batch / mb * 1e3:>11.1f}",
+                flush=True,
+            )
+        del ours, base
+    if args.memory:
+        if device.type == "cpu":
+            for batch in batches:
+                mo = _peak_rss("ours", batch, torch.get_num_threads())
+                mb = _peak_rss("torch", batch, torch.get_num_threads())
+                print(f"# peak RSS of a training step, batch {batch}: ours {mo:.0f} MB, torch {mb:.0f} MB, ratio {mo / mb:.3f}")
+    load = os.getloadavg()
+    print(f"# load avg at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    return 0
+
+
+def _profile(ours: Ours, base: Baseline, whats: list[str]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for what in whats:
+        for name, runner in (("ours", ours), ("torch", base)):
+            fn = getattr(runner, what)
+            fn()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            print(f"## profile {name} {what}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
