@@ -20,24 +20,40 @@ def _view(t: torch.Tensor) -> np.ndarray:
 
 
 class _HostSynced:
-    """Host mirrors of device tensors, written back by ``sync_to_device``."""
+    """Host mirrors of device tensors (Caffe's SyncedMemory, in small).
+
+    Reading returns a host copy, refreshed from the device on every read unless the caller has
+    written into the copy since (a pending write); ``sync_to_device`` sends pending writes back.
+    The net syncs input data and parameters before a forward, output and parameter diffs before
+    a backward; nothing else is copied back, so autograd's graph is never touched.
+    """
 
     def _host(self, which: str, t: torch.Tensor) -> np.ndarray:
         if t.device.type == "cpu":
             return _view(t)
         cache = self._host_cache
         hit = cache.get(which)
-        if hit is None or hit[0] is not t:
-            hit = (t, t.detach().cpu().numpy())
-            cache[which] = hit
-        return hit[1]
+        if hit is not None and hit[0] is t:
+            arr, orig = hit[1], hit[2]
+            if not np.array_equal(arr, orig, equal_nan=True):
+                return arr  # written by the caller: kept until the next sync
+            fresh = t.detach().cpu().numpy()
+            arr[...] = fresh
+            orig[...] = fresh
+            return arr
+        arr = t.detach().cpu().numpy()
+        cache[which] = (t, arr, arr.copy())
+        return arr
 
-    def sync_to_device(self) -> None:
-        """Copy host mirrors (written through ``.data``/``.diff`` on a GPU) back to the device."""
-        for which, (t, arr) in list(self._host_cache.items()):
-            with torch.no_grad():
-                t.copy_(torch.from_numpy(arr))
-        self._host_cache.clear()
+    def sync_to_device(self, which: str | None = None) -> None:
+        """Copy host mirrors written through ``.data``/``.diff`` (on a GPU) back to the device."""
+        for w, (t, arr, orig) in list(self._host_cache.items()):
+            if which is not None and w != which:
+                continue
+            if not np.array_equal(arr, orig, equal_nan=True):
+                with torch.no_grad():
+                    t.copy_(torch.from_numpy(arr))
+                orig[...] = arr
 
 
 class Blob(_HostSynced):

@@ -9,7 +9,16 @@ import torch
 
 from caffe_compat.errors import CaffeError
 
-__all__ = ["set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed", "current_device", "mode"]
+__all__ = [
+    "allow_tf32",
+    "apply_float32_numerics",
+    "current_device",
+    "mode",
+    "set_device",
+    "set_mode_cpu",
+    "set_mode_gpu",
+    "set_random_seed",
+]
 
 _state = {"mode": "CPU", "device_id": 0}
 
@@ -27,6 +36,24 @@ def set_mode_gpu() -> None:
     if not torch.cuda.is_available():
         raise CaffeError("set_mode_gpu(): no CUDA device is available to torch; use set_mode_cpu()")
     _state["mode"] = "GPU"
+    apply_float32_numerics()
+
+
+def allow_tf32(allow: bool = True) -> None:
+    """Opt in to TF32 matrix products and convolutions on GPUs that have them (Ampere and later).
+
+    A departure from Caffe's float32 numerics (10-bit mantissas inside the products), off by
+    default: with it off, GPU results match real Caffe's fixtures like the CPU's.
+    """
+    _state["tf32"] = bool(allow)
+    apply_float32_numerics()
+
+
+def apply_float32_numerics() -> None:
+    """Set torch's CUDA math flags to what the user chose (IEEE float32 unless ``allow_tf32``)."""
+    tf32 = bool(_state.get("tf32", False))
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def set_device(device_id: int) -> None:

@@ -34,7 +34,7 @@ from caffe_compat import layers as _layers  # noqa: F401  (registers every layer
 from caffe_compat.blob import Blob, ParamBlob
 from caffe_compat.errors import CaffeError, LayerError, NetError
 from caffe_compat.layers.base import layer_class
-from caffe_compat.mode import current_device
+from caffe_compat.mode import apply_float32_numerics, current_device
 from caffe_compat.proto import caffe_pb2
 
 __all__ = ["Net", "filter_net", "insert_splits", "state_meets_rule", "TRAIN", "TEST"]
@@ -459,6 +459,8 @@ class Net(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         probe = fn(torch.zeros(1))
+        if probe.device.type == "cuda":
+            apply_float32_numerics()
         self._device = probe.device
         self._dtype = probe.dtype if probe.is_floating_point() else self._dtype
         for b in self.blobs.values():
@@ -525,9 +527,13 @@ class Net(nn.Module):
     def _prepare_inputs(self) -> None:
         self._sync_mode()
         grad_on = torch.is_grad_enabled()
+        if self._device.type != "cpu":
+            for pblobs in self.params.values():
+                for pb in pblobs:
+                    pb.sync_to_device()
         for b in self.inputs:
             blob = self.blobs[b]
-            blob.sync_to_device()
+            blob.sync_to_device("data")
             t = blob.tensor
             if t.grad_fn is not None:  # an in-place layer wrote into this input last time
                 t = t.detach()
@@ -600,9 +606,13 @@ class Net(nn.Module):
         else:
             root_names = list(self._tops[s])
         roots, grads = [], []
+        if self._device.type != "cpu":
+            for pblobs in self.params.values():
+                for pb in pblobs:
+                    pb.sync_to_device("diff")
         for b in root_names:
             blob = self.blobs[b]
-            blob.sync_to_device()
+            blob.sync_to_device("diff")
             t = blob._data
             if t is None or not t.requires_grad:
                 continue
@@ -692,7 +702,7 @@ class Net(nn.Module):
             self.blobs[name].set_tensor(t, t)
         for b in self.inputs:
             if b not in inputs:
-                self.blobs[b].sync_to_device()
+                self.blobs[b].sync_to_device("data")
         self._run_layers(0, len(self.layers) - 1, caffe_grads=False)
         return {b: self.blobs[b]._data for b in self.outputs}
 

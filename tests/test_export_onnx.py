@@ -27,17 +27,21 @@ def _net(text: str, phase=caffe.TEST):
     return caffe.Net(cio.read_net_text(text, "<test net>"), phase)
 
 
-def _assert_exports(net, *, opset=ox.DEFAULT_OPSET, seed=0, inputs=None, dynamic_batch=False):
-    """Export, check the model, compare every blob and every output with onnxruntime."""
-    model = ox.export_onnx(net, opset=opset, dynamic_batch=dynamic_batch)
+def _assert_exports(net, *, opset=ox.DEFAULT_OPSET, seed=0, inputs=None, dynamic_batch=False, outputs_too=True):
+    """Export, check the model (onnx.checker below 20M parameters: it serializes the model),
+    compare every blob with onnxruntime, and the outputs through ``check_onnx``."""
+    n_params = sum(p.numel() for layer in net.layers for p in layer.blobs)
+    model = ox.export_onnx(net, opset=opset, dynamic_batch=dynamic_batch, check=n_params < 20_000_000)
+    assert [o.name for o in model.graph.output] == list(net.outputs)
     if inputs is None:
         inputs = ox.random_inputs(net, seed)
     where = ox.locate_divergence(net, model, inputs, tol=TOL)
     assert where is None, f"first differing layer/top/diff: {where}"
-    diffs = ox.check_onnx(net, model, inputs)
-    assert [d.name for d in diffs] == list(net.outputs)
-    for d in diffs:
-        assert d.relative <= TOL, d
+    if outputs_too:
+        diffs = ox.check_onnx(net, model, inputs)
+        assert [d.name for d in diffs] == list(net.outputs)
+        for d in diffs:
+            assert d.relative <= TOL, d
     return model
 
 
@@ -357,18 +361,19 @@ def test_deploy_net_exports_and_matches(path, tmp_path):
         net.blobs[b].reshape(1, *net.blobs[b].shape[1:])
     net.reshape()
     ox.randomize_params(net, seed=7)
-    _assert_exports(net, seed=8)
+    # every top, outputs included, is compared by locate_divergence
+    _assert_exports(net, seed=8, outputs_too=False)
 
 
-def test_tool_exports_alexnet_with_a_caffemodel(tmp_path, capsys):
+def test_tool_exports_squeezenet_with_a_caffemodel(tmp_path, capsys):
     from tools import export_onnx as tool
 
-    proto = CAFFE_REF / "zoo" / "bvlc_alexnet" / "deploy.prototxt"
+    proto = CAFFE_REF / "realworld" / "squeezenet11" / "deploy.prototxt"
     net = caffe.Net(str(proto), caffe.TEST)
     ox.randomize_params(net, seed=11)
-    weights = tmp_path / "alexnet.caffemodel"
+    weights = tmp_path / "squeezenet.caffemodel"
     net.save(str(weights))
-    out = tmp_path / "alexnet.onnx"
+    out = tmp_path / "squeezenet.onnx"
     rc = tool.main(["--model", str(proto), "--weights", str(weights), "--out", str(out), "--batch", "1"])
     text = capsys.readouterr().out
     assert rc == 0, text

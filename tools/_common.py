@@ -55,7 +55,8 @@ def parse_gpus(flag: str | None) -> list[int]:
 
 
 def select_device(gpus: list[int], log) -> None:
-    """Set caffe_compat's global mode: CPU, or the one GPU in ``gpus``."""
+    """Set caffe_compat's global mode: CPU, or the one GPU in ``gpus`` (a process of a
+    multi-GPU run passes its own GPU)."""
     from caffe_compat import mode
 
     if not gpus:
@@ -64,8 +65,8 @@ def select_device(gpus: list[int], log) -> None:
         return
     if len(gpus) > 1:
         raise UsageError(
-            f"--gpu {','.join(map(str, gpus))}: training on several GPUs is not supported yet; "
-            "give one device id (--gpu 0)"
+            f"--gpu {','.join(map(str, gpus))}: this tool runs on one device; give one device id (--gpu 0). "
+            "Only tools/train.py uses several GPUs (one process per GPU)"
         )
     log.info("Use GPU with device ID %d", gpus[0])
     mode.set_device(gpus[0])

@@ -840,14 +840,24 @@ def random_inputs(net, seed: int = 0, batch: int | None = None) -> dict[str, np.
 
 
 def run_onnxruntime(model: onnx.ModelProto | str | os.PathLike, inputs: Mapping[str, np.ndarray], outputs=None):
-    """Run ``model`` on CPU with onnxruntime; returns ``{output name: array}``."""
+    """Run ``model`` on CPU with onnxruntime; returns ``{value name: array}`` for ``outputs``
+    (default: the graph's outputs; inner values are added as graph outputs as needed)."""
     import onnxruntime as ort
 
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model))
+    declared = {o.name for o in model.graph.output}
+    if outputs and any(o not in declared for o in outputs):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        for o in dict.fromkeys(outputs):
+            if o not in declared:
+                probe.graph.output.append(helper.make_tensor_value_info(o, TensorProto.FLOAT, None))
+        model = probe
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    names = outputs or [o.name for o in sess.get_outputs()]
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = list(outputs or [o.name for o in sess.get_outputs()])
     feed = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32) for i in sess.get_inputs()}
     return dict(zip(names, sess.run(names, feed)))
 
@@ -903,15 +913,10 @@ def locate_divergence(
     if inputs is None:
         inputs = random_inputs(net, seed)
     blob_value = _blob_values(model)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
-    for v in dict.fromkeys(blob_value.values()):
-        if v not in have:
-            probe.graph.output.append(helper.make_tensor_value_info(v, TensorProto.FLOAT, None))
-            have.add(v)
+    inputs_set = {i.name for i in model.graph.input}
+    wanted = [v for v in dict.fromkeys(blob_value.values()) if v not in inputs_set]
     _run_net(net, inputs)
-    theirs = run_onnxruntime(probe, inputs)
+    theirs = run_onnxruntime(model, inputs, wanted)
     last_writer = {t: lname for lname in net._layer_names for t in net.top_names[lname]}
     for lname in net._layer_names:
         for t in net.top_names[lname]:

@@ -27,6 +27,13 @@ Deliberate differences from Caffe:
   uninterrupted one would have; Caffe restarts its data sources from the beginning.
 - ``solver_mode: GPU`` in the solver file is honoured only when CUDA is available (the tools
   choose the device); ``--gpu`` without CUDA is an error.
+
+Several processes (``torch.distributed``, Caffe's multi-GPU; see ``solvers/distributed.py``):
+when a process group of N > 1 processes is initialized (or ``distributed=True``), every rank
+builds the nets with the same seed, shards its train net's data layers (``set_shard``), takes
+rank 0's parameters, and between the ``iter_size`` forward/backward passes and ``apply_update``
+calls ``reduce_gradients``, which averages the gradients (and the loss, and the stop/snapshot
+requests) over ranks. Rank 0 alone tests, snapshots and logs; the others follow its decisions.
 """
 
 from __future__ import annotations
@@ -124,6 +131,10 @@ class Solver:
     ``random_seed`` (-1); ``snapshot`` (0), ``snapshot_prefix``, ``snapshot_after_train``
     (true), ``snapshot_format`` (BINARYPROTO), ``snapshot_diff`` (false); ``weights``.
     Paths are relative to the working directory, as in Caffe.
+
+    ``distributed=`` None (default): train with the other processes when a ``torch.distributed``
+    process group of more than one process is initialized; True: require one; False: train alone
+    even inside a group. ``rank`` / ``world_size`` / ``is_root`` say where this solver stands.
     """
 
     type_name: ClassVar[str] = ""
@@ -138,6 +149,7 @@ class Solver:
         device: torch.device | str | None = None,
         net=None,
         test_nets=None,
+        distributed: bool | None = None,
     ):
         if isinstance(param, caffe_pb2.SolverParameter) and source is not None:
             self.param = caffe_pb2.SolverParameter()
@@ -150,12 +162,27 @@ class Solver:
         self.current_step = 0
         self._given_net = net is not None
         self.check_param()
-        self._check_snapshot_write_permissions()
+        self._sync = None
+        self.rank, self.world_size = 0, 1
+        seed = int(self.param.random_seed)
+        if distributed or distributed is None:
+            from caffe_compat.solvers import distributed as dist_mod
+
+            if dist_mod.is_distributed():
+                self.rank, self.world_size = dist_mod.get_rank(), dist_mod.get_world_size()
+                seed = dist_mod.agree_seed(seed)
+            elif distributed:
+                raise SolverError(
+                    f"{self.source}: distributed=True but no torch.distributed process group of more than "
+                    "one process is initialized (torch.distributed.init_process_group, or tools/train.py --gpu 0,1)"
+                )
+        if self.is_root:
+            self._check_snapshot_write_permissions()
         logger.info("Initializing solver from parameters: \n%s", text_format.MessageToString(self.param))
-        if self.param.random_seed >= 0:
+        if seed >= 0:
             from caffe_compat.mode import set_random_seed
 
-            set_random_seed(self.param.random_seed)
+            set_random_seed(seed)
         self.device = torch.device(device) if device is not None else None
         self._action_function: Callable[[], str] | None = None
         self.requested_early_exit = False
@@ -171,6 +198,8 @@ class Solver:
         else:
             self.net = self._init_train_net()
             self.test_nets = self._init_test_nets()
+        if self.world_size > 1:
+            self._init_distributed(seed)
         logger.info("Solver scaffolding done.")
         params = self.net.learnable_params
         self.history: list[torch.Tensor] = [
@@ -353,6 +382,48 @@ class Solver:
             for net in [self.net, *self.test_nets]:
                 net.copy_from(path)
 
+    # -- several processes -------------------------------------------------------------------------
+
+    @property
+    def is_root(self) -> bool:
+        """Whether this solver logs, tests and snapshots (rank 0, or the only process)."""
+        return self.rank == 0
+
+    def _init_distributed(self, seed: int) -> None:
+        from caffe_compat.solvers import distributed as dist_mod
+
+        logger.info("Training on %d processes (this is rank %d)", self.world_size, self.rank)
+        dist_mod.quiet_non_root_logging()
+        for layer in self.net.layers:
+            if hasattr(layer, "set_shard"):
+                layer.set_shard(self.rank, self.world_size)
+            elif getattr(layer, "type", "") in _DATA_LAYER_TYPES:
+                logger.warning(
+                    "layer %r (%s) cannot shard its data: every process reads the same batches",
+                    getattr(layer, "name", "?"),
+                    layer.type,
+                )
+        self._sync = dist_mod.DistributedSync(self.net.learnable_params)
+        self._sync.broadcast(self.net.learnable_params)
+        if seed >= 0:  # Dropout & co. draw differently on each rank from here on
+            torch.manual_seed(int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
+
+    def reduce_gradients(self, loss: np.float32, request: str = signals.NONE) -> tuple[np.float32, str]:
+        """Average the accumulated diffs over the processes (Caffe's P2PSync: sum, then scale by
+        1/N, before ``apply_update``), and the loss; agree on a stop/snapshot request (any rank's
+        counts, stop first). Alone, returns its arguments."""
+        if self._sync is None:
+            return loss, request
+        mean_loss, (stop, snap) = self._sync.average_gradients(
+            float(loss), [int(request == signals.STOP), int(request == signals.SNAPSHOT)]
+        )
+        agreed = signals.STOP if stop else signals.SNAPSHOT if snap else signals.NONE
+        return _f32(mean_loss), agreed
+
+    def _agree_early_exit(self) -> None:
+        if self._sync is not None:
+            self.requested_early_exit = self._sync.any(self.requested_early_exit)
+
     # -- signals -----------------------------------------------------------------------------------
 
     def set_action_function(self, fn: Callable[[], str] | None) -> None:
@@ -455,7 +526,9 @@ class Solver:
             while self.iter < stop_iter:
                 self.net.clear_param_diffs()
                 if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
-                    self.test_all()
+                    if self.is_root:
+                        self.test_all()
+                    self._agree_early_exit()
                     if self.requested_early_exit:
                         break
                 display = bool(p.display) and self.iter % p.display == 0
@@ -463,6 +536,8 @@ class Solver:
                 for _ in range(p.iter_size):
                     loss = _f32(loss + _f32(self.net.forward_backward()))
                 loss = _f32(loss / _f32(p.iter_size))
+                if self._sync is not None:  # the request rides with the gradients
+                    loss, request = self.reduce_gradients(loss, self._requested_action())
                 self._update_smoothed_loss(loss, start_iter, p.average_loss)
                 if display:
                     logger.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
@@ -472,7 +547,8 @@ class Solver:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=fmt(self.smoothed_loss))
-                request = self._requested_action()
+                if self._sync is None:
+                    request = self._requested_action()
                 if (p.snapshot and self.iter % p.snapshot == 0) or request == signals.SNAPSHOT:
                     self.snapshot()
                 if request == signals.STOP:
@@ -508,9 +584,11 @@ class Solver:
         if p.display and self.iter % p.display == 0:
             with torch.no_grad():
                 _, loss = self._forward_with_loss(self.net)
+            if self._sync is not None:
+                loss = _f32(self._sync.mean(loss))
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
             logger.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
-        if p.test_interval and self.iter % p.test_interval == 0:
+        if p.test_interval and self.iter % p.test_interval == 0 and self.is_root:
             self.test_all()
         logger.info("Optimization Done.")
 
@@ -587,11 +665,14 @@ class Solver:
     def _snapshot_filename(self, extension: str) -> str:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
 
-    def snapshot(self) -> str:
+    def snapshot(self) -> str | None:
         """Write ``<prefix>_iter_<N>.caffemodel[.h5]`` and ``.solverstate[.h5]`` (atomically).
 
-        Returns the solverstate's path.
+        Returns the solverstate's path; on ranks other than 0 of a multi-process run, writes
+        nothing and returns None (rank 0 holds the same weights and history).
         """
+        if not self.is_root:
+            return None
         p = self.param
         if not p.snapshot_prefix:
             raise SolverError(f"{self.source}: snapshot_prefix is not set; cannot snapshot")
@@ -644,12 +725,14 @@ class Solver:
         with torch.no_grad():
             for h, arr in zip(self.history, st.history):
                 h.copy_(torch.from_numpy(np.ascontiguousarray(arr).reshape(tuple(h.shape))).to(h.device))
+        if self._sync is not None:  # every rank read the file; rank 0's copy wins
+            self._sync.broadcast([*self.net.learnable_params, *self.history])
         self._fast_forward_data()
 
     def _fast_forward_data(self) -> None:
         p = self.param
         self._skip_batches(self.net, self.iter * p.iter_size)
-        if not self.test_nets or not p.test_interval:
+        if not self.test_nets or not p.test_interval or not self.is_root:
             return
         n_tests = sum(1 for k in range(0, self.iter, p.test_interval) if k > 0 or p.test_initialization)
         for i, net in enumerate(self.test_nets):

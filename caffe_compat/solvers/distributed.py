@@ -1,0 +1,343 @@
+"""Training on several processes (GPUs) with ``torch.distributed``: Caffe's multi-GPU semantics.
+
+Caffe trains on N GPUs with one solver per GPU (``caffe train --gpu 0,1``; BVLC/caffe
+src/caffe/parallel.cpp): every solver runs its own ``batch_size`` (× ``iter_size``), the
+gradients of all solvers are summed and scaled by 1/N before each solver's ``ApplyUpdate``, so the
+effective batch is N × ``batch_size`` × ``iter_size`` and every solver applies the same update to
+the same weights. Only the root solver logs, tests and snapshots. We do the same with one process
+per device (NCCL on GPUs, gloo on CPUs)::
+
+    after the iter_size forward/backward passes of iteration k, on every rank r:
+        g_i := (1/N) * sum_r g_i^(r)          # all_reduce(SUM) then scale by float32(1/N)
+        loss := (1/N) * sum_r loss^(r)         # what rank 0 displays
+    then the solver's ApplyUpdate as usual: clip -> normalize (1/iter_size) -> regularize -> update
+
+Why an explicit all_reduce and not ``DistributedDataParallel``: (1) the Net is driven by the
+solver (``forward_backward`` × ``iter_size`` then ``apply_update``), not by a module's
+``forward``; DDP reduces during backward, which with ``iter_size`` > 1 needs ``no_sync`` and
+would average each pass rather than the accumulated sum; (2) Caffe reduces the accumulated
+diffs once, right before ``ApplyUpdate``, so gradient clipping sees the *averaged* gradient — the
+explicit reduction keeps exactly that order; (3) the gradients stay in the learnable
+parameters' ``.grad`` (Caffe's diffs), which snapshots with ``snapshot_diff`` and pycaffe read.
+The price: communication does not overlap the backward pass. Gradients are flattened into
+buckets of ``BUCKET_BYTES`` (per dtype and device) so that a net costs few collectives; the
+loss and the stop/snapshot requests of the signal handlers ride in the last bucket, so an
+iteration costs one collective for a small net.
+
+Every rank reads its own share of the training data (the data layers' ``set_shard``: rank r of
+N keeps batches r, r+N, r+2N... of the single-process order), so N ranks × ``batch_size`` train
+exactly as one process with ``iter_size: N`` (up to float summation order).
+
+Deliberate differences from Caffe: the displayed loss is the mean over ranks (Caffe shows the
+root solver's own); data are interleaved by batch, not by record; a SIGINT/SIGHUP seen by any
+rank acts on all of them at the same iteration (an all_reduce of the requests).
+
+``launch(fn, nprocs, ...)`` starts ``nprocs`` processes (``torch.multiprocessing`` spawn) that
+join one process group through a ``TCPStore`` on 127.0.0.1 that the parent opens on a free port
+(no port race); ``tools/train.py --gpu 0,1`` and ``--cpu-procs N`` use it, and
+``init_from_env()`` joins a group started by ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "BUCKET_BYTES",
+    "DEFAULT_TIMEOUT",
+    "DistributedSync",
+    "agree_seed",
+    "get_rank",
+    "get_world_size",
+    "init_from_env",
+    "init_process_group",
+    "is_distributed",
+    "launch",
+    "launched_by_torchrun",
+    "quiet_non_root_logging",
+]
+
+#: Gradients are all-reduced in flat buckets of at most this many bytes.
+BUCKET_BYTES = 32 * 2**20
+
+#: How long a rank waits in a collective (e.g. while rank 0 tests) before failing; environment
+#: variable ``CAFFE_COMPAT_DIST_TIMEOUT`` (seconds) overrides it.
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("CAFFE_COMPAT_DIST_TIMEOUT", "3600")))
+
+_log = logging.getLogger("caffe_compat")
+
+
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group of more than one process is initialized."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_process_group(
+    backend: str,
+    rank: int,
+    world_size: int,
+    *,
+    store: Any = None,
+    init_method: str | None = None,
+    device_id: int | None = None,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+) -> None:
+    """Join a process group (``backend`` "nccl" or "gloo"); ``device_id`` selects this rank's GPU
+    (``torch.cuda.set_device``) before NCCL starts."""
+    if device_id is not None:
+        torch.cuda.set_device(device_id)
+    kwargs: dict[str, Any] = {"backend": backend, "rank": rank, "world_size": world_size, "timeout": timeout}
+    if store is not None:
+        kwargs["store"] = store
+    else:
+        kwargs["init_method"] = init_method or "env://"
+    dist.init_process_group(**kwargs)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether the environment describes a process group (``torchrun``: RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT) of more than one process."""
+    env = os.environ
+    return all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")) and int(env["WORLD_SIZE"]) > 1
+
+
+def init_from_env(backend: str, device_id: int | None = None) -> tuple[int, int, int]:
+    """Join the group ``torchrun`` describes; returns ``(rank, world_size, local_rank)``."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    init_process_group(backend, rank, world, init_method="env://", device_id=device_id)
+    return rank, world, local_rank
+
+
+class _DropInfoFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def quiet_non_root_logging() -> None:
+    """On ranks other than 0, let only warnings and errors of the ``caffe_compat`` logger through
+    (Caffe's workers do not log training progress)."""
+    if get_rank() != 0 and not any(isinstance(f, _DropInfoFilter) for f in _log.filters):
+        _log.addFilter(_DropInfoFilter())
+
+
+def agree_seed(seed: int) -> int:
+    """The seed every rank uses: ``seed`` when it is >= 0 (all ranks read the same solver), else
+    one drawn by rank 0 and broadcast, so that data shuffles agree and the shards are disjoint."""
+    if seed < 0:
+        seed = int(np.random.SeedSequence().generate_state(1)[0]) if get_rank() == 0 else 0
+    t = torch.tensor([seed], dtype=torch.int64, device=_collective_device())
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+class DistributedSync:
+    """The link between one solver and its peers: gradient averaging, parameter broadcast,
+    agreement on flags. Built by the Solver when a process group of > 1 processes exists.
+
+    ``params``: the learnable parameters (``net.learnable_params``), identical in shape and order
+    on every rank. Bucketed by dtype and device up to ``bucket_bytes``.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], *, bucket_bytes: int = BUCKET_BYTES):
+        if not is_distributed():
+            raise RuntimeError("DistributedSync needs an initialized process group of more than one process")
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = _collective_device()
+        self.params = list(params)
+        self.buckets: list[list[int]] = []
+        open_buckets: dict[tuple, tuple[list[int], int]] = {}
+        for i, p in enumerate(self.params):
+            key = (p.dtype, p.device)
+            idx, size = open_buckets.get(key, ([], 0))
+            nbytes = p.numel() * p.element_size()
+            if idx and size + nbytes > bucket_bytes:
+                self.buckets.append(idx)
+                idx, size = [], 0
+            idx.append(i)
+            open_buckets[key] = (idx, size + nbytes)
+        self.buckets.extend(idx for idx, _ in open_buckets.values() if idx)
+
+    # -- collectives ------------------------------------------------------------------------------
+
+    def _flat(self, tensors: list[torch.Tensor], extra: Sequence[float] = ()) -> torch.Tensor:
+        parts = [t.reshape(-1) for t in tensors]
+        if extra:
+            ref = tensors[0] if tensors else None
+            dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float64
+            device = ref.device if ref is not None else self.device
+            parts.append(torch.tensor(list(extra), dtype=dtype, device=device))
+        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+    @staticmethod
+    def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> int:
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n
+        return offset
+
+    def average_gradients(self, loss: float = 0.0, flags: Sequence[int] = ()) -> tuple[float, list[int]]:
+        """All-reduce every learnable parameter's ``.grad`` in place: sum over ranks, then scale by
+        ``1/N`` (Caffe's order). Returns the mean of ``loss`` over ranks and, for each of
+        ``flags``, the number of ranks that raised it."""
+        scale = 1.0 / self.world_size
+        extra = [float(loss), *map(float, flags)]
+        with torch.no_grad():
+            grads = []
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+            totals: list[float] = []
+            for b, idx in enumerate(self.buckets):
+                ts = [grads[i] for i in idx]
+                last = b == len(self.buckets) - 1
+                flat = self._flat(ts, extra if last else ())
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                n = self._unflatten(flat, ts)
+                for t in ts:
+                    t.mul_(scale)
+                if last:
+                    totals = flat[n:].double().cpu().tolist()
+            if not self.buckets:
+                flat = self._flat([], extra)
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                totals = flat.double().cpu().tolist()
+        mean_loss = float(np.float32(np.float32(totals[0]) * np.float32(scale)))
+        return mean_loss, [int(round(v)) for v in totals[1:]]
+
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+        """Copy ``tensors`` (e.g. the parameters after loading weights) from rank ``src`` to all."""
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        with torch.no_grad():
+            for ts in groups.values():
+                flat = self._flat([t.data for t in ts])
+                dist.broadcast(flat, src=src)
+                self._unflatten(flat, [t.data for t in ts])
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank passes ``flag`` true (e.g. a stop requested during rank 0's test)."""
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return bool(t.item() > 0)
+
+    def mean(self, value: float) -> float:
+        """The mean of a float32 scalar over ranks."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(np.float32(np.float32(t.item()) * np.float32(1.0 / self.world_size)))
+
+
+# -- launching ----------------------------------------------------------------------------------
+
+
+def _worker(
+    index: int,
+    fn: Callable[..., Any],
+    args: tuple,
+    world_size: int,
+    backend: str,
+    port: int,
+    devices: Sequence[int] | None,
+    timeout_s: float,
+) -> None:
+    store = dist.TCPStore(
+        "127.0.0.1", port, world_size=None, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    device_id = devices[index] if devices else None
+    init_process_group(
+        backend, index, world_size, store=store, device_id=device_id, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    try:
+        status = fn(index, world_size, *args)
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # pragma: no cover (already torn down)
+            pass
+    if status:
+        raise SystemExit(int(status))
+
+
+def launch(
+    fn: Callable[..., Any],
+    nprocs: int,
+    args: tuple = (),
+    *,
+    backend: str = "gloo",
+    devices: Sequence[int] | None = None,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+) -> int:
+    """Run ``fn(rank, world_size, *args)`` in ``nprocs`` spawned processes joined in one process
+    group (``backend`` "gloo" or "nccl"; ``devices[rank]`` is rank's GPU). ``fn`` must be
+    importable by name (module level). A non-zero return value is the process's exit status.
+
+    Returns 0 when every process succeeded, else the first failing process's exit status
+    (the others are terminated). SIGINT/SIGHUP reaching this parent are left to the workers
+    (they receive them too from the terminal, and stop or snapshot together).
+    """
+    import torch.multiprocessing as mp
+
+    if nprocs < 1:
+        raise ValueError(f"launch: nprocs must be >= 1 (got {nprocs})")
+    if devices is not None and len(devices) < nprocs:
+        raise ValueError(f"launch: {nprocs} processes but only {len(devices)} devices")
+    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, timeout=timeout)
+    ctx = mp.start_processes(
+        _worker,
+        args=(fn, tuple(args), nprocs, backend, store.port, list(devices) if devices else None, timeout.total_seconds()),
+        nprocs=nprocs,
+        join=False,
+        start_method="spawn",
+    )
+    previous = {}
+    for s in (signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        if s is not None:
+            try:
+                previous[s] = signal.signal(s, lambda signum, frame: None)
+            except ValueError:  # not the main thread
+                break
+    try:
+        while not ctx.join():
+            pass
+    except mp.ProcessExitedException as e:
+        _log.error("process %d (of %d) exited with status %s", e.error_index, nprocs, e.exit_code)
+        return int(e.exit_code) if e.exit_code and e.exit_code > 0 else 1
+    except mp.ProcessRaisedException as e:
+        _log.error("process %d (of %d) failed:\n%s", e.error_index, nprocs, e)
+        return 1
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        del store
+    return 0
