@@ -8,31 +8,29 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from caffe_compat.errors import CaffeError, DataError, FormatError, LayerError, NetError, PrototxtError, SolverError
-from caffe_compat.mode import current_device, set_device, set_mode_cpu, set_mode_gpu, set_random_seed
-from caffe_compat.proto import caffe_pb2
-from caffe_compat.net import TEST, TRAIN, Net
-from caffe_compat.layers.base import registered_types as _registered_types
-from caffe_compat import io  # noqa: F401  (pycaffe's caffe.io)
-from caffe_compat.layers.python import PyLayer as Layer
-from caffe_compat.layers.python import allow_python_layers
-from caffe_compat.net_spec import NetSpec, params, to_proto
+from caffe_compat import (
+    coord_map,  # noqa: F401  (pycaffe's caffe.coord_map)
+    io,  # noqa: F401  (pycaffe's caffe.io)
+)
 from caffe_compat.classifier import Classifier
 from caffe_compat.detector import Detector
-from caffe_compat import coord_map  # noqa: F401  (pycaffe's caffe.coord_map)
-
-try:  # solvers are optional while the package is being assembled
-    from caffe_compat.solvers import (  # noqa: F401
-        AdaDeltaSolver,
-        AdaGradSolver,
-        AdamSolver,
-        NesterovSolver,
-        RMSPropSolver,
-        SGDSolver,
-        get_solver,
-    )
-except ImportError:  # pragma: no cover
-    pass
+from caffe_compat.errors import CaffeError, DataError, FormatError, LayerError, NetError, PrototxtError, SolverError
+from caffe_compat.layers.base import registered_types as _registered_types
+from caffe_compat.layers.python import PyLayer as Layer
+from caffe_compat.layers.python import allow_python_layers
+from caffe_compat.mode import allow_tf32, current_device, set_device, set_mode_cpu, set_mode_gpu, set_random_seed
+from caffe_compat.net import TEST, TRAIN, Net
+from caffe_compat.net_spec import NetSpec, params, to_proto
+from caffe_compat.proto import caffe_pb2
+from caffe_compat.solvers import (
+    AdaDeltaSolver,
+    AdaGradSolver,
+    AdamSolver,
+    NesterovSolver,
+    RMSPropSolver,
+    SGDSolver,
+    get_solver,
+)
 
 
 def layer_type_list() -> list[str]:
@@ -60,6 +58,14 @@ __all__ = [
     "Layer",
     "LayerError",
     "allow_python_layers",
+    "allow_tf32",
+    "get_solver",
+    "SGDSolver",
+    "NesterovSolver",
+    "AdaGradSolver",
+    "RMSPropSolver",
+    "AdaDeltaSolver",
+    "AdamSolver",
     "Net",
     "NetError",
     "PrototxtError",
