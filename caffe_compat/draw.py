@@ -187,7 +187,11 @@ def get_dot_graph(
             continue
         node_id = f"{layer.name}_{layer.type}"
         inplace = len(layer.bottom) == 1 and len(layer.top) == 1 and layer.bottom[0] == layer.top[0]
-        style = dict(NEURON_LAYER_STYLE) if inplace else dict(LAYER_STYLE_DEFAULT, fillcolor=choose_color_by_layertype(layer.type))
+        style = (
+            dict(NEURON_LAYER_STYLE)
+            if inplace
+            else dict(LAYER_STYLE_DEFAULT, fillcolor=choose_color_by_layertype(layer.type))
+        )
         nodes[node_id] = _attrs({"label": get_layer_label(layer, rankdir, display_lrm), **style})
         for b in layer.bottom:
             blob_node(b)
@@ -214,7 +218,9 @@ def dot_available() -> bool:
     return shutil.which("dot") is not None
 
 
-def draw_net(caffe_net, rankdir: str = "LR", ext: str = "png", phase: int | None = None, display_lrm: bool = False) -> bytes:
+def draw_net(
+    caffe_net, rankdir: str = "LR", ext: str = "png", phase: int | None = None, display_lrm: bool = False
+) -> bytes:
     """The drawing encoded as ``ext`` (``png``, ``svg``, ``pdf``... through ``dot``; ``dot``/``gv``/
     ``raw``: the DOT text). Raises ``CaffeError`` when an image is asked for and ``dot`` is absent."""
     text = get_dot_graph(caffe_net, rankdir, phase=phase, display_lrm=display_lrm)

@@ -8,11 +8,13 @@
   fixture, as real Caffe's trajectory; gradient clipping sees the averaged gradient.
 - A stop/snapshot request seen by one rank acts on both at the same iteration; snapshots are
   written by rank 0 only.
-- ``tools/train.py --cpu-procs 2`` trains, logs and snapshots once.
+- ``tools/train.py --cpu-procs 2`` trains, logs and snapshots once, and resumes from its
+  snapshot to the same weights.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
@@ -159,6 +161,17 @@ def test_set_shard_validation(h5_source):
         layer.set_shard(0, 2)
 
 
+def test_set_shard_after_prefetch_started_is_refused(monkeypatch):
+    monkeypatch.chdir(DATA_LAYERS)
+    layer = _net((DATA_LAYERS / "lmdb_encoded_scale.prototxt").read_text()).layers[0]
+    try:
+        layer()
+        with pytest.raises(Exception, match="before the layer reads its first batch"):
+            layer.set_shard(1, 2)
+    finally:
+        layer.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # 2 gloo processes against 1 process with iter_size 2
 
@@ -243,7 +256,8 @@ def test_two_gloo_processes_equal_iter_size_2(tmp_path):
         2,
         ([str(d) for d in dist_dirs], str(signal_dir), str(tmp_path)),
         backend="gloo",
-        timeout=__import__("datetime").timedelta(seconds=TIMEOUT_S),
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+        wall_timeout=TIMEOUT_S,
     )
     assert status == 0
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
@@ -282,7 +296,7 @@ def test_two_gloo_processes_equal_iter_size_2(tmp_path):
 # tools/train.py
 
 
-def test_train_tool_cpu_procs_snapshots_once(tmp_path):
+def test_train_tool_cpu_procs_snapshots_once_and_resumes(tmp_path):
     d = _prepare_case(tmp_path, "iter_size", 1, "snapshot: 5\ndisplay: 1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "tools" / "train.py"), "--solver", "solver.prototxt"]
@@ -307,6 +321,17 @@ def test_train_tool_cpu_procs_snapshots_once(tmp_path):
             np.testing.assert_allclose(
                 cio.blob_to_array(blob), ref[f"iter10__{layer.name}__{j}"], rtol=PARAM_RTOL, atol=PARAM_ATOL
             )
+
+    # resuming on 2 processes (each rank skips its own share of 5 iterations) ends identically
+    (d / "final_iter_10.caffemodel").rename(d / "uninterrupted.caffemodel")
+    cmd = [sys.executable, str(REPO / "tools" / "train.py"), "--solver", "solver.prototxt"]
+    cmd += ["--snapshot", "final_iter_5.solverstate", "--iterations", "10", "--cpu-procs", "2"]
+    proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = cio.read_caffemodel(d / "final_iter_10.caffemodel")
+    for la, lb in zip(resumed.layer, model.layer):
+        for x, y in zip(la.blobs, lb.blobs):
+            np.testing.assert_allclose(cio.blob_to_array(x), cio.blob_to_array(y), rtol=0, atol=0, err_msg=la.name)
 
 
 def test_train_tool_several_gpus_without_cuda_is_a_clear_error(capsys):

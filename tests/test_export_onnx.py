@@ -255,8 +255,7 @@ def test_batchnorm_with_zero_scale_factor_divides_by_sqrt_eps():
 
 def test_deconvolution_and_crop_fcn_style():
     text = (
-        _input("data", (1, 3, 7, 7))
-        + 'layer { name: "score" type: "Convolution" bottom: "data" top: "score" '
+        _input("data", (1, 3, 7, 7)) + 'layer { name: "score" type: "Convolution" bottom: "data" top: "score" '
         "convolution_param { num_output: 5 kernel_size: 1 } }\n"
         'layer { name: "up" type: "Deconvolution" bottom: "score" top: "up" '
         "convolution_param { num_output: 5 kernel_size: 8 stride: 4 group: 5 bias_term: false "
@@ -394,7 +393,9 @@ def test_tool_dynamic_batch_checks_two_batch_sizes(tmp_path, capsys):
     weights = tmp_path / "c.caffemodel"
     net.save(str(weights))
     out = tmp_path / "c.onnx"
-    rc = tool.main(["--model", str(proto), "--weights", str(weights), "--out", str(out), "--dynamic-batch", "--opset", "17"])
+    rc = tool.main(
+        ["--model", str(proto), "--weights", str(weights), "--out", str(out), "--dynamic-batch", "--opset", "17"]
+    )
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "batch 1," in text and "batch 2," in text

@@ -48,9 +48,12 @@ layer { name: "crop" type: "Crop" bottom: "up2" bottom: "data" top: "recon" crop
 def _compared_blobs(net) -> list[str]:
     """The outputs and the bottoms of the layers producing them."""
     names = list(net.outputs)
+    split_tops = {t for lname, layer in net.layer_dict.items() if layer.type == "Split" for t in net.top_names[lname]}
     for lname in net._layer_names:
         if any(t in net.outputs for t in net.top_names[lname]):
-            names += [b for b in net.bottom_names[lname] if b not in names and b not in net.inputs]
+            names += [
+                b for b in net.bottom_names[lname] if b not in names and b not in net.inputs and b not in split_tops
+            ]
     return names
 
 

@@ -33,7 +33,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 13)")
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch axis symbolic ('N')")
-    p.add_argument("--batch", type=int, default=0, help="set the inputs' batch size before export (default: as in the prototxt)")
+    p.add_argument(
+        "--batch", type=int, default=0, help="set the inputs' batch size before export (default: as in the prototxt)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random check input")
     p.add_argument("--tol", type=float, default=1e-4, help="largest accepted difference relative to the output's scale")
     return p
@@ -81,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"; first differing layer {lname!r} ({layer.type}), top {blob!r}: max |diff| "
                         f"{d.max_abs_diff:.3e}, relative {d.relative:.3e}"
                     )
-                print(f"{prog}: error: onnxruntime differs from the net by {worst:.3e} > --tol {args.tol}{detail}", file=sys.stderr)
+                print(
+                    f"{prog}: error: onnxruntime differs from the net by {worst:.3e} > --tol {args.tol}{detail}",
+                    file=sys.stderr,
+                )
                 return 1
         print(f"largest relative difference {worst:.3e} <= {args.tol}: ok")
         return 0

@@ -65,6 +65,11 @@ class Prefetcher(Generic[T]):
             t.join(timeout=5)
 
     @property
+    def started(self) -> bool:
+        """Whether a batch has been asked for (the worker, if any, has been started)."""
+        return self._thread is not None or self._error is not None
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

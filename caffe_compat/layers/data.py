@@ -91,9 +91,12 @@ class _BaseDataLayer(Layer):
         if world_size < 1 or not 0 <= rank < world_size:
             raise self.error(f"set_shard: rank {rank} of world_size {world_size}; need 0 <= rank < world_size")
         shard = self._get_shard()
-        if shard.started or shard.pending != shard.rank:
+        if shard.started or shard.pending != shard.rank or self._reading():
             raise self.error("set_shard must be called before the layer reads its first batch")
         shard.set(rank, world_size)
+
+    def _reading(self) -> bool:
+        return False
 
     @property
     def shard(self) -> tuple[int, int]:
@@ -142,10 +145,13 @@ class _PrefetchingDataLayer(_BaseDataLayer):
         self._prefetcher = Prefetcher(_ShardedSource(source, self._get_shard()), depth, name=f"prefetch:{self.name}")
         weakref.finalize(self, self._prefetcher.close)
 
+    def _reading(self) -> bool:
+        return self._prefetcher.started
+
     def skip_batches(self, n: int) -> None:
         if n <= 0:
             return
-        if self._prefetcher.running or self._get_shard().started:
+        if self._reading() or self._get_shard().started:
             # the worker thread owns the source now: take the batches and drop them
             for _ in range(int(n)):
                 self.forward()

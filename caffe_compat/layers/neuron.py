@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from caffe_compat.layers.base import Layer, register_layer
 
@@ -53,14 +54,27 @@ class ReLULayer(_NeuronLayer):
     (every engine computes the same function).
 
     Bottom: any shape. Top: same shape.
+
+    Computed with ``F.relu`` / ``F.leaky_relu``, whose gradients are Caffe's (at x = 0:
+    0, resp. ``negative_slope``). ``forward_inplace`` overwrites the bottom; the net calls it
+    for an in-place ReLU (top == bottom) when nothing else needs the bottom's old values.
     """
 
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         self.negative_slope = float(self.param.relu_param.negative_slope)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # where() routes the gradient of x == 0 to the second branch, as Caffe does.
-        return (torch.where(x > 0, x, x * self.negative_slope),)
+        if self.negative_slope == 0.0:
+            return (F.relu(x),)
+        return (F.leaky_relu(x, self.negative_slope),)
+
+    def forward_inplace(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``forward`` writing into ``x`` (the net decides when that is safe)."""
+        if self.negative_slope == 0.0:
+            return (F.relu_(x),)
+        if self.negative_slope > 0.0:
+            return (F.leaky_relu_(x, self.negative_slope),)
+        return self.forward(x)  # torch's in-place leaky ReLU has no backward for a negative slope
 
 
 @register_layer("PReLU")

@@ -394,7 +394,7 @@ class Solver:
 
         logger.info("Training on %d processes (this is rank %d)", self.world_size, self.rank)
         dist_mod.quiet_non_root_logging()
-        for layer in self.net.layers:
+        for layer in getattr(self.net, "layers", []):
             if hasattr(layer, "set_shard"):
                 layer.set_shard(self.rank, self.world_size)
             elif getattr(layer, "type", "") in _DATA_LAYER_TYPES:

@@ -44,6 +44,7 @@ import datetime
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -271,6 +272,9 @@ def _worker(
     devices: Sequence[int] | None,
     timeout_s: float,
 ) -> None:
+    # Until the solver installs its SignalHandler, Ctrl-C kills the process (and the launcher
+    # then the others) instead of a KeyboardInterrupt that torch's wrapper reports as success.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     store = dist.TCPStore(
         "127.0.0.1", port, world_size=None, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
     )
@@ -297,10 +301,15 @@ def launch(
     backend: str = "gloo",
     devices: Sequence[int] | None = None,
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    wall_timeout: float | None = None,
 ) -> int:
     """Run ``fn(rank, world_size, *args)`` in ``nprocs`` spawned processes joined in one process
     group (``backend`` "gloo" or "nccl"; ``devices[rank]`` is rank's GPU). ``fn`` must be
     importable by name (module level). A non-zero return value is the process's exit status.
+
+    ``timeout`` bounds each collective (a rank waiting for a dead peer fails); ``wall_timeout``
+    (seconds, None: no limit) bounds the whole run: past it every process is killed and 124 is
+    returned (tests use it so that nothing can hang).
 
     Returns 0 when every process succeeded, else the first failing process's exit status
     (the others are terminated). SIGINT/SIGHUP reaching this parent are left to the workers
@@ -315,7 +324,15 @@ def launch(
     store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, timeout=timeout)
     ctx = mp.start_processes(
         _worker,
-        args=(fn, tuple(args), nprocs, backend, store.port, list(devices) if devices else None, timeout.total_seconds()),
+        args=(
+            fn,
+            tuple(args),
+            nprocs,
+            backend,
+            store.port,
+            list(devices) if devices else None,
+            timeout.total_seconds(),
+        ),
         nprocs=nprocs,
         join=False,
         start_method="spawn",
@@ -327,9 +344,17 @@ def launch(
                 previous[s] = signal.signal(s, lambda signum, frame: None)
             except ValueError:  # not the main thread
                 break
+    deadline = None if wall_timeout is None else time.monotonic() + wall_timeout
     try:
-        while not ctx.join():
-            pass
+        while not ctx.join(timeout=1.0):
+            if deadline is not None and time.monotonic() > deadline:
+                _log.error("the %d processes ran past %s s; killing them", nprocs, wall_timeout)
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                for p in ctx.processes:
+                    p.join(timeout=10)
+                return 124
     except mp.ProcessExitedException as e:
         _log.error("process %d (of %d) exited with status %s", e.error_index, nprocs, e.exit_code)
         return int(e.exit_code) if e.exit_code and e.exit_code > 0 else 1

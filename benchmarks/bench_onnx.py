@@ -1,0 +1,123 @@
+"""CPU forward time of AlexNet: our Net, onnxruntime on its ONNX export, OpenCV on its caffemodel.
+
+    python benchmarks/bench_onnx.py [--batches 1,10] [--runs 7] [--threads 0]
+
+AlexNet is tests/fixtures/caffe_reference/zoo/bvlc_alexnet/deploy.prototxt with seeded random
+weights (``randomize_params``), saved as a .caffemodel and exported to ONNX in a temporary
+folder. For each batch size each engine runs once to warm up, then ``--runs`` timed forwards on
+the same random input; the table gives the median and each engine's ratio to our Net (from one
+run of this script). Our Net runs under ``torch.no_grad()``. ``--threads`` sets torch's,
+onnxruntime's and OpenCV's thread counts (0: each library's default). The 1-minute load average
+is printed: on a shared machine the numbers move with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cv2  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+import caffe_compat as caffe  # noqa: E402
+from caffe_compat.export import onnx as ox  # noqa: E402
+
+__all__ = ["main"]
+
+PROTO = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "tests", "fixtures", "caffe_reference", "zoo", "bvlc_alexnet", "deploy.prototxt",
+)  # fmt: skip
+
+
+def _median_ms(fn, runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,10", help="comma-separated batch sizes")
+    ap.add_argument("--runs", type=int, default=7, help="timed runs per engine and batch size")
+    ap.add_argument("--threads", type=int, default=0, help="threads for every engine (0: defaults)")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)
+
+    net = caffe.Net(PROTO, caffe.TEST)
+    ox.randomize_params(net, seed=0)
+    tmp = tempfile.mkdtemp(prefix="bench_onnx_")
+    weights = os.path.join(tmp, "alexnet.caffemodel")
+    net.save(weights)
+
+    print(f"AlexNet forward on CPU: median of {args.runs} runs after one warm-up (ms)")
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__}, "
+        f"OpenCV {cv2.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start"
+    )
+    header = f"{'batch':>5}  {'engine':<32}  {'median ms':>10}  {'vs Net':>7}  {'max rel diff':>12}"
+    print(header)
+    print("-" * len(header))
+    for n in batches:
+        net.blobs["data"].reshape(n, 3, 227, 227)
+        net.reshape()
+        x = np.random.default_rng(n).standard_normal((n, 3, 227, 227)).astype(np.float32)
+        path = os.path.join(tmp, f"alexnet_{n}.onnx")
+        ox.export_onnx(net, path, check=False)
+
+        xt = torch.from_numpy(x)
+
+        def ours(xt=xt):
+            with torch.no_grad():
+                return net.run(data=xt)["prob"]
+
+        opts = ort.SessionOptions()
+        if args.threads:
+            opts.intra_op_num_threads = args.threads
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+        def onnxrt(sess=sess, x=x):
+            return sess.run(["prob"], {"data": x})[0]
+
+        cvnet = cv2.dnn.readNetFromCaffe(PROTO, weights)
+
+        def opencv(cvnet=cvnet, x=x):
+            cvnet.setInput(x, "data")
+            return cvnet.forward("prob")
+
+        ref = ours().numpy()
+        scale = float(np.abs(ref).max())
+        t_ours = None
+        for name, fn in (
+            ("caffe_compat Net (torch, no_grad)", ours),
+            ("onnxruntime (ONNX export)", onnxrt),
+            ("OpenCV dnn (caffemodel)", opencv),
+        ):
+            out = fn()
+            out = out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+            diff = float(np.abs(out.reshape(ref.shape) - ref).max()) / scale
+            ms = _median_ms(fn, args.runs)
+            t_ours = t_ours or ms
+            print(f"{n:>5}  {name:<32}  {ms:>10.1f}  {ms / t_ours:>6.2f}x  {diff:>12.2e}")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
