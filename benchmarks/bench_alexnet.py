@@ -215,10 +215,11 @@ def _peak_rss_child(side: str, batch: int) -> None:
     print(json.dumps({"before_mb": before / 1024, "peak_mb": peak / 1024}))
 
 
-def _peak_rss(side: str, batch: int, threads: int) -> float:
+def _peak_rss(side: str, batch: int, threads: int, no_tune: bool) -> float:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, os.path.abspath(__file__), "--_memchild", side, "--batches", str(batch)]
     out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--_memchild", side, "--batches", str(batch)],
+        cmd + (["--no_tune"] if no_tune else []),
         capture_output=True,
         text=True,
         check=True,
@@ -237,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=0, help="timed calls per round (0: by batch size)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: caffe_compat's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per physical core)")
+    p.add_argument(
+        "--no_tune", action="store_true", help="skip caffe_compat.mode.tune_cpu (malloc caching; both sides)"
+    )
     p.add_argument("--what", default="fwd,fwd_bwd,iter")
     p.add_argument("--baseline_channels_last", action="store_true")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables for batch[0]")
@@ -245,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--_memchild", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    tuned = {"threads": torch.get_num_threads(), "cache_allocations": False}
+    if args.device == "cpu" and not args.no_tune:
+        tuned = cmode.tune_cpu(args.threads or None)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
     if args._memchild:
         _peak_rss_child(args._memchild, batches[0])
         return 0
@@ -253,14 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         cmode.set_mode_gpu()
         cmode.set_device(device.index or 0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     whats = args.what.split(",")
     load = os.getloadavg()
     print(
         f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
         f"cpus {os.cpu_count()}, load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
+    print(f"# tune_cpu malloc caching (process-wide: both sides): {tuned['cache_allocations']}")
     if device.type == "cuda":
         print(f"# {torch.cuda.get_device_name(device)}")
     print(
@@ -295,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory:
         if device.type == "cpu":
             for batch in batches:
-                mo = _peak_rss("ours", batch, torch.get_num_threads())
-                mb = _peak_rss("torch", batch, torch.get_num_threads())
+                mo = _peak_rss("ours", batch, torch.get_num_threads(), args.no_tune)
+                mb = _peak_rss("torch", batch, torch.get_num_threads(), args.no_tune)
                 print(f"# peak RSS of a training step, batch {batch}: ours {mo:.0f} MB, torch {mb:.0f} MB, ratio {mo / mb:.3f}")
     load = os.getloadavg()
     print(f"# load avg at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

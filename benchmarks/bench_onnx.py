@@ -1,12 +1,14 @@
 """CPU forward time of AlexNet: our Net, onnxruntime on its ONNX export, OpenCV on its caffemodel.
 
-    python benchmarks/bench_onnx.py [--batches 1,10] [--runs 7] [--threads 0]
+    python benchmarks/bench_onnx.py [--batches 1,10] [--runs 7] [--warmup 3] [--threads 0]
 
 AlexNet is tests/fixtures/caffe_reference/zoo/bvlc_alexnet/deploy.prototxt with seeded random
 weights (``randomize_params``), saved as a .caffemodel and exported to ONNX in a temporary
-folder. For each batch size each engine runs once to warm up, then ``--runs`` timed forwards on
-the same random input; the table gives the median and each engine's ratio to our Net (from one
-run of this script). Our Net runs under ``torch.no_grad()``. ``--threads`` sets torch's,
+folder. For each batch size each engine runs ``--warmup`` times untimed, then ``--runs`` timed
+forwards on the same random input, the engines taking turns (round robin) so that load changes
+hit all of them alike; the table gives the medians and each engine's ratio to our Net (from one
+run of this script) and the largest difference of each engine's output to our Net's, relative
+to its scale. Our Net runs under ``torch.no_grad()``. ``--threads`` sets torch's,
 onnxruntime's and OpenCV's thread counts (0: each library's default). The 1-minute load average
 is printed: on a shared machine the numbers move with it.
 """
@@ -39,20 +41,26 @@ PROTO = os.path.join(
 )  # fmt: skip
 
 
-def _median_ms(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
+def _medians_ms(fns: list, runs: int, warmup: int) -> list[float]:
+    """Median time of each function; runs interleave the functions (round robin) so that a
+    change of the machine's load affects all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,10", help="comma-separated batch sizes")
     ap.add_argument("--runs", type=int, default=7, help="timed runs per engine and batch size")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed runs of each engine first")
     ap.add_argument("--threads", type=int, default=0, help="threads for every engine (0: defaults)")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = os.path.join(tmp, "alexnet.caffemodel")
     net.save(weights)
 
-    print(f"AlexNet forward on CPU: median of {args.runs} runs after one warm-up (ms)")
+    print(f"AlexNet forward on CPU: median of {args.runs} interleaved runs after {args.warmup} warm-up runs (ms)")
     print(
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__}, "
         f"OpenCV {cv2.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start"
@@ -101,20 +109,21 @@ def main(argv: list[str] | None = None) -> int:
             cvnet.setInput(x, "data")
             return cvnet.forward("prob")
 
-        ref = ours().numpy()
-        scale = float(np.abs(ref).max())
-        t_ours = None
-        for name, fn in (
+        engines = (
             ("caffe_compat Net (torch, no_grad)", ours),
             ("onnxruntime (ONNX export)", onnxrt),
             ("OpenCV dnn (caffemodel)", opencv),
-        ):
+        )
+        ref = ours().numpy()
+        scale = float(np.abs(ref).max())
+        diffs = []
+        for _, fn in engines:
             out = fn()
             out = out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
-            diff = float(np.abs(out.reshape(ref.shape) - ref).max()) / scale
-            ms = _median_ms(fn, args.runs)
-            t_ours = t_ours or ms
-            print(f"{n:>5}  {name:<32}  {ms:>10.1f}  {ms / t_ours:>6.2f}x  {diff:>12.2e}")
+            diffs.append(float(np.abs(out.reshape(ref.shape) - ref).max()) / scale)
+        medians = _medians_ms([fn for _, fn in engines], args.runs, args.warmup)
+        for (name, _), ms, diff in zip(engines, medians, diffs):
+            print(f"{n:>5}  {name:<32}  {ms:>10.1f}  {ms / medians[0]:>6.2f}x  {diff:>12.2e}")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import random
 
 import numpy as np
@@ -10,6 +13,8 @@ import torch
 from caffe_compat.errors import CaffeError
 
 __all__ = [
+    "physical_cores",
+    "tune_cpu",
     "allow_tf32",
     "apply_float32_numerics",
     "current_device",
@@ -84,3 +89,56 @@ def set_random_seed(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     random.seed(seed)
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (logical CPUs when the topology is unknown)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover (not Linux)
+        return os.cpu_count() or 1
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/core_id") as f:
+                core = f.read().strip()
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/physical_package_id") as f:
+                pkg = f.read().strip()
+        except OSError:
+            return len(cpus)
+        cores.add((pkg, core))
+    return max(1, len(cores))
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_cpu(threads: int | None = None, cache_allocations: bool = True) -> dict:
+    """Process-wide CPU settings for training speed (opt-in; numerics are unchanged).
+
+    - ``threads``: torch's intra-op threads; ``None`` means one per physical core
+      (``physical_cores()``), which avoids hyper-thread pairs competing for one FPU.
+    - ``cache_allocations``: tell glibc's malloc to serve large blocks from its heap and keep
+      freed memory (``mallopt(M_MMAP_THRESHOLD, 1 GiB)``, ``mallopt(M_TRIM_THRESHOLD, 2 GiB)``).
+      By default every tensor above a few MB is a fresh ``mmap`` whose pages the kernel
+      zero-fills on first touch: for AlexNet that is ~10⁵ page faults per training iteration
+      (a quarter of its time at small batches). The cost: the process keeps its peak heap.
+      This changes the whole process (any other library allocating in it too) and cannot be
+      undone for blocks already allocated; without glibc it does nothing.
+
+    Returns what was applied: ``{"threads": n, "cache_allocations": bool}``.
+    """
+    n = int(threads) if threads else physical_cores()
+    torch.set_num_threads(n)
+    applied = False
+    if cache_allocations:
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name) if name else None
+            mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+        except OSError:  # pragma: no cover
+            mallopt = None
+        if mallopt is not None:
+            applied = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return {"threads": n, "cache_allocations": applied}

@@ -241,7 +241,7 @@ class Net(nn.Module):
         blob_need_backward: dict[str, bool] = {}
         bottom_need_backward: list[list[bool]] = []
         layer_need_backward: list[bool] = []
-        consumed: set[str] = set()
+        available: set[str] = set()  # Caffe's available_blobs: produced, not yet consumed
 
         for li, lp in enumerate(self.net_param.layer):
             if not lp.HasField("phase"):
@@ -264,7 +264,7 @@ class Net(nn.Module):
                     nb = bool(lp.propagate_down[j])
                 bneed.append(nb)
                 need_bw |= blob_need_backward[b]
-                consumed.add(b)
+                available.discard(b)
             cls = layer_class(lp.type, lname)
             try:
                 layer = cls(lp, bshapes, lp.phase)
@@ -360,6 +360,7 @@ class Net(nn.Module):
                 if weights[j]:
                     self.blobs[t].loss_weight = float(weights[j])
                 blob_need_backward[t] = need_bw
+                available.add(t)
                 if getattr(layer, "is_net_input", False):
                     self.inputs.append(t)
 
@@ -372,7 +373,8 @@ class Net(nn.Module):
             bottom_need_backward.append(bneed)
             layer_need_backward.append(need_bw)
 
-        self.outputs = [b for b in self.blobs if b not in consumed]
+        # what is left is the net's output, in Caffe's (std::set, so sorted) order
+        self.outputs = sorted(available)
 
         # Caffe's backward pruning: layers not under a loss do not backpropagate.
         under_loss: set[str] = set()
@@ -440,6 +442,7 @@ class Net(nn.Module):
                 self.params_weight_decay.append(float(dm))
                 self._learnable_layer_of.append((self._layer_names[li], k))
         self._diffs_cleared = False
+        self._overwritten = False
 
         self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
         self.params: OrderedDict[str, list[ParamBlob]] = OrderedDict(
@@ -483,27 +486,55 @@ class Net(nn.Module):
         except ValueError:
             raise NetError(f"{self.source}: no layer named {name!r}") from None
 
-    def _run_layers(self, start: int, end: int, caffe_grads: bool = True) -> None:
+    def _run_layers(self, start: int, end: int, caffe_grads: bool = True, overwrite: bool = False) -> None:
+        """Run layers ``start``..``end``.
+
+        ``overwrite``: in-place layers that can (``forward_inplace``, e.g. ReLU) write into their
+        bottom's tensor when it was made in this pass by a layer whose backward does not need its
+        output (``top_overwritable``: Convolution, InnerProduct). Without autograd this is always
+        safe; with autograd (``forward_backward``) it only loses the diffs of such blobs, which
+        ``forward_backward`` does not compute.
+        """
         grad_on = torch.is_grad_enabled()
+        overwrite = overwrite or not grad_on
+        fresh: set[str] = set()  # blobs whose tensor a top_overwritable layer made in this pass
         for li in range(start, end + 1):
             layer = self.layers[li]
             if getattr(layer, "is_net_input", False):
                 continue
             bnames = self._bottoms[li]
             bottoms = []
+            detached = False
             for j, b in enumerate(bnames):
                 t = self.blobs[b].tensor
                 if grad_on and t.requires_grad:
                     if caffe_grads:
                         if not self._needs_grad_bottom[li][j]:
                             t = t.detach()
+                            detached = True
                     elif (len(layer.param.propagate_down) and not layer.param.propagate_down[j]) or (
                         not layer.allow_force_backward(j)
                     ):
                         t = t.detach()
+                        detached = True
                 bottoms.append(t)
+            inplace = (
+                overwrite
+                and not detached
+                and len(bnames) == 1
+                and self._inplace[li][0]
+                and bnames[0] in fresh
+                and hasattr(layer, "forward_inplace")
+            )
+            overwritable = overwrite and getattr(layer, "top_overwritable", False)
             try:
-                tops = layer(*bottoms)
+                if inplace:
+                    fresh.discard(bnames[0])
+                    if grad_on:
+                        self._overwritten = True
+                    tops = layer.forward_inplace(*bottoms)
+                else:
+                    tops = layer(*bottoms)
             except CaffeError:
                 raise
             except Exception as e:
@@ -523,6 +554,10 @@ class Net(nn.Module):
                     blob.set_tensor(tops[j])
                 else:
                     blob.set_tensor(tops[j], tops[j])
+                if overwritable and not self._inplace[li][j]:
+                    fresh.add(t)
+                else:
+                    fresh.discard(t)
 
     def _prepare_inputs(self) -> None:
         self._sync_mode()
@@ -572,6 +607,7 @@ class Net(nn.Module):
         s = self._layer_index(start, 0)
         e = self._layer_index(end, len(self.layers) - 1)
         self._prepare_inputs()
+        self._overwritten = False
         self._run_layers(s, e)
         self._diffs_cleared = False
         outs = list(self._tops[e]) if end is not None else list(self.outputs)
@@ -582,7 +618,8 @@ class Net(nn.Module):
 
     def _forward_loss(self) -> torch.Tensor | float:
         self._prepare_inputs()
-        self._run_layers(0, len(self.layers) - 1)
+        self._overwritten = False
+        self._run_layers(0, len(self.layers) - 1, overwrite=True)
         return self._loss()
 
     def backward(self, diffs: list[str] | None = None, start: str | None = None, end: str | None = None, **kwargs):
@@ -591,6 +628,11 @@ class Net(nn.Module):
         Blob diffs are set (not accumulated) as in Caffe; parameter diffs accumulate.
         Returns ``{blob: diff ndarray}`` for the inputs (or the bottoms of ``end``) and ``diffs``.
         """
+        if self._overwritten:
+            raise NetError(
+                f"backward(): the last pass of net {self.name!r} was forward_backward(), which computes "
+                "only parameter diffs (in-place layers overwrote the blobs); call forward() before backward()"
+            )
         for name, arr in kwargs.items():
             if name not in self.outputs:
                 raise NetError(f"backward(): {name!r} is not an output of net {self.name!r}")
@@ -651,6 +693,8 @@ class Net(nn.Module):
                         if p.grad is None:
                             p.grad = torch.zeros_like(p.data)
                         p.grad.add_(g)
+        self._fill_missing_diffs()
+        self._diffs_cleared = False
         outs = list(self._bottoms[e]) if end is not None else list(self.inputs)
         for b in diffs or ():
             if b not in outs:
@@ -671,22 +715,25 @@ class Net(nn.Module):
                     for p in params:
                         p.grad = None
                 torch.autograd.backward([loss], inputs=params)
-                if self._diffs_cleared:
-                    for p in params:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p.data)
+        self._fill_missing_diffs()
         self._diffs_cleared = False
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
     def clear_param_diffs(self) -> None:
-        """Zero every learnable blob's diff (Caffe's ClearParamDiffs)."""
-        with torch.no_grad():
-            for p in self.learnable_params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p.data)
-                else:
-                    p.grad.zero_()
+        """Zero every learnable blob's diff (Caffe's ClearParamDiffs).
+
+        The zeros are lazy: each ``.grad`` is dropped and comes back as zeros when read
+        (``net.params[...][i].diff``) or after the next ``forward_backward``/``backward``, which
+        then take autograd's gradient tensors as they are instead of adding them to zeros.
+        """
+        for p in self.learnable_params:
+            p.grad = None
         self._diffs_cleared = True
+
+    def _fill_missing_diffs(self) -> None:
+        for p in self.learnable_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p.data)
 
     def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Differentiable forward for PyTorch users: input tensors in, output tensors out.

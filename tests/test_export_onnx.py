@@ -437,3 +437,14 @@ def test_tool_fails_on_an_unexportable_layer(tmp_path, capsys):
     assert rc == 1
     assert "the_loss" in err and "SoftmaxWithLoss" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_embed_exports_with_index_inputs():
+    text = (
+        _input("idx", (2, 3))
+        + 'layer { name: "emb" type: "Embed" bottom: "idx" top: "emb" embed_param { num_output: 4 input_dim: 7 } }'
+    )
+    net = _net(text)
+    ox.randomize_params(net, seed=9)
+    idx = np.array([[0, 6, 3.7], [2, 2, 5]], np.float32)  # 3.7 truncates to 3, as C++'s cast
+    _assert_exports(net, inputs={"idx": idx})

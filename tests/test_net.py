@@ -222,3 +222,16 @@ layer { name: "lvl" type: "ReLU" bottom: "data" top: "l" include { min_level: 2 
     assert names(phase=caffe.TRAIN) == ["data", "train_only", "not_deploy"]
     assert names(phase=caffe.TEST, stages=["deploy"]) == ["data", "deploy"]
     assert names(phase=caffe.TEST, level=3) == ["data", "not_deploy", "lvl"]
+
+
+def test_outputs_as_caffe_lists_them(tmp_path):
+    # a net ending in an in-place layer still outputs that blob; outputs come in sorted order
+    p = tmp_path / "out.prototxt"
+    p.write_text("""
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }
+layer { name: "z" type: "InnerProduct" bottom: "data" top: "z" inner_product_param { num_output: 2 } }
+layer { name: "zr" type: "ReLU" bottom: "z" top: "z" }
+layer { name: "a" type: "Sigmoid" bottom: "data" top: "a" }
+""")
+    net = caffe.Net(str(p), caffe.TEST)
+    assert net.outputs == ["a", "z"]

@@ -28,8 +28,9 @@ Coordinates: a landmark's continuous position in a half is ``(x + 0.5, y + 0.5)`
 width and height, i.e. in [0, 1] whatever the input size. :func:`to_image_pixels` inverts it.
 
 HDF5 (read by ``HDF5Data`` layers through ``*.txt`` source lists of absolute ``.h5`` paths):
-``data`` (N, 3, size, size) float32 = grey level × 255 minus Caffe's ImageNet mean (B, G, R) =
-(104, 117, 123), the grey image repeated in the three channels as bvlc_alexnet expects; the
+``data`` (N, 3, size, size) float32 = ``scale`` × (grey level × 255 minus Caffe's ImageNet mean
+(B, G, R) = (104, 117, 123)) (``scale`` 1 by default, as bvlc_alexnet expects), the grey image
+repeated in the three channels as bvlc_alexnet expects; the
 landmark files add ``landmarks`` (N, 8) = (u1, v1, ..., u4, v4). ``halves.csv`` keeps, per half,
 what converts predictions back to image pixels and millimetres.
 """
@@ -338,6 +339,7 @@ class PreparedData:
     lists: dict  # "cae_train" | "cae_val" | "landmarks_train" | "landmarks_val" -> .txt path
     h5: dict  # same keys -> .h5 path
     halves: list[dict]  # one row of halves.csv per half
+    scale: float = 1.0  # data = scale * (grey * 255 - mean)
 
     def rows(self, split: str) -> list[dict]:
         """The halves.csv rows of one split, in the order of its HDF5 file."""
@@ -350,10 +352,11 @@ _HALF_FIELDS = ["split", "index", "image", "side", "image_width", "image_height"
 ]
 
 
-def _to_data(images: list[np.ndarray]) -> np.ndarray:
+def _to_data(images: list[np.ndarray], scale: float = 1.0) -> np.ndarray:
     g = np.stack(images).astype(np.float32) * 255.0
     mean = np.asarray(IMAGENET_MEAN_BGR, dtype=np.float32).reshape(1, 3, 1, 1)
-    return np.repeat(g[:, None], 3, axis=1) - mean
+    data = np.repeat(g[:, None], 3, axis=1) - mean
+    return data if scale == 1.0 else data * np.float32(scale)
 
 
 def _write_h5(path: str, arrays: dict) -> None:
@@ -373,13 +376,18 @@ def prepare(
     seed: int = 0,
     cae_val_fraction: float = 0.1,
     landmark_val_fraction: float = 0.2,
+    scale: float = 1.0,
 ) -> PreparedData:
     """Make the halves, split them by image with ``seed``, write the HDF5 files, their source
     lists, ``halves.csv`` and ``meta.json`` into ``out_dir``.
 
     CAE: every half (annotated or not), ``cae_val_fraction`` of the images held out.
     Landmarks: the annotated halves, ``landmark_val_fraction`` of the annotated images held out.
+    ``scale`` multiplies the mean-subtracted intensities (Caffe's ``transform_param.scale``):
+    1 for bvlc_alexnet's weights (0-255 range), e.g. 1/64 for nets trained from their fillers.
     """
+    if not (np.isfinite(scale) and scale > 0):
+        raise DataError(f"prepare: scale must be a positive number, got {scale!r}")
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     names = [s.name for s in samples]
@@ -413,7 +421,7 @@ def prepare(
     lists, h5s = {}, {}
     for split in which:
         h5 = os.path.join(out_dir, f"{split}.h5")
-        arrays = {"data": _to_data(images[split])}
+        arrays = {"data": _to_data(images[split], scale)}
         if split.startswith("landmarks"):
             arrays["landmarks"] = np.stack(targets[split])
         _write_h5(h5, arrays)
@@ -429,6 +437,7 @@ def prepare(
         "input_size": size,
         "seed": seed,
         "mean_bgr": list(IMAGENET_MEAN_BGR),
+        "scale": scale,
         "counts": {k: len(v) for k, v in images.items()},
         "images": len(samples),
         "annotated_images": len(annotated),
@@ -438,7 +447,7 @@ def prepare(
         json.dump(meta, f, indent=2)
     os.makedirs(os.path.join(out_dir, "snapshots"), exist_ok=True)
     log.info("prepared %s: %s", out_dir, meta["counts"])
-    return PreparedData(out_dir, size, lists, h5s, rows)
+    return PreparedData(out_dir, size, lists, h5s, rows, scale)
 
 
 def load_prepared(out_dir: str) -> PreparedData:
@@ -458,4 +467,5 @@ def load_prepared(out_dir: str) -> PreparedData:
         {k: os.path.join(out_dir, f"{k}.txt") for k in keys},
         {k: os.path.join(out_dir, f"{k}.h5") for k in keys},
         rows,
+        float(meta.get("scale", 1.0)),
     )

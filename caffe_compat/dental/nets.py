@@ -61,6 +61,17 @@ class Arch:
     code: int = 1000
     groups: bool = True
     landmarks: int = 8
+    #: weight filler of the AlexNet layers: "gaussian" = bvlc_alexnet's (std 0.01 for the convs and
+    #: fc8, 0.005 for fc6/fc7), or "msra" / "xavier" (better for training from scratch)
+    filler: str = "gaussian"
+    #: the decoder's widths, mirroring ``conv`` (None: ``conv`` itself)
+    decoder_conv: tuple | None = None
+    #: the decoder's fully connected width (None: ``fc``)
+    decoder_fc: int | None = None
+    #: loss_weight of the CAE's EuclideanLoss (None: 1 / (3·S²), half the MSE per pixel)
+    cae_loss_weight: float | None = None
+    #: the CAE's target is ``data × cae_target_scale`` (Power layer "target")
+    cae_target_scale: float = 1.0 / 256.0
 
 
 def encoder_sizes(size: int) -> dict:
@@ -174,48 +185,52 @@ def _alexnet(net, arch: Arch, *, fc8_name: str = "fc8", fc8_out: int | None = No
              fc6_frozen: bool = False, fc8_bias: float = 0.0, fc8_lr: tuple = (1.0, 2.0)) -> str:
     c = arch.conv
     g = 2 if arch.groups else 1
-    _conv(net, "conv1", "data", c[0], 11, stride=4)
+    w = {} if arch.filler == "gaussian" else {"weight": arch.filler, "std": 0.0}
+    _conv(net, "conv1", "data", c[0], 11, stride=4, **w)
     _relu(net, "relu1", "conv1")
     _lrn(net, "norm1", "conv1")
     _pool(net, "pool1", "norm1")
-    _conv(net, "conv2", "pool1", c[1], 5, pad=2, group=g, bias=0.1)
+    _conv(net, "conv2", "pool1", c[1], 5, pad=2, group=g, bias=0.1, **w)
     _relu(net, "relu2", "conv2")
     _lrn(net, "norm2", "conv2")
     _pool(net, "pool2", "norm2")
-    _conv(net, "conv3", "pool2", c[2], 3, pad=1)
+    _conv(net, "conv3", "pool2", c[2], 3, pad=1, **w)
     _relu(net, "relu3", "conv3")
-    _conv(net, "conv4", "conv3", c[3], 3, pad=1, group=g, bias=0.1)
+    _conv(net, "conv4", "conv3", c[3], 3, pad=1, group=g, bias=0.1, **w)
     _relu(net, "relu4", "conv4")
-    _conv(net, "conv5", "conv4", c[4], 3, pad=1, group=g, bias=0.1)
+    _conv(net, "conv5", "conv4", c[4], 3, pad=1, group=g, bias=0.1, **w)
     _relu(net, "relu5", "conv5")
     _pool(net, "pool5", "conv5")
     if fc6_frozen:
-        _ip(net, "fc6", "pool5", arch.fc, lr=(0.0, 0.0), decay=(0.0, 0.0))
+        _ip(net, "fc6", "pool5", arch.fc, lr=(0.0, 0.0), decay=(0.0, 0.0), **w)
     else:
-        _ip(net, "fc6", "pool5", arch.fc)
+        _ip(net, "fc6", "pool5", arch.fc, **w)
     _relu(net, "relu6", "fc6")
     if dropout:
         _dropout(net, "drop6", "fc6")
-    _ip(net, "fc7", "fc6", arch.fc)
+    _ip(net, "fc7", "fc6", arch.fc, **w)
     _relu(net, "relu7", "fc7")
     if dropout:
         _dropout(net, "drop7", "fc7")
-    _ip(net, fc8_name, "fc7", fc8_out or arch.code, std=0.01, bias=fc8_bias, lr=fc8_lr)
+    head = w if fc8_out is None else {}  # the regression head keeps a small gaussian start
+    _ip(net, fc8_name, "fc7", fc8_out or arch.code, **{"std": 0.01, **head}, bias=fc8_bias, lr=fc8_lr)
     return fc8_name
 
 
 def _decoder(net, arch: Arch, code: str = "fc8") -> str:
     s = encoder_sizes(arch.input_size)
-    c = arch.conv
+    c = arch.decoder_conv or arch.conv
+    c5 = arch.conv[4]  # defc5 is reshaped to pool5's shape
+    fc = arch.decoder_fc or arch.fc
     x = dict(weight="xavier", std=0.0)
-    _ip(net, "defc7", code, arch.fc, bias=0.0, **x)
+    _ip(net, "defc7", code, fc, bias=0.0, **x)
     _relu(net, "derelu7", "defc7")
-    _ip(net, "defc6", "defc7", arch.fc, bias=0.0, **x)
+    _ip(net, "defc6", "defc7", fc, bias=0.0, **x)
     _relu(net, "derelu6", "defc6")
-    _ip(net, "defc5", "defc6", c[4] * s["pool5"] ** 2, bias=0.0, **x)
+    _ip(net, "defc5", "defc6", c5 * s["pool5"] ** 2, bias=0.0, **x)
     _relu(net, "derelu5", "defc5")
     rp = _layer(net, "reshape5", "Reshape", "defc5", "depool5_in")
-    rp.reshape_param.shape.dim.extend([0, c[4], s["pool5"], s["pool5"]])
+    rp.reshape_param.shape.dim.extend([0, c5, s["pool5"], s["pool5"]])
 
     def unpool_kernel(out: int, inp: int, stride: int) -> int:
         k = out - (inp - 1) * stride
@@ -275,9 +290,10 @@ def _cae_body(net, arch: Arch, with_loss: bool = True) -> None:
     _decoder(net, arch)
     if with_loss:
         lp = _layer(net, "target", "Power", "data", "target")
-        lp.power_param.scale = 1.0 / 256.0
+        lp.power_param.scale = arch.cae_target_scale
         lp = _layer(net, "loss", "EuclideanLoss", ["recon", "target"], "loss")
-        lp.loss_weight.append(1.0 / (3 * arch.input_size**2))
+        lw = arch.cae_loss_weight
+        lp.loss_weight.append(1.0 / (3 * arch.input_size**2) if lw is None else lw)
 
 
 def cae_deploy(arch: Arch | None = None) -> caffe_pb2.NetParameter:
@@ -320,26 +336,37 @@ def landmark_deploy(arch: Arch | None = None) -> caffe_pb2.NetParameter:
     return net
 
 
-def solver(net_path: str, snapshot_prefix: str, *, base_lr: float, max_iter: int, stepsize: int,
+def solver(net_path: str, snapshot_prefix: str, *, base_lr: float, max_iter: int, stepsize: int = 0,
            test_iter: int = 2, test_interval: int = 100, display: int = 20, snapshot: int = 0,
-           momentum: float = 0.9, weight_decay: float = 0.0005, seed: int | None = None) -> caffe_pb2.SolverParameter:
-    """An SGD solver with a ``step`` policy (gamma 0.1), as Caffe's fine-tuning examples."""
+           momentum: float = 0.9, weight_decay: float = 0.0005, seed: int | None = None, type: str = "SGD",
+           lr_policy: str = "step", gamma: float = 0.1, power: float = 1.0,
+           momentum2: float | None = None) -> caffe_pb2.SolverParameter:
+    """A solver: by default SGD with a ``step`` policy (gamma 0.1), as Caffe's fine-tuning
+    examples; ``type`` (e.g. ``"Adam"``, with ``momentum`` = beta1 and ``momentum2`` = beta2) and
+    ``lr_policy`` (``"step"``: ``gamma``, ``stepsize``; ``"poly"``: ``power``; ``"fixed"``) as in
+    Caffe's SolverParameter."""
     sp = caffe_pb2.SolverParameter()
     sp.net = net_path
     sp.test_iter.append(test_iter)
     sp.test_interval = test_interval
     sp.test_initialization = False
     sp.base_lr = base_lr
-    sp.lr_policy = "step"
-    sp.gamma = 0.1
-    sp.stepsize = stepsize
+    sp.lr_policy = lr_policy
+    if lr_policy in ("step", "exp", "inv", "multistep", "sigmoid"):
+        sp.gamma = gamma
+    if lr_policy in ("step", "sigmoid"):
+        sp.stepsize = stepsize
+    if lr_policy in ("poly", "inv"):
+        sp.power = power
     sp.display = display
     sp.max_iter = max_iter
     sp.momentum = momentum
+    if momentum2 is not None:
+        sp.momentum2 = momentum2
     sp.weight_decay = weight_decay
     sp.snapshot = snapshot
     sp.snapshot_prefix = snapshot_prefix
-    sp.type = "SGD"
+    sp.type = type
     sp.solver_mode = caffe_pb2.SolverParameter.CPU
     if seed is not None:
         sp.random_seed = seed
