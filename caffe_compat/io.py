@@ -22,7 +22,7 @@ import difflib
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -47,6 +47,7 @@ __all__ = [
     "load_image",
     "oversample",
     "resize_image",
+    "atomic_write",
     "atomic_write_bytes",
     "parse_prototxt",
     "read_prototxt",
@@ -77,22 +78,20 @@ PathLike = str | os.PathLike
 # Raw file access
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically.
-
-    The bytes go to a temporary file in the destination folder, which is flushed, fsynced and
-    renamed over ``path`` with ``os.replace``: readers see the old file or the new one, never a
-    partial write, even if the process dies midway.
-    """
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """Create ``path`` atomically: ``write(tmp)`` writes the whole file at the temporary path
+    ``tmp`` (in the destination folder), which is then fsynced and renamed over ``path`` with
+    ``os.replace``. Readers see the old file or the new one, never a partial write, even if the
+    process dies midway."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FormatError(f"{path}: cannot write: folder {str(folder)!r} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -111,6 +110,16 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see ``atomic_write``)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
 
 
 def _read_bytes(path: PathLike, what: str) -> bytes:

@@ -913,11 +913,10 @@ class Net(nn.Module):
         """Write the weights in Caffe's HDF5 format (Net::ToHDF5): a group ``data/<layer>`` for
         every layer, holding datasets ``0, 1, ...`` for the parameters the layer owns (a shared
         parameter is written once, under its owner); ``diff/...`` alike when ``write_diff``."""
-        import h5py
+        from caffe_compat.solvers.state import atomic_h5_write
 
-        tmp = os.fspath(path) + ".tmp"
-        written: set[int] = set()
-        with h5py.File(tmp, "w") as f:
+        def fill(f) -> None:
+            written: set[int] = set()
             g = f.create_group("data")
             gd = f.create_group("diff") if write_diff else None
             for name, layer in zip(self._layer_names, self.layers):
@@ -931,7 +930,8 @@ class Net(nn.Module):
                     if dg is not None:
                         grad = p.grad if p.grad is not None else torch.zeros_like(p)
                         dg.create_dataset(str(k), data=grad.detach().cpu().numpy())
-        os.replace(tmp, os.fspath(path))
+
+        atomic_h5_write(path, fill)
 
     def __repr__(self) -> str:
         return f"Net({self.name!r}, {len(self.layers)} layers, phase={'TRAIN' if self.phase == TRAIN else 'TEST'})"

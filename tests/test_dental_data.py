@@ -154,6 +154,21 @@ def test_split_keeps_both_halves_and_is_seeded(tmp_path):
     assert open(prep.lists["cae_val"]).read().split() == [prep.h5["cae_val"]]
 
 
+def test_prepare_scale_multiplies_the_data_and_is_recorded(tmp_path):
+    from caffe_compat.dental.dataset import load_prepared
+
+    generate_dataset(str(tmp_path / "raw"), num_images=4, num_annotated=3, seed=0, height=48, width=96)
+    samples = read_dataset(str(tmp_path / "raw"))
+    one = prepare(samples, str(tmp_path / "a"), size=32, seed=0)
+    quarter = prepare(samples, str(tmp_path / "b"), size=32, seed=0, scale=0.25)
+    assert one.scale == 1.0 and quarter.scale == 0.25 and load_prepared(str(tmp_path / "b")).scale == 0.25
+    for split in one.h5:
+        with h5py.File(one.h5[split], "r") as f, h5py.File(quarter.h5[split], "r") as g:
+            np.testing.assert_allclose(g["data"][()], 0.25 * f["data"][()], rtol=1e-6, atol=1e-6)
+    with pytest.raises(DataError, match="scale"):
+        prepare(samples, str(tmp_path / "c"), size=32, scale=0.0)
+
+
 def test_prepare_dental_tool_writes_default_layout(tmp_path, in_dir):
     from tools import prepare_dental
 
@@ -213,6 +228,22 @@ def test_table_gain_and_files(tmp_path):
     assert all(os.path.isfile(p) for p in paths.values())
     with open(paths["csv"], newline="") as f:
         assert len(list(csv.reader(f))) == 5
+
+
+def test_mean_predictor_row(tmp_path):
+    rng = np.random.default_rng(0)
+    train = rng.uniform(0.2, 0.8, (10, 8))
+    ref = evaluate.mean_predictor(train, 3)
+    np.testing.assert_allclose(ref, np.repeat(train.mean(0, keepdims=True), 3, 0), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        evaluate.mean_predictor(train[:, :6], 3)
+    res = {k: evaluate.summarize(np.array([[m for m, _ in v]])) for k, v in evaluate.PAPER_TABLE.items()}
+    res[evaluate.MEAN_PREDICTOR[0]] = evaluate.summarize(np.array([[10.0, 10.0, 10.0, 10.0]]))
+    rows = evaluate.table_rows(res)
+    assert rows[0]["config"] == evaluate.MEAN_PREDICTOR[0] and rows[0]["cae_gain"] is None
+    assert rows[-1]["vs_mean_predictor"] == pytest.approx(1 - 5.4017 / 10.0, abs=1e-4)
+    md = open(evaluate.write_table(res, str(tmp_path))["md"]).read()
+    assert "vs. mean predictor" in md and evaluate.MEAN_PREDICTOR[1] in md and "| 46.0% |" in md
 
 
 def test_shipped_files_equal_the_builders():

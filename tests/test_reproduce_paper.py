@@ -7,6 +7,7 @@ import csv
 import json
 import os
 
+import h5py
 import numpy as np
 import pytest
 
@@ -37,7 +38,7 @@ def test_outputs_structure(smoke_run):
         for name in (f"{key}.caffemodel", "surgery.json", "predictions.csv", "errors_mm.csv"):
             assert os.path.isfile(os.path.join(run, key, name)), (key, name)
     table = json.load(open(os.path.join(run, "table2.json")))
-    assert [r["config"] for r in table["rows"]] == list(evaluate.CONFIGS)
+    assert [r["config"] for r in table["rows"]] == [evaluate.MEAN_PREDICTOR[0], *evaluate.CONFIGS]
     for r in table["rows"]:
         assert len(r["mean"]) == 4 and len(r["std"]) == 4
         assert all(np.isfinite(r["mean"])) and all(m >= 0 for m in r["mean"])
@@ -81,6 +82,11 @@ def test_table_numbers_come_from_the_predictions(smoke_run):
         err = evaluate.landmark_errors_mm(pred, rows)
         np.testing.assert_allclose(table[key]["mean"], err.mean(axis=0), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(table[key]["std"], err.std(axis=0), rtol=1e-5, atol=1e-5)
+    # the reference row: the mean of the training targets for every held-out half
+    with h5py.File(os.path.join(run, "data", "prepared", "landmarks_train.h5"), "r") as f:
+        ref = evaluate.mean_predictor(f["landmarks"][()], len(rows))
+    err = evaluate.landmark_errors_mm(ref, rows)
+    np.testing.assert_allclose(table[evaluate.MEAN_PREDICTOR[0]]["mean"], err.mean(axis=0), rtol=1e-5, atol=1e-5)
     # the annotated positions, written as predictions, give zero error
     np.testing.assert_allclose(evaluate.landmark_errors_mm(_truth(rows), rows), 0, rtol=0, atol=1e-9)
 

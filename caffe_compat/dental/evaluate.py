@@ -8,7 +8,9 @@ the held-out halves.
 
 Table rows, as in the paper's Table II: ``{no CAE, CAE} × {fc6 frozen, fc6 fine-tuned}``. The
 "relative gain of CAE" of a row is ``1 - mean(CAE) / mean(no CAE)`` for the same fc6 setting,
-with mean = the mean of the four landmarks' mean errors (the paper's 5.374 mm).
+with mean = the mean of the four landmarks' mean errors (the paper's 5.374 mm). A reference row
+(not in the paper) gives the error of the mean-landmark predictor; where it is present, every row
+also carries ``vs_mean_predictor = 1 - mean(row) / mean(reference)``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import numpy as np
 
 __all__ = [
     "CONFIGS",
+    "MEAN_PREDICTOR",
     "PAPER_TABLE",
+    "mean_predictor",
     "landmark_errors_mm",
     "summarize",
     "table_rows",
@@ -36,6 +40,10 @@ CONFIGS = {
     "cae_fc6_frozen": (True, False, "with unsupervised (CAE) fine-tuning, fc6 frozen"),
     "cae_fc6_finetuned": (True, True, "with unsupervised (CAE) fine-tuning, fc6 fine-tuned"),
 }
+
+#: The reference row: every held-out half gets the mean of the training halves' landmarks (no
+#: image is looked at). A regressor that does not beat it has learnt nothing from the images.
+MEAN_PREDICTOR = ("mean_predictor", "reference: mean training landmarks (ignores the image)")
 
 #: The paper's Table II (mm): configuration -> [(mean, std) for landmarks 1-4]
 PAPER_TABLE = {
@@ -69,6 +77,14 @@ def landmark_errors_mm(predictions: np.ndarray, halves: Sequence[dict]) -> np.nd
     return out
 
 
+def mean_predictor(train_targets: np.ndarray, n: int) -> np.ndarray:
+    """The reference predictions (n, 8): the mean of ``train_targets`` (M, 8) for every half."""
+    t = np.asarray(train_targets, dtype=np.float64)
+    if t.ndim != 2 or t.shape[1] != 8 or len(t) == 0:
+        raise ValueError(f"train_targets must have shape (M, 8) with M > 0, got {t.shape}")
+    return np.repeat(t.mean(axis=0, keepdims=True), n, axis=0)
+
+
 def summarize(errors_mm: np.ndarray) -> dict:
     """Per landmark mean and std (mm), and the mean over landmarks of the means."""
     e = np.asarray(errors_mm, dtype=np.float64)
@@ -84,8 +100,15 @@ def summarize(errors_mm: np.ndarray) -> dict:
 
 def table_rows(results: dict) -> list[dict]:
     """Rows of Table II from ``{config: summarize(...)}`` (configs missing from ``results`` are
-    skipped), each with its relative CAE gain where both members of the pair are present."""
+    skipped), each with its relative CAE gain where both members of the pair are present; the
+    :data:`MEAN_PREDICTOR` reference row first when ``results`` has it."""
     rows = []
+    key, label = MEAN_PREDICTOR
+    if key in results:
+        r = results[key]
+        rows.append({"config": key, "label": label, "cae": False, "fc6_finetuned": False, "mean": r["mean"],
+                     "std": r["std"], "mean_over_landmarks": r["mean_over_landmarks"], "cae_gain": None,
+                     "n": r["n"]})
     for key, (cae, finetuned, label) in CONFIGS.items():
         if key not in results:
             continue
@@ -98,6 +121,11 @@ def table_rows(results: dict) -> list[dict]:
         rows.append({"config": key, "label": label, "cae": cae, "fc6_finetuned": finetuned, "mean": r["mean"],
                      "std": r["std"], "mean_over_landmarks": r["mean_over_landmarks"], "cae_gain": gain,
                      "n": r["n"]})
+    ref = results.get(MEAN_PREDICTOR[0])
+    for r in rows:
+        r["vs_mean_predictor"] = None
+        if ref is not None and ref["mean_over_landmarks"] > 0:
+            r["vs_mean_predictor"] = 1.0 - r["mean_over_landmarks"] / ref["mean_over_landmarks"]
     return rows
 
 
@@ -120,12 +148,19 @@ def write_table(results: dict, out_dir: str, notes: Sequence[str] = ()) -> dict:
                         "" if r["cae_gain"] is None else f"{r['cae_gain']:.4f}", r["n"]])
     lines = ["# Table II: detection error (mm, mean ± std over the held-out halves)", ""]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
-    lines.append("| configuration | landmark 1 | landmark 2 | landmark 3 | landmark 4 | mean | CAE gain |")
-    lines.append("|---|---|---|---|---|---|---|")
+    has_ref = any(r["vs_mean_predictor"] is not None for r in rows)
+    lines.append("| configuration | landmark 1 | landmark 2 | landmark 3 | landmark 4 | mean | CAE gain |"
+                 + (" vs. mean predictor |" if has_ref else ""))
+    lines.append("|---|---|---|---|---|---|---|" + ("---|" if has_ref else ""))
     for r in rows:
         cells = [f"{r['mean'][k]:.4f} ± {r['std'][k]:.4f}" for k in range(4)]
         gain = "" if r["cae_gain"] is None else f"{100 * r['cae_gain']:.1f}%"
-        lines.append(f"| {r['label']} | {' | '.join(cells)} | {r['mean_over_landmarks']:.4f} | {gain} |")
+        ref = ""
+        if has_ref and r["config"] != MEAN_PREDICTOR[0]:
+            ref = f" {100 * r['vs_mean_predictor']:.1f}% |"
+        elif has_ref:
+            ref = " |"
+        lines.append(f"| {r['label']} | {' | '.join(cells)} | {r['mean_over_landmarks']:.4f} | {gain} |{ref}")
     lines += ["", "The paper's Table II, for comparison:", "",
               "| configuration | landmark 1 | landmark 2 | landmark 3 | landmark 4 | mean |", "|---|---|---|---|---|---|"]
     for key, vals in PAPER_TABLE.items():

@@ -70,6 +70,9 @@ class Arch:
     decoder_fc: int | None = None
     #: loss_weight of the CAE's EuclideanLoss (None: 1 / (3·S²), half the MSE per pixel)
     cae_loss_weight: float | None = None
+    #: fc8_landmarks: lr_mult of the weights (bias: twice that) and the std of its gaussian filler
+    head_lr_mult: float = 10.0
+    head_std: float = 0.01
     #: the CAE's target is ``data × cae_target_scale`` (Power layer "target")
     cae_target_scale: float = 1.0 / 256.0
 
@@ -213,7 +216,8 @@ def _alexnet(net, arch: Arch, *, fc8_name: str = "fc8", fc8_out: int | None = No
     if dropout:
         _dropout(net, "drop7", "fc7")
     head = w if fc8_out is None else {}  # the regression head keeps a small gaussian start
-    _ip(net, fc8_name, "fc7", fc8_out or arch.code, **{"std": 0.01, **head}, bias=fc8_bias, lr=fc8_lr)
+    std = 0.01 if fc8_out is None else arch.head_std
+    _ip(net, fc8_name, "fc7", fc8_out or arch.code, **{"std": std, **head}, bias=fc8_bias, lr=fc8_lr)
     return fc8_name
 
 
@@ -309,7 +313,7 @@ def cae_deploy(arch: Arch | None = None) -> caffe_pb2.NetParameter:
 
 def _landmark_body(net, arch: Arch, fc6_frozen: bool) -> None:
     _alexnet(net, arch, fc8_name="fc8_landmarks", fc8_out=arch.landmarks, fc6_frozen=fc6_frozen, fc8_bias=0.5,
-             fc8_lr=(10.0, 20.0))
+             fc8_lr=(arch.head_lr_mult, 2.0 * arch.head_lr_mult))
 
 
 def landmark_train_val(arch: Arch | None = None, train_source: str = f"{DEFAULT_DATA_DIR}/landmarks_train.txt",

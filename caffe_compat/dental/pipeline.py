@@ -46,8 +46,19 @@ IMAGENET_TO_CAE = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "f
 
 @dataclass
 class Preset:
-    """Scale of one run. ``conv``/``fc``/``code`` are the layer widths (AlexNet: 96-256-384-384-256,
-    4096, 1000); ``image_size`` (H, W) is the synthetic radiographs' size."""
+    """Scale and training recipe of one run. ``conv``/``fc``/``code`` are the layer widths (AlexNet:
+    96-256-384-384-256, 4096, 1000); ``image_size`` (H, W) is the synthetic radiographs' size;
+    ``num_images`` of them, the first ``num_annotated`` with landmarks.
+
+    Recipe (Caffe settings; the defaults are the paper's ImageNet fine-tuning setting): ``filler``
+    of the AlexNet layers (``"gaussian"`` = bvlc_alexnet's, ``"msra"``, ``"xavier"``),
+    ``data_scale`` (the HDF5 data's ``transform_param.scale``; forced to 1 when ImageNet weights
+    are given, whose conv1 expects the 0-255 range), ``solver_type`` / ``lr_policy`` / ``momentum``
+    / ``weight_decay`` of both solvers (step policy: ×0.1 after 3/4 of the iterations), the CAE's
+    loss (``cae_target_scale``, ``cae_loss_weight``: None = 1/(3·S²)) and decoder widths
+    (``decoder_conv``/``decoder_fc``: None = the encoder's), the regression head's
+    ``head_lr_mult`` and ``head_std``, and ``head_bias_mean``: start fc8_landmarks' bias at the
+    mean of the training landmarks (pycaffe-style net surgery) instead of its filler's 0.5."""
 
     name: str
     input_size: int
@@ -65,9 +76,26 @@ class Preset:
     test_interval: int
     max_val_batch: int = 32
     figure_halves: int = 4
+    filler: str = "gaussian"
+    data_scale: float = 1.0
+    solver_type: str = "SGD"
+    lr_policy: str = "step"
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    cae_target_scale: float = 1.0 / 256.0
+    cae_loss_weight: float | None = None
+    decoder_conv: tuple | None = None
+    decoder_fc: int | None = None
+    head_lr_mult: float = 10.0
+    head_std: float = 0.01
+    head_bias_mean: bool = False
 
     def arch(self) -> nets.Arch:
-        return nets.Arch(input_size=self.input_size, conv=tuple(self.conv), fc=self.fc, code=self.code)
+        return nets.Arch(input_size=self.input_size, conv=tuple(self.conv), fc=self.fc, code=self.code,
+                         filler=self.filler, decoder_conv=None if self.decoder_conv is None else tuple(self.decoder_conv),
+                         decoder_fc=self.decoder_fc, cae_loss_weight=self.cae_loss_weight,
+                         cae_target_scale=self.cae_target_scale, head_lr_mult=self.head_lr_mult,
+                         head_std=self.head_std)
 
 
 PRESETS = {
@@ -141,16 +169,17 @@ def _write_nets(preset: Preset, prepared: PreparedData, net_dir: str, run_dir: s
             nets.landmark_train_val(arch, L["landmarks_train"], L["landmarks_val"], preset.batch, lm_vb, frozen),
             os.path.join(net_dir, f"{key}_train_val.prototxt"))
     # The pipeline runs the tests itself (for the learning curves): the solver's own never come due.
+    recipe = dict(type=preset.solver_type, lr_policy=preset.lr_policy, momentum=preset.momentum,
+                  weight_decay=preset.weight_decay, seed=seed, display=preset.test_interval)
     cae_solver = nets.solver(p["cae_train_val"], os.path.join(run_dir, "cae", "cae"), base_lr=preset.cae_lr,
                              max_iter=preset.cae_iters, stepsize=max(1, int(preset.cae_iters * 0.75)),
-                             test_iter=math.ceil(n_cae_val / cae_vb), test_interval=preset.cae_iters + 1,
-                             display=preset.test_interval, seed=seed)
+                             test_iter=math.ceil(n_cae_val / cae_vb), test_interval=preset.cae_iters + 1, **recipe)
     p["cae_solver"] = _write_text(cae_solver, os.path.join(net_dir, "cae_solver.prototxt"))
     for frozen in (False, True):
         key = "landmarks_fc6_frozen" if frozen else "landmarks"
         sp = nets.solver(p[key], os.path.join(run_dir, key), base_lr=preset.reg_lr, max_iter=preset.reg_iters,
                          stepsize=max(1, int(preset.reg_iters * 0.75)), test_iter=math.ceil(n_lm_val / lm_vb),
-                         test_interval=preset.reg_iters + 1, display=preset.test_interval, seed=seed)
+                         test_interval=preset.reg_iters + 1, **recipe)
         p[f"{key}_solver"] = _write_text(sp, os.path.join(net_dir, f"{key}_solver.prototxt"))
     return p
 
@@ -220,10 +249,10 @@ def predict_landmarks(deploy: str, weights: str, data: np.ndarray) -> np.ndarray
     return _forward_batches(Net(deploy, TEST, weights=weights), data, "fc8_landmarks")
 
 
-def _gray(data: np.ndarray) -> np.ndarray:
-    """HDF5 ``data`` rows (N, 3, S, S) back to grey images in [0, 1]."""
+def _gray(data: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """HDF5 ``data`` rows (N, 3, S, S), written with ``scale``, back to grey images in [0, 1]."""
     mean = np.asarray(IMAGENET_MEAN_BGR, dtype=np.float32).reshape(1, 3, 1, 1)
-    return ((data + mean) / 255.0).mean(axis=1)
+    return np.clip((data / scale + mean) / 255.0, 0.0, 1.0).mean(axis=1)
 
 
 def run_reproduction(
@@ -269,13 +298,17 @@ def run_reproduction(
             samples = read_dataset(raw)
             notes.append(f"data: synthetic radiographs ({p.num_images} images, {p.num_annotated} annotated, "
                          f"seed {seed}), not the paper's X-rays")
-        prepared = prepare(samples, os.path.join(run_dir, "data", "prepared"), size=p.input_size, seed=seed)
+        data_scale = 1.0 if imagenet_weights else p.data_scale
+        prepared = prepare(samples, os.path.join(run_dir, "data", "prepared"), size=p.input_size, seed=seed,
+                           scale=data_scale)
         if imagenet_weights:
             imagenet_weights = os.path.abspath(imagenet_weights)
             notes.append(f"ImageNet weights: {imagenet_weights}")
         else:
-            notes.append("no ImageNet weights given: the CAE and the 'no CAE' baseline start from Caffe's fillers "
-                         "(not from ImageNet's AlexNet as in the paper)")
+            notes.append(f"no ImageNet weights given: the CAE and the 'no CAE' baseline start from Caffe's fillers "
+                         f"({p.filler}), not from ImageNet's AlexNet as in the paper")
+        notes.append(f"recipe: {p.solver_type} ({p.lr_policy}), base_lr CAE {p.cae_lr:g} / regressors {p.reg_lr:g}, "
+                     f"batch {p.batch}, input scale {data_scale:g}")
         net_dir = os.path.join(run_dir, "nets")
         os.makedirs(net_dir)
         for d in ("cae", *evaluate.CONFIGS):
@@ -294,12 +327,11 @@ def run_reproduction(
         del solver
         cae_val = _load_h5(prepared.h5["cae_val"], ("data",))[0][: p.figure_halves]
         recon = _forward_batches(Net(paths["cae_deploy"], TEST, weights=cae_model), cae_val, "recon")
-        recon_gray = np.clip((recon * 256.0 + np.asarray(IMAGENET_MEAN_BGR, np.float32).reshape(1, 3, 1, 1))
-                             .mean(axis=1) / 255.0, 0.0, 1.0)
+        recon_gray = _gray(recon / p.cae_target_scale, data_scale)  # recon ≈ data × cae_target_scale
         rows = prepared.rows("cae_val")[: p.figure_halves]
         figs = {
             "cae_reconstructions": figures.plot_reconstructions(
-                _gray(cae_val), recon_gray, os.path.join(run_dir, "cae_reconstructions.png"),
+                _gray(cae_val, data_scale), recon_gray, os.path.join(run_dir, "cae_reconstructions.png"),
                 [f"{r['image']} ({r['side']})" for r in rows]),
             "cae_learning_curve": figures.plot_learning_curves(
                 {"CAE": cae_curves}, os.path.join(run_dir, "cae_learning_curve.png"), "CAE (Euclidean loss)"),
@@ -309,6 +341,10 @@ def run_reproduction(
         val_data, _ = _load_h5(prepared.h5["landmarks_val"], ("data", "landmarks"))
         val_rows = prepared.rows("landmarks_val")
         results, curves, models, preds, final_loss = {}, {}, {}, {}, {}
+        train_targets = _load_h5(prepared.h5["landmarks_train"], ("landmarks",))[0]
+        ref = evaluate.mean_predictor(train_targets, len(val_rows))
+        results[evaluate.MEAN_PREDICTOR[0]] = evaluate.summarize(evaluate.landmark_errors_mm(ref, val_rows))
+        log.info("mean-landmark predictor: mean error %.4f mm", results[evaluate.MEAN_PREDICTOR[0]]["mean_over_landmarks"])
         for key, (use_cae, fc6_ft, label) in evaluate.CONFIGS.items():
             solver = get_solver(paths["landmarks_solver" if fc6_ft else "landmarks_fc6_frozen_solver"])
             source = cae_model if use_cae else imagenet_weights
@@ -318,9 +354,13 @@ def run_reproduction(
                 rep = SurgeryReport(left_at_filler=list(solver.net.params))
                 rep.skipped.append({"src": "-", "dst": ",".join(TRANSFERRED),
                                     "reason": "no ImageNet weights given: conv1-5 and fc6 start from the fillers"})
+            head_note = ""
+            if p.head_bias_mean:  # every configuration alike: the regressor starts at the mean predictor's output
+                solver.net.params["fc8_landmarks"][1].data[...] = train_targets.mean(axis=0)
+                head_note = "fc8_landmarks: bias set to the mean of the training landmarks (weights at the filler)\n"
             rep.save(os.path.join(run_dir, key, "surgery.json"))
             with open(os.path.join(run_dir, key, "surgery.txt"), "w", encoding="utf-8") as f:
-                f.write(rep.to_text() + "\n")
+                f.write(rep.to_text() + "\n" + head_note)
             log.info("%s: surgery from %s\n%s", key, source or "fillers", rep.to_text())
             curves[label] = _train(solver, p.reg_iters, p.test_interval, key)
             final_loss[key] = curves[label]["train"][-1][1]
@@ -351,7 +391,7 @@ def run_reproduction(
 
         truth = _load_h5(prepared.h5["landmarks_val"], ("landmarks",))[0]
         figs["landmarks"] = figures.plot_landmarks(
-            _gray(val_data[:n]), to_px(truth),
+            _gray(val_data[:n], data_scale), to_px(truth),
             {"w/o unsupervised fine-tuning": to_px(preds["nocae_fc6_finetuned"]),
              "with unsupervised fine-tuning": to_px(preds["cae_fc6_finetuned"])},
             os.path.join(run_dir, "landmarks.png"), [f"{r['image']} ({r['side']})" for r in val_rows[:n]])

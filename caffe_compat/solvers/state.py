@@ -17,9 +17,7 @@ so a run killed while snapshotting leaves the previous snapshot intact.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -66,27 +64,14 @@ def from_proto(msg: caffe_pb2.SolverState, source: str = "<SolverState>") -> Sol
 
 def atomic_h5_write(path: str | os.PathLike, fill) -> None:
     """Create the HDF5 file ``path`` atomically: ``fill(h5py.File)`` writes into a temporary file
-    in the same folder, which is fsynced and renamed over ``path``."""
+    that replaces ``path`` only once complete (``caffe_compat.io.atomic_write``)."""
     import h5py
 
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FormatError(f"{path}: cannot write: folder {str(folder)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as f:
             fill(f)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    cio.atomic_write(path, write)
 
 
 def write_state(state: SolverStateData, path: str | os.PathLike, hdf5: bool = False) -> None:
