@@ -175,3 +175,21 @@ def test_python_loss_trains_like_builtin_through_solver():
     end_ref = float(np.sum(ref.net.forward()["loss"]))
     np.testing.assert_allclose(end_py, end_ref, rtol=1e-4, atol=1e-6)
     assert end_py < 0.5 * start
+
+
+def test_tools_refuse_python_layers_without_the_flag(tmp_path, capsys):
+    import os
+
+    from caffe_compat import io as cio
+    from tools import time as time_tool
+
+    model = tmp_path / "py.prototxt"
+    cio.write_net(_scale_net("3"), str(model))
+    try:
+        assert time_tool.main(["--model", str(model), "--iterations", "1"]) == 1
+        err = capsys.readouterr().err
+        assert "'y'" in err and "--allow-python-layers" in err
+        assert time_tool.main(["--model", str(model), "--iterations", "1", "--allow-python-layers"]) == 0
+        assert os.environ.get(ENV) == "1"  # passed on to worker processes
+    finally:
+        os.environ.pop(ENV, None)

@@ -22,7 +22,31 @@ class UsageError(CaffeError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors raise ``UsageError`` instead of printing usage and exiting 2."""
+    """argparse whose errors raise ``UsageError`` instead of printing usage and exiting 2.
+
+    ``python_layers=True`` adds ``--allow-python-layers``: the explicit opt-in to nets whose
+    ``Python`` layers run the code their prototxt names (also passed on to worker processes).
+    """
+
+    def __init__(self, *args, python_layers: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if python_layers:
+            self.add_argument(
+                "--allow-python-layers",
+                action="store_true",
+                help="run the net's Python layers (they execute the code their prototxt names)",
+            )
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns = super().parse_args(args, namespace)
+        if getattr(ns, "allow_python_layers", False):
+            import os
+
+            from caffe_compat.layers.python import allow_python_layers
+
+            allow_python_layers(True)
+            os.environ["CAFFE_COMPAT_ALLOW_PYTHON_LAYERS"] = "1"  # worker processes inherit it
+        return ns
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see --help)")

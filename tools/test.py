@@ -31,7 +31,7 @@ log = logging.getLogger("caffe_compat")
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="test.py", description="Score a Caffe net over N batches (caffe test).")
+    p = ArgumentParser(prog="test.py", description="Score a Caffe net over N batches (caffe test).", python_layers=True)
     p.add_argument("--model", default="", help="the net definition (.prototxt)")
     p.add_argument("--weights", default="", help="the trained weights (.caffemodel or .h5)")
     p.add_argument("--iterations", type=int, default=50, help="number of batches (50)")

@@ -98,14 +98,24 @@ class Preset:
                          head_std=self.head_std)
 
 
+#: The recipe of the from-scratch presets (no ImageNet weights): He (msra) fillers, inputs scaled
+#: to about ±2, Adam, the CAE's target = its (scaled) input, a decoder half as wide as the encoder,
+#: and a regression head that starts at the mean landmarks and learns at the base rate.
+SCRATCH_RECIPE = dict(filler="msra", data_scale=1.0 / 64.0, solver_type="Adam", lr_policy="step", momentum=0.9,
+                      weight_decay=0.0005, cae_target_scale=1.0, head_lr_mult=1.0, head_std=0.001,
+                      head_bias_mean=True)
+
 PRESETS = {
     # every step on a tiny scale (a test runs it): seconds on 2 CPU cores
-    "smoke": Preset("smoke", 64, (16, 32, 48, 48, 32), 64, 32, 8, 6, (96, 192), cae_iters=6, cae_lr=0.01,
-                    reg_iters=6, reg_lr=0.001, batch=4, test_interval=3, figure_halves=2),
-    # AlexNet's widths on 128×128 halves of the 108 synthetic radiographs: under 20 min on 2 CPU cores
-    "quick": Preset("quick", 128, (96, 256, 384, 384, 256), 1024, 1000, 108, 54, (256, 512), cae_iters=600,
-                    cae_lr=0.01, reg_iters=500, reg_lr=0.001, batch=16, test_interval=50),
-    # the paper's scale (224×224, AlexNet unchanged, so bvlc_alexnet's fc6 loads too): for a GPU
+    "smoke": Preset("smoke", 64, (16, 32, 48, 48, 32), 64, 32, 8, 6, (96, 192), cae_iters=6, cae_lr=1e-4,
+                    reg_iters=6, reg_lr=1e-4, batch=4, test_interval=3, figure_halves=2, **SCRATCH_RECIPE),
+    # AlexNet's widths on 128×128 halves; 54 annotated radiographs plus 270 unannotated ones for
+    # the CAE: under 20 min on 2 CPU cores
+    "quick": Preset("quick", 128, (96, 256, 384, 384, 256), 1024, 1000, 324, 54, (256, 512), cae_iters=600,
+                    cae_lr=1e-4, reg_iters=400, reg_lr=1e-4, batch=16, test_interval=50,
+                    decoder_conv=(48, 128, 192, 192, 128), **SCRATCH_RECIPE),
+    # the paper's scale and recipe (224×224, AlexNet unchanged, so bvlc_alexnet's fc6 loads too;
+    # SGD from ImageNet's weights): for a GPU
     "paper": Preset("paper", 224, (96, 256, 384, 384, 256), 4096, 1000, 108, 54, (320, 640), cae_iters=4000,
                     cae_lr=0.01, reg_iters=2000, reg_lr=0.001, batch=16, test_interval=100),
 }
