@@ -131,18 +131,20 @@ def _sync(device: torch.device) -> None:
 class Ours:
     """Our side: a TEST net for inference, a TRAIN net under Caffe's SGD solver for training."""
 
-    def __init__(self, batch: int, device: torch.device, x: torch.Tensor, y: torch.Tensor):
-        self.test_net = Net(alexnet_param(batch, False), phase=TEST)
+    def __init__(self, batch: int, device: torch.device, x: torch.Tensor, y: torch.Tensor, test: bool = True):
+        self.test_net = Net(alexnet_param(batch, False), phase=TEST) if test else None
         self.train_net = Net(alexnet_param(batch, True), phase=TRAIN)
         sp = caffe_pb2.SolverParameter(
             base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4, display=0, max_iter=10**9
         )
         self.solver = SGDSolver(sp, source="<bench>", net=self.train_net, device=device)
         if device.type != "cpu":
-            self.test_net.to(device)
             self.train_net.to(device)
+            if test:
+                self.test_net.to(device)
         # inputs written once (a data layer would write them each iteration on both sides)
-        self.test_net.blobs["data"].data[...] = x.cpu().numpy()
+        if test:
+            self.test_net.blobs["data"].data[...] = x.cpu().numpy()
         self.train_net.blobs["data"].data[...] = x.cpu().numpy()
         self.train_net.blobs["label"].data[...] = y.cpu().numpy()
 
@@ -215,7 +217,8 @@ def _peak_rss_child(side: str, batch: int) -> None:
     x = torch.randn(batch, 3, 227, 227)
     y = torch.randint(0, NUM_CLASSES, (batch,))
     before = _vm_hwm_mb()
-    runner = Ours(batch, torch.device("cpu"), x, y) if side == "ours" else Baseline(torch.device("cpu"), x, y, False)
+    cpu = torch.device("cpu")
+    runner = Ours(batch, cpu, x, y, test=False) if side == "ours" else Baseline(cpu, x, y, False)
     for _ in range(2):
         runner.iter()
     print(json.dumps({"before_mb": before, "peak_mb": _vm_hwm_mb()}))

@@ -380,7 +380,7 @@ def run_reproduction(
             pred = predict_landmarks(paths["landmark_deploy"], models[key], val_data)
             preds[key] = pred
             errors = evaluate.landmark_errors_mm(pred, val_rows)
-            np.savetxt(os.path.join(run_dir, key, "predictions.csv"), pred, delimiter=",", fmt="%.6f",
+            np.savetxt(os.path.join(run_dir, key, "predictions.csv"), pred, delimiter=",", fmt="%.9g",
                        header="u1,v1,u2,v2,u3,v3,u4,v4 (landmarks_val.h5 order)", comments="")
             np.savetxt(os.path.join(run_dir, key, "errors_mm.csv"), errors, delimiter=",", fmt="%.6f",
                        header="landmark1,landmark2,landmark3,landmark4", comments="")
