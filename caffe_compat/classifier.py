@@ -1,5 +1,5 @@
 """pycaffe's ``caffe.Classifier``: a ``Net`` that classifies images (resize, crop or oversample,
-preprocess, forward, average), and ``forward_all``, pycaffe's batched forward.
+preprocess, forward, average).
 """
 
 from __future__ import annotations
@@ -11,46 +11,24 @@ import numpy as np
 from caffe_compat import pycaffe_io
 from caffe_compat.net import TEST, Net
 
-__all__ = ["Classifier", "forward_all"]
+__all__ = ["Classifier", "configured_transformer"]
 
 
-def _batches(net: Net, inputs: dict[str, np.ndarray]):
-    """Split ``inputs`` (name → N x ...) into batches of the net's batch size; the last batch
-    is padded with zeros, as pycaffe's ``Net._batch``."""
-    first = next(iter(inputs))
-    batch_size = net.blobs[first].shape[0]
-    n = len(inputs[first])
-    for name, arr in inputs.items():
-        if len(arr) != n:
-            raise ValueError(f"forward_all: input {name!r} has {len(arr)} items, {first!r} has {n}")
-    for start in range(0, n, batch_size):
-        batch = {}
-        for name, arr in inputs.items():
-            chunk = np.asarray(arr[start : start + batch_size])
-            if len(chunk) < batch_size:
-                pad = np.zeros((batch_size - len(chunk),) + chunk.shape[1:], dtype=chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            batch[name] = chunk
-        yield batch
-
-
-def forward_all(net: Net, blobs: Sequence[str] | None = None, **kwargs: np.ndarray) -> dict[str, np.ndarray]:
-    """pycaffe's ``Net.forward_all``: run ``net`` over inputs of any length in batches of the
-    net's batch size and return ``{blob: N x ... array}`` for the outputs and ``blobs``.
-
-    With no inputs, one plain ``forward`` (the net's data layers feed it).
-    """
-    names = list(dict.fromkeys(list(net.outputs) + list(blobs or [])))
-    if not kwargs:
-        outs = net.forward(blobs=list(blobs or []))
-        return {k: np.array(outs[k], copy=True) for k in names}
-    collected: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for batch in _batches(net, kwargs):
-        outs = net.forward(blobs=list(blobs or []), **batch)
-        for k in names:
-            collected[k].extend(np.array(outs[k], copy=True))
-    n = len(next(iter(kwargs.values())))
-    return {k: np.asarray(v)[:n] for k, v in collected.items()}
+def configured_transformer(net: Net, mean=None, input_scale=None, raw_scale=None, channel_swap=None):
+    """The Transformer pycaffe's Classifier and Detector set up for the net's first input:
+    transpose (2, 0, 1), then the optional mean, input scale, raw scale and channel swap."""
+    in_ = net.inputs[0]
+    t = pycaffe_io.Transformer({in_: net.blobs[in_].data.shape})
+    t.set_transpose(in_, (2, 0, 1))
+    if mean is not None:
+        t.set_mean(in_, mean)
+    if input_scale is not None:
+        t.set_input_scale(in_, input_scale)
+    if raw_scale is not None:
+        t.set_raw_scale(in_, raw_scale)
+    if channel_swap is not None:
+        t.set_channel_swap(in_, channel_swap)
+    return t
 
 
 class Classifier(Net):
@@ -79,23 +57,11 @@ class Classifier(Net):
     ):
         super().__init__(model_file, weights=pretrained_file, phase=TEST)
         in_ = self.inputs[0]
-        self.transformer = pycaffe_io.Transformer({in_: self.blobs[in_].data.shape})
-        self.transformer.set_transpose(in_, (2, 0, 1))
-        if mean is not None:
-            self.transformer.set_mean(in_, mean)
-        if input_scale is not None:
-            self.transformer.set_input_scale(in_, input_scale)
-        if raw_scale is not None:
-            self.transformer.set_raw_scale(in_, raw_scale)
-        if channel_swap is not None:
-            self.transformer.set_channel_swap(in_, channel_swap)
+        self.transformer = configured_transformer(self, mean, input_scale, raw_scale, channel_swap)
         self.crop_dims = np.array(self.blobs[in_].data.shape[2:])
         if image_dims is None or len(image_dims) == 0:
             image_dims = self.crop_dims
         self.image_dims = np.array(image_dims, dtype=int)
-
-    def forward_all(self, blobs: Sequence[str] | None = None, **kwargs: np.ndarray) -> dict[str, np.ndarray]:
-        return forward_all(self, blobs, **kwargs)
 
     def predict(self, inputs: Sequence[np.ndarray], oversample: bool = True) -> np.ndarray:
         """Class scores (the first output) of ``H x W x K`` images, ``N x C``."""

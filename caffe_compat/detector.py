@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from caffe_compat import pycaffe_io
-from caffe_compat.classifier import forward_all
+from caffe_compat.classifier import configured_transformer
 from caffe_compat.errors import CaffeError
 from caffe_compat.net import TEST, Net
 
@@ -45,21 +45,8 @@ class Detector(Net):
         context_pad: int | None = None,
     ):
         super().__init__(model_file, weights=pretrained_file, phase=TEST)
-        in_ = self.inputs[0]
-        self.transformer = pycaffe_io.Transformer({in_: self.blobs[in_].data.shape})
-        self.transformer.set_transpose(in_, (2, 0, 1))
-        if mean is not None:
-            self.transformer.set_mean(in_, mean)
-        if input_scale is not None:
-            self.transformer.set_input_scale(in_, input_scale)
-        if raw_scale is not None:
-            self.transformer.set_raw_scale(in_, raw_scale)
-        if channel_swap is not None:
-            self.transformer.set_channel_swap(in_, channel_swap)
+        self.transformer = configured_transformer(self, mean, input_scale, raw_scale, channel_swap)
         self.configure_crop(context_pad)
-
-    def forward_all(self, blobs: Sequence[str] | None = None, **kwargs: np.ndarray) -> dict[str, np.ndarray]:
-        return forward_all(self, blobs, **kwargs)
 
     def detect_windows(self, images_windows: Iterable[tuple[str, Sequence[Sequence[int]]]]) -> list[dict]:
         """Classify every window of every image; see the class docstring."""

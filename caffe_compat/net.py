@@ -616,6 +616,68 @@ class Net(nn.Module):
                 outs.append(b)
         return {b: self.blobs[b].data for b in outs}
 
+    def _batch(self, inputs: dict[str, np.ndarray]):
+        """Split ``{name: N x ...}`` into batches of the blobs' batch size, the last one padded
+        with zeros (pycaffe's ``Net._batch``)."""
+        first = next(iter(inputs))
+        batch_size = self.blobs[first].shape[0]
+        n = len(inputs[first])
+        for name, arr in inputs.items():
+            if len(arr) != n:
+                raise NetError(f"{name!r} has {len(arr)} items, {first!r} has {n}: give every input the same count")
+        for start in range(0, n, batch_size):
+            batch = {}
+            for name, arr in inputs.items():
+                chunk = np.asarray(arr[start : start + batch_size])
+                if len(chunk) < batch_size:
+                    pad = np.zeros((batch_size - len(chunk),) + chunk.shape[1:], dtype=chunk.dtype)
+                    chunk = np.concatenate([chunk, pad])
+                batch[name] = chunk
+            yield batch
+
+    def forward_all(self, blobs: list[str] | None = None, **kwargs) -> dict[str, np.ndarray]:
+        """pycaffe's ``forward_all``: ``forward`` over inputs of any length, in batches of the
+        net's batch size; returns ``{blob: N x ...}`` for the outputs and ``blobs``. With no
+        inputs, one plain ``forward`` (the net's data layers feed it)."""
+        names = list(dict.fromkeys(list(self.outputs) + list(blobs or [])))
+        if not kwargs:
+            outs = self.forward(blobs=list(blobs or []))
+            return {k: np.array(outs[k], copy=True) for k in names}
+        collected: dict[str, list[np.ndarray]] = {k: [] for k in names}
+        for batch in self._batch(kwargs):
+            outs = self.forward(blobs=list(blobs or []), **batch)
+            for k in names:
+                collected[k].extend(np.array(outs[k], copy=True))
+        n = len(next(iter(kwargs.values())))
+        return {k: np.asarray(v)[:n] for k, v in collected.items()}
+
+    def forward_backward_all(
+        self, blobs: list[str] | None = None, diffs: list[str] | None = None, **kwargs
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """pycaffe's ``forward_backward_all``: inputs (named after ``inputs``) and output diffs
+        (named after ``outputs``) of any length, in batches; returns ``(outs, diffs)``."""
+        fwd = {k: v for k, v in kwargs.items() if k in self.inputs}
+        bwd = {k: v for k, v in kwargs.items() if k in self.outputs}
+        out_names = list(dict.fromkeys(list(self.outputs) + list(blobs or [])))
+        diff_names = list(dict.fromkeys(list(self.inputs) + list(diffs or [])))
+        outs_all: dict[str, list[np.ndarray]] = {k: [] for k in out_names}
+        diffs_all: dict[str, list[np.ndarray]] = {k: [] for k in diff_names}
+        fb = self._batch(fwd) if fwd else iter(lambda: {}, None)
+        bb = self._batch(bwd) if bwd else iter(lambda: {}, None)
+        n = len(next(iter(fwd.values()))) if fwd else (len(next(iter(bwd.values()))) if bwd else 1)
+        batches = -(-n // self.blobs[(list(fwd) or list(bwd) or self.inputs)[0]].shape[0])
+        for _, f, b in zip(range(batches), fb, bb):
+            o = self.forward(blobs=list(blobs or []), **f)
+            d = self.backward(diffs=list(diffs or []), **b)
+            for k in out_names:
+                outs_all[k].extend(np.array(o[k], copy=True))
+            for k in diff_names:
+                diffs_all[k].extend(np.array(d[k], copy=True))
+        return (
+            {k: np.asarray(v)[:n] for k, v in outs_all.items()},
+            {k: np.asarray(v)[:n] for k, v in diffs_all.items()},
+        )
+
     def _forward_loss(self) -> torch.Tensor | float:
         self._prepare_inputs()
         self._overwritten = False

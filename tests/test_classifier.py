@@ -9,7 +9,7 @@ import pytest
 import caffe_compat as caffe
 from caffe_compat import net_spec
 from caffe_compat import pycaffe_io as cio
-from caffe_compat.classifier import Classifier, forward_all
+from caffe_compat.classifier import Classifier
 from caffe_compat.detector import Detector
 from caffe_compat.errors import CaffeError
 from caffe_compat.io import write_net
@@ -94,7 +94,7 @@ def test_forward_all_batches_and_drops_padding(tiny_model):
     net = caffe.Net(model, weights, caffe.TEST)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((7, 3, 6, 6)).astype(np.float32)  # 3 batches of 3, 2 padded
-    out = forward_all(net, blobs=["ip"], data=x)
+    out = net.forward_all(blobs=["ip"], data=x)
     assert set(out) == {"prob", "ip"}
     assert out["prob"].shape == (7, 4) and out["ip"].shape == (7, 4)
     expect_ip = x.reshape(7, -1).astype(np.float64) @ W.T + b
@@ -136,3 +136,20 @@ def test_detector_context_pad_and_selective_search(tiny_model):
     np.testing.assert_allclose(crop[0, 0], MEAN[::-1] / 255.0, rtol=1e-6, atol=0)
     with pytest.raises(CaffeError, match="detect_windows"):
         det.detect_selective_search(["x.jpg"])
+
+
+def test_forward_backward_all_batches_inputs_and_diffs(tiny_model, tmp_path):
+    model, weights, W, b = tiny_model
+    fb = tmp_path / "fb.prototxt"
+    fb.write_text("force_backward: true\n" + open(model).read())
+    net = caffe.Net(str(fb), weights, caffe.TEST)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 3, 6, 6)).astype(np.float32)
+    g = rng.standard_normal((5, 4)).astype(np.float32)
+    outs, diffs = net.forward_backward_all(data=x, prob=g)
+    assert outs["prob"].shape == (5, 4) and diffs["data"].shape == (5, 3, 6, 6)
+    ip = x.reshape(5, -1).astype(np.float64) @ W.T + b
+    p = np.exp(ip - ip.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    dip = p * (g - (g * p).sum(1, keepdims=True))  # softmax's backward
+    np.testing.assert_allclose(diffs["data"].reshape(5, -1), dip @ W, rtol=1e-4, atol=1e-5)
