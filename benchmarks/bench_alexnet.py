@@ -2,7 +2,8 @@
 
     python benchmarks/bench_alexnet.py [--batches 1,2,4,10,16,32,64] [--reps 3] [--device cpu|cuda]
                                        [--threads N] [--channels_last] [--baseline_channels_last]
-                                       [--compile] [--amp bf16|fp16] [--profile] [--memory]
+                                       [--compile] [--precision fp32|bf16|fp16] [--fused_update on|off]
+                                       [--baseline_same] [--profile] [--memory]
 
 Both models have BVLC AlexNet's topology (``prototxt/alexnet_deploy.prototxt``: grouped convs,
 LRN, ceil-mode max pooling, dropout) and are timed in one process, alternating, on the same
@@ -22,6 +23,14 @@ Ratios are ours / baseline (below 1: we are faster). The baseline is idiomatic P
 (``nn.Conv2d(groups=2)``, ``nn.LocalResponseNorm``, ``nn.MaxPool2d(ceil_mode=True)``,
 ``nn.ReLU(inplace=True)``, ``nn.Dropout``, ``nn.Linear``); options that speed up our side and
 that the baseline could use too (channels_last) are reported for the baseline as well.
+Opt-ins on our side (docs/benchmarks.md): ``--compile`` (``Net.compile()``; the first call's
+compile time is printed), ``--precision bf16|fp16`` (``caffe_compat.mode.set_precision``: autocast
+with fp32 master weights; fp16 adds loss scaling), ``--channels_last``, ``--fused_update off``
+(the whole-tensor update instead of the chunked one), ``--fused_update compile`` (the opt-in
+``torch.compile``'d SGD update). ``--baseline_same`` gives the baseline the
+same compile / autocast / channels_last treatment (``torch.compile(model)``, ``torch.autocast``);
+by default it stays the plain float32 eager model the issue's targets are measured against.
+Each batch also prints ``iter / torch fwd_bwd`` (the issue's training-iteration target: <= 0.62).
 ``--memory`` adds the peak resident memory of a training step for each side (each in a fresh
 subprocess, on the CPU) or the peak CUDA allocation (on a GPU).
 """
@@ -131,17 +140,36 @@ def _sync(device: torch.device) -> None:
 class Ours:
     """Our side: a TEST net for inference, a TRAIN net under Caffe's SGD solver for training."""
 
-    def __init__(self, batch: int, device: torch.device, x: torch.Tensor, y: torch.Tensor, test: bool = True):
+    def __init__(
+        self,
+        batch: int,
+        device: torch.device,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        test: bool = True,
+        opts: argparse.Namespace | None = None,
+    ):
         self.test_net = Net(alexnet_param(batch, False), phase=TEST) if test else None
         self.train_net = Net(alexnet_param(batch, True), phase=TRAIN)
-        sp = caffe_pb2.SolverParameter(
-            base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4, display=0, max_iter=10**9
-        )
-        self.solver = SGDSolver(sp, source="<bench>", net=self.train_net, device=device)
         if device.type != "cpu":
             self.train_net.to(device)
             if test:
                 self.test_net.to(device)
+        if opts is not None and opts.channels_last:
+            for net in (self.train_net, self.test_net):
+                if net is not None:
+                    net.to(memory_format=torch.channels_last)
+        if opts is not None and opts.compile:
+            for net in (self.train_net, self.test_net):
+                if net is not None:
+                    net.compile()
+        sp = caffe_pb2.SolverParameter(
+            base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4, display=0, max_iter=10**9
+        )
+        self.solver = SGDSolver(sp, source="<bench>", net=self.train_net, device=device)
+        if opts is not None:
+            self.solver.fused_update = opts.fused_update != "off"
+            self.solver.compiled_update = opts.fused_update == "compile"
         # inputs written once (a data layer would write them each iteration on both sides)
         if test:
             self.test_net.blobs["data"].data[...] = x.cpu().numpy()
@@ -163,28 +191,44 @@ class Ours:
 class Baseline:
     """The hand-written model under torch.optim.SGD."""
 
-    def __init__(self, device: torch.device, x: torch.Tensor, y: torch.Tensor, channels_last: bool):
+    def __init__(
+        self,
+        device: torch.device,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        channels_last: bool,
+        compile: bool = False,
+        amp: torch.dtype | None = None,
+    ):
         self.model = TorchAlexNet().to(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=fmt)
         self.x = x.to(device).contiguous(memory_format=fmt)
         self.y = y.to(device).long()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.call = torch.compile(self.model) if compile else self.model
+        self.device, self.amp = device, amp
+
+    def _loss(self) -> torch.Tensor:
+        if self.amp is None:
+            return F.cross_entropy(self.call(self.x), self.y)
+        with torch.autocast(self.device.type, dtype=self.amp):
+            return F.cross_entropy(self.call(self.x).float(), self.y)
 
     def fwd(self) -> None:
         self.model.eval()
         with torch.no_grad():
-            self.model(self.x)
+            self.call(self.x)
 
     def fwd_bwd(self) -> None:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(self.x), self.y).backward()
+        self._loss().backward()
 
     def iter(self) -> None:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(self.x), self.y).backward()
+        self._loss().backward()
         self.opt.step()
 
 
@@ -253,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--what", default="fwd,fwd_bwd,iter")
     p.add_argument("--baseline_channels_last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="our nets: Net.compile() (torch.compile)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="our training precision")
+    p.add_argument("--channels_last", action="store_true", help="our nets in channels_last")
+    p.add_argument("--fused_update", default="on", choices=["on", "off", "compile"], help="our solver's update: chunked (on), whole tensors (off), torch.compile'd")
+    p.add_argument(
+        "--baseline_same", action="store_true", help="baseline too: torch.compile / autocast / channels_last"
+    )
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables for batch[0]")
     p.add_argument("--memory", action="store_true", help="peak memory of a training step (CPU: RSS)")
     p.add_argument("--_memchild", default=None, help=argparse.SUPPRESS)
@@ -272,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         cmode.set_mode_gpu()
         cmode.set_device(device.index or 0)
     whats = args.what.split(",")
+    cmode.set_precision(args.precision)
+    amp = cmode.autocast_dtype() if args.baseline_same else None
+    base_cl = args.baseline_channels_last or (args.baseline_same and args.channels_last)
+    base_compile = args.baseline_same and args.compile
     load = os.getloadavg()
     print(
         f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
@@ -282,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {torch.cuda.get_device_name(device)}")
     print(
         f"# median of {args.reps} alternating rounds; ms per call; ratio = ours / baseline"
-        + ("; baseline channels_last" if args.baseline_channels_last else "")
+        + ("; baseline channels_last" if base_cl else "")
+    )
+    print(
+        f"# ours: precision {args.precision}, compile {args.compile}, channels_last {args.channels_last}, "
+        f"fused_update {args.fused_update}; baseline: precision {args.precision if amp else 'fp32'}, "
+        f"compile {base_compile}"
     )
     header = f"{'batch':>5} {'what':>8} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} {'ours img/s':>10} {'torch img/s':>11}"
     print(header)
@@ -291,9 +351,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         x = torch.randn(batch, 3, 227, 227)
         y = torch.randint(0, NUM_CLASSES, (batch,))
-        ours = Ours(batch, device, x, y)
-        base = Baseline(device, x, y, args.baseline_channels_last)
+        ours = Ours(batch, device, x, y, opts=args)
+        base = Baseline(device, x, y, base_cl, compile=base_compile, amp=amp)
         iters = args.iters or max(2, min(10, 40 // batch))
+        if args.compile:  # the first calls compile (forward, forward+backward): time them once
+            for name, runner in (("ours", ours), ("torch", base)):
+                if name == "torch" and not base_compile:
+                    continue
+                for what in whats:
+                    t0 = time.perf_counter()
+                    getattr(runner, what)()
+                    _sync(device)
+                    print(f"# {name} {what}: first call (compiles) {time.perf_counter() - t0:.1f} s", flush=True)
+        per_batch = {}
         if args.profile:
             _profile(ours, base, whats)
         for what in whats:
@@ -303,9 +373,17 @@ def main(argv: list[str] | None = None) -> int:
                 t_base.append(_time(getattr(base, what), device, args.warmup, iters))
             mo, mb = statistics.median(t_ours), statistics.median(t_base)
             results.append({"batch": batch, "what": what, "ours_ms": mo, "torch_ms": mb})
+            per_batch[what] = (mo, mb)
             print(
                 f"{batch:>5} {what:>8} {mo:>9.1f} {mb:>9.1f} {mo / mb:>6.3f} "
                 f"{batch / mo * 1e3:>10.1f} {batch / mb * 1e3:>11.1f}",
+                flush=True,
+            )
+        if "iter" in per_batch and "fwd_bwd" in per_batch:
+            load = os.getloadavg()
+            print(
+                f"# batch {batch}: ours iter / torch fwd_bwd = {per_batch['iter'][0] / per_batch['fwd_bwd'][1]:.3f} "
+                f"(target <= 0.62); load avg {load[0]:.2f}",
                 flush=True,
             )
         del ours, base

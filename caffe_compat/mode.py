@@ -23,6 +23,11 @@ __all__ = [
     "set_mode_cpu",
     "set_mode_gpu",
     "set_random_seed",
+    "set_precision",
+    "precision",
+    "autocast_dtype",
+    "set_compile",
+    "compile_enabled",
 ]
 
 _state = {"mode": "CPU", "device_id": 0}
@@ -142,3 +147,50 @@ def tune_cpu(threads: int | None = None, cache_allocations: bool = True) -> dict
         if mallopt is not None:
             applied = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return {"threads": n, "cache_allocations": applied}
+
+
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def set_precision(name: str) -> None:
+    """Opt-in mixed precision for training: ``"fp32"`` (default, Caffe's numerics), ``"bf16"``
+    or ``"fp16"``.
+
+    With bf16/fp16, ``Net.forward_backward`` (the solvers' forward and backward) runs under
+    ``torch.autocast``: convolutions and matrix products compute in the low precision, the
+    parameters, their diffs, the solver's history and the update stay float32 (fp32 master
+    weights), and the loss is summed in float32. With fp16, solvers built afterwards also scale
+    the loss (``caffe_compat.solvers.base.LossScaler``: dynamic scale, an update with inf/nan
+    diffs is skipped). A departure from Caffe's float32 numerics: results differ from the fixtures
+    by the low precision's rounding (bf16: ~3 significant digits). Inference (``Net.forward``)
+    stays float32. CPU: bf16 uses oneDNN's bf16 kernels where the CPU has them (AVX512-BF16,
+    AMX); fp16 on the CPU is slow and meant for tests.
+    """
+    if name not in _PRECISIONS:
+        raise CaffeError(f"set_precision({name!r}): use one of {', '.join(_PRECISIONS)}")
+    _state["precision"] = name
+
+
+def precision() -> str:
+    """The training precision chosen by ``set_precision`` ("fp32" by default)."""
+    return _state.get("precision", "fp32")
+
+
+def autocast_dtype() -> torch.dtype | None:
+    """The autocast dtype of the chosen precision (None for fp32)."""
+    return _PRECISIONS[precision()]
+
+
+def set_compile(enable: bool = True, **options) -> None:
+    """Opt-in ``torch.compile`` of every ``Net`` built afterwards (see ``Net.compile``).
+
+    ``options`` go to ``torch.compile`` (``mode=``, ``dynamic=``...). If compilation fails the
+    net logs a warning and runs uncompiled.
+    """
+    _state["compile"] = bool(enable)
+    _state["compile_options"] = dict(options)
+
+
+def compile_enabled() -> tuple[bool, dict]:
+    """Whether ``set_compile`` is on, and its options."""
+    return bool(_state.get("compile", False)), dict(_state.get("compile_options", {}))

@@ -246,6 +246,25 @@ def test_mean_predictor_row(tmp_path):
     assert "vs. mean predictor" in md and evaluate.MEAN_PREDICTOR[1] in md and "| 46.0% |" in md
 
 
+def test_scratch_recipe_options_reach_the_layers():
+    arch = nets.Arch(input_size=64, conv=(8, 16, 16, 16, 16), fc=16, code=8, filler="msra",
+                     decoder_conv=(4, 8, 8, 8, 8), decoder_relu_slope=0.1, cae_target_scale=1.0, cae_loss_weight=0.5,
+                     head_lr_mult=1.0, head_std=0.001)
+    cae = {lp.name: lp for lp in nets.cae_train_val(arch).layer}
+    assert cae["conv1"].convolution_param.weight_filler.type == "msra"
+    assert cae["fc6"].inner_product_param.weight_filler.type == "msra"
+    assert cae["relu5"].relu_param.negative_slope == 0 and cae["derelu5"].relu_param.negative_slope == pytest.approx(0.1)
+    assert cae["deconv5"].convolution_param.num_output == 8 and cae["depool1"].convolution_param.num_output == 4
+    assert cae["target"].power_param.scale == 1.0 and list(cae["loss"].loss_weight) == [0.5]
+    lm = {lp.name: lp for lp in nets.landmark_train_val(arch).layer}
+    head = lm["fc8_landmarks"]
+    assert head.inner_product_param.weight_filler.type == "gaussian"
+    assert head.inner_product_param.weight_filler.std == pytest.approx(0.001)
+    assert [p.lr_mult for p in head.param] == [1.0, 2.0]
+    sp = nets.solver("n.prototxt", "s", base_lr=1e-4, max_iter=10, type="Adam", lr_policy="fixed")
+    assert sp.type == "Adam" and sp.lr_policy == "fixed" and not sp.HasField("stepsize")
+
+
 def test_shipped_files_equal_the_builders():
     for rel, msg in nets.shipped_messages().items():
         text = (ROOT / rel).read_text()

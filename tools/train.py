@@ -65,6 +65,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stage", default="", help="the train net's NetState stages, comma-separated")
     p.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
     p.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="training precision: fp32 (Caffe's), or bf16/fp16 autocast with fp32 weights (fp16: loss scaling)",
+    )
     return p
 
 
@@ -101,14 +107,21 @@ def _gpu_flag(args, param: caffe_pb2.SolverParameter) -> str:
 
 def _run(args, param: caffe_pb2.SolverParameter) -> int:
     """Build the solver and train (in this process, which may be one rank of several)."""
-    solver = solver_class(param.type)(param, source=args.solver)
-    with SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
-        solver.set_action_function(handler.action)
-        if args.snapshot:
-            log.info("Resuming from %s", args.snapshot)
-            solver.restore(args.snapshot)
-        log.info("Starting Optimization")
-        solver.solve()
+    from caffe_compat import mode
+
+    before = mode.precision()
+    mode.set_precision(getattr(args, "precision", "fp32"))
+    try:
+        solver = solver_class(param.type)(param, source=args.solver)
+        with SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
+            solver.set_action_function(handler.action)
+            if args.snapshot:
+                log.info("Resuming from %s", args.snapshot)
+                solver.restore(args.snapshot)
+            log.info("Starting Optimization")
+            solver.solve()
+    finally:
+        mode.set_precision(before)
     log.info("Optimization Done.")
     return 0
 

@@ -29,8 +29,8 @@ width and height, i.e. in [0, 1] whatever the input size. :func:`to_image_pixels
 
 HDF5 (read by ``HDF5Data`` layers through ``*.txt`` source lists of absolute ``.h5`` paths):
 ``data`` (N, 3, size, size) float32 = ``scale`` × (grey level × 255 minus Caffe's ImageNet mean
-(B, G, R) = (104, 117, 123)) (``scale`` 1 by default, as bvlc_alexnet expects), the grey image
-repeated in the three channels as bvlc_alexnet expects; the
+(B, G, R) = (104, 117, 123)) (``scale`` 1 by default, as bvlc_alexnet expects; or minus the
+training halves' mean image, ``mean="train"``), the grey image repeated in the three channels; the
 landmark files add ``landmarks`` (N, 8) = (u1, v1, ..., u4, v4). ``halves.csv`` keeps, per half,
 what converts predictions back to image pixels and millimetres.
 """
@@ -340,6 +340,18 @@ class PreparedData:
     h5: dict  # same keys -> .h5 path
     halves: list[dict]  # one row of halves.csv per half
     scale: float = 1.0  # data = scale * (grey * 255 - mean)
+    mean: str = "imagenet"  # "imagenet": Caffe's per-channel ImageNet mean; "train": mean.npy
+
+    def mean_image(self) -> np.ndarray:
+        """The subtracted mean (3, size, size), in grey levels × 255."""
+        if self.mean == "train":
+            return np.load(os.path.join(self.out_dir, "mean.npy"))
+        m = np.asarray(IMAGENET_MEAN_BGR, dtype=np.float32).reshape(3, 1, 1)
+        return np.broadcast_to(m, (3, self.input_size, self.input_size)).copy()
+
+    def to_gray(self, data: np.ndarray) -> np.ndarray:
+        """HDF5 ``data`` rows (N, 3, S, S) back to grey images in [0, 1] (N, S, S)."""
+        return np.clip((np.asarray(data) / self.scale + self.mean_image()) / 255.0, 0.0, 1.0).mean(axis=1)
 
     def rows(self, split: str) -> list[dict]:
         """The halves.csv rows of one split, in the order of its HDF5 file."""
@@ -352,10 +364,9 @@ _HALF_FIELDS = ["split", "index", "image", "side", "image_width", "image_height"
 ]
 
 
-def _to_data(images: list[np.ndarray], scale: float = 1.0) -> np.ndarray:
+def _to_data(images: list[np.ndarray], mean: np.ndarray, scale: float = 1.0) -> np.ndarray:
     g = np.stack(images).astype(np.float32) * 255.0
-    mean = np.asarray(IMAGENET_MEAN_BGR, dtype=np.float32).reshape(1, 3, 1, 1)
-    data = np.repeat(g[:, None], 3, axis=1) - mean
+    data = np.repeat(g[:, None], 3, axis=1) - mean[None]
     return data if scale == 1.0 else data * np.float32(scale)
 
 
@@ -377,6 +388,7 @@ def prepare(
     cae_val_fraction: float = 0.1,
     landmark_val_fraction: float = 0.2,
     scale: float = 1.0,
+    mean: str = "imagenet",
 ) -> PreparedData:
     """Make the halves, split them by image with ``seed``, write the HDF5 files, their source
     lists, ``halves.csv`` and ``meta.json`` into ``out_dir``.
@@ -385,9 +397,14 @@ def prepare(
     Landmarks: the annotated halves, ``landmark_val_fraction`` of the annotated images held out.
     ``scale`` multiplies the mean-subtracted intensities (Caffe's ``transform_param.scale``):
     1 for bvlc_alexnet's weights (0-255 range), e.g. 1/64 for nets trained from their fillers.
+    ``mean``: what is subtracted: ``"imagenet"`` (Caffe's per-channel ImageNet mean, as
+    bvlc_alexnet expects) or ``"train"`` (the per-pixel mean of the CAE's training halves, as
+    Caffe's ``compute_image_mean``; written to ``mean.npy``, (3, size, size) grey levels × 255).
     """
     if not (np.isfinite(scale) and scale > 0):
         raise DataError(f"prepare: scale must be a positive number, got {scale!r}")
+    if mean not in ("imagenet", "train"):
+        raise DataError(f"prepare: mean must be 'imagenet' or 'train', got {mean!r}")
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     names = [s.name for s in samples]
@@ -418,10 +435,16 @@ def prepare(
                 images[split].append(h.image)
                 if h.targets is not None:
                     targets[split].append(h.targets.reshape(8))
+    if mean == "train":
+        m = np.mean(np.stack(images["cae_train"]).astype(np.float64), axis=0) * 255.0
+        mean_img = np.repeat(m[None].astype(np.float32), 3, axis=0)
+        np.save(os.path.join(out_dir, "mean.npy"), mean_img)
+    else:
+        mean_img = np.broadcast_to(np.asarray(IMAGENET_MEAN_BGR, dtype=np.float32).reshape(3, 1, 1), (3, size, size))
     lists, h5s = {}, {}
     for split in which:
         h5 = os.path.join(out_dir, f"{split}.h5")
-        arrays = {"data": _to_data(images[split], scale)}
+        arrays = {"data": _to_data(images[split], mean_img, scale)}
         if split.startswith("landmarks"):
             arrays["landmarks"] = np.stack(targets[split])
         _write_h5(h5, arrays)
@@ -436,7 +459,8 @@ def prepare(
     meta = {
         "input_size": size,
         "seed": seed,
-        "mean_bgr": list(IMAGENET_MEAN_BGR),
+        "mean": mean,
+        "mean_bgr": list(IMAGENET_MEAN_BGR) if mean == "imagenet" else None,
         "scale": scale,
         "counts": {k: len(v) for k, v in images.items()},
         "images": len(samples),
@@ -447,7 +471,7 @@ def prepare(
         json.dump(meta, f, indent=2)
     os.makedirs(os.path.join(out_dir, "snapshots"), exist_ok=True)
     log.info("prepared %s: %s", out_dir, meta["counts"])
-    return PreparedData(out_dir, size, lists, h5s, rows, scale)
+    return PreparedData(out_dir, size, lists, h5s, rows, scale, mean)
 
 
 def load_prepared(out_dir: str) -> PreparedData:
@@ -468,4 +492,5 @@ def load_prepared(out_dir: str) -> PreparedData:
         {k: os.path.join(out_dir, f"{k}.h5") for k in keys},
         rows,
         float(meta.get("scale", 1.0)),
+        str(meta.get("mean", "imagenet")),
     )

@@ -25,10 +25,15 @@ def _plt():
     return plt
 
 
-def plot_learning_curves(curves: dict, path: str, title: str = "Learning curves") -> str:
-    """``curves``: ``{label: {"train": [(iter, loss)...], "val": [(iter, loss)...]}}``."""
+def plot_learning_curves(curves: dict, path: str, title: str = "Learning curves",
+                         references: dict | None = None) -> str:
+    """``curves``: ``{label: {"train": [(iter, loss)...], "val": [(iter, loss)...]}}``;
+    ``references``: ``{label: validation loss}`` drawn as dashed horizontal lines on the validation
+    panel (e.g. the loss of the mean predictor)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, value in (references or {}).items():
+        axes[1].axhline(float(value), color="gray", linestyle="--", linewidth=1, label=label)
     for label, c in curves.items():
         for ax, key in zip(axes, ("train", "val")):
             pts = np.asarray(c.get(key) or [], dtype=np.float64).reshape(-1, 2)

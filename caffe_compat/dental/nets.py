@@ -73,6 +73,8 @@ class Arch:
     #: fc8_landmarks: lr_mult of the weights (bias: twice that) and the std of its gaussian filler
     head_lr_mult: float = 10.0
     head_std: float = 0.01
+    #: negative_slope of the decoder's ReLUs (0: plain ReLU; > 0: leaky, no unit of the decoder can die)
+    decoder_relu_slope: float = 0.0
     #: the CAE's target is ``data × cae_target_scale`` (Power layer "target")
     cae_target_scale: float = 1.0 / 256.0
 
@@ -227,6 +229,12 @@ def _decoder(net, arch: Arch, code: str = "fc8") -> str:
     c5 = arch.conv[4]  # defc5 is reshaped to pool5's shape
     fc = arch.decoder_fc or arch.fc
     x = dict(weight="xavier", std=0.0)
+
+    def _relu(net, name, blob):  # the decoder's ReLUs, leaky when arch.decoder_relu_slope > 0
+        lp = _layer(net, name, "ReLU", blob, blob)
+        if arch.decoder_relu_slope:
+            lp.relu_param.negative_slope = arch.decoder_relu_slope
+
     _ip(net, "defc7", code, fc, bias=0.0, **x)
     _relu(net, "derelu7", "defc7")
     _ip(net, "defc6", "defc7", fc, bias=0.0, **x)

@@ -31,7 +31,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from caffe_compat.dental import evaluate, figures, nets
-from caffe_compat.dental.dataset import IMAGENET_MEAN_BGR, PreparedData, prepare, read_dataset
+from caffe_compat.dental.dataset import PreparedData, prepare, read_dataset
 from caffe_compat.dental.generator import generate_dataset
 
 __all__ = ["PRESETS", "Preset", "RunResult", "new_run_dir", "predict_landmarks", "run_reproduction"]
@@ -52,11 +52,13 @@ class Preset:
 
     Recipe (Caffe settings; the defaults are the paper's ImageNet fine-tuning setting): ``filler``
     of the AlexNet layers (``"gaussian"`` = bvlc_alexnet's, ``"msra"``, ``"xavier"``),
-    ``data_scale`` (the HDF5 data's ``transform_param.scale``; forced to 1 when ImageNet weights
-    are given, whose conv1 expects the 0-255 range), ``solver_type`` / ``lr_policy`` / ``momentum``
+    ``data_scale`` (the HDF5 data's ``transform_param.scale``) and ``data_mean`` (``"imagenet"``:
+    Caffe's per-channel ImageNet mean; ``"train"``: the training halves' mean image), both forced
+    to bvlc_alexnet's (1, ImageNet mean) when ImageNet weights are given, ``solver_type`` / ``lr_policy`` / ``momentum``
     / ``weight_decay`` of both solvers (step policy: ×0.1 after 3/4 of the iterations), the CAE's
     loss (``cae_target_scale``, ``cae_loss_weight``: None = 1/(3·S²)) and decoder widths
-    (``decoder_conv``/``decoder_fc``: None = the encoder's), the regression head's
+    (``decoder_conv``/``decoder_fc``: None = the encoder's; ``decoder_relu_slope``: leaky ReLUs in
+    the decoder), the regression head's
     ``head_lr_mult`` and ``head_std``, and ``head_bias_mean``: start fc8_landmarks' bias at the
     mean of the training landmarks (pycaffe-style net surgery) instead of its filler's 0.5."""
 
@@ -78,6 +80,7 @@ class Preset:
     figure_halves: int = 4
     filler: str = "gaussian"
     data_scale: float = 1.0
+    data_mean: str = "imagenet"
     solver_type: str = "SGD"
     lr_policy: str = "step"
     momentum: float = 0.9
@@ -86,6 +89,7 @@ class Preset:
     cae_loss_weight: float | None = None
     decoder_conv: tuple | None = None
     decoder_fc: int | None = None
+    decoder_relu_slope: float = 0.0
     head_lr_mult: float = 10.0
     head_std: float = 0.01
     head_bias_mean: bool = False
@@ -94,15 +98,18 @@ class Preset:
         return nets.Arch(input_size=self.input_size, conv=tuple(self.conv), fc=self.fc, code=self.code,
                          filler=self.filler, decoder_conv=None if self.decoder_conv is None else tuple(self.decoder_conv),
                          decoder_fc=self.decoder_fc, cae_loss_weight=self.cae_loss_weight,
-                         cae_target_scale=self.cae_target_scale, head_lr_mult=self.head_lr_mult,
+                         cae_target_scale=self.cae_target_scale, decoder_relu_slope=self.decoder_relu_slope,
+                         head_lr_mult=self.head_lr_mult,
                          head_std=self.head_std)
 
 
-#: The recipe of the from-scratch presets (no ImageNet weights): He (msra) fillers, inputs scaled
-#: to about ±2, Adam, the CAE's target = its (scaled) input, a decoder half as wide as the encoder,
-#: and a regression head that starts at the mean landmarks and learns at the base rate.
-SCRATCH_RECIPE = dict(filler="msra", data_scale=1.0 / 64.0, solver_type="Adam", lr_policy="step", momentum=0.9,
-                      weight_decay=0.0005, cae_target_scale=1.0, head_lr_mult=1.0, head_std=0.001,
+#: The recipe of the from-scratch presets (no ImageNet weights): He (msra) fillers, inputs minus
+#: the training halves' mean image scaled to about ±2, Adam, the CAE's target = its input, leaky
+#: ReLUs in the decoder, and a regression head that starts at the mean landmarks and learns at the
+#: base rate (docs/paper.md explains each choice).
+SCRATCH_RECIPE = dict(filler="msra", data_scale=1.0 / 64.0, data_mean="train", solver_type="Adam", lr_policy="step", momentum=0.9,
+                      weight_decay=0.0005, cae_target_scale=1.0, decoder_relu_slope=0.1, head_lr_mult=1.0,
+                      head_std=0.001,
                       head_bias_mean=True)
 
 PRESETS = {
@@ -113,7 +120,7 @@ PRESETS = {
     # the CAE: under 20 min on 2 CPU cores
     "quick": Preset("quick", 128, (96, 256, 384, 384, 256), 1024, 1000, 324, 54, (256, 512), cae_iters=600,
                     cae_lr=1e-4, reg_iters=400, reg_lr=1e-4, batch=16, test_interval=50,
-                    decoder_conv=(48, 128, 192, 192, 128), **SCRATCH_RECIPE),
+                    decoder_conv=(48, 128, 192, 192, 128), **SCRATCH_RECIPE),  # a decoder half as wide
     # the paper's scale and recipe (224×224, AlexNet unchanged, so bvlc_alexnet's fc6 loads too;
     # SGD from ImageNet's weights): for a GPU
     "paper": Preset("paper", 224, (96, 256, 384, 384, 256), 4096, 1000, 108, 54, (320, 640), cae_iters=4000,
@@ -259,10 +266,12 @@ def predict_landmarks(deploy: str, weights: str, data: np.ndarray) -> np.ndarray
     return _forward_batches(Net(deploy, TEST, weights=weights), data, "fc8_landmarks")
 
 
-def _gray(data: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """HDF5 ``data`` rows (N, 3, S, S), written with ``scale``, back to grey images in [0, 1]."""
-    mean = np.asarray(IMAGENET_MEAN_BGR, dtype=np.float32).reshape(1, 3, 1, 1)
-    return np.clip((data / scale + mean) / 255.0, 0.0, 1.0).mean(axis=1)
+def _mean_image_loss(train: np.ndarray, val: np.ndarray, arch: nets.Arch) -> float:
+    """The CAE's validation loss if it reconstructed every half as the training halves' mean."""
+    lw = arch.cae_loss_weight if arch.cae_loss_weight is not None else 1.0 / (3 * arch.input_size**2)
+    t = arch.cae_target_scale
+    diff = (val.astype(np.float64) - train.astype(np.float64).mean(axis=0)) * t
+    return float(lw * 0.5 * (diff**2).sum() / len(val))
 
 
 def run_reproduction(
@@ -309,8 +318,9 @@ def run_reproduction(
             notes.append(f"data: synthetic radiographs ({p.num_images} images, {p.num_annotated} annotated, "
                          f"seed {seed}), not the paper's X-rays")
         data_scale = 1.0 if imagenet_weights else p.data_scale
+        data_mean = "imagenet" if imagenet_weights else p.data_mean
         prepared = prepare(samples, os.path.join(run_dir, "data", "prepared"), size=p.input_size, seed=seed,
-                           scale=data_scale)
+                           scale=data_scale, mean=data_mean)
         if imagenet_weights:
             imagenet_weights = os.path.abspath(imagenet_weights)
             notes.append(f"ImageNet weights: {imagenet_weights}")
@@ -318,7 +328,7 @@ def run_reproduction(
             notes.append(f"no ImageNet weights given: the CAE and the 'no CAE' baseline start from Caffe's fillers "
                          f"({p.filler}), not from ImageNet's AlexNet as in the paper")
         notes.append(f"recipe: {p.solver_type} ({p.lr_policy}), base_lr CAE {p.cae_lr:g} / regressors {p.reg_lr:g}, "
-                     f"batch {p.batch}, input scale {data_scale:g}")
+                     f"batch {p.batch}, input = {data_scale:g} × (grey × 255 − {data_mean} mean)")
         net_dir = os.path.join(run_dir, "nets")
         os.makedirs(net_dir)
         for d in ("cae", *evaluate.CONFIGS):
@@ -335,16 +345,22 @@ def run_reproduction(
         cae_model = os.path.join(run_dir, "cae", "cae.caffemodel")
         solver.net.save(cae_model)
         del solver
-        cae_val = _load_h5(prepared.h5["cae_val"], ("data",))[0][: p.figure_halves]
+        cae_val_all = _load_h5(prepared.h5["cae_val"], ("data",))[0]
+        mean_loss = _mean_image_loss(_load_h5(prepared.h5["cae_train"], ("data",))[0], cae_val_all, p.arch())
+        notes.append(f"CAE validation loss {cae_curves['val'][-1][1]:.6g} (reconstructing every half as the training "
+                     f"halves' mean image: {mean_loss:.6g}; at the start: {cae_curves['val'][0][1]:.6g})")
+        log.info("CAE: validation loss %.6g, mean image %.6g", cae_curves["val"][-1][1], mean_loss)
+        cae_val = cae_val_all[: p.figure_halves]
         recon = _forward_batches(Net(paths["cae_deploy"], TEST, weights=cae_model), cae_val, "recon")
-        recon_gray = _gray(recon / p.cae_target_scale, data_scale)  # recon ≈ data × cae_target_scale
+        recon_gray = prepared.to_gray(recon / p.cae_target_scale)  # recon ≈ data × cae_target_scale
         rows = prepared.rows("cae_val")[: p.figure_halves]
         figs = {
             "cae_reconstructions": figures.plot_reconstructions(
-                _gray(cae_val, data_scale), recon_gray, os.path.join(run_dir, "cae_reconstructions.png"),
+                prepared.to_gray(cae_val), recon_gray, os.path.join(run_dir, "cae_reconstructions.png"),
                 [f"{r['image']} ({r['side']})" for r in rows]),
             "cae_learning_curve": figures.plot_learning_curves(
-                {"CAE": cae_curves}, os.path.join(run_dir, "cae_learning_curve.png"), "CAE (Euclidean loss)"),
+                {"CAE": cae_curves}, os.path.join(run_dir, "cae_learning_curve.png"), "CAE (Euclidean loss)",
+                {"validation halves reconstructed as the mean image": mean_loss}),
         }
 
         # 3.-4. surgery and the four regressors
@@ -391,8 +407,11 @@ def run_reproduction(
         notes.append("final training losses: " + ", ".join(f"{k} {v:.6g}" for k, v in final_loss.items())
                      + " (paper: 0.003593 with CAE, 0.006545 without)")
         tables = evaluate.write_table(results, run_dir, notes)
+        val_targets = _load_h5(prepared.h5["landmarks_val"], ("landmarks",))[0]
+        ref_loss = float(0.5 * ((val_targets - train_targets.mean(axis=0)) ** 2).sum(axis=1).mean())
         figs["learning_curves"] = figures.plot_learning_curves(
-            curves, os.path.join(run_dir, "learning_curves.png"), "Landmark regressors (Euclidean loss)")
+            curves, os.path.join(run_dir, "learning_curves.png"), "Landmark regressors (Euclidean loss)",
+            {"mean-landmark predictor (validation)": ref_loss})
         n = min(p.figure_halves, len(val_rows))
         size = p.input_size
 
@@ -401,7 +420,7 @@ def run_reproduction(
 
         truth = _load_h5(prepared.h5["landmarks_val"], ("landmarks",))[0]
         figs["landmarks"] = figures.plot_landmarks(
-            _gray(val_data[:n], data_scale), to_px(truth),
+            prepared.to_gray(val_data[:n]), to_px(truth),
             {"w/o unsupervised fine-tuning": to_px(preds["nocae_fc6_finetuned"]),
              "with unsupervised fine-tuning": to_px(preds["cae_fc6_finetuned"])},
             os.path.join(run_dir, "landmarks.png"), [f"{r['image']} ({r['side']})" for r in val_rows[:n]])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from caffe_compat.solvers.base import Solver, register_solver
 
 __all__ = ["AdaDeltaSolver"]
@@ -22,10 +24,8 @@ class AdaDeltaSolver(Solver):
 
     num_history_sets = 2
 
-    def compute_update_value(self, i: int, rate: float) -> None:
-        g = self.net.learnable_params[i].grad
-        n = len(self.net.learnable_params)
-        eg, edx = self.history[i], self.history[n + i]
+    def update_rule(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
+        eg, edx = hist
         rho = float(self.param.momentum)
         one_minus = float(1.0 - self.param.momentum)
         delta = float(self.param.delta)
@@ -33,4 +33,4 @@ class AdaDeltaSolver(Solver):
         update = (edx + delta).div_(eg + delta).sqrt_()
         g.mul_(update)
         edx.mul_(rho).add_(g * g, alpha=one_minus)
-        g.mul_(self.local_rate(i, rate))
+        g.mul_(local_rate)

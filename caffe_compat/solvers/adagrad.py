@@ -29,10 +29,9 @@ class AdaGradSolver(Solver):
                 f"(got momentum: {self.param.momentum:g})"
             )
 
-    def compute_update_value(self, i: int, rate: float) -> None:
-        g = self.net.learnable_params[i].grad
-        h = self.history[i]
+    def update_rule(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
+        h = hist[0]
         h.add_(g * g)
         update = torch.sqrt(h).add_(float(self.param.delta))
         torch.div(g, update, out=update)
-        g.copy_(update).mul_(self.local_rate(i, rate))
+        g.copy_(update).mul_(local_rate)

@@ -30,10 +30,8 @@ class AdamSolver(Solver):
 
     num_history_sets = 2
 
-    def compute_update_value(self, i: int, rate: float) -> None:
-        g = self.net.learnable_params[i].grad
-        n = len(self.net.learnable_params)
-        m, v = self.history[i], self.history[n + i]
+    def update_rule(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
+        m, v = hist
         beta1 = np.float32(self.param.momentum)
         beta2 = np.float32(self.param.momentum2)
         t = self.iter + 1
@@ -43,4 +41,4 @@ class AdamSolver(Solver):
         v.mul_(float(beta2)).add_(g * g, alpha=float(np.float32(1) - beta2))
         update = torch.sqrt(v).add_(float(self.param.delta))
         torch.div(m, update, out=update)
-        g.copy_(update).mul_(float(np.float32(self.local_rate(i, rate)) * correction))
+        g.copy_(update).mul_(float(np.float32(local_rate) * correction))

@@ -53,7 +53,7 @@ from caffe_compat.solvers import lr_policy, signals
 from caffe_compat.solvers.log import fmt, logger, progress_bar
 from caffe_compat.solvers.state import SolverStateData, read_state, write_state
 
-__all__ = ["Solver", "SOLVER_REGISTRY", "register_solver", "solver_class", "get_solver"]
+__all__ = ["Solver", "LossScaler", "SOLVER_REGISTRY", "register_solver", "solver_class", "get_solver"]
 
 SOLVER_REGISTRY: dict[str, type[Solver]] = {}
 
@@ -109,6 +109,65 @@ def _f32(x) -> np.float32:
     return np.float32(x)
 
 
+class LossScaler:
+    """Dynamic loss scaling for fp16 training, ``torch.amp.GradScaler``'s rule inside our solver.
+
+    The net backpropagates ``scale * loss`` (``Net.forward_backward(loss_scale=scale)``); before
+    clipping, ``unscale_`` multiplies every diff by ``1 / scale`` and checks them: if one is inf or
+    nan the solver skips the update (weights and history unchanged; the iteration still counts,
+    as GradScaler skips ``optimizer.step()``) and the scale is multiplied by ``backoff_factor``;
+    after ``growth_interval`` finite iterations in a row it is multiplied by ``growth_factor``.
+
+    Parameters (GradScaler's defaults): ``init_scale`` (2**16), ``growth_factor`` (2.0),
+    ``backoff_factor`` (0.5), ``growth_interval`` (2000). Not in Caffe (which has no fp16 training
+    in BVLC's tree); the scale is not saved in the .solverstate and restarts at ``init_scale``.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ):
+        self.scale = float(init_scale)
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.growth_interval = int(growth_interval)
+        self.good_steps = 0
+        self.skipped = 0
+
+    def unscale_(self, params: list[torch.Tensor], iteration: int = 0) -> bool:
+        """Unscale the diffs of ``params`` in place; False (and a lower scale) if any is inf/nan."""
+        grads = [p.grad for p in params if p.grad is not None]
+        found = False
+        if grads:
+            found_inf = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+            inv = torch.full((), 1.0 / self.scale, dtype=torch.float32, device=grads[0].device)
+            try:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv)
+            except (RuntimeError, NotImplementedError, AttributeError):  # pragma: no cover
+                for g in grads:
+                    g.mul_(inv)
+                    found_inf += (~torch.isfinite(g)).any().float()
+            found = bool(found_inf.item())
+        if found:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            self.skipped += 1
+            logger.warning(
+                "Iteration %d: inf/nan in the fp16 gradients: update skipped, loss scale lowered to %g",
+                iteration,
+                self.scale,
+            )
+            return False
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+        return True
+
+
 class Solver:
     """Caffe's Solver: builds the train and test nets from a ``SolverParameter`` and trains.
 
@@ -140,6 +199,20 @@ class Solver:
     type_name: ClassVar[str] = ""
     #: History blobs per learnable parameter (AdaDelta and Adam keep two).
     num_history_sets: ClassVar[int] = 1
+    #: Run the per-parameter update chunk by chunk (same float32 results, far less memory
+    #: traffic: see ``apply_update``); False: whole tensors, one operation at a time.
+    fused_update: bool = True
+    #: Elements per chunk of the fused update: 1 MB per float32 tensor, so that a chunk's 3-4
+    #: tensors stay in the CPU's cache between the operations (smaller chunks pay more per-call
+    #: overhead than they save: see docs/benchmarks.md).
+    update_chunk: int = 1 << 18
+    #: Opt-in (SGD with L2 or no weight decay): regularize, update and ``W -= update`` as one
+    #: ``torch.compile``'d kernel per parameter (one pass over W, diff and history instead of
+    #: five operations). May differ from Caffe's float32 results in the last bit (the compiler
+    #: may contract ``a * b + c`` into one rounding); falls back with a warning if compiling fails.
+    compiled_update: bool = False
+    #: ``torch.compile`` options for ``compiled_update``.
+    compiled_update_options: ClassVar[dict] = {"dynamic": True}
 
     def __init__(
         self,
@@ -207,6 +280,10 @@ class Solver:
         ]
         self._losses: list[np.float32] = []
         self.smoothed_loss = _f32(0)
+        from caffe_compat.mode import precision
+
+        #: Dynamic loss scaling, on under ``caffe_compat.mode.set_precision("fp16")``.
+        self.loss_scaler: LossScaler | None = LossScaler() if precision() == "fp16" else None
 
     # -- validation ------------------------------------------------------------------------------
 
@@ -445,18 +522,64 @@ class Solver:
 
     def apply_update(self) -> None:
         """One update from the accumulated diffs: clip, then per parameter normalize,
-        regularize, compute the update value; then ``W -= diff``."""
+        regularize, compute the update value; then ``W -= diff``.
+
+        With ``fused_update`` (the default) the per-parameter steps run chunk by chunk
+        (``update_chunk`` elements of the parameter, its diff and its history at a time, so
+        that the chain of element-wise operations works in the CPU's cache): the same operations
+        in the same order on every element, hence the same float32 results as whole tensors.
+        Under fp16 loss scaling (``caffe_compat.mode.set_precision("fp16")``) the diffs are
+        first unscaled; when one is inf/nan the update is skipped (see ``LossScaler``).
+        """
         rate = self.get_learning_rate()
         if self.param.display and self.iter % self.param.display == 0:
             logger.info("Iteration %d, lr = %s", self.iter, fmt(rate))
         with torch.no_grad():
+            if self.loss_scaler is not None and not self.loss_scaler.unscale_(self.net.learnable_params, self.iter):
+                return
             self.clip_gradients()
-            for i in range(len(self.net.learnable_params)):
-                self.normalize(i)
-                self.regularize(i)
-                self.compute_update_value(i, rate)
-            for p in self.net.learnable_params:
-                p.data.sub_(p.grad)
+            params = self.net.learnable_params
+            for i in range(len(params)):
+                if self.compiled_update and self._compiled_step(i, rate):
+                    continue
+                flat = self._flat_views(i) if self.fused_update else None
+                if flat is None:
+                    self.normalize(i)
+                    self.regularize(i)
+                    self.compute_update_value(i, rate)
+                    params[i].data.sub_(params[i].grad)
+                    continue
+                w, g, hist = flat
+                local_rate = self.local_rate(i, rate)
+                step = max(int(self.update_chunk), 1)
+                for s in range(0, w.numel(), step):
+                    wc, gc = w[s : s + step], g[s : s + step]
+                    self._normalize(gc)
+                    self._regularize(i, wc, gc)
+                    self.update_rule(i, gc, [h[s : s + step] for h in hist], local_rate)
+                    wc.sub_(gc)
+
+    def _compiled_step(self, i: int, rate: float) -> bool:
+        """Normalize, regularize, update and ``W -= update`` for parameter i through a compiled
+        kernel; False when this solver type or setting has none (the caller does it eagerly)."""
+        return False
+
+    def _flat_views(self, i: int):
+        """1-d views of parameter i's data, diff and history in memory order (None if they do not
+        share one dense layout, e.g. a channels_last weight with a contiguous diff)."""
+        p = self.net.learnable_params[i]
+        g = p.grad
+        n = len(self.net.learnable_params)
+        hist = [self.history[k * n + i] for k in range(self.num_history_sets)]
+        tensors = [p.data, g, *hist]
+        stride = tuple(p.data.stride())
+        if g is None or any(t.stride() != stride or t.shape != p.shape or t.storage_offset() for t in tensors[1:]):
+            return None
+        if not p.data.is_contiguous() and not p.data.is_contiguous(memory_format=torch.channels_last):
+            return None
+        return tuple(t.as_strided((t.numel(),), (1,)) for t in tensors[:2]) + (
+            [h.as_strided((h.numel(),), (1,)) for h in hist],
+        )
 
     def clip_gradients(self) -> None:
         """If ``clip_gradients >= 0`` and the L2 norm of all diffs exceeds it, scale every diff
@@ -480,29 +603,48 @@ class Solver:
 
     def normalize(self, i: int) -> None:
         """``diff *= 1 / iter_size`` (the diffs of ``iter_size`` passes were summed)."""
-        if self.param.iter_size == 1:
-            return
-        self.net.learnable_params[i].grad.mul_(float(_f32(1.0) / _f32(self.param.iter_size)))
+        self._normalize(self.net.learnable_params[i].grad)
+
+    def _normalize(self, g: torch.Tensor) -> None:
+        if self.param.iter_size != 1:
+            g.mul_(float(_f32(1.0) / _f32(self.param.iter_size)))
 
     def regularize(self, i: int) -> None:
         """L2: ``diff += weight_decay * decay_mult * W``; L1: ``... * sign(W)``."""
         p = self.net.learnable_params[i]
+        self._regularize(i, p.data, p.grad)
+
+    def _regularize(self, i: int, w: torch.Tensor, g: torch.Tensor) -> None:
         local_decay = float(_f32(self.param.weight_decay) * _f32(self.net.params_weight_decay[i]))
         if not local_decay:
             return
         if self.param.regularization_type == "L2":
-            p.grad.add_(p.data, alpha=local_decay)
+            g.add_(w, alpha=local_decay)
         else:
-            p.grad.add_(torch.sign(p.data), alpha=local_decay)
+            g.add_(torch.sign(w), alpha=local_decay)
 
     def local_rate(self, i: int, rate: float) -> float:
         return float(_f32(rate) * _f32(self.net.params_lr[i]))
 
-    def compute_update_value(self, i: int, rate: float) -> None:  # pragma: no cover
-        """The solver type's hook: turn ``learnable_params[i].grad`` into the update."""
+    def compute_update_value(self, i: int, rate: float) -> None:
+        """Turn ``learnable_params[i].grad`` into the update (Caffe's ComputeUpdateValue): the
+        solver type's ``update_rule`` on the whole tensors."""
+        n = len(self.net.learnable_params)
+        hist = [self.history[k * n + i] for k in range(self.num_history_sets)]
+        self.update_rule(i, self.net.learnable_params[i].grad, hist, self.local_rate(i, rate))
+
+    def update_rule(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:  # pragma: no cover
+        """The solver type's hook: overwrite ``g`` (parameter i's diff, or a chunk of it) with the
+        update value, updating ``hist`` (the same elements of each history set) in place.
+        Element-wise only: it may be called on any slice of the parameter."""
         raise NotImplementedError(type(self).__name__)
 
     # -- training loop -----------------------------------------------------------------------------
+
+    def _forward_backward(self) -> float:
+        if self.loss_scaler is None:
+            return self.net.forward_backward()
+        return self.net.forward_backward(loss_scale=self.loss_scaler.scale)
 
     def _update_smoothed_loss(self, loss: np.float32, start_iter: int, average_loss: int) -> None:
         if len(self._losses) < average_loss:
@@ -534,7 +676,7 @@ class Solver:
                 display = bool(p.display) and self.iter % p.display == 0
                 loss = _f32(0)
                 for _ in range(p.iter_size):
-                    loss = _f32(loss + _f32(self.net.forward_backward()))
+                    loss = _f32(loss + _f32(self._forward_backward()))
                 loss = _f32(loss / _f32(p.iter_size))
                 if self._sync is not None:  # the request rides with the gradients
                     loss, request = self.reduce_gradients(loss, self._requested_action())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from caffe_compat.solvers.base import Solver, register_solver
 
 __all__ = ["NesterovSolver"]
@@ -18,10 +20,9 @@ class NesterovSolver(Solver):
     Parameters: ``momentum`` (0).
     """
 
-    def compute_update_value(self, i: int, rate: float) -> None:
-        g = self.net.learnable_params[i].grad
-        v = self.history[i]
+    def update_rule(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
+        v = hist[0]
         m = float(self.param.momentum)
         v_old = v.clone()
-        v.mul_(m).add_(g, alpha=self.local_rate(i, rate))
+        v.mul_(m).add_(g, alpha=local_rate)
         g.copy_(v).mul_(1.0 + m).add_(v_old, alpha=-m)

@@ -33,11 +33,10 @@ class RMSPropSolver(Solver):
         if not 0 <= p.rms_decay < 1:
             raise SolverError(f"{self.source}: rms_decay should lie between 0 and 1 (got rms_decay: {p.rms_decay:g})")
 
-    def compute_update_value(self, i: int, rate: float) -> None:
-        g = self.net.learnable_params[i].grad
-        ms = self.history[i]
+    def update_rule(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
+        ms = hist[0]
         rho = float(self.param.rms_decay)
         ms.mul_(rho).add_(g * g, alpha=float(1.0 - self.param.rms_decay))
         update = torch.sqrt(ms).add_(float(self.param.delta))
         torch.div(g, update, out=update)
-        g.copy_(update).mul_(self.local_rate(i, rate))
+        g.copy_(update).mul_(local_rate)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from caffe_compat.solvers.base import Solver, register_solver
+from caffe_compat.solvers.log import logger
 
 __all__ = ["SGDSolver"]
 
@@ -20,10 +24,45 @@ class SGDSolver(Solver):
     Difference from ``torch.optim.SGD`` (which keeps ``buf = m * buf + g`` and steps
     ``lr * buf``): Caffe's history holds the learning rate, so at a ``step``/``multistep``
     change the old momentum keeps its old rate. This is Caffe's form.
+
+    ``compiled_update = True`` (opt-in): with L2 (or no) weight decay, each parameter's
+    ``g += decay * W; V = momentum * V + local_rate * g; diff = V; W -= V`` runs as one
+    ``torch.compile``'d kernel (last-bit differences from Caffe possible, see ``Solver``).
     """
 
-    def compute_update_value(self, i: int, rate: float) -> None:
-        g = self.net.learnable_params[i].grad
-        v = self.history[i]
-        v.mul_(float(self.param.momentum)).add_(g, alpha=self.local_rate(i, rate))
+    def update_rule(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
+        v = hist[0]
+        v.mul_(float(self.param.momentum)).add_(g, alpha=local_rate)
         g.copy_(v)
+
+    def _compiled_step(self, i: int, rate: float) -> bool:
+        if self.param.regularization_type != "L2":
+            return False
+        flat = self._flat_views(i)
+        if flat is None:
+            return False
+        w, g, (v,) = flat
+        fn = self.__dict__.get("_sgd_kernel")
+        if fn is None:
+            fn = self._sgd_kernel = torch.compile(_sgd_kernel, **self.compiled_update_options)
+        norm = float(np.float32(1.0) / np.float32(self.param.iter_size))
+        decay = float(np.float32(self.param.weight_decay) * np.float32(self.net.params_weight_decay[i]))
+        scalars = torch.tensor(
+            [norm, decay, float(self.param.momentum), self.local_rate(i, rate)], dtype=w.dtype, device=w.device
+        )
+        try:
+            fn(w, g, v, scalars)
+        except Exception as e:  # noqa: BLE001  (a compiler failure: eager from now on)
+            logger.warning("torch.compile of the SGD update failed (%s: %s); using the eager update", type(e).__name__, e)
+            self.compiled_update = False
+            return False  # nothing was written: the eager update follows
+        return True
+
+
+def _sgd_kernel(w: torch.Tensor, g: torch.Tensor, v: torch.Tensor, scalars: torch.Tensor) -> None:
+    norm, decay, momentum, lr = scalars[0], scalars[1], scalars[2], scalars[3]
+    u = g * norm + decay * w
+    vn = v * momentum + lr * u
+    v.copy_(vn)
+    g.copy_(vn)
+    w.sub_(vn)
