@@ -167,6 +167,17 @@ def test_prepare_scale_multiplies_the_data_and_is_recorded(tmp_path):
             np.testing.assert_allclose(g["data"][()], 0.25 * f["data"][()], rtol=1e-6, atol=1e-6)
     with pytest.raises(DataError, match="scale"):
         prepare(samples, str(tmp_path / "c"), size=32, scale=0.0)
+    # the training halves' mean image: subtracted, saved, and undone by to_gray
+    own = prepare(samples, str(tmp_path / "d"), size=32, seed=0, scale=0.25, mean="train")
+    mean = np.load(str(tmp_path / "d" / "mean.npy"))
+    assert mean.shape == (3, 32, 32) and load_prepared(str(tmp_path / "d")).mean == "train"
+    with h5py.File(own.h5["cae_train"], "r") as f:
+        data = f["data"][()]
+    np.testing.assert_allclose(data.mean(axis=0), 0.0, rtol=0, atol=1e-3)
+    with h5py.File(one.h5["cae_train"], "r") as f:
+        np.testing.assert_allclose(own.to_gray(data), one.to_gray(f["data"][()]), rtol=0, atol=1e-5)
+    with pytest.raises(DataError, match="mean"):
+        prepare(samples, str(tmp_path / "e"), size=32, mean="dataset")
 
 
 def test_prepare_dental_tool_writes_default_layout(tmp_path, in_dir):

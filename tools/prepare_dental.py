@@ -9,7 +9,8 @@ landmarks 5-8 becoming 1-4), resizes them to ``--size``, splits by image with ``
 (CAE: 1/10 of the images held out; regressor: 1/5 of the annotated images) and writes into
 ``--out`` (default ``data/dental``, what the shipped prototxts and solvers read, relative to the
 repository root): ``cae_{train,val}.h5/.txt``, ``landmarks_{train,val}.h5/.txt``, ``halves.csv``
-(what converts predictions back to mm), ``meta.json`` and an empty ``snapshots/``. Without
+(what converts predictions back to mm), ``meta.json`` (and ``mean.npy`` with ``--mean train``) and
+an empty ``snapshots/``. Without
 ``--data`` the synthetic radiographs are generated into ``<out>/raw`` first. Run the tools from
 the repository root. Errors print one line per problem and exit with status 1.
 """
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_DATA_DIR, help=f"output folder (default {DEFAULT_DATA_DIR})")
     p.add_argument("--size", type=int, default=224, help="half-image size after resizing (default 224)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits and of the synthetic data")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the mean-subtracted intensities (default 1, as bvlc_alexnet expects; "
+                        "the from-scratch presets use 0.015625)")
+    p.add_argument("--mean", choices=("imagenet", "train"), default="imagenet",
+                   help="subtract Caffe's ImageNet channel mean (default) or the training halves' mean image "
+                        "(written to mean.npy)")
     p.add_argument("--num-images", type=int, default=108, help="synthetic: number of radiographs")
     p.add_argument("--num-annotated", type=int, default=54, help="synthetic: how many carry landmarks")
     return p
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             data = os.path.join(args.out, "raw")
             generate_dataset(data, args.num_images, args.num_annotated, seed=args.seed)
         samples = read_dataset(data, args.csv or None)
-        prepared = prepare(samples, args.out, size=args.size, seed=args.seed)
+        prepared = prepare(samples, args.out, size=args.size, seed=args.seed, scale=args.scale, mean=args.mean)
     except (CaffeError, OSError, ValueError) as e:
         if "\n" in str(e):  # one line per malformed row
             print(f"prepare_dental.py: error: {e}", file=sys.stderr)

@@ -148,13 +148,15 @@ def _train_torchrun(args, param: caffe_pb2.SolverParameter, gpus: list[int]) -> 
             )
         device_id = gpus[local_rank]
     distributed.init_from_env("nccl" if gpus else "gloo", device_id)
+    import torch.distributed as dist
+
     try:
         distributed.quiet_non_root_logging()
         select_device([device_id] if device_id is not None else [], log)
-        return _run(args, param)
+        status = _run(args, param)
+        dist.barrier()  # no rank tears the group down while a peer is in its last collective
+        return status
     finally:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
 
 

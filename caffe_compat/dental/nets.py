@@ -4,7 +4,9 @@ The files shipped in ``prototxt/`` and ``solvers/`` are these builders' output a
 scale (``Arch()``: 224×224 input, AlexNet's widths); a test checks that they stay equal, and
 ``python -m caffe_compat.dental.nets`` rewrites them. The presets of
 :mod:`caffe_compat.dental.pipeline` call the same builders with a smaller input or narrower
-layers, which changes only sizes, never the structure.
+layers, which changes only sizes, never the structure, and, for training from scratch, with the
+``Arch`` recipe options (fillers, decoder widths and leaky decoder ReLUs, the CAE's target scale
+and loss weight, the regression head's lr_mult and std), which change only layer parameters.
 
 - AlexNet: bvlc_alexnet's layers and names (conv1..conv5 with conv2/4/5 in two groups, LRN after
   conv1 and conv2, fc6, fc7, fc8), so ``bvlc_alexnet.caffemodel`` loads by name.
@@ -75,6 +77,10 @@ class Arch:
     head_std: float = 0.01
     #: negative_slope of the decoder's ReLUs (0: plain ReLU; > 0: leaky, no unit of the decoder can die)
     decoder_relu_slope: float = 0.0
+    #: the last deconvolution (``recon``): None = xavier like the rest of the decoder; a std = a
+    #: gaussian filler that small, so that the CAE starts by outputting ~0 (the mean image when the
+    #: mean image is subtracted from the data) instead of noise
+    decoder_out_std: float | None = None
     #: the CAE's target is ``data × cae_target_scale`` (Power layer "target")
     cae_target_scale: float = 1.0 / 256.0
 
@@ -264,7 +270,9 @@ def _decoder(net, arch: Arch, code: str = "fc8") -> str:
     _relu(net, "derelu_conv2", "deconv2")
     _conv(net, "depool1", "deconv2", c[0], unpool_kernel(s["conv1"], s["pool1"], 2), stride=2, deconv=True, **x)
     _relu(net, "derelu_pool1", "depool1")
-    lp = _conv(net, "deconv1", "depool1", 3, unpool_kernel(arch.input_size, s["conv1"], 4), stride=4, deconv=True, **x)
+    out = x if arch.decoder_out_std is None else dict(weight="gaussian", std=arch.decoder_out_std)
+    lp = _conv(net, "deconv1", "depool1", 3, unpool_kernel(arch.input_size, s["conv1"], 4), stride=4, deconv=True,
+               **out)
     lp.top[0] = "recon"
     return "recon"
 

@@ -284,6 +284,9 @@ def _worker(
     )
     try:
         status = fn(index, world_size, *args)
+        # every rank reaches the end before any tears its connections down: a rank that
+        # destroyed the group while a peer was still in its last collective made gloo abort
+        dist.barrier()
     finally:
         try:
             dist.destroy_process_group()
