@@ -12,7 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["Blob", "ParamBlob"]
+__all__ = ["Blob", "ParamBlob", "uses_host_mirror"]
+
+
+def uses_host_mirror(device: torch.device) -> bool:
+    """Whether ``.data``/``.diff`` are host copies (tensors on a GPU) rather than views (CPU)."""
+    return device.type != "cpu"
 
 
 def _view(t: torch.Tensor) -> np.ndarray:
@@ -20,40 +25,33 @@ def _view(t: torch.Tensor) -> np.ndarray:
 
 
 class _HostSynced:
-    """Host mirrors of device tensors (Caffe's SyncedMemory, in small).
-
-    Reading returns a host copy, refreshed from the device on every read unless the caller has
-    written into the copy since (a pending write); ``sync_to_device`` sends pending writes back.
-    The net syncs input data and parameters before a forward, output and parameter diffs before
-    a backward; nothing else is copied back, so autograd's graph is never touched.
+    """Host mirrors of device tensors, with Caffe's SyncedMemory rule: reading ``.data`` or
+    ``.diff`` on a GPU hands out a host copy and makes it the head; the net copies every such
+    copy back (``sync_to_device``) at its next step that uses the tensor — the start of a
+    forward (inputs, parameters), of a backward (output diffs, parameter diffs), of a solver
+    update — and drops it, so the next read fetches the device's values again.
     """
 
     def _host(self, which: str, t: torch.Tensor) -> np.ndarray:
-        if t.device.type == "cpu":
+        if not uses_host_mirror(t.device):
             return _view(t)
-        cache = self._host_cache
-        hit = cache.get(which)
+        hit = self._host_cache.get(which)
         if hit is not None and hit[0] is t:
-            arr, orig = hit[1], hit[2]
-            if not np.array_equal(arr, orig, equal_nan=True):
-                return arr  # written by the caller: kept until the next sync
-            fresh = t.detach().cpu().numpy()
-            arr[...] = fresh
-            orig[...] = fresh
-            return arr
+            return hit[1]
         arr = t.detach().cpu().numpy()
-        cache[which] = (t, arr, arr.copy())
+        self._host_cache[which] = (t, arr)
         return arr
 
     def sync_to_device(self, which: str | None = None) -> None:
-        """Copy host mirrors written through ``.data``/``.diff`` (on a GPU) back to the device."""
-        for w, (t, arr, orig) in list(self._host_cache.items()):
+        """Copy the host copies handed out since the last sync back to the device, and drop them."""
+        if not self._host_cache:
+            return
+        for w, (t, arr) in list(self._host_cache.items()):
             if which is not None and w != which:
                 continue
-            if not np.array_equal(arr, orig, equal_nan=True):
-                with torch.no_grad():
-                    t.copy_(torch.from_numpy(arr))
-                orig[...] = arr
+            with torch.no_grad():
+                t.copy_(torch.from_numpy(arr))
+            del self._host_cache[w]
 
 
 class Blob(_HostSynced):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from caffe_compat import blob as _blob
 from caffe_compat import layers as _layers  # noqa: F401  (registers every layer type)
 from caffe_compat.blob import Blob, ParamBlob
 from caffe_compat.errors import CaffeError, LayerError, NetError
@@ -571,13 +572,12 @@ class Net(nn.Module):
     def _prepare_inputs(self) -> None:
         self._sync_mode()
         grad_on = torch.is_grad_enabled()
-        if self._device.type != "cpu":
-            for pblobs in self.params.values():
-                for pb in pblobs:
-                    pb.sync_to_device()
+        if _blob.uses_host_mirror(self._device):
+            self.sync_host_params()
+            for blob in self.blobs.values():
+                blob.sync_to_device("data")
         for b in self.inputs:
             blob = self.blobs[b]
-            blob.sync_to_device("data")
             t = blob.tensor
             if t.grad_fn is not None:  # an in-place layer wrote into this input last time
                 t = t.detach()
@@ -803,13 +803,12 @@ class Net(nn.Module):
         else:
             root_names = list(self._tops[s])
         roots, grads = [], []
-        if self._device.type != "cpu":
-            for pblobs in self.params.values():
-                for pb in pblobs:
-                    pb.sync_to_device("diff")
+        if _blob.uses_host_mirror(self._device):
+            self.sync_host_params()
+            for blob in self.blobs.values():
+                blob.sync_to_device("diff")
         for b in root_names:
             blob = self.blobs[b]
-            blob.sync_to_device("diff")
             t = blob._data
             if t is None or not t.requires_grad:
                 continue
@@ -887,6 +886,15 @@ class Net(nn.Module):
         self._diffs_cleared = False
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
+    def sync_host_params(self) -> None:
+        """Send parameter values and diffs written through ``net.params[...]`` on a GPU back to
+        the device (a no-op on the CPU, where those are views)."""
+        if not _blob.uses_host_mirror(self._device):
+            return
+        for pblobs in self.params.values():
+            for pb in pblobs:
+                pb.sync_to_device()
+
     def clear_param_diffs(self) -> None:
         """Zero every learnable blob's diff (Caffe's ClearParamDiffs).
 
@@ -894,6 +902,7 @@ class Net(nn.Module):
         (``net.params[...][i].diff``) or after the next ``forward_backward``/``backward``, which
         then take autograd's gradient tensors as they are instead of adding them to zeros.
         """
+        self.sync_host_params()
         for p in self.learnable_params:
             p.grad = None
         self._diffs_cleared = True

@@ -524,7 +524,7 @@ class Solver:
         """One update from the accumulated diffs: clip, then per parameter normalize,
         regularize, compute the update value; then ``W -= diff``.
 
-        With ``fused_update`` (the default) the per-parameter steps run chunk by chunk
+        With ``fused_update`` (the default) the per-parameter steps of CPU tensors run chunk by chunk
         (``update_chunk`` elements of the parameter, its diff and its history at a time, so
         that the chain of element-wise operations works in the CPU's cache): the same operations
         in the same order on every element, hence the same float32 results as whole tensors.
@@ -534,6 +534,9 @@ class Solver:
         rate = self.get_learning_rate()
         if self.param.display and self.iter % self.param.display == 0:
             logger.info("Iteration %d, lr = %s", self.iter, fmt(rate))
+        sync = getattr(self.net, "sync_host_params", None)
+        if sync is not None:  # host writes through net.params[...] (GPU) land before the update
+            sync()
         with torch.no_grad():
             if self.loss_scaler is not None and not self.loss_scaler.unscale_(self.net.learnable_params, self.iter):
                 return
@@ -542,7 +545,9 @@ class Solver:
             for i in range(len(params)):
                 if self.compiled_update and self._compiled_step(i, rate):
                     continue
-                flat = self._flat_views(i) if self.fused_update else None
+                # chunks pay on the CPU (cache locality); on a GPU they only multiply launches
+                chunked = self.fused_update and params[i].device.type == "cpu"
+                flat = self._flat_views(i) if chunked else None
                 if flat is None:
                     self.normalize(i)
                     self.regularize(i)
