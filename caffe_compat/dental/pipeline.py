@@ -8,7 +8,8 @@
 - ``cae/`` the CAE's caffemodel, learning curve and reconstructions
 - ``<config>/`` for each of the 4 configurations: the regressor's caffemodel, the surgery
   report (what was copied from the CAE / ImageNet, what was left at its filler), predictions
-- ``table2.md|csv|json`` (with a reference row: the mean-landmark predictor), ``learning_curves.png``, ``cae_learning_curve.png``,
+- ``table2.md|csv|json`` (with a reference row: the mean-landmark predictor),
+  ``learning_curves.png``, ``cae_learning_curve.png``,
   ``cae_reconstructions.png``, ``landmarks.png``, ``summary.json``, ``log.txt``
 
 Configurations (the paper's Table II): the regressor's conv1-conv5 and fc6 come from the CAE, or
@@ -97,7 +98,8 @@ class Preset:
 
     def arch(self) -> nets.Arch:
         return nets.Arch(input_size=self.input_size, conv=tuple(self.conv), fc=self.fc, code=self.code,
-                         filler=self.filler, decoder_conv=None if self.decoder_conv is None else tuple(self.decoder_conv),
+                         filler=self.filler,
+                         decoder_conv=None if self.decoder_conv is None else tuple(self.decoder_conv),
                          decoder_fc=self.decoder_fc, cae_loss_weight=self.cae_loss_weight,
                          cae_target_scale=self.cae_target_scale, decoder_relu_slope=self.decoder_relu_slope,
                          decoder_out_std=self.decoder_out_std,
@@ -109,11 +111,10 @@ class Preset:
 #: the training halves' mean image scaled to about ±2, Adam, the CAE's target = its input, leaky
 #: ReLUs in the decoder, and a regression head that starts at the mean landmarks and learns at the
 #: base rate (docs/paper.md explains each choice).
-SCRATCH_RECIPE = dict(filler="msra", data_scale=1.0 / 64.0, data_mean="train", solver_type="Adam", lr_policy="step", momentum=0.9,
+SCRATCH_RECIPE = dict(filler="msra", data_scale=1.0 / 64.0, data_mean="train", solver_type="Adam", lr_policy="step",
+                      momentum=0.9,
                       weight_decay=0.0005, cae_target_scale=1.0, decoder_relu_slope=0.1, decoder_out_std=1e-4,
-                      head_lr_mult=1.0,
-                      head_std=0.001,
-                      head_bias_mean=True)
+                      head_lr_mult=1.0, head_std=1e-5, head_bias_mean=True)
 
 PRESETS = {
     # every step on a tiny scale (a test runs it): seconds on 2 CPU cores
@@ -121,8 +122,8 @@ PRESETS = {
                     reg_iters=6, reg_lr=1e-4, batch=4, test_interval=3, figure_halves=2, **SCRATCH_RECIPE),
     # AlexNet's widths on 128×128 halves; 54 annotated radiographs plus 270 unannotated ones for
     # the CAE: under 20 min on 2 CPU cores
-    "quick": Preset("quick", 128, (96, 256, 384, 384, 256), 1024, 1000, 324, 54, (256, 512), cae_iters=450,
-                    cae_lr=1e-4, reg_iters=250, reg_lr=1e-4, batch=16, test_interval=50,
+    "quick": Preset("quick", 128, (96, 256, 384, 384, 256), 1024, 1000, 324, 54, (256, 512), cae_iters=1000,
+                    cae_lr=1e-4, reg_iters=400, reg_lr=1e-4, batch=16, test_interval=50,
                     decoder_conv=(48, 128, 192, 192, 128), **SCRATCH_RECIPE),  # a decoder half as wide
     # the paper's scale and recipe (224×224, AlexNet unchanged, so bvlc_alexnet's fc6 loads too;
     # SGD from ImageNet's weights): for a GPU
@@ -373,7 +374,8 @@ def run_reproduction(
         train_targets = _load_h5(prepared.h5["landmarks_train"], ("landmarks",))[0]
         ref = evaluate.mean_predictor(train_targets, len(val_rows))
         results[evaluate.MEAN_PREDICTOR[0]] = evaluate.summarize(evaluate.landmark_errors_mm(ref, val_rows))
-        log.info("mean-landmark predictor: mean error %.4f mm", results[evaluate.MEAN_PREDICTOR[0]]["mean_over_landmarks"])
+        log.info("mean-landmark predictor: mean error %.4f mm",
+                 results[evaluate.MEAN_PREDICTOR[0]]["mean_over_landmarks"])
         for key, (use_cae, fc6_ft, label) in evaluate.CONFIGS.items():
             solver = get_solver(paths["landmarks_solver" if fc6_ft else "landmarks_fc6_frozen_solver"])
             source = cae_model if use_cae else imagenet_weights
