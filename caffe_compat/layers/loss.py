@@ -97,6 +97,13 @@ def _check_first_dims(layer: Layer, bottom_shapes: list[tuple[int, ...]]) -> Non
         )
 
 
+def _check_one_label_per_item(layer: Layer, shapes) -> None:
+    """Bottom 1 holds one label per item of bottom 0 (HingeLoss, MultinomialLogisticLoss)."""
+    _check_first_dims(layer, shapes)
+    if _count(shapes[1]) != shapes[0][0]:
+        raise layer.error(f"bottom {_bottom_name(layer, 1)} {shapes[1]} must hold one label per item ({shapes[0][0]})")
+
+
 def _normalization(loss_param, default: int) -> int:
     """``normalization`` if set, else legacy ``normalize`` (true: VALID, false: BATCH_SIZE), else default."""
     if loss_param.HasField("normalization"):
@@ -387,11 +394,7 @@ class HingeLossLayer(Layer):
         self._check(bottom_shapes)
 
     def _check(self, shapes) -> None:
-        _check_first_dims(self, shapes)
-        if _count(shapes[1]) != shapes[0][0]:
-            raise self.error(
-                f"bottom {_bottom_name(self, 1)} {shapes[1]} must hold one label per item ({shapes[0][0]})"
-            )
+        _check_one_label_per_item(self, shapes)
 
     def forward(self, x: Tensor, label: Tensor) -> tuple[Tensor]:
         self._check([tuple(x.shape), tuple(label.shape)])
@@ -549,11 +552,7 @@ class MultinomialLogisticLossLayer(Layer):
         self._check(bottom_shapes)
 
     def _check(self, shapes) -> None:
-        _check_first_dims(self, shapes)
-        if _count(shapes[1]) != shapes[0][0]:
-            raise self.error(
-                f"bottom {_bottom_name(self, 1)} {shapes[1]} must hold one label per item ({shapes[0][0]})"
-            )
+        _check_one_label_per_item(self, shapes)
 
     def forward(self, prob: Tensor, label: Tensor) -> tuple[Tensor]:
         self._check([tuple(prob.shape), tuple(label.shape)])
