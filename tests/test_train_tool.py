@@ -234,3 +234,19 @@ def test_time_tool_reports_every_layer(cli_dir, capsys):
         assert len(fw) == 1 and len(bw) == 1
     assert float(re.search(r"ip1\tbackward: (\S+) ms", "\n".join(ours)).group(1)) > 0
     assert any(m.startswith("Total Time:") for m in ours) and ours[-1] == "*** Benchmark ends ***"
+
+
+def test_paper_solver_without_prepared_data_says_how_to_prepare(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from tools import train
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "solvers").mkdir()
+    (tmp_path / "prototxt").mkdir()
+    for f in ("solvers/landmark_solver.prototxt", "prototxt/dental_landmarks_train_val.prototxt"):
+        (tmp_path / f).write_text((root / f).read_text())
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--solver", "solvers/landmark_solver.prototxt", "--iterations", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "data/dental" in err and "python tools/prepare_dental.py" in err

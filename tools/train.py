@@ -197,7 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return _train(args)
     except (CaffeError, OSError) as e:
-        return report_error("train.py", e)
+        status = report_error("train.py", e)
+        if "data/dental" in str(e) and not os.path.isdir("data/dental"):
+            print(
+                "train.py: hint: the paper app's solvers read data/dental/, which is not there yet: "
+                "run `python tools/prepare_dental.py` from the repository root first (docs/paper.md)",
+                file=sys.stderr,
+            )
+        return status
 
 
 if __name__ == "__main__":
