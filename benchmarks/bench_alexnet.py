@@ -300,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="our nets: Net.compile() (torch.compile)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="our training precision")
     p.add_argument("--channels_last", action="store_true", help="our nets in channels_last")
-    p.add_argument("--fused_update", default="on", choices=["on", "off", "compile"], help="our solver's update: chunked (on), whole tensors (off), torch.compile'd")
+    p.add_argument(
+        "--fused_update",
+        default="on",
+        choices=["on", "off", "compile"],
+        help="our solver's update: chunked (on), whole tensors (off), torch.compile'd",
+    )
     p.add_argument(
         "--baseline_same", action="store_true", help="baseline too: torch.compile / autocast / channels_last"
     )
@@ -344,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         f"fused_update {args.fused_update}; baseline: precision {args.precision if amp else 'fp32'}, "
         f"compile {base_compile}"
     )
-    header = f"{'batch':>5} {'what':>8} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} {'ours img/s':>10} {'torch img/s':>11}"
+    header = (
+        f"{'batch':>5} {'what':>8} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} {'ours img/s':>10} {'torch img/s':>11}"
+    )
     print(header)
     results = []
     for batch in batches:
@@ -392,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
             for batch in batches:
                 mo = _peak_rss("ours", batch, torch.get_num_threads(), args.no_tune)
                 mb = _peak_rss("torch", batch, torch.get_num_threads(), args.no_tune)
-                print(f"# peak RSS of a training step, batch {batch}: ours {mo:.0f} MB, torch {mb:.0f} MB, ratio {mo / mb:.3f}")
+                print(
+                    f"# peak RSS of a training step, batch {batch}: ours {mo:.0f} MB, torch {mb:.0f} MB, ratio {mo / mb:.3f}"
+                )
     load = os.getloadavg()
     print(f"# load avg at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return 0

@@ -69,9 +69,7 @@ def apply_float32_numerics() -> None:
 def set_device(device_id: int) -> None:
     """Choose the CUDA device used in GPU mode."""
     if torch.cuda.is_available() and not 0 <= device_id < torch.cuda.device_count():
-        raise CaffeError(
-            f"set_device({device_id}): no such GPU; torch sees {torch.cuda.device_count()} device(s)"
-        )
+        raise CaffeError(f"set_device({device_id}): no such GPU; torch sees {torch.cuda.device_count()} device(s)")
     _state["device_id"] = int(device_id)
 
 

@@ -74,9 +74,7 @@ def filter_net(param, source: str = "<net>"):
     del out.layer[:]
     for lp in param.layer:
         if len(lp.include) and len(lp.exclude):
-            raise NetError(
-                f"{source}: layer {lp.name!r}: specify either include rules or exclude rules, not both"
-            )
+            raise NetError(f"{source}: layer {lp.name!r}: specify either include rules or exclude rules, not both")
         included = len(lp.include) == 0
         for rule in lp.exclude:
             if state_meets_rule(param.state, rule):
@@ -752,7 +750,9 @@ class Net(nn.Module):
             made: set[str] = set()
             self._compiled_feeds = []
             for li in range(k, len(self.layers)):
-                self._compiled_feeds += [b for b in self._bottoms[li] if b not in made and b not in self._compiled_feeds]
+                self._compiled_feeds += [
+                    b for b in self._bottoms[li] if b not in made and b not in self._compiled_feeds
+                ]
                 made.update(self._tops[li])
         feeds = {b: self.blobs[b].tensor for b in self._compiled_feeds}
         if self._compiled_fn is None:
@@ -795,9 +795,7 @@ class Net(nn.Module):
         s = self._layer_index(start, len(self.layers) - 1)
         e = self._layer_index(end, 0)
         if start is None:
-            root_names = [
-                o for o in self.outputs if self.force_backward or self.blobs[o].loss_weight
-            ]
+            root_names = [o for o in self.outputs if self.force_backward or self.blobs[o].loss_weight]
             # loss-weighted tops consumed by later layers (rare: Split takes them otherwise)
             root_names += [b for b, blob in self.blobs.items() if blob.loss_weight and b not in root_names]
         else:
@@ -842,7 +840,7 @@ class Net(nn.Module):
                 if g is not None:
                     self.blobs[b].set_diff(g)
             with torch.no_grad():
-                for p, g in zip(params, gs[len(targets):]):
+                for p, g in zip(params, gs[len(targets) :]):
                     if g is not None:
                         if p.grad is None:
                             p.grad = torch.zeros_like(p.data)

@@ -130,7 +130,9 @@ def _dst_shapes(dst) -> OrderedDict[str, list[tuple]]:
     from caffe_compat import io as cio
 
     layers = list(dst.layer) or list(dst.layers)
-    return OrderedDict((lp.name, [tuple(cio.blob_to_array(b).shape) for b in lp.blobs]) for lp in layers if len(lp.blobs))
+    return OrderedDict(
+        (lp.name, [tuple(cio.blob_to_array(b).shape) for b in lp.blobs]) for lp in layers if len(lp.blobs)
+    )
 
 
 def _write(dst, name: str, arrays: list[np.ndarray]) -> None:
@@ -194,7 +196,9 @@ def copy_layers(src, dst, mapping=None, *, reshape: bool = False, strict: bool =
                 out.append(a.reshape(shp))
                 reshaped = True
             else:
-                hint = "" if reshape else " (for a fully-connected -> convolutional transplant use reshape / --fc-to-conv)"
+                hint = (
+                    "" if reshape else " (for a fully-connected -> convolutional transplant use reshape / --fc-to-conv)"
+                )
                 out.append(None)
                 fail(s, d, f"blob {k}: source shape {list(a.shape)}, destination shape {list(shp)}{hint}")
                 break

@@ -24,30 +24,37 @@ def _close(ours, ref) -> bool:
     return ours.shape == ref.shape and np.allclose(ours, ref, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_layer_case_matches_caffe(case):
+def replay_case(case: str, gpu: bool = False):
+    """Build the case's net as the README says, set its inputs and top diffs from Caffe's arrays,
+    run forward (and backward); returns ``(net, reference arrays, whether backward ran)``."""
     d = CAFFE_REF / "layers" / case
     ref = np.load(d / "blobs.npz")
     phase = caffe.TRAIN if case == "batchnorm_train" else caffe.TEST
+    backward = not case.startswith("forward_only")
     old = os.getcwd()
     os.chdir(d)
-    if GPU:
+    if gpu:
         caffe.set_mode_gpu()
     try:
         caffe.set_random_seed(1)
         net = caffe.Net("net.prototxt", "weights.caffemodel", phase)
         for b in net.inputs:
             net.blobs[b].data[...] = ref["data__" + b]
-        net.forward()
-        backward = not case.startswith("forward_only")
+        out = net.forward()
+        assert all(isinstance(v, np.ndarray) for v in out.values())
         if backward:
             for k in ref.files:
                 if k.startswith("topdiff__"):
-                    net.blobs[k[len("topdiff__"):]].diff[...] = ref[k]
+                    net.blobs[k[len("topdiff__") :]].diff[...] = ref[k]
             net.backward()
     finally:
         os.chdir(old)
         caffe.set_mode_cpu()
+    return net, ref, backward
+
+
+def mismatches(case: str, net, ref, backward: bool) -> list[str]:
+    """Every reference array of the case that ours does not match, with its largest error."""
     fails = []
     checked = 0
     for k in ref.files:
@@ -69,4 +76,11 @@ def test_layer_case_matches_caffe(case):
             err = float(np.max(np.abs(o - r))) if o.shape == r.shape else f"shape {o.shape} vs {r.shape}"
             fails.append(f"{k} (max abs err {err})")
     assert checked > 0
+    return fails
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_layer_case_matches_caffe(case):
+    net, ref, backward = replay_case(case, gpu=GPU)
+    fails = mismatches(case, net, ref, backward)
     assert not fails, f"{case}: {len(fails)} arrays differ from real Caffe: {fails[:8]}"

@@ -11,9 +11,7 @@ import pytest
 import caffe_compat as caffe
 from tests.conftest import CAFFE_REF
 
-SHAPE_CASES = sorted(
-    str(p.parent.relative_to(CAFFE_REF)) for p in CAFFE_REF.glob("*/*/shapes.json")
-)
+SHAPE_CASES = sorted(str(p.parent.relative_to(CAFFE_REF)) for p in CAFFE_REF.glob("*/*/shapes.json"))
 
 
 @pytest.mark.parametrize("case", SHAPE_CASES)
@@ -38,5 +36,5 @@ def test_legacy_v1_lenet_forward_matches_caffe():
     net.blobs["data"].data[...] = ref["data__data"]
     net.forward()
     for k in ref.files:
-        blob = k[len("data__"):]
+        blob = k[len("data__") :]
         np.testing.assert_allclose(net.blobs[blob].data, ref[k], rtol=1e-4, atol=1e-5, err_msg=blob)

@@ -190,7 +190,9 @@ def test_prepare_dental_tool_writes_default_layout(tmp_path, in_dir):
         assert (out / name).is_file(), name
     assert (out / "snapshots").is_dir()
     # the shipped prototxts read exactly these lists
-    tv = text_format.Parse((ROOT / "prototxt/dental_landmarks_train_val.prototxt").read_text(), caffe_pb2.NetParameter())
+    tv = text_format.Parse(
+        (ROOT / "prototxt/dental_landmarks_train_val.prototxt").read_text(), caffe_pb2.NetParameter()
+    )
     sources = {lp.hdf5_data_param.source for lp in tv.layer if lp.type == "HDF5Data"}
     assert sources == {f"{nets.DEFAULT_DATA_DIR}/landmarks_train.txt", f"{nets.DEFAULT_DATA_DIR}/landmarks_val.txt"}
 
@@ -206,13 +208,26 @@ def test_prepare_dental_tool_reports_bad_csv(tmp_path, capsys):
 def test_errors_mm_from_known_shift():
     """A prediction shifted by a known number of (resized) pixels gives the known mm error."""
     size, spacing = 224, 0.25
-    sample = Sample("s", np.zeros((300, 401), np.float32),
-                    np.array([[20, 30], [50, 60], [100, 200], [150, 250], [380, 30], [350, 60], [300, 200], [250, 250]],
-                             dtype=np.float64), spacing)
+    sample = Sample(
+        "s",
+        np.zeros((300, 401), np.float32),
+        np.array(
+            [[20, 30], [50, 60], [100, 200], [150, 250], [380, 30], [350, 60], [300, 200], [250, 250]], dtype=np.float64
+        ),
+        spacing,
+    )
     halves = make_halves(sample, size)
-    rows = [{"side": h.side, "image_width": h.image_width, "image_height": h.image_height, "half_width": h.half_width,
-             "spacing_mm": h.spacing_mm, **{f"{a}{k + 1}": h.landmarks_px[k, i] for k in range(4)
-                                            for i, a in enumerate("xy")}} for h in halves]
+    rows = [
+        {
+            "side": h.side,
+            "image_width": h.image_width,
+            "image_height": h.image_height,
+            "half_width": h.half_width,
+            "spacing_mm": h.spacing_mm,
+            **{f"{a}{k + 1}": h.landmarks_px[k, i] for k in range(4) for i, a in enumerate("xy")},
+        }
+        for h in halves
+    ]
     truth = np.stack([h.targets.reshape(8) for h in halves])
     np.testing.assert_allclose(evaluate.landmark_errors_mm(truth, rows), 0, rtol=0, atol=1e-9)
     dx, dy = 3.0, 4.0  # resized pixels
@@ -258,13 +273,25 @@ def test_mean_predictor_row(tmp_path):
 
 
 def test_scratch_recipe_options_reach_the_layers():
-    arch = nets.Arch(input_size=64, conv=(8, 16, 16, 16, 16), fc=16, code=8, filler="msra",
-                     decoder_conv=(4, 8, 8, 8, 8), decoder_relu_slope=0.1, cae_target_scale=1.0, cae_loss_weight=0.5,
-                     head_lr_mult=1.0, head_std=0.001)
+    arch = nets.Arch(
+        input_size=64,
+        conv=(8, 16, 16, 16, 16),
+        fc=16,
+        code=8,
+        filler="msra",
+        decoder_conv=(4, 8, 8, 8, 8),
+        decoder_relu_slope=0.1,
+        cae_target_scale=1.0,
+        cae_loss_weight=0.5,
+        head_lr_mult=1.0,
+        head_std=0.001,
+    )
     cae = {lp.name: lp for lp in nets.cae_train_val(arch).layer}
     assert cae["conv1"].convolution_param.weight_filler.type == "msra"
     assert cae["fc6"].inner_product_param.weight_filler.type == "msra"
-    assert cae["relu5"].relu_param.negative_slope == 0 and cae["derelu5"].relu_param.negative_slope == pytest.approx(0.1)
+    assert cae["relu5"].relu_param.negative_slope == 0 and cae["derelu5"].relu_param.negative_slope == pytest.approx(
+        0.1
+    )
     assert cae["deconv5"].convolution_param.num_output == 8 and cae["depool1"].convolution_param.num_output == 4
     assert cae["target"].power_param.scale == 1.0 and list(cae["loss"].loss_weight) == [0.5]
     lm = {lp.name: lp for lp in nets.landmark_train_val(arch).layer}
@@ -298,7 +325,15 @@ def test_shipped_alexnet_names_and_shapes_match_bvlc():
 
     net = Net(str(ROOT / "prototxt/dental_cae_deploy.prototxt"), TEST)
     shapes = {k: tuple(v[0].data.shape) for k, v in net.params.items()}
-    bvlc = {"conv1": (96, 3, 11, 11), "conv2": (256, 48, 5, 5), "conv3": (384, 256, 3, 3), "conv4": (384, 192, 3, 3),
-            "conv5": (256, 192, 3, 3), "fc6": (4096, 9216), "fc7": (4096, 4096), "fc8": (1000, 4096)}
+    bvlc = {
+        "conv1": (96, 3, 11, 11),
+        "conv2": (256, 48, 5, 5),
+        "conv3": (384, 256, 3, 3),
+        "conv4": (384, 192, 3, 3),
+        "conv5": (256, 192, 3, 3),
+        "fc6": (4096, 9216),
+        "fc7": (4096, 4096),
+        "fc8": (1000, 4096),
+    }
     for k, v in bvlc.items():
         assert shapes[k] == v, k

@@ -3,15 +3,13 @@ on the CPU by making every tensor use host copies instead of views."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 import caffe_compat as caffe
 from caffe_compat import blob as blob_mod
 from tests.conftest import CAFFE_REF
-from tests.test_conformance_layers import CASES, _close
+from tests.test_conformance_layers import CASES, mismatches, replay_case
 
 
 @pytest.fixture
@@ -21,35 +19,9 @@ def mirrored(monkeypatch):
 
 @pytest.mark.parametrize("case", CASES)
 def test_layer_cases_match_caffe_through_host_copies(mirrored, case):
-    d = CAFFE_REF / "layers" / case
-    ref = np.load(d / "blobs.npz")
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        net = caffe.Net("net.prototxt", "weights.caffemodel", caffe.TRAIN if case == "batchnorm_train" else caffe.TEST)
-        for b in net.inputs:
-            net.blobs[b].data[...] = ref["data__" + b]
-        out = net.forward()  # hands out host copies of the outputs, as on a GPU
-        assert all(isinstance(v, np.ndarray) for v in out.values())
-        backward = not case.startswith("forward_only")
-        if backward:
-            for k in ref.files:
-                if k.startswith("topdiff__"):
-                    net.blobs[k[len("topdiff__"):]].diff[...] = ref[k]
-            net.backward()
-    finally:
-        os.chdir(old)
-    for k in ref.files:
-        kind, _, rest = k.partition("__")
-        if kind == "topdiff" or (not backward and kind in ("diff", "pdiff")):
-            continue
-        if kind in ("data", "diff"):
-            ours = getattr(net.blobs[rest], kind)
-        else:
-            layer, _, i = rest.rpartition("__")
-            p = net.params[layer][int(i)]
-            ours = p.data if kind == "param" else p.diff
-        assert _close(ours, ref[k]), k
+    net, ref, backward = replay_case(case)
+    fails = mismatches(case, net, ref, backward)
+    assert not fails, f"{case}: {fails[:8]}"
 
 
 def test_solver_with_param_reads_and_writes_between_steps(mirrored, in_dir):
@@ -60,7 +32,7 @@ def test_solver_with_param_reads_and_writes_between_steps(mirrored, in_dir):
         solver = caffe.get_solver("solver.prototxt")
         solver.net.copy_from("init.caffemodel")
         for it in range(1, 11):
-            for name, ps in solver.net.params.items():  # reading must not undo the next update
+            for ps in solver.net.params.values():  # reading must not undo the next update
                 for p in ps:
                     _ = p.data.sum() + p.diff.sum()
             solver.step(1)

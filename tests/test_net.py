@@ -166,30 +166,39 @@ def _write(tmp_path, text):
 
 
 def test_error_unknown_bottom_names_layer_and_index(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }
 layer { name: "ip" type: "InnerProduct" bottom: "dat" top: "ip" inner_product_param { num_output: 2 } }
-""")
+""",
+    )
     with pytest.raises(NetError, match=r"bad\.prototxt: Unknown bottom blob 'dat' \(layer 'ip', bottom index 0\)"):
         caffe.Net(path, caffe.TEST)
 
 
 def test_error_bad_parameter_names_layer_and_field(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }
 layer { name: "conv" type: "Convolution" bottom: "data" top: "c" convolution_param { kernel_size: 3 } }
-""")
+""",
+    )
     with pytest.raises(LayerError) as e:
         caffe.Net(path, caffe.TEST)
     assert "'conv'" in str(e.value) and "num_output" in str(e.value)
 
 
 def test_error_top_produced_twice(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }
 layer { name: "a" type: "ReLU" bottom: "data" top: "x" }
 layer { name: "b" type: "ReLU" bottom: "data" top: "x" }
-""")
+""",
+    )
     with pytest.raises(NetError, match="Top blob 'x' produced by multiple sources"):
         caffe.Net(path, caffe.TEST)
 

@@ -27,9 +27,20 @@ def smoke_run(tmp_path_factory):
 
 def test_outputs_structure(smoke_run):
     _, run = smoke_run
-    for name in ("table2.md", "table2.csv", "table2.json", "learning_curves.png", "cae_learning_curve.png",
-                 "cae_reconstructions.png", "landmarks.png", "summary.json", "log.txt", "cae/cae.caffemodel",
-                 "nets/cae_solver.prototxt", "nets/landmarks_fc6_frozen_train_val.prototxt"):
+    for name in (
+        "table2.md",
+        "table2.csv",
+        "table2.json",
+        "learning_curves.png",
+        "cae_learning_curve.png",
+        "cae_reconstructions.png",
+        "landmarks.png",
+        "summary.json",
+        "log.txt",
+        "cae/cae.caffemodel",
+        "nets/cae_solver.prototxt",
+        "nets/landmarks_fc6_frozen_train_val.prototxt",
+    ):
         assert os.path.isfile(os.path.join(run, name)), name
     for png in ("learning_curves.png", "cae_reconstructions.png", "landmarks.png"):
         with open(os.path.join(run, png), "rb") as f:

@@ -62,7 +62,9 @@ def test_shape_mismatch_raises_or_is_reported(tmp_path):
     src, _ = _net(FC_NET, tmp_path, "src")
     dst, _ = _net(CONV_NET, tmp_path, "dst")
     before = dst.params["fc6-conv"][0].data.copy()
-    with pytest.raises(NetError, match=r"fc6 -> fc6-conv: blob 0: source shape \[7, 20\], destination shape \[7, 5, 2, 2\]"):
+    with pytest.raises(
+        NetError, match=r"fc6 -> fc6-conv: blob 0: source shape \[7, 20\], destination shape \[7, 5, 2, 2\]"
+    ):
         copy_layers(src, dst, ["fc6:fc6-conv"])
     rep = copy_layers(src, dst, ["fc6:fc6-conv", "nope:conv1"], strict=False)
     assert [s["src"] for s in rep.skipped] == ["fc6", "nope"]
@@ -90,9 +92,21 @@ def test_caffemodel_to_caffemodel_tool(tmp_path, capsys):
     src.save(str(tmp_path / "src.caffemodel"))
     dst.save(str(tmp_path / "dst.caffemodel"))
     out = tmp_path / "out.caffemodel"
-    rc = surgery.main(["--source", str(tmp_path / "src.caffemodel"), "--dest-weights", str(tmp_path / "dst.caffemodel"),
-                       "--map", "conv1,fc6:fc6-conv", "--fc-to-conv", "--output", str(out),
-                       "--report", str(tmp_path / "r.json")])
+    rc = surgery.main(
+        [
+            "--source",
+            str(tmp_path / "src.caffemodel"),
+            "--dest-weights",
+            str(tmp_path / "dst.caffemodel"),
+            "--map",
+            "conv1,fc6:fc6-conv",
+            "--fc-to-conv",
+            "--output",
+            str(out),
+            "--report",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "copied  fc6 -> fc6-conv" in text and "(reshaped)" in text
@@ -105,7 +119,20 @@ def test_caffemodel_to_caffemodel_tool(tmp_path, capsys):
     net = caffe.Net(dst_proto, str(out2), caffe.TEST)
     np.testing.assert_allclose(net.params["fc6-conv"][1].data, src.params["fc6"][1].data, rtol=0, atol=0)
     # a mismatch without --fc-to-conv: one line, exit 1
-    assert surgery.main(["--source", str(tmp_path / "src.caffemodel"), "--model", dst_proto, "--map", "fc6:fc6-conv",
-                         "--output", str(tmp_path / "x.caffemodel")]) == 1
+    assert (
+        surgery.main(
+            [
+                "--source",
+                str(tmp_path / "src.caffemodel"),
+                "--model",
+                dst_proto,
+                "--map",
+                "fc6:fc6-conv",
+                "--output",
+                str(tmp_path / "x.caffemodel"),
+            ]
+        )
+        == 1
+    )
     assert "--fc-to-conv" in capsys.readouterr().err
     assert cio.read_caffemodel(str(out)).layer

@@ -23,7 +23,9 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="draw_net.py", description="Draw a network graph (Caffe's draw_net.py).", python_layers=True)
+    p = ArgumentParser(
+        prog="draw_net.py", description="Draw a network graph (Caffe's draw_net.py).", python_layers=True
+    )
     p.add_argument("input_net_proto_file", help="input network prototxt file")
     p.add_argument("output_image_file", help="output image file")
     p.add_argument("--rankdir", default="LR", help="one of TB (top-bottom), BT, LR (left-right), RL")

@@ -27,7 +27,9 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="export_onnx.py", description="Export a Caffe net to ONNX and check it in onnxruntime.", python_layers=True)
+    p = ArgumentParser(
+        prog="export_onnx.py", description="Export a Caffe net to ONNX and check it in onnxruntime.", python_layers=True
+    )
     p.add_argument("--model", required=True, help="the net definition (deploy .prototxt)")
     p.add_argument("--weights", default="", help="trained weights (.caffemodel or .h5); default: the fillers")
     p.add_argument("--out", required=True, help="the .onnx file to write")

@@ -42,12 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_DATA_DIR, help=f"output folder (default {DEFAULT_DATA_DIR})")
     p.add_argument("--size", type=int, default=224, help="half-image size after resizing (default 224)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits and of the synthetic data")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply the mean-subtracted intensities (default 1, as bvlc_alexnet expects; "
-                        "the from-scratch presets use 0.015625)")
-    p.add_argument("--mean", choices=("imagenet", "train"), default="imagenet",
-                   help="subtract Caffe's ImageNet channel mean (default) or the training halves' mean image "
-                        "(written to mean.npy)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply the mean-subtracted intensities (default 1, as bvlc_alexnet expects; "
+        "the from-scratch presets use 0.015625)",
+    )
+    p.add_argument(
+        "--mean",
+        choices=("imagenet", "train"),
+        default="imagenet",
+        help="subtract Caffe's ImageNet channel mean (default) or the training halves' mean image "
+        "(written to mean.npy)",
+    )
     p.add_argument("--num-images", type=int, default=108, help="synthetic: number of radiographs")
     p.add_argument("--num-annotated", type=int, default=54, help="synthetic: how many carry landmarks")
     return p
@@ -69,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return report_error("prepare_dental.py", e)
     counts = {k: sum(1 for r in prepared.halves if r["split"] == k) for k in prepared.lists}
-    print(f"prepared {len(samples)} images into {prepared.out_dir}: " + ", ".join(f"{k} {v} halves" for k, v in counts.items()))
+    print(
+        f"prepared {len(samples)} images into {prepared.out_dir}: "
+        + ", ".join(f"{k} {v} halves" for k, v in counts.items())
+    )
     return 0
 
 

@@ -33,7 +33,11 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="surgery.py", description="Copy named layers' weights between caffemodels / into a net.", python_layers=True)
+    p = ArgumentParser(
+        prog="surgery.py",
+        description="Copy named layers' weights between caffemodels / into a net.",
+        python_layers=True,
+    )
     p.add_argument("--source", required=True, help="weights to copy from (.caffemodel or .caffemodel.h5)")
     p.add_argument("--model", default="", help="destination net (.prototxt); its weights start at the fillers")
     p.add_argument("--weights", default="", help="with --model: load these weights into it first")

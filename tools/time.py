@@ -37,7 +37,9 @@ log = logging.getLogger("caffe_compat")
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="time.py", description="Time a Caffe net's forward and backward (caffe time).", python_layers=True)
+    p = ArgumentParser(
+        prog="time.py", description="Time a Caffe net's forward and backward (caffe time).", python_layers=True
+    )
     p.add_argument("--model", default="", help="the net definition (.prototxt)")
     p.add_argument("--iterations", type=int, default=50, help="number of timed passes (50)")
     p.add_argument("--gpu", default="", help="GPU id; CPU when omitted")

@@ -47,7 +47,9 @@ log = logging.getLogger("caffe_compat")
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="train.py", description="Train a Caffe net with a solver (caffe train).", python_layers=True)
+    p = ArgumentParser(
+        prog="train.py", description="Train a Caffe net with a solver (caffe train).", python_layers=True
+    )
     p.add_argument("--solver", default="", help="the solver definition (.prototxt)")
     p.add_argument("--weights", default="", help="weights to finetune from: a.caffemodel[,b.caffemodel...]")
     p.add_argument("--snapshot", default="", help="a .solverstate to resume training from")

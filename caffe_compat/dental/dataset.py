@@ -186,8 +186,10 @@ def read_dataset(folder: str, csv_path: str | None = None, *, include_unlisted: 
             coords = None
             if any(filled) and not all(filled):
                 missing = [CSV_COLUMNS[1 + i] for i, f_ in enumerate(filled) if not f_]
-                bad(CSV_COLUMNS[1 + filled.index(False)],
-                    f"landmarks partly given; fill all 16 coordinates or none (missing: {', '.join(missing)})")
+                bad(
+                    CSV_COLUMNS[1 + filled.index(False)],
+                    f"landmarks partly given; fill all 16 coordinates or none (missing: {', '.join(missing)})",
+                )
             elif all(filled):
                 coords = np.zeros(16)
                 for i, c in enumerate(cells):
@@ -227,15 +229,21 @@ def read_dataset(folder: str, csv_path: str | None = None, *, include_unlisted: 
                     x, y = lm[k]
                     cx_, cy_ = col[f"x{k + 1}"] + 1, col[f"y{k + 1}"] + 1
                     if not (-0.5 <= y <= hgt - 0.5):
-                        problems.append(f"{csv_path}:{line}:{cy_} (column 'y{k + 1}'): y={y} is outside the "
-                                        f"image {name!r} (height {hgt})")
+                        problems.append(
+                            f"{csv_path}:{line}:{cy_} (column 'y{k + 1}'): y={y} is outside the "
+                            f"image {name!r} (height {hgt})"
+                        )
                     if k < 4 and not (-0.5 <= x < half - 0.5):
-                        problems.append(f"{csv_path}:{line}:{cx_} (column 'x{k + 1}'): landmark {k + 1} must lie "
-                                        f"on the left half (x < {half - 0.5} for width {wid}), got x={x}")
+                        problems.append(
+                            f"{csv_path}:{line}:{cx_} (column 'x{k + 1}'): landmark {k + 1} must lie "
+                            f"on the left half (x < {half - 0.5} for width {wid}), got x={x}"
+                        )
                     if k >= 4 and not (wid - half - 0.5 <= x <= wid - 0.5):
-                        problems.append(f"{csv_path}:{line}:{cx_} (column 'x{k + 1}'): landmark {k + 1} must lie "
-                                        f"on the right half (x >= {wid - half - 0.5} for width {wid}), got x={x}; "
-                                        "landmarks 5-8 are the right-side mirrors of 1-4")
+                        problems.append(
+                            f"{csv_path}:{line}:{cx_} (column 'x{k + 1}'): landmark {k + 1} must lie "
+                            f"on the right half (x >= {wid - half - 0.5} for width {wid}), got x={x}; "
+                            "landmarks 5-8 are the right-side mirrors of 1-4"
+                        )
             samples.append(Sample(name=name, image=gray, landmarks=lm, spacing_mm=spacing))
     if problems:
         more = f"\n... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
@@ -245,8 +253,9 @@ def read_dataset(folder: str, csv_path: str | None = None, *, include_unlisted: 
             if fname in seen or not fname.lower().endswith(_IMAGE_EXTS):
                 continue
             path = os.path.join(folder, fname)
-            samples.append(Sample(name=fname, image=_gray01(_read_image(path, folder), path), landmarks=None,
-                                  spacing_mm=None))
+            samples.append(
+                Sample(name=fname, image=_gray01(_read_image(path, folder), path), landmarks=None, spacing_mm=None)
+            )
             log.info("%s: not in %s, used unannotated (CAE only)", fname, csv_path)
     if not samples:
         raise DataError(f"{csv_path}: no images")
@@ -285,7 +294,7 @@ def make_halves(sample: Sample, size: int) -> list[Half]:
         raise DataError(f"{sample.name}: image of width {wid} has no halves")
     out = []
     for side in ("left", "right"):
-        crop = gray[:, :half] if side == "left" else gray[:, wid - half:][:, ::-1]
+        crop = gray[:, :half] if side == "left" else gray[:, wid - half :][:, ::-1]
         img = cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=cv2.INTER_AREA)
         targets = lm_px = None
         if sample.landmarks is not None:
@@ -413,8 +422,12 @@ def prepare(
         raise DataError(f"need at least 2 annotated images to train and validate the regressor, got {len(annotated)}")
     cae_train, cae_val = split_images(names, cae_val_fraction, seed)
     lm_train, lm_val = split_images(annotated, landmark_val_fraction, seed + 1)
-    which = {"cae_train": set(cae_train), "cae_val": set(cae_val),
-             "landmarks_train": set(lm_train), "landmarks_val": set(lm_val)}
+    which = {
+        "cae_train": set(cae_train),
+        "cae_val": set(cae_val),
+        "landmarks_train": set(lm_train),
+        "landmarks_val": set(lm_val),
+    }
     images: dict[str, list] = {k: [] for k in which}
     targets: dict[str, list] = {k: [] for k in which}
     rows: list[dict] = []
@@ -425,9 +438,16 @@ def prepare(
                     continue
                 if split.startswith("landmarks") and h.targets is None:
                     continue
-                row = {"split": split, "index": len(images[split]), "image": h.source, "side": h.side,
-                       "image_width": h.image_width, "image_height": h.image_height, "half_width": h.half_width,
-                       "spacing_mm": "" if h.spacing_mm is None else h.spacing_mm}
+                row = {
+                    "split": split,
+                    "index": len(images[split]),
+                    "image": h.source,
+                    "side": h.side,
+                    "image_width": h.image_width,
+                    "image_height": h.image_height,
+                    "half_width": h.half_width,
+                    "spacing_mm": "" if h.spacing_mm is None else h.spacing_mm,
+                }
                 for k in range(4):
                     row[f"x{k + 1}"] = "" if h.landmarks_px is None else float(h.landmarks_px[k, 0])
                     row[f"y{k + 1}"] = "" if h.landmarks_px is None else float(h.landmarks_px[k, 1])

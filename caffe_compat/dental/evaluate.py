@@ -70,8 +70,13 @@ def landmark_errors_mm(predictions: np.ndarray, halves: Sequence[dict]) -> np.nd
         raise ValueError(f"{pred.shape[0]} predictions for {len(halves)} halves")
     out = np.zeros((pred.shape[0], 4))
     for i, row in enumerate(halves):
-        px = to_image_pixels(pred[i].reshape(4, 2), row["side"], int(row["image_width"]), int(row["image_height"]),
-                             int(row["half_width"]))
+        px = to_image_pixels(
+            pred[i].reshape(4, 2),
+            row["side"],
+            int(row["image_width"]),
+            int(row["image_height"]),
+            int(row["half_width"]),
+        )
         truth = np.array([[float(row[f"x{k}"]), float(row[f"y{k}"])] for k in range(1, 5)])
         out[i] = np.hypot(*(px - truth).T) * float(row["spacing_mm"])
     return out
@@ -106,9 +111,19 @@ def table_rows(results: dict) -> list[dict]:
     key, label = MEAN_PREDICTOR
     if key in results:
         r = results[key]
-        rows.append({"config": key, "label": label, "cae": False, "fc6_finetuned": False, "mean": r["mean"],
-                     "std": r["std"], "mean_over_landmarks": r["mean_over_landmarks"], "cae_gain": None,
-                     "n": r["n"]})
+        rows.append(
+            {
+                "config": key,
+                "label": label,
+                "cae": False,
+                "fc6_finetuned": False,
+                "mean": r["mean"],
+                "std": r["std"],
+                "mean_over_landmarks": r["mean_over_landmarks"],
+                "cae_gain": None,
+                "n": r["n"],
+            }
+        )
     for key, (cae, finetuned, label) in CONFIGS.items():
         if key not in results:
             continue
@@ -118,9 +133,19 @@ def table_rows(results: dict) -> list[dict]:
             base = "nocae_fc6_finetuned" if finetuned else "nocae_fc6_frozen"
             if base in results and results[base]["mean_over_landmarks"] > 0:
                 gain = 1.0 - r["mean_over_landmarks"] / results[base]["mean_over_landmarks"]
-        rows.append({"config": key, "label": label, "cae": cae, "fc6_finetuned": finetuned, "mean": r["mean"],
-                     "std": r["std"], "mean_over_landmarks": r["mean_over_landmarks"], "cae_gain": gain,
-                     "n": r["n"]})
+        rows.append(
+            {
+                "config": key,
+                "label": label,
+                "cae": cae,
+                "fc6_finetuned": finetuned,
+                "mean": r["mean"],
+                "std": r["std"],
+                "mean_over_landmarks": r["mean_over_landmarks"],
+                "cae_gain": gain,
+                "n": r["n"],
+            }
+        )
     ref = results.get(MEAN_PREDICTOR[0])
     for r in rows:
         r["vs_mean_predictor"] = None
@@ -135,22 +160,44 @@ def write_table(results: dict, out_dir: str, notes: Sequence[str] = ()) -> dict:
     rows = table_rows(results)
     paths = {ext: os.path.join(out_dir, f"table2.{ext}") for ext in ("md", "csv", "json")}
     with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({"rows": rows, "notes": list(notes), "paper": PAPER_TABLE,
-                   "units": "mm", "std": "population (ddof=0)"}, f, indent=2)
+        json.dump(
+            {"rows": rows, "notes": list(notes), "paper": PAPER_TABLE, "units": "mm", "std": "population (ddof=0)"},
+            f,
+            indent=2,
+        )
     with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["config", "cae", "fc6_finetuned", *[f"landmark{k}_{s}" for k in range(1, 5)
-                                                        for s in ("mean_mm", "std_mm")],
-                    "mean_over_landmarks_mm", "cae_gain", "n_halves"])
+        w.writerow(
+            [
+                "config",
+                "cae",
+                "fc6_finetuned",
+                *[f"landmark{k}_{s}" for k in range(1, 5) for s in ("mean_mm", "std_mm")],
+                "mean_over_landmarks_mm",
+                "cae_gain",
+                "n_halves",
+            ]
+        )
         for r in rows:
             vals = [f"{v:.4f}" for k in range(4) for v in (r["mean"][k], r["std"][k])]
-            w.writerow([r["config"], int(r["cae"]), int(r["fc6_finetuned"]), *vals, f"{r['mean_over_landmarks']:.4f}",
-                        "" if r["cae_gain"] is None else f"{r['cae_gain']:.4f}", r["n"]])
+            w.writerow(
+                [
+                    r["config"],
+                    int(r["cae"]),
+                    int(r["fc6_finetuned"]),
+                    *vals,
+                    f"{r['mean_over_landmarks']:.4f}",
+                    "" if r["cae_gain"] is None else f"{r['cae_gain']:.4f}",
+                    r["n"],
+                ]
+            )
     lines = ["# Table II: detection error (mm, mean ± std over the held-out halves)", ""]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
     has_ref = any(r["vs_mean_predictor"] is not None for r in rows)
-    lines.append("| configuration | landmark 1 | landmark 2 | landmark 3 | landmark 4 | mean | CAE gain |"
-                 + (" vs. mean predictor |" if has_ref else ""))
+    lines.append(
+        "| configuration | landmark 1 | landmark 2 | landmark 3 | landmark 4 | mean | CAE gain |"
+        + (" vs. mean predictor |" if has_ref else "")
+    )
     lines.append("|---|---|---|---|---|---|---|" + ("---|" if has_ref else ""))
     for r in rows:
         cells = [f"{r['mean'][k]:.4f} ± {r['std'][k]:.4f}" for k in range(4)]
@@ -161,8 +208,13 @@ def write_table(results: dict, out_dir: str, notes: Sequence[str] = ()) -> dict:
         elif has_ref:
             ref = " |"
         lines.append(f"| {r['label']} | {' | '.join(cells)} | {r['mean_over_landmarks']:.4f} | {gain} |{ref}")
-    lines += ["", "The paper's Table II, for comparison:", "",
-              "| configuration | landmark 1 | landmark 2 | landmark 3 | landmark 4 | mean |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "The paper's Table II, for comparison:",
+        "",
+        "| configuration | landmark 1 | landmark 2 | landmark 3 | landmark 4 | mean |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, vals in PAPER_TABLE.items():
         cells = [f"{m:.4f} ± {s:.4f}" for m, s in vals]
         lines.append(f"| {CONFIGS[key][2]} | {' | '.join(cells)} | {np.mean([m for m, _ in vals]):.4f} |")

@@ -25,8 +25,9 @@ def _plt():
     return plt
 
 
-def plot_learning_curves(curves: dict, path: str, title: str = "Learning curves",
-                         references: dict | None = None) -> str:
+def plot_learning_curves(
+    curves: dict, path: str, title: str = "Learning curves", references: dict | None = None
+) -> str:
     """``curves``: ``{label: {"train": [(iter, loss)...], "val": [(iter, loss)...]}}``;
     ``references``: ``{label: validation loss}`` drawn as dashed horizontal lines on the validation
     panel (e.g. the loss of the mean predictor)."""
@@ -38,8 +39,13 @@ def plot_learning_curves(curves: dict, path: str, title: str = "Learning curves"
         for ax, key in zip(axes, ("train", "val")):
             pts = np.asarray(c.get(key) or [], dtype=np.float64).reshape(-1, 2)
             if len(pts):
-                ax.plot(pts[:, 0], pts[:, 1], label=label, marker="o" if key == "val" and len(pts) < 30 else None,
-                        markersize=3)
+                ax.plot(
+                    pts[:, 0],
+                    pts[:, 1],
+                    label=label,
+                    marker="o" if key == "val" and len(pts) < 30 else None,
+                    markersize=3,
+                )
     for ax, name in zip(axes, ("(a) Train", "(b) Validation")):
         ax.set_title(name)
         ax.set_xlabel("iteration")
@@ -72,8 +78,9 @@ def plot_reconstructions(inputs: np.ndarray, recons: np.ndarray, path: str, name
     return path
 
 
-def plot_landmarks(images: np.ndarray, truth: np.ndarray, predictions: dict, path: str,
-                   names: Sequence[str] = ()) -> str:
+def plot_landmarks(
+    images: np.ndarray, truth: np.ndarray, predictions: dict, path: str, names: Sequence[str] = ()
+) -> str:
     """``images`` (N, S, S) grey in [0, 1]; ``truth`` (N, 4, 2) and each of ``predictions``
     ``{approach: (N, 4, 2)}`` in the images' pixel coordinates. Annotated: green circles;
     predicted: red crosses, numbered 1-4."""
@@ -87,8 +94,14 @@ def plot_landmarks(images: np.ndarray, truth: np.ndarray, predictions: dict, pat
             ax.scatter(truth[i, :, 0], truth[i, :, 1], s=30, facecolors="none", edgecolors="lime", label="annotated")
             ax.scatter(pred[i, :, 0], pred[i, :, 1], s=30, marker="x", c="red", label="predicted")
             for k in range(4):
-                ax.annotate(str(k + 1), (pred[i, k, 0], pred[i, k, 1]), color="yellow", fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    str(k + 1),
+                    (pred[i, k, 0], pred[i, k, 1]),
+                    color="yellow",
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
             title = f"({chr(97 + j)}) {approach}"
             if i < len(names):
                 title += f"\n{names[i]}"

@@ -121,14 +121,23 @@ def _draw_mandible(img: np.ndarray, cx: float, left: dict, right: dict, jaw: dic
     for side in (left, right):
         _ellipse(img, side["foramen"], (0.008 * w, 0.008 * h), 0.0, 0.3)  # mental foramen (dark)
         # mandibular canal from the ramus to the foramen
-        _line(img, _bezier(side["gonion"], ((side["gonion"][0] + cx) / 2, side["gonion"][1] + 0.01 * h),
-                           side["foramen"]), 0.45, 2)
+        _line(
+            img,
+            _bezier(side["gonion"], ((side["gonion"][0] + cx) / 2, side["gonion"][1] + 0.01 * h), side["foramen"]),
+            0.45,
+            2,
+        )
 
 
 def _draw_maxilla(img: np.ndarray, rng: np.random.Generator, cx: float, jaw: dict, w: float, h: float) -> None:
     top = jaw["palate_y"] * h
     occ = jaw["occlusal_y"] * h
-    maxilla = [(cx - 0.3 * w, top), (cx + 0.3 * w, top), (cx + 0.27 * w, occ - 0.05 * h), (cx - 0.27 * w, occ - 0.05 * h)]
+    maxilla = [
+        (cx - 0.3 * w, top),
+        (cx + 0.3 * w, top),
+        (cx + 0.27 * w, occ - 0.05 * h),
+        (cx - 0.27 * w, occ - 0.05 * h),
+    ]
     _fill(img, maxilla, 0.5)
     _line(img, _bezier((cx - 0.32 * w, top + 0.01 * h), (cx, top - 0.04 * h), (cx + 0.32 * w, top + 0.01 * h)), 0.8, 3)
     for sign in (-1.0, 1.0):  # maxillary sinuses (air: dark)

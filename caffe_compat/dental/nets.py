@@ -126,8 +126,21 @@ def _layer(net, name: str, type_: str, bottom, top):
     return lp
 
 
-def _conv(net, name, bottom, num, k, stride=1, pad=0, group=1, std=0.01, bias=0.0, deconv=False, lr=(1.0, 2.0),
-          weight="gaussian"):
+def _conv(
+    net,
+    name,
+    bottom,
+    num,
+    k,
+    stride=1,
+    pad=0,
+    group=1,
+    std=0.01,
+    bias=0.0,
+    deconv=False,
+    lr=(1.0, 2.0),
+    weight="gaussian",
+):
     lp = _layer(net, name, "Deconvolution" if deconv else "Convolution", bottom, name)
     _params(lp, lr, (1.0, 0.0))
     cp = lp.convolution_param
@@ -192,8 +205,17 @@ def _hdf5(net, tops, source: str, batch: int, phase: int, shuffle: bool) -> None
         lp.hdf5_data_param.shuffle = True
 
 
-def _alexnet(net, arch: Arch, *, fc8_name: str = "fc8", fc8_out: int | None = None, dropout: bool = True,
-             fc6_frozen: bool = False, fc8_bias: float = 0.0, fc8_lr: tuple = (1.0, 2.0)) -> str:
+def _alexnet(
+    net,
+    arch: Arch,
+    *,
+    fc8_name: str = "fc8",
+    fc8_out: int | None = None,
+    dropout: bool = True,
+    fc6_frozen: bool = False,
+    fc8_bias: float = 0.0,
+    fc8_lr: tuple = (1.0, 2.0),
+) -> str:
     c = arch.conv
     g = 2 if arch.groups else 1
     w = {} if arch.filler == "gaussian" else {"weight": arch.filler, "std": 0.0}
@@ -271,8 +293,9 @@ def _decoder(net, arch: Arch, code: str = "fc8") -> str:
     _conv(net, "depool1", "deconv2", c[0], unpool_kernel(s["conv1"], s["pool1"], 2), stride=2, deconv=True, **x)
     _relu(net, "derelu_pool1", "depool1")
     out = x if arch.decoder_out_std is None else dict(weight="gaussian", std=arch.decoder_out_std)
-    lp = _conv(net, "deconv1", "depool1", 3, unpool_kernel(arch.input_size, s["conv1"], 4), stride=4, deconv=True,
-               **out)
+    lp = _conv(
+        net, "deconv1", "depool1", 3, unpool_kernel(arch.input_size, s["conv1"], 4), stride=4, deconv=True, **out
+    )
     lp.top[0] = "recon"
     return "recon"
 
@@ -292,9 +315,13 @@ def alexnet_deploy(arch: Arch | None = None) -> caffe_pb2.NetParameter:
     return net
 
 
-def cae_train_val(arch: Arch | None = None, train_source: str = f"{DEFAULT_DATA_DIR}/cae_train.txt",
-                  val_source: str = f"{DEFAULT_DATA_DIR}/cae_val.txt", batch: int = 16,
-                  val_batch: int = 11) -> caffe_pb2.NetParameter:
+def cae_train_val(
+    arch: Arch | None = None,
+    train_source: str = f"{DEFAULT_DATA_DIR}/cae_train.txt",
+    val_source: str = f"{DEFAULT_DATA_DIR}/cae_val.txt",
+    batch: int = 16,
+    val_batch: int = 11,
+) -> caffe_pb2.NetParameter:
     """The convolutional auto-encoder: AlexNet encoder, mirrored decoder, image as target."""
     arch = arch or Arch()
     net = caffe_pb2.NetParameter()
@@ -328,13 +355,25 @@ def cae_deploy(arch: Arch | None = None) -> caffe_pb2.NetParameter:
 
 
 def _landmark_body(net, arch: Arch, fc6_frozen: bool) -> None:
-    _alexnet(net, arch, fc8_name="fc8_landmarks", fc8_out=arch.landmarks, fc6_frozen=fc6_frozen, fc8_bias=0.5,
-             fc8_lr=(arch.head_lr_mult, 2.0 * arch.head_lr_mult))
+    _alexnet(
+        net,
+        arch,
+        fc8_name="fc8_landmarks",
+        fc8_out=arch.landmarks,
+        fc6_frozen=fc6_frozen,
+        fc8_bias=0.5,
+        fc8_lr=(arch.head_lr_mult, 2.0 * arch.head_lr_mult),
+    )
 
 
-def landmark_train_val(arch: Arch | None = None, train_source: str = f"{DEFAULT_DATA_DIR}/landmarks_train.txt",
-                       val_source: str = f"{DEFAULT_DATA_DIR}/landmarks_val.txt", batch: int = 16,
-                       val_batch: int = 11, fc6_frozen: bool = False) -> caffe_pb2.NetParameter:
+def landmark_train_val(
+    arch: Arch | None = None,
+    train_source: str = f"{DEFAULT_DATA_DIR}/landmarks_train.txt",
+    val_source: str = f"{DEFAULT_DATA_DIR}/landmarks_val.txt",
+    batch: int = 16,
+    val_batch: int = 11,
+    fc6_frozen: bool = False,
+) -> caffe_pb2.NetParameter:
     """AlexNet regressing 4 landmarks (8 coordinates) with EuclideanLoss."""
     arch = arch or Arch()
     net = caffe_pb2.NetParameter()
@@ -356,11 +395,26 @@ def landmark_deploy(arch: Arch | None = None) -> caffe_pb2.NetParameter:
     return net
 
 
-def solver(net_path: str, snapshot_prefix: str, *, base_lr: float, max_iter: int, stepsize: int = 0,
-           test_iter: int = 2, test_interval: int = 100, display: int = 20, snapshot: int = 0,
-           momentum: float = 0.9, weight_decay: float = 0.0005, seed: int | None = None, type: str = "SGD",
-           lr_policy: str = "step", gamma: float = 0.1, power: float = 1.0,
-           momentum2: float | None = None) -> caffe_pb2.SolverParameter:
+def solver(
+    net_path: str,
+    snapshot_prefix: str,
+    *,
+    base_lr: float,
+    max_iter: int,
+    stepsize: int = 0,
+    test_iter: int = 2,
+    test_interval: int = 100,
+    display: int = 20,
+    snapshot: int = 0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0005,
+    seed: int | None = None,
+    type: str = "SGD",
+    lr_policy: str = "step",
+    gamma: float = 0.1,
+    power: float = 1.0,
+    momentum2: float | None = None,
+) -> caffe_pb2.SolverParameter:
     """A solver: by default SGD with a ``step`` policy (gamma 0.1), as Caffe's fine-tuning
     examples; ``type`` (e.g. ``"Adam"``, with ``momentum`` = beta1 and ``momentum2`` = beta2) and
     ``lr_policy`` (``"step"``: ``gamma``, ``stepsize``; ``"poly"``: ``power``; ``"fixed"``) as in
@@ -405,14 +459,35 @@ SHIPPED = {
     "prototxt/dental_landmarks_fc6_frozen_train_val.prototxt": lambda: landmark_train_val(fc6_frozen=True),
     "prototxt/dental_landmarks_deploy.prototxt": lambda: landmark_deploy(),
     "solvers/cae_solver.prototxt": lambda: solver(
-        "prototxt/dental_cae_train_val.prototxt", f"{DEFAULT_DATA_DIR}/snapshots/cae", base_lr=0.01,
-        max_iter=4000, stepsize=3000, test_iter=2, test_interval=200, snapshot=1000),
+        "prototxt/dental_cae_train_val.prototxt",
+        f"{DEFAULT_DATA_DIR}/snapshots/cae",
+        base_lr=0.01,
+        max_iter=4000,
+        stepsize=3000,
+        test_iter=2,
+        test_interval=200,
+        snapshot=1000,
+    ),
     "solvers/landmark_solver.prototxt": lambda: solver(
-        "prototxt/dental_landmarks_train_val.prototxt", f"{DEFAULT_DATA_DIR}/snapshots/landmarks", base_lr=0.001,
-        max_iter=2000, stepsize=1500, test_iter=2, test_interval=100, snapshot=1000),
+        "prototxt/dental_landmarks_train_val.prototxt",
+        f"{DEFAULT_DATA_DIR}/snapshots/landmarks",
+        base_lr=0.001,
+        max_iter=2000,
+        stepsize=1500,
+        test_iter=2,
+        test_interval=100,
+        snapshot=1000,
+    ),
     "solvers/landmark_fc6_frozen_solver.prototxt": lambda: solver(
-        "prototxt/dental_landmarks_fc6_frozen_train_val.prototxt", f"{DEFAULT_DATA_DIR}/snapshots/landmarks_fc6_frozen",
-        base_lr=0.001, max_iter=2000, stepsize=1500, test_iter=2, test_interval=100, snapshot=1000),
+        "prototxt/dental_landmarks_fc6_frozen_train_val.prototxt",
+        f"{DEFAULT_DATA_DIR}/snapshots/landmarks_fc6_frozen",
+        base_lr=0.001,
+        max_iter=2000,
+        stepsize=1500,
+        test_iter=2,
+        test_interval=100,
+        snapshot=1000,
+    ),
 }
 
 _HEADER = "# Generated by `python -m caffe_compat.dental.nets` (caffe_compat/dental/nets.py); see docs/paper.md.\n"

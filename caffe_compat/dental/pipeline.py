@@ -97,38 +97,101 @@ class Preset:
     head_bias_mean: bool = False
 
     def arch(self) -> nets.Arch:
-        return nets.Arch(input_size=self.input_size, conv=tuple(self.conv), fc=self.fc, code=self.code,
-                         filler=self.filler,
-                         decoder_conv=None if self.decoder_conv is None else tuple(self.decoder_conv),
-                         decoder_fc=self.decoder_fc, cae_loss_weight=self.cae_loss_weight,
-                         cae_target_scale=self.cae_target_scale, decoder_relu_slope=self.decoder_relu_slope,
-                         decoder_out_std=self.decoder_out_std,
-                         head_lr_mult=self.head_lr_mult,
-                         head_std=self.head_std)
+        return nets.Arch(
+            input_size=self.input_size,
+            conv=tuple(self.conv),
+            fc=self.fc,
+            code=self.code,
+            filler=self.filler,
+            decoder_conv=None if self.decoder_conv is None else tuple(self.decoder_conv),
+            decoder_fc=self.decoder_fc,
+            cae_loss_weight=self.cae_loss_weight,
+            cae_target_scale=self.cae_target_scale,
+            decoder_relu_slope=self.decoder_relu_slope,
+            decoder_out_std=self.decoder_out_std,
+            head_lr_mult=self.head_lr_mult,
+            head_std=self.head_std,
+        )
 
 
 #: The recipe of the from-scratch presets (no ImageNet weights): He (msra) fillers, inputs minus
 #: the training halves' mean image scaled to about ±2, Adam, the CAE's target = its input, leaky
 #: ReLUs in the decoder, and a regression head that starts at the mean landmarks and learns at the
 #: base rate (docs/paper.md explains each choice).
-SCRATCH_RECIPE = dict(filler="msra", data_scale=1.0 / 64.0, data_mean="train", solver_type="Adam", lr_policy="step",
-                      momentum=0.9,
-                      weight_decay=0.0005, cae_target_scale=1.0, decoder_relu_slope=0.1, decoder_out_std=1e-4,
-                      head_lr_mult=1.0, head_std=1e-5, head_bias_mean=True)
+SCRATCH_RECIPE = dict(
+    filler="msra",
+    data_scale=1.0 / 64.0,
+    data_mean="train",
+    solver_type="Adam",
+    lr_policy="step",
+    momentum=0.9,
+    weight_decay=0.0005,
+    cae_target_scale=1.0,
+    decoder_relu_slope=0.1,
+    decoder_out_std=1e-4,
+    head_lr_mult=1.0,
+    head_std=1e-5,
+    head_bias_mean=True,
+)
 
 PRESETS = {
     # every step on a tiny scale (a test runs it): seconds on 2 CPU cores
-    "smoke": Preset("smoke", 64, (16, 32, 48, 48, 32), 64, 32, 8, 6, (96, 192), cae_iters=6, cae_lr=1e-4,
-                    reg_iters=6, reg_lr=1e-4, batch=4, test_interval=3, figure_halves=2, **SCRATCH_RECIPE),
+    "smoke": Preset(
+        "smoke",
+        64,
+        (16, 32, 48, 48, 32),
+        64,
+        32,
+        8,
+        6,
+        (96, 192),
+        cae_iters=6,
+        cae_lr=1e-4,
+        reg_iters=6,
+        reg_lr=1e-4,
+        batch=4,
+        test_interval=3,
+        figure_halves=2,
+        **SCRATCH_RECIPE,
+    ),
     # AlexNet's widths on 128×128 halves; 54 annotated radiographs plus 270 unannotated ones for
     # the CAE: under 20 min on 2 CPU cores
-    "quick": Preset("quick", 128, (96, 256, 384, 384, 256), 1024, 1000, 324, 54, (256, 512), cae_iters=1000,
-                    cae_lr=1e-4, reg_iters=400, reg_lr=1e-4, batch=16, test_interval=50,
-                    decoder_conv=(48, 128, 192, 192, 128), **SCRATCH_RECIPE),  # a decoder half as wide
+    "quick": Preset(
+        "quick",
+        128,
+        (96, 256, 384, 384, 256),
+        1024,
+        1000,
+        324,
+        54,
+        (256, 512),
+        cae_iters=1000,
+        cae_lr=1e-4,
+        reg_iters=400,
+        reg_lr=1e-4,
+        batch=16,
+        test_interval=50,
+        decoder_conv=(48, 128, 192, 192, 128),
+        **SCRATCH_RECIPE,
+    ),  # a decoder half as wide
     # the paper's scale and recipe (224×224, AlexNet unchanged, so bvlc_alexnet's fc6 loads too;
     # SGD from ImageNet's weights): for a GPU
-    "paper": Preset("paper", 224, (96, 256, 384, 384, 256), 4096, 1000, 108, 54, (320, 640), cae_iters=4000,
-                    cae_lr=0.01, reg_iters=2000, reg_lr=0.001, batch=16, test_interval=100),
+    "paper": Preset(
+        "paper",
+        224,
+        (96, 256, 384, 384, 256),
+        4096,
+        1000,
+        108,
+        54,
+        (320, 640),
+        cae_iters=4000,
+        cae_lr=0.01,
+        reg_iters=2000,
+        reg_lr=0.001,
+        batch=16,
+        test_interval=100,
+    ),
 }
 
 
@@ -179,8 +242,10 @@ def _write_nets(preset: Preset, prepared: PreparedData, net_dir: str, run_dir: s
     cae_vb = min(n_cae_val, preset.max_val_batch)
     lm_vb = min(n_lm_val, preset.max_val_batch)
     p = {
-        "cae_train_val": _write_text(nets.cae_train_val(arch, L["cae_train"], L["cae_val"], preset.batch, cae_vb),
-                                     os.path.join(net_dir, "cae_train_val.prototxt")),
+        "cae_train_val": _write_text(
+            nets.cae_train_val(arch, L["cae_train"], L["cae_val"], preset.batch, cae_vb),
+            os.path.join(net_dir, "cae_train_val.prototxt"),
+        ),
         "cae_deploy": _write_text(nets.cae_deploy(arch), os.path.join(net_dir, "cae_deploy.prototxt")),
         "landmark_deploy": _write_text(nets.landmark_deploy(arch), os.path.join(net_dir, "landmarks_deploy.prototxt")),
     }
@@ -188,19 +253,40 @@ def _write_nets(preset: Preset, prepared: PreparedData, net_dir: str, run_dir: s
         key = "landmarks_fc6_frozen" if frozen else "landmarks"
         p[key] = _write_text(
             nets.landmark_train_val(arch, L["landmarks_train"], L["landmarks_val"], preset.batch, lm_vb, frozen),
-            os.path.join(net_dir, f"{key}_train_val.prototxt"))
+            os.path.join(net_dir, f"{key}_train_val.prototxt"),
+        )
     # The pipeline runs the tests itself (for the learning curves): the solver's own never come due.
-    recipe = dict(type=preset.solver_type, lr_policy=preset.lr_policy, momentum=preset.momentum,
-                  weight_decay=preset.weight_decay, seed=seed, display=preset.test_interval)
-    cae_solver = nets.solver(p["cae_train_val"], os.path.join(run_dir, "cae", "cae"), base_lr=preset.cae_lr,
-                             max_iter=preset.cae_iters, stepsize=max(1, int(preset.cae_iters * 0.75)),
-                             test_iter=math.ceil(n_cae_val / cae_vb), test_interval=preset.cae_iters + 1, **recipe)
+    recipe = dict(
+        type=preset.solver_type,
+        lr_policy=preset.lr_policy,
+        momentum=preset.momentum,
+        weight_decay=preset.weight_decay,
+        seed=seed,
+        display=preset.test_interval,
+    )
+    cae_solver = nets.solver(
+        p["cae_train_val"],
+        os.path.join(run_dir, "cae", "cae"),
+        base_lr=preset.cae_lr,
+        max_iter=preset.cae_iters,
+        stepsize=max(1, int(preset.cae_iters * 0.75)),
+        test_iter=math.ceil(n_cae_val / cae_vb),
+        test_interval=preset.cae_iters + 1,
+        **recipe,
+    )
     p["cae_solver"] = _write_text(cae_solver, os.path.join(net_dir, "cae_solver.prototxt"))
     for frozen in (False, True):
         key = "landmarks_fc6_frozen" if frozen else "landmarks"
-        sp = nets.solver(p[key], os.path.join(run_dir, key), base_lr=preset.reg_lr, max_iter=preset.reg_iters,
-                         stepsize=max(1, int(preset.reg_iters * 0.75)), test_iter=math.ceil(n_lm_val / lm_vb),
-                         test_interval=preset.reg_iters + 1, **recipe)
+        sp = nets.solver(
+            p[key],
+            os.path.join(run_dir, key),
+            base_lr=preset.reg_lr,
+            max_iter=preset.reg_iters,
+            stepsize=max(1, int(preset.reg_iters * 0.75)),
+            test_iter=math.ceil(n_lm_val / lm_vb),
+            test_interval=preset.reg_iters + 1,
+            **recipe,
+        )
         p[f"{key}_solver"] = _write_text(sp, os.path.join(net_dir, f"{key}_solver.prototxt"))
     return p
 
@@ -241,8 +327,9 @@ def _train(solver, iters: int, interval: int, desc: str) -> dict:
                 bar.set_postfix(train=f"{train[-1][1]:.4g}", val=f"{val[-1][1]:.4g}")
     finally:
         del net.forward_backward
-    log.info("%s: final train loss %.6g, validation loss %.6g", desc, train[-1][1] if train else float("nan"),
-             val[-1][1])
+    log.info(
+        "%s: final train loss %.6g, validation loss %.6g", desc, train[-1][1] if train else float("nan"), val[-1][1]
+    )
     return {"train": train, "val": val}
 
 
@@ -256,7 +343,7 @@ def _load_h5(path: str, names: tuple) -> list:
 def _forward_batches(net, data: np.ndarray, out: str, batch: int = 16) -> np.ndarray:
     outs = []
     for i in range(0, len(data), batch):
-        x = data[i:i + batch]
+        x = data[i : i + batch]
         net.blobs["data"].reshape(*x.shape)
         net.reshape()
         outs.append(np.array(net.forward(data=x)[out], copy=True))
@@ -308,31 +395,47 @@ def run_reproduction(
             mode.set_mode_gpu()
         else:
             mode.set_mode_cpu()
-        notes: list[str] = [f"preset {p.name!r}: input {p.input_size}x{p.input_size}, conv widths {list(p.conv)}, "
-                            f"fc {p.fc}, code {p.code}, CAE {p.cae_iters} iterations, regressors {p.reg_iters} "
-                            "iterations each"]
+        notes: list[str] = [
+            f"preset {p.name!r}: input {p.input_size}x{p.input_size}, conv widths {list(p.conv)}, "
+            f"fc {p.fc}, code {p.code}, CAE {p.cae_iters} iterations, regressors {p.reg_iters} "
+            "iterations each"
+        ]
         # 1. data
         if data_dir:
             samples = read_dataset(data_dir, csv_path)
             notes.append(f"data: {os.path.abspath(data_dir)} ({len(samples)} images)")
         else:
             raw = os.path.join(run_dir, "data", "raw")
-            generate_dataset(raw, p.num_images, p.num_annotated, seed=seed, height=p.image_size[0], width=p.image_size[1])
+            generate_dataset(
+                raw, p.num_images, p.num_annotated, seed=seed, height=p.image_size[0], width=p.image_size[1]
+            )
             samples = read_dataset(raw)
-            notes.append(f"data: synthetic radiographs ({p.num_images} images, {p.num_annotated} annotated, "
-                         f"seed {seed}), not the paper's X-rays")
+            notes.append(
+                f"data: synthetic radiographs ({p.num_images} images, {p.num_annotated} annotated, "
+                f"seed {seed}), not the paper's X-rays"
+            )
         data_scale = 1.0 if imagenet_weights else p.data_scale
         data_mean = "imagenet" if imagenet_weights else p.data_mean
-        prepared = prepare(samples, os.path.join(run_dir, "data", "prepared"), size=p.input_size, seed=seed,
-                           scale=data_scale, mean=data_mean)
+        prepared = prepare(
+            samples,
+            os.path.join(run_dir, "data", "prepared"),
+            size=p.input_size,
+            seed=seed,
+            scale=data_scale,
+            mean=data_mean,
+        )
         if imagenet_weights:
             imagenet_weights = os.path.abspath(imagenet_weights)
             notes.append(f"ImageNet weights: {imagenet_weights}")
         else:
-            notes.append(f"no ImageNet weights given: the CAE and the 'no CAE' baseline start from Caffe's fillers "
-                         f"({p.filler}), not from ImageNet's AlexNet as in the paper")
-        notes.append(f"recipe: {p.solver_type} ({p.lr_policy}), base_lr CAE {p.cae_lr:g} / regressors {p.reg_lr:g}, "
-                     f"batch {p.batch}, input = {data_scale:g} × (grey × 255 − {data_mean} mean)")
+            notes.append(
+                f"no ImageNet weights given: the CAE and the 'no CAE' baseline start from Caffe's fillers "
+                f"({p.filler}), not from ImageNet's AlexNet as in the paper"
+            )
+        notes.append(
+            f"recipe: {p.solver_type} ({p.lr_policy}), base_lr CAE {p.cae_lr:g} / regressors {p.reg_lr:g}, "
+            f"batch {p.batch}, input = {data_scale:g} × (grey × 255 − {data_mean} mean)"
+        )
         net_dir = os.path.join(run_dir, "nets")
         os.makedirs(net_dir)
         for d in ("cae", *evaluate.CONFIGS):
@@ -351,8 +454,10 @@ def run_reproduction(
         del solver
         cae_val_all = _load_h5(prepared.h5["cae_val"], ("data",))[0]
         mean_loss = _mean_image_loss(_load_h5(prepared.h5["cae_train"], ("data",))[0], cae_val_all, p.arch())
-        notes.append(f"CAE validation loss {cae_curves['val'][-1][1]:.6g} (reconstructing every half as the training "
-                     f"halves' mean image: {mean_loss:.6g}; at the start: {cae_curves['val'][0][1]:.6g})")
+        notes.append(
+            f"CAE validation loss {cae_curves['val'][-1][1]:.6g} (reconstructing every half as the training "
+            f"halves' mean image: {mean_loss:.6g}; at the start: {cae_curves['val'][0][1]:.6g})"
+        )
         log.info("CAE: validation loss %.6g, mean image %.6g", cae_curves["val"][-1][1], mean_loss)
         cae_val = cae_val_all[: p.figure_halves]
         recon = _forward_batches(Net(paths["cae_deploy"], TEST, weights=cae_model), cae_val, "recon")
@@ -360,11 +465,17 @@ def run_reproduction(
         rows = prepared.rows("cae_val")[: p.figure_halves]
         figs = {
             "cae_reconstructions": figures.plot_reconstructions(
-                prepared.to_gray(cae_val), recon_gray, os.path.join(run_dir, "cae_reconstructions.png"),
-                [f"{r['image']} ({r['side']})" for r in rows]),
+                prepared.to_gray(cae_val),
+                recon_gray,
+                os.path.join(run_dir, "cae_reconstructions.png"),
+                [f"{r['image']} ({r['side']})" for r in rows],
+            ),
             "cae_learning_curve": figures.plot_learning_curves(
-                {"CAE": cae_curves}, os.path.join(run_dir, "cae_learning_curve.png"), "CAE (Euclidean loss)",
-                {"validation halves reconstructed as the mean image": mean_loss}),
+                {"CAE": cae_curves},
+                os.path.join(run_dir, "cae_learning_curve.png"),
+                "CAE (Euclidean loss)",
+                {"validation halves reconstructed as the mean image": mean_loss},
+            ),
         }
 
         # 3.-4. surgery and the four regressors
@@ -374,8 +485,9 @@ def run_reproduction(
         train_targets = _load_h5(prepared.h5["landmarks_train"], ("landmarks",))[0]
         ref = evaluate.mean_predictor(train_targets, len(val_rows))
         results[evaluate.MEAN_PREDICTOR[0]] = evaluate.summarize(evaluate.landmark_errors_mm(ref, val_rows))
-        log.info("mean-landmark predictor: mean error %.4f mm",
-                 results[evaluate.MEAN_PREDICTOR[0]]["mean_over_landmarks"])
+        log.info(
+            "mean-landmark predictor: mean error %.4f mm", results[evaluate.MEAN_PREDICTOR[0]]["mean_over_landmarks"]
+        )
         for key, (use_cae, fc6_ft, label) in evaluate.CONFIGS.items():
             solver = get_solver(paths["landmarks_solver" if fc6_ft else "landmarks_fc6_frozen_solver"])
             source = cae_model if use_cae else imagenet_weights
@@ -383,8 +495,13 @@ def run_reproduction(
                 rep = copy_layers(source, solver.net, TRANSFERRED, strict=False)
             else:
                 rep = SurgeryReport(left_at_filler=list(solver.net.params))
-                rep.skipped.append({"src": "-", "dst": ",".join(TRANSFERRED),
-                                    "reason": "no ImageNet weights given: conv1-5 and fc6 start from the fillers"})
+                rep.skipped.append(
+                    {
+                        "src": "-",
+                        "dst": ",".join(TRANSFERRED),
+                        "reason": "no ImageNet weights given: conv1-5 and fc6 start from the fillers",
+                    }
+                )
             head_note = ""
             if p.head_bias_mean:  # every configuration alike: the regressor starts at the mean predictor's output
                 solver.net.params["fc8_landmarks"][1].data[...] = train_targets.mean(axis=0)
@@ -401,22 +518,40 @@ def run_reproduction(
             pred = predict_landmarks(paths["landmark_deploy"], models[key], val_data)
             preds[key] = pred
             errors = evaluate.landmark_errors_mm(pred, val_rows)
-            np.savetxt(os.path.join(run_dir, key, "predictions.csv"), pred, delimiter=",", fmt="%.9g",
-                       header="u1,v1,u2,v2,u3,v3,u4,v4 (landmarks_val.h5 order)", comments="")
-            np.savetxt(os.path.join(run_dir, key, "errors_mm.csv"), errors, delimiter=",", fmt="%.6f",
-                       header="landmark1,landmark2,landmark3,landmark4", comments="")
+            np.savetxt(
+                os.path.join(run_dir, key, "predictions.csv"),
+                pred,
+                delimiter=",",
+                fmt="%.9g",
+                header="u1,v1,u2,v2,u3,v3,u4,v4 (landmarks_val.h5 order)",
+                comments="",
+            )
+            np.savetxt(
+                os.path.join(run_dir, key, "errors_mm.csv"),
+                errors,
+                delimiter=",",
+                fmt="%.6f",
+                header="landmark1,landmark2,landmark3,landmark4",
+                comments="",
+            )
             results[key] = evaluate.summarize(errors)
             log.info("%s: mean error %.4f mm", key, results[key]["mean_over_landmarks"])
 
         # 5. outputs
-        notes.append("final training losses: " + ", ".join(f"{k} {v:.6g}" for k, v in final_loss.items())
-                     + " (paper: 0.003593 with CAE, 0.006545 without)")
+        notes.append(
+            "final training losses: "
+            + ", ".join(f"{k} {v:.6g}" for k, v in final_loss.items())
+            + " (paper: 0.003593 with CAE, 0.006545 without)"
+        )
         tables = evaluate.write_table(results, run_dir, notes)
         val_targets = _load_h5(prepared.h5["landmarks_val"], ("landmarks",))[0]
         ref_loss = float(0.5 * ((val_targets - train_targets.mean(axis=0)) ** 2).sum(axis=1).mean())
         figs["learning_curves"] = figures.plot_learning_curves(
-            curves, os.path.join(run_dir, "learning_curves.png"), "Landmark regressors (Euclidean loss)",
-            {"mean-landmark predictor (validation)": ref_loss})
+            curves,
+            os.path.join(run_dir, "learning_curves.png"),
+            "Landmark regressors (Euclidean loss)",
+            {"mean-landmark predictor (validation)": ref_loss},
+        )
         n = min(p.figure_halves, len(val_rows))
         size = p.input_size
 
@@ -425,17 +560,34 @@ def run_reproduction(
 
         truth = _load_h5(prepared.h5["landmarks_val"], ("landmarks",))[0]
         figs["landmarks"] = figures.plot_landmarks(
-            prepared.to_gray(val_data[:n]), to_px(truth),
-            {"w/o unsupervised fine-tuning": to_px(preds["nocae_fc6_finetuned"]),
-             "with unsupervised fine-tuning": to_px(preds["cae_fc6_finetuned"])},
-            os.path.join(run_dir, "landmarks.png"), [f"{r['image']} ({r['side']})" for r in val_rows[:n]])
+            prepared.to_gray(val_data[:n]),
+            to_px(truth),
+            {
+                "w/o unsupervised fine-tuning": to_px(preds["nocae_fc6_finetuned"]),
+                "with unsupervised fine-tuning": to_px(preds["cae_fc6_finetuned"]),
+            },
+            os.path.join(run_dir, "landmarks.png"),
+            [f"{r['image']} ({r['side']})" for r in val_rows[:n]],
+        )
         models["cae"] = cae_model
         result = RunResult(run_dir, results, tables, figs, models, notes, final_loss)
         with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump({"preset": asdict(p), "seed": seed, "seconds": time.time() - t0, "results": results,
-                       "tables": tables, "figures": figs, "caffemodels": models, "notes": notes,
-                       "final_train_loss": final_loss,
-                       "curves": {"cae": cae_curves, **curves}}, f, indent=1)
+            json.dump(
+                {
+                    "preset": asdict(p),
+                    "seed": seed,
+                    "seconds": time.time() - t0,
+                    "results": results,
+                    "tables": tables,
+                    "figures": figs,
+                    "caffemodels": models,
+                    "notes": notes,
+                    "final_train_loss": final_loss,
+                    "curves": {"cae": cae_curves, **curves},
+                },
+                f,
+                indent=1,
+            )
         log.info("reproduction done in %.0f s: %s", time.time() - t0, run_dir)
         return result
     finally:

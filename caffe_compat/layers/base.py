@@ -49,8 +49,7 @@ def layer_class(type_name: str, layer_name: str = "?") -> type[Layer]:
         return LAYER_REGISTRY[type_name]
     except KeyError:
         raise LayerError(
-            f"Unknown layer type {type_name!r} (layer {layer_name!r}); "
-            f"known types: {', '.join(registered_types())}"
+            f"Unknown layer type {type_name!r} (layer {layer_name!r}); known types: {', '.join(registered_types())}"
         ) from None
 
 

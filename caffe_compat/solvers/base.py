@@ -638,7 +638,9 @@ class Solver:
         hist = [self.history[k * n + i] for k in range(self.num_history_sets)]
         self.update_rule(i, self.net.learnable_params[i].grad, hist, self.local_rate(i, rate))
 
-    def update_rule(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:  # pragma: no cover
+    def update_rule(
+        self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float
+    ) -> None:  # pragma: no cover
         """The solver type's hook: overwrite ``g`` (parameter i's diff, or a chunk of it) with the
         update value, updating ``hist`` (the same elements of each history set) in place.
         Element-wise only: it may be called on any slice of the parameter."""

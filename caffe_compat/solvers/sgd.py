@@ -53,7 +53,9 @@ class SGDSolver(Solver):
         try:
             fn(w, g, v, scalars)
         except Exception as e:  # noqa: BLE001  (a compiler failure: eager from now on)
-            logger.warning("torch.compile of the SGD update failed (%s: %s); using the eager update", type(e).__name__, e)
+            logger.warning(
+                "torch.compile of the SGD update failed (%s: %s); using the eager update", type(e).__name__, e
+            )
             self.compiled_update = False
             return False  # nothing was written: the eager update follows
         return True
