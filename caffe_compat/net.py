@@ -29,6 +29,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_mod
 
 from caffe_compat import blob as _blob
 from caffe_compat import layers as _layers  # noqa: F401  (registers every layer type)
@@ -504,8 +505,11 @@ class Net(nn.Module):
         overwrite = overwrite or not grad_on
         low = torch.is_autocast_enabled(self._device.type)  # autocast's bf16/fp16 tops stay so
         fresh: set[str] = set()  # blobs whose tensor a top_overwritable layer made in this pass
+        # Module.__call__ only when someone hooked a module: otherwise forward directly (cheaper)
+        hooked = bool(_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
+        layers = self.layers
         for li in range(start, end + 1):
-            layer = self.layers[li]
+            layer = layers[li]
             if getattr(layer, "is_net_input", False):
                 continue
             bnames = self._bottoms[li]
@@ -539,8 +543,10 @@ class Net(nn.Module):
                     if grad_on:
                         self._overwritten = True
                     tops = layer.forward_inplace(*bottoms)
-                else:
+                elif hooked or layer._forward_hooks or layer._forward_pre_hooks:
                     tops = layer(*bottoms)
+                else:
+                    tops = layer.forward(*bottoms)
             except CaffeError:
                 raise
             except Exception as e:

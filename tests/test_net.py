@@ -244,3 +244,13 @@ layer { name: "a" type: "Sigmoid" bottom: "data" top: "a" }
 """)
     net = caffe.Net(str(p), caffe.TEST)
     assert net.outputs == ["a", "z"]
+
+
+def test_forward_hooks_on_layers_still_fire(small):
+    net = caffe.Net(str(small), caffe.TEST)
+    seen = []
+    handle = net.layer_dict["conv1"].register_forward_hook(lambda m, inp, out: seen.append(m.name))
+    net.forward(data=np.zeros((2, 3, 8, 8), np.float32))
+    handle.remove()
+    net.forward()
+    assert seen == ["conv1"]
