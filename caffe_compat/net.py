@@ -218,6 +218,7 @@ class Net(nn.Module):
         self.net_param = insert_splits(filter_net(param, self.source), self.source)
         self._build()
         dev = current_device()
+        self._mode_device = dev  # the global mode (set_mode_gpu/cpu) this net last followed
         if dev.type != "cpu":
             self.to(dev)
         if weights is not None:
@@ -477,9 +478,13 @@ class Net(nn.Module):
         return out
 
     def _sync_mode(self) -> None:
+        """Follow a change of the global mode (pycaffe's set_mode_gpu/cpu) since the last call;
+        a net the user moved with ``.to(device)`` stays there until the mode changes."""
         dev = current_device()
-        if dev != self._device:
-            self.to(dev)
+        if dev != self._mode_device:
+            self._mode_device = dev
+            if dev != self._device:
+                self.to(dev)
 
     # -----------------------------------------------------------------------------------------
     # execution
@@ -503,7 +508,8 @@ class Net(nn.Module):
         """
         grad_on = torch.is_grad_enabled()
         overwrite = overwrite or not grad_on
-        low = torch.is_autocast_enabled(self._device.type)  # autocast's bf16/fp16 tops stay so
+        # autocast's bf16/fp16 tops stay so (autocast exists for CPU and CUDA devices only)
+        low = self._device.type in ("cpu", "cuda") and torch.is_autocast_enabled(self._device.type)
         fresh: set[str] = set()  # blobs whose tensor a top_overwritable layer made in this pass
         # Module.__call__ only when someone hooked a module: otherwise forward directly (cheaper)
         hooked = bool(_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)

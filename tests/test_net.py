@@ -254,3 +254,16 @@ def test_forward_hooks_on_layers_still_fire(small):
     handle.remove()
     net.forward()
     assert seen == ["conv1"]
+
+
+def test_explicit_to_is_not_undone_by_the_global_mode(small):
+    net = caffe.Net(str(small), caffe.TEST)
+    net.to(torch.float64)  # a torch user's choice; the global mode (CPU) has not changed
+    out = net(data=torch.zeros(2, 3, 8, 8, dtype=torch.float64))["prob"]
+    assert out.dtype == torch.float64
+    net.forward()
+    assert net.layer_dict["conv1"].blobs[0].dtype == torch.float64
+    # a net moved to another device (here "meta", standing in for a GPU) stays there
+    net.to("meta")
+    out = net(data=torch.empty(2, 3, 8, 8, dtype=torch.float64, device="meta"))["prob"]
+    assert out.device.type == "meta" and net.layer_dict["conv1"].blobs[0].device.type == "meta"
