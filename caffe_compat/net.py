@@ -938,7 +938,13 @@ class Net(nn.Module):
             if b not in inputs:
                 self.blobs[b].sync_to_device("data")
         self._run_layers(0, len(self.layers) - 1, caffe_grads=False)
-        return {b: self.blobs[b]._data for b in self.outputs}
+        outs = {b: self.blobs[b]._data for b in self.outputs}
+        for name, t in inputs.items():
+            # the blob keeps the values, not the caller's tensor (a later pycaffe forward may
+            # change a blob's requires_grad flag or write into it)
+            if self.blobs[name]._data is t:
+                self.blobs[name].set_tensor(t.detach().clone(), None)
+        return outs
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.run(**inputs)

@@ -267,3 +267,12 @@ def test_explicit_to_is_not_undone_by_the_global_mode(small):
     net.to("meta")
     out = net(data=torch.empty(2, 3, 8, 8, dtype=torch.float64, device="meta"))["prob"]
     assert out.device.type == "meta" and net.layer_dict["conv1"].blobs[0].device.type == "meta"
+
+
+def test_run_leaves_the_callers_tensor_alone(small):
+    net = caffe.Net(str(small), caffe.TEST)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    net(data=x)
+    net.blobs["data"].data[...] = 0  # pycaffe-style write after a torch-style call
+    net.forward()
+    assert x.requires_grad and float(x.detach().abs().sum()) > 0
