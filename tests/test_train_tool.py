@@ -250,3 +250,10 @@ def test_paper_solver_without_prepared_data_says_how_to_prepare(tmp_path, monkey
     assert train.main(["--solver", "solvers/landmark_solver.prototxt", "--iterations", "1"]) == 1
     err = capsys.readouterr().err
     assert "data/dental" in err and "python tools/prepare_dental.py" in err
+
+
+def test_single_dash_flags_as_the_caffe_binary(cli_dir, capsys):
+    from tools import train
+
+    assert train.main(["-solver", "solver.prototxt", "-weights", "init.caffemodel", "-iterations", "1"]) == 0
+    assert "Optimization Done." in capsys.readouterr().err

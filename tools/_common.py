@@ -1,4 +1,5 @@
-"""What the command-line tools share: Caffe's flag parsing quirks, --gpu, one-line errors."""
+"""What the command-line tools share: Caffe's flag parsing quirks (``-solver`` as ``--solver``),
+--gpu, one-line errors."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ class ArgumentParser(argparse.ArgumentParser):
             )
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        # gflags, which the caffe binary uses, also takes long flags with one dash: -solver x
+        known = {s for a in self._actions for s in a.option_strings if s.startswith("--")}
+        args = [
+            "-" + a if a[:1] == "-" and a[1:2] != "-" and "-" + a.partition("=")[0] in known else a
+            for a in (sys.argv[1:] if args is None else list(args))
+        ]
         ns = super().parse_args(args, namespace)
         if getattr(ns, "allow_python_layers", False):
             import os
