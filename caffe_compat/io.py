@@ -361,6 +361,71 @@ def _blob_shape(blob: caffe_pb2.BlobProto) -> tuple[int, ...]:
     return tuple(int(d) for d in blob.shape.dim)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _packed_field(number: int, payload: bytes) -> bytes:
+    """Wire bytes of a packed repeated field (``payload``: the raw little-endian values)."""
+    if not payload:
+        return b""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _packed_values(blob: caffe_pb2.BlobProto, number: int, dtype: str) -> np.ndarray | None:
+    """The values of the repeated float/double field ``number`` of ``blob``, read straight from
+    its wire bytes (a large caffemodel's weights never become Python floats). None when the
+    field is stored unpacked (then the caller reads it through protobuf)."""
+    buf = blob.SerializeToString()
+    view = memoryview(buf)
+    pos, end, chunks = 0, len(buf), []
+    while pos < end:
+        key = 0
+        shift = 0
+        while True:
+            b = buf[pos]
+            pos += 1
+            key |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 2:
+            length = 0
+            shift = 0
+            while True:
+                b = buf[pos]
+                pos += 1
+                length |= (b & 0x7F) << shift
+                shift += 7
+                if b < 0x80:
+                    break
+            if field == number:
+                chunks.append(view[pos : pos + length])
+            pos += length
+        elif field == number:
+            return None  # unpacked values: let protobuf read them
+        elif wire_type == 0:
+            while buf[pos] >= 0x80:
+                pos += 1
+            pos += 1
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            return None
+    return np.frombuffer(b"".join(chunks), dtype=dtype).astype(np.dtype(dtype).newbyteorder("="))
+
+
 def blob_to_array(blob: caffe_pb2.BlobProto, *, diff: bool = False, what: str = "blob") -> np.ndarray:
     """The values of ``blob`` as a NumPy array of the blob's shape.
 
@@ -373,9 +438,13 @@ def blob_to_array(blob: caffe_pb2.BlobProto, *, diff: bool = False, what: str = 
     doubles = blob.double_diff if diff else blob.double_data
     floats = blob.diff if diff else blob.data
     if len(doubles) > 0:
-        values = np.array(doubles, dtype=np.float64)
+        values = _packed_values(blob, 9 if diff else 8, "<f8")
+        if values is None:
+            values = np.array(doubles, dtype=np.float64)
     else:
-        values = np.array(floats, dtype=np.float32)
+        values = _packed_values(blob, 6 if diff else 5, "<f4") if len(floats) else np.zeros(0, np.float32)
+        if values is None:
+            values = np.array(floats, dtype=np.float32)
     shape = _blob_shape(blob)
     count = int(np.prod(shape, dtype=np.int64))
     if any(d < 0 for d in shape):
@@ -400,13 +469,15 @@ def array_to_blob(
     a = np.asarray(arr)
     blob = caffe_pb2.BlobProto()
     blob.shape.dim.extend(int(d) for d in a.shape)
-    dtype = np.float64 if double else np.float32
-    (blob.double_data if double else blob.data).extend(a.astype(dtype).ravel().tolist())
+    dtype = "<f8" if double else "<f4"
+    wire = [blob.SerializeToString(), _packed_field(8 if double else 5, a.astype(dtype).tobytes())]
     if diff is not None:
         d = np.asarray(diff)
         if d.shape != a.shape:
             raise ValueError(f"array_to_blob: diff shape {d.shape} differs from data shape {a.shape}")
-        (blob.double_diff if double else blob.diff).extend(d.astype(dtype).ravel().tolist())
+        wire.append(_packed_field(9 if double else 6, d.astype(dtype).tobytes()))
+    # the packed fields are assembled as bytes and parsed once: no Python float per value
+    blob.ParseFromString(b"".join(wire))
     return blob
 
 

@@ -367,3 +367,23 @@ def test_solver_typo(tmp_path):
 def test_parse_prototxt_string_filename():
     with pytest.raises(PrototxtError, match=r"^<string>:1:9: unknown field 'nme'"):
         cio.parse_prototxt('layer { nme: "x" }', caffe_pb2.NetParameter)
+
+
+def test_blob_values_read_from_wire_bytes_equal_protobufs_reading():
+    import struct
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    d = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    blob = cio.array_to_blob(a, d)
+    np.testing.assert_array_equal(np.array(blob.data, np.float32).reshape(a.shape), a)  # what protobuf holds
+    np.testing.assert_array_equal(cio.blob_to_array(blob), a)
+    np.testing.assert_array_equal(cio.blob_to_array(blob, diff=True), d)
+    b64 = cio.array_to_blob(a.astype(np.float64) / 3, double=True)
+    np.testing.assert_array_equal(cio.blob_to_array(b64), a.astype(np.float64) / 3)
+    # an unpacked encoding (one fixed32 per value, as some writers produce) reads the same
+    unpacked = caffe_pb2.BlobProto()
+    unpacked.shape.dim.extend([2])
+    raw = unpacked.SerializeToString() + b"".join(b"\x2d" + struct.pack("<f", v) for v in (1.5, -2.25))
+    unpacked.ParseFromString(raw)
+    np.testing.assert_array_equal(cio.blob_to_array(unpacked), np.array([1.5, -2.25], np.float32))
