@@ -337,3 +337,39 @@ def test_shipped_alexnet_names_and_shapes_match_bvlc():
     }
     for k, v in bvlc.items():
         assert shapes[k] == v, k
+
+
+def test_denoising_cae_corrupts_the_input_not_the_target(tmp_path):
+    from caffe_compat.net import TEST, TRAIN, Net
+
+    small = dict(input_size=64, conv=(8, 16, 16, 16, 16), fc=16, code=8, cae_target_scale=1.0)
+    plain = {lp.name: lp for lp in nets.cae_train_val(nets.Arch(**small)).layer}
+    assert "corrupt" not in plain and list(plain["conv1"].bottom) == ["data"]
+    h5 = tmp_path / "cae.h5"
+    rng = np.random.default_rng(0)
+    with h5py.File(h5, "w") as f:
+        f["data"] = rng.normal(size=(4, 3, 64, 64)).astype(np.float32) + 3.0  # no pixel is 0
+    (tmp_path / "cae.txt").write_text(f"{h5}\n")
+    msg = nets.cae_train_val(
+        nets.Arch(**small, cae_input_dropout=0.25),
+        str(tmp_path / "cae.txt"),
+        str(tmp_path / "cae.txt"),
+        batch=4,
+        val_batch=4,
+    )
+    layers = {lp.name: lp for lp in msg.layer}
+    assert layers["corrupt"].type == "Dropout"
+    assert layers["corrupt"].dropout_param.dropout_ratio == pytest.approx(0.25)
+    assert list(layers["conv1"].bottom) == ["data_corrupt"] and list(layers["target"].bottom) == ["data"]
+    train = Net(msg, TRAIN)
+    train.forward()
+    data, noisy = train.blobs["data"].data, train.blobs["data_corrupt"].data
+    np.testing.assert_allclose(train.blobs["target"].data, data, rtol=0, atol=0)
+    dropped = noisy == 0
+    assert 0.2 < dropped.mean() < 0.3
+    np.testing.assert_allclose(noisy[~dropped], data[~dropped] / 0.75, rtol=1e-6, atol=0)
+    test = Net(msg, TEST)
+    test.forward()
+    np.testing.assert_allclose(test.blobs["data_corrupt"].data, test.blobs["data"].data, rtol=0, atol=0)
+    deploy = {lp.name for lp in nets.cae_deploy(nets.Arch(**small, cae_input_dropout=0.25)).layer}
+    assert "corrupt" not in deploy

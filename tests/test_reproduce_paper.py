@@ -119,3 +119,35 @@ def test_a_second_run_gets_a_new_folder(tmp_path):
 
     a, b = new_run_dir(str(tmp_path)), new_run_dir(str(tmp_path))
     assert a != b and os.path.isdir(a) and os.path.isdir(b)
+
+
+def test_cae_fc6_scale_match_touches_only_the_cae_regressors(smoke_run, tmp_path):
+    """Scaling the CAE's fc6 to the no-CAE start's RMS changes the CAE rows only: the no-CAE rows stay
+    bit-identical (same seeds), and the frozen fc6 is exactly the CAE's times the reported factor."""
+    import dataclasses
+
+    from caffe_compat.dental.pipeline import PRESETS, run_reproduction
+    from caffe_compat.net import TEST, Net
+
+    base = PRESETS["smoke"]
+    other = run_reproduction(str(tmp_path), dataclasses.replace(base, cae_fc6_scale_match=not base.cae_fc6_scale_match))
+    _, run = smoke_run
+    runs = {base.cae_fc6_scale_match: run, not base.cae_fc6_scale_match: other.run_dir}
+    results = {}
+    for matched, folder in runs.items():
+        with open(os.path.join(folder, "summary.json"), encoding="utf-8") as f:
+            results[matched] = json.load(f)["results"]
+    for key in ("mean_predictor", "nocae_fc6_frozen", "nocae_fc6_finetuned"):
+        assert json.dumps(results[True][key]) == json.dumps(results[False][key]), key
+    assert results[True]["cae_fc6_frozen"] != results[False]["cae_fc6_frozen"]
+    with open(os.path.join(runs[True], "cae_fc6_frozen", "surgery.txt"), encoding="utf-8") as f:
+        factor = float(f.read().split("fc6: weights and bias × ")[1].split()[0])
+    with open(os.path.join(runs[True], "nocae_fc6_frozen", "surgery.txt"), encoding="utf-8") as f:
+        assert factor > 0 and "fc6: weights" not in f.read()
+    deploy = os.path.join(runs[True], "nets", "landmarks_deploy.prototxt")
+    cae = Net(deploy, TEST, weights=os.path.join(runs[True], "cae", "cae.caffemodel"))
+    frozen = Net(deploy, TEST, weights=os.path.join(runs[True], "cae_fc6_frozen", "cae_fc6_frozen.caffemodel"))
+    for i in (0, 1):
+        np.testing.assert_allclose(
+            frozen.params["fc6"][i].data, cae.params["fc6"][i].data * factor, rtol=1e-5, atol=1e-7
+        )

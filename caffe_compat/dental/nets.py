@@ -83,6 +83,10 @@ class Arch:
     decoder_out_std: float | None = None
     #: the CAE's target is ``data × cae_target_scale`` (Power layer "target")
     cae_target_scale: float = 1.0 / 256.0
+    #: > 0: a denoising CAE: in TRAIN, a Dropout layer ("corrupt", this dropout_ratio) zeroes that
+    #: fraction of the encoder's input pixels (0 = the mean image once it is subtracted; kept pixels
+    #: are scaled by 1 / (1 − ratio), Caffe's Dropout), while the target stays the clean image
+    cae_input_dropout: float = 0.0
 
 
 def encoder_sizes(size: int) -> dict:
@@ -215,11 +219,12 @@ def _alexnet(
     fc6_frozen: bool = False,
     fc8_bias: float = 0.0,
     fc8_lr: tuple = (1.0, 2.0),
+    input_blob: str = "data",
 ) -> str:
     c = arch.conv
     g = 2 if arch.groups else 1
     w = {} if arch.filler == "gaussian" else {"weight": arch.filler, "std": 0.0}
-    _conv(net, "conv1", "data", c[0], 11, stride=4, **w)
+    _conv(net, "conv1", input_blob, c[0], 11, stride=4, **w)
     _relu(net, "relu1", "conv1")
     _lrn(net, "norm1", "conv1")
     _pool(net, "pool1", "norm1")
@@ -333,7 +338,12 @@ def cae_train_val(
 
 
 def _cae_body(net, arch: Arch, with_loss: bool = True) -> None:
-    _alexnet(net, arch, dropout=False)
+    source = "data"
+    if with_loss and arch.cae_input_dropout > 0:  # denoising: corrupt the input, not the target
+        lp = _layer(net, "corrupt", "Dropout", "data", "data_corrupt")
+        lp.dropout_param.dropout_ratio = arch.cae_input_dropout
+        source = "data_corrupt"
+    _alexnet(net, arch, dropout=False, input_blob=source)
     _decoder(net, arch)
     if with_loss:
         lp = _layer(net, "target", "Power", "data", "target")

@@ -61,7 +61,13 @@ class Preset:
     (``decoder_conv``/``decoder_fc``: None = the encoder's; ``decoder_relu_slope``: leaky ReLUs in
     the decoder), the regression head's
     ``head_lr_mult`` and ``head_std``, and ``head_bias_mean``: start fc8_landmarks' bias at the
-    mean of the training landmarks (pycaffe-style net surgery) instead of its filler's 0.5."""
+    mean of the training landmarks (pycaffe-style net surgery) instead of its filler's 0.5.
+
+    CAE variants (docs/paper.md, "Variants tried"; both off by default): ``cae_input_dropout`` > 0
+    makes the CAE denoising (a TRAIN-phase Dropout of that ratio on its input, the target stays
+    the clean image); ``cae_fc6_scale_match`` multiplies the CAE's fc6 (weights and bias) before
+    the CAE regressors by the ratio of fc6's RMS (after relu6, on the first training halves) at the
+    no-CAE regressors' start to the CAE's own; the no-CAE configurations are untouched."""
 
     name: str
     input_size: int
@@ -92,6 +98,8 @@ class Preset:
     decoder_fc: int | None = None
     decoder_relu_slope: float = 0.0
     decoder_out_std: float | None = None
+    cae_input_dropout: float = 0.0
+    cae_fc6_scale_match: bool = False
     head_lr_mult: float = 10.0
     head_std: float = 0.01
     head_bias_mean: bool = False
@@ -109,6 +117,7 @@ class Preset:
             cae_target_scale=self.cae_target_scale,
             decoder_relu_slope=self.decoder_relu_slope,
             decoder_out_std=self.decoder_out_std,
+            cae_input_dropout=self.cae_input_dropout,
             head_lr_mult=self.head_lr_mult,
             head_std=self.head_std,
         )
@@ -357,6 +366,28 @@ def predict_landmarks(deploy: str, weights: str, data: np.ndarray) -> np.ndarray
     return _forward_batches(Net(deploy, TEST, weights=weights), data, "fc8_landmarks")
 
 
+def _fc6_rms(deploy: str, source, data: np.ndarray) -> float:
+    """Root mean square of fc6 (after relu6) of the regressor ``deploy`` on ``data``, its conv1-fc6
+    from ``source`` (a caffemodel path or a Net)."""
+    from caffe_compat.net import TEST, Net
+
+    if isinstance(source, str):
+        net = Net(deploy, TEST, weights=source)
+    else:
+        net = Net(deploy, TEST)
+        for name in TRANSFERRED:
+            for dst, src in zip(net.params[name], source.params[name]):
+                dst.data[...] = src.data
+    total, count = 0.0, 0
+    for i in range(0, len(data), 16):
+        x = data[i : i + 16]
+        net.blobs["data"].reshape(*x.shape)
+        net.reshape()
+        fc6 = np.asarray(net.forward(blobs=["fc6"], end="relu6", data=x)["fc6"], dtype=np.float64)
+        total, count = total + float((fc6**2).sum()), count + fc6.size
+    return math.sqrt(total / max(count, 1))
+
+
 def _mean_image_loss(train: np.ndarray, val: np.ndarray, arch: nets.Arch) -> float:
     """The CAE's validation loss if it reconstructed every half as the training halves' mean."""
     lw = arch.cae_loss_weight if arch.cae_loss_weight is not None else 1.0 / (3 * arch.input_size**2)
@@ -488,6 +519,23 @@ def run_reproduction(
         log.info(
             "mean-landmark predictor: mean error %.4f mm", results[evaluate.MEAN_PREDICTOR[0]]["mean_over_landmarks"]
         )
+        fc6_scale = 1.0
+        if p.cae_fc6_scale_match:
+            # the CAE's fc6 scaled (weights and bias, so its ReLU features keep their pattern) to the
+            # RMS the no-CAE regressors' fc6 starts with, on the first training halves
+            probe = _load_h5(prepared.h5["landmarks_train"], ("data",))[0][: p.max_val_batch]
+            reference = get_solver(paths["landmarks_solver"])  # the no-CAE start (same seed)
+            if imagenet_weights:
+                copy_layers(imagenet_weights, reference.net, TRANSFERRED, strict=False)
+            ref_rms = _fc6_rms(paths["landmark_deploy"], reference.net, probe)
+            del reference
+            cae_rms = _fc6_rms(paths["landmark_deploy"], cae_model, probe)
+            fc6_scale = ref_rms / cae_rms if cae_rms > 0 else 1.0
+            notes.append(
+                f"CAE fc6 scaled by {fc6_scale:.6g} before the regressors (fc6 RMS on the training halves: "
+                f"CAE {cae_rms:.6g}, no-CAE start {ref_rms:.6g})"
+            )
+            log.info("CAE fc6 scale match: x%.6g (CAE %.6g, no-CAE start %.6g)", fc6_scale, cae_rms, ref_rms)
         for key, (use_cae, fc6_ft, label) in evaluate.CONFIGS.items():
             solver = get_solver(paths["landmarks_solver" if fc6_ft else "landmarks_fc6_frozen_solver"])
             source = cae_model if use_cae else imagenet_weights
@@ -503,9 +551,13 @@ def run_reproduction(
                     }
                 )
             head_note = ""
+            if use_cae and fc6_scale != 1.0:
+                for blob in solver.net.params["fc6"]:
+                    blob.data[...] = blob.data * fc6_scale
+                head_note += f"fc6: weights and bias × {fc6_scale:.6g} (its RMS matched to the no-CAE start's)\n"
             if p.head_bias_mean:  # every configuration alike: the regressor starts at the mean predictor's output
                 solver.net.params["fc8_landmarks"][1].data[...] = train_targets.mean(axis=0)
-                head_note = "fc8_landmarks: bias set to the mean of the training landmarks (weights at the filler)\n"
+                head_note += "fc8_landmarks: bias set to the mean of the training landmarks (weights at the filler)\n"
             rep.save(os.path.join(run_dir, key, "surgery.json"))
             with open(os.path.join(run_dir, key, "surgery.txt"), "w", encoding="utf-8") as f:
                 f.write(rep.to_text() + "\n" + head_note)
