@@ -4,8 +4,6 @@ layer at a time."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,6 @@ from caffe_compat.layers import layer_class
 from caffe_compat.proto import caffe_pb2
 from tests.layer_replay import FIX_ATOL, FIX_RTOL, load_case, replay_layer
 
-FIXTURES = Path(__file__).parent / "fixtures" / "caffe_reference" / "layers"
 RTOL, ATOL = 1e-5, 1e-6  # float64 NumPy formulas against float32 layers
 
 
