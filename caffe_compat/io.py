@@ -373,6 +373,18 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``buf[pos:]`` and the position after it."""
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return value, pos
+
+
 def _packed_field(number: int, payload: bytes) -> bytes:
     """Wire bytes of a packed repeated field (``payload``: the raw little-endian values)."""
     if not payload:
@@ -388,35 +400,17 @@ def _packed_values(blob: caffe_pb2.BlobProto, number: int, dtype: str) -> np.nda
     view = memoryview(buf)
     pos, end, chunks = 0, len(buf), []
     while pos < end:
-        key = 0
-        shift = 0
-        while True:
-            b = buf[pos]
-            pos += 1
-            key |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                break
+        key, pos = _read_varint(buf, pos)
         field, wire_type = key >> 3, key & 7
         if wire_type == 2:
-            length = 0
-            shift = 0
-            while True:
-                b = buf[pos]
-                pos += 1
-                length |= (b & 0x7F) << shift
-                shift += 7
-                if b < 0x80:
-                    break
+            length, pos = _read_varint(buf, pos)
             if field == number:
                 chunks.append(view[pos : pos + length])
             pos += length
         elif field == number:
             return None  # unpacked values: let protobuf read them
         elif wire_type == 0:
-            while buf[pos] >= 0x80:
-                pos += 1
-            pos += 1
+            _, pos = _read_varint(buf, pos)
         elif wire_type == 1:
             pos += 8
         elif wire_type == 5:
