@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import caffe_compat as caffe
 from tests.conftest import CAFFE_REF
@@ -24,9 +25,10 @@ def _close(ours, ref) -> bool:
     return ours.shape == ref.shape and np.allclose(ours, ref, rtol=RTOL, atol=ATOL)
 
 
-def replay_case(case: str, gpu: bool = False):
+def replay_case(case: str, gpu: bool = False, channels_last: bool = False):
     """Build the case's net as the README says, set its inputs and top diffs from Caffe's arrays,
-    run forward (and backward); returns ``(net, reference arrays, whether backward ran)``."""
+    run forward (and backward); returns ``(net, reference arrays, whether backward ran)``.
+    ``channels_last``: the net's 4-D parameters in channels_last (the speed opt-in)."""
     d = CAFFE_REF / "layers" / case
     ref = np.load(d / "blobs.npz")
     phase = caffe.TRAIN if case == "batchnorm_train" else caffe.TEST
@@ -38,6 +40,8 @@ def replay_case(case: str, gpu: bool = False):
     try:
         caffe.set_random_seed(1)
         net = caffe.Net("net.prototxt", "weights.caffemodel", phase)
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
         for b in net.inputs:
             net.blobs[b].data[...] = ref["data__" + b]
         out = net.forward()
@@ -84,3 +88,11 @@ def test_layer_case_matches_caffe(case):
     net, ref, backward = replay_case(case, gpu=GPU)
     fails = mismatches(case, net, ref, backward)
     assert not fails, f"{case}: {len(fails)} arrays differ from real Caffe: {fails[:8]}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_layer_case_matches_caffe_in_channels_last(case):
+    """The channels_last opt-in keeps every case within real Caffe's tolerance."""
+    net, ref, backward = replay_case(case, gpu=GPU, channels_last=True)
+    fails = mismatches(case, net, ref, backward)
+    assert not fails, f"{case} (channels_last): {len(fails)} arrays differ from real Caffe: {fails[:8]}"

@@ -101,6 +101,39 @@ def test_inner_product_default_fillers_are_zero_and_k_mismatch_raises():
 # -- Eltwise ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("batch", [1, 4, 10])
+@pytest.mark.parametrize("transpose,bias", [(False, True), (True, True), (False, False)])
+def test_inner_product_onednn_path_matches_float64(batch, transpose, bias):
+    """float32 on the CPU runs through oneDNN's inner product (forward, dx, dW, db): same values
+    as the float64 product within float32 rounding, and diffs accumulate across two backwards."""
+    import platform
+
+    from caffe_compat.layers import common
+
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert common._onednn_linear_available()  # x86 torch wheels ship oneDNN: the path must run
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 37, generator=gen).requires_grad_(True)
+    w = torch.randn(*((37, 23) if transpose else (23, 37)), generator=gen).requires_grad_(True)
+    b = torch.randn(23, generator=gen).requires_grad_(True) if bias else None
+    weff = w.t() if transpose else w
+    y = common.linear(x, weff, b)
+    if common._onednn_linear_available():
+        assert type(y.grad_fn).__name__ == "_OneDnnLinearBackward"
+    dy = torch.randn(batch, 23, generator=gen)
+    y.backward(dy)
+    y2 = common.linear(x, weff, b)
+    y2.backward(dy)  # accumulates: every grad is twice the single-pass one
+    xd, wd, dyd = x.detach().double(), weff.detach().double(), dy.double()
+    ref = xd @ wd.t() + (b.detach().double() if bias else 0)
+    np.testing.assert_allclose(y.detach().double().numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x.grad.double().numpy(), (2 * dyd @ wd).numpy(), rtol=1e-5, atol=1e-5)
+    gw = 2 * dyd.t() @ xd
+    np.testing.assert_allclose(w.grad.double().numpy(), (gw.t() if transpose else gw).numpy(), rtol=1e-5, atol=1e-5)
+    if bias:
+        np.testing.assert_allclose(b.grad.double().numpy(), (2 * dyd.sum(0)).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_eltwise_forward_ops():
     a, b, c = rand((2, 3, 4), 0), rand((2, 3, 4), 1), rand((2, 3, 4), 2)
     shapes = [(2, 3, 4)] * 3

@@ -97,6 +97,10 @@ CASES = [
     ((1, 2, 9, 9), "kernel_size: 2 stride: 3 round_mode: FLOOR", (2, 2), (3, 3), (0, 0), False, False),
     ((2, 3, 5, 6), "global_pooling: true", None, (1, 1), (0, 0), True, True),
     ((1, 1, 2, 2), "kernel_size: 3 stride: 2", (3, 3), (2, 2), (0, 0), True, False),  # kernel > image
+    # >= 16 channels: MAX runs through torch's channels_last kernel on the CPU (_MaxPoolChannelsLast)
+    ((2, 16, 9, 9), "kernel_size: 3 stride: 2", (3, 3), (2, 2), (0, 0), True, False),
+    ((1, 24, 7, 8), "kernel_size: 3 stride: 2 pad: 1", (3, 3), (2, 2), (1, 1), True, False),
+    ((1, 16, 8, 7), "kernel_size: 4 stride: 3 pad: 3", (4, 4), (3, 3), (3, 3), True, False),  # explicit padding
 ]
 
 
@@ -135,6 +139,19 @@ def test_gradcheck(pool, shape, pp, k, s, p, ceil, glob):
     x = (torch.randperm(n, generator=torch.Generator().manual_seed(2)).double() / n).reshape(shape)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: layer(t)[0], (x,), eps=1e-6, atol=1e-6)
+
+
+def test_channels_last_max_pool_is_used_and_equal():
+    from caffe_compat.layers import pooling
+
+    x = _inputs((2, 16, 11, 11), 3, ties=True).float().requires_grad_(True)
+    y, idx = pooling._max_pool(x, (3, 3), (2, 2), (0, 0), True, True)
+    assert y.grad_fn is not None and "MaxPoolChannelsLast" in type(y.grad_fn).__name__
+    ry, ridx = F.max_pool2d(x, 3, 2, ceil_mode=True, return_indices=True)
+    assert y.is_contiguous() and idx.is_contiguous()
+    assert torch.equal(y, ry) and torch.equal(idx, ridx)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ry, x, g)[0])
 
 
 def test_torch_ceil_mode_claim():

@@ -16,6 +16,44 @@ _PP = caffe_pb2.PoolingParameter
 _FLT_MAX = 3.4028234663852886e38
 
 
+class _MaxPoolChannelsLast(torch.autograd.Function):
+    """``F.max_pool2d(..., return_indices=True)`` of a contiguous (NCHW) CPU tensor, computed by
+    torch's channels_last kernel, which vectorizes over channels (AlexNet's pool1 at batch 10:
+    11.5 ms in NCHW, 3.7 ms with both layout conversions). The same maxima and the same first-max
+    indices (``h·W + w`` per plane) in NCHW; the backward is torch's NCHW scatter."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, pad, ceil):
+        y, idx = F.max_pool2d(
+            x.contiguous(memory_format=torch.channels_last), kernel, stride, pad, ceil_mode=ceil, return_indices=True
+        )
+        y, idx = y.contiguous(), idx.contiguous()
+        ctx.save_for_backward(x, idx)
+        ctx.cfg = (kernel, stride, pad, ceil)
+        ctx.mark_non_differentiable(idx)
+        return y, idx
+
+    @staticmethod
+    def backward(ctx, dy, _didx):
+        x, idx = ctx.saved_tensors
+        kernel, stride, pad, ceil = ctx.cfg
+        dx = torch.ops.aten.max_pool2d_with_indices_backward(
+            dy.contiguous(), x, list(kernel), list(stride), list(pad), [1, 1], ceil, idx
+        )
+        return dx, None, None, None, None
+
+
+def _max_pool(x: torch.Tensor, kernel, stride, pad, ceil: bool, want_indices: bool):
+    """torch's max pooling with indices (or without, if not wanted), through the channels_last
+    kernel for contiguous CPU tensors with enough channels to vectorize over."""
+    if x.device.type == "cpu" and x.dim() == 4 and x.shape[1] >= 16 and x.is_contiguous() and x.numel() > 0:
+        y, idx = _MaxPoolChannelsLast.apply(x, tuple(kernel), tuple(stride), tuple(pad), bool(ceil))
+        return (y, idx) if want_indices else (y,)
+    if want_indices:
+        return F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil, return_indices=True)
+    return (F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil),)
+
+
 def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool, any_pad: bool) -> int:
     """Caffe's pooled size along one axis.
 
@@ -168,11 +206,11 @@ class PoolingLayer(Layer):
         if self.pool == _PP.MAX:
             if direct:
                 if want_mask:
-                    y, idx = F.max_pool2d(x, k, s, p, ceil_mode=self.ceil, return_indices=True)
+                    y, idx = _max_pool(x, k, s, p, self.ceil, True)
                     return y, idx.to(x.dtype)
-                return (F.max_pool2d(x, k, s, p, ceil_mode=self.ceil),)
+                return _max_pool(x, k, s, p, self.ceil, False)
             xp = F.pad(x, (p[1], right[1], p[0], right[0]), value=-math.inf)
-            y, idx = F.max_pool2d(xp, k, s, return_indices=True)
+            y, idx = _max_pool(xp, k, s, (0, 0), False, True)
             y, idx = y[:, :, :Ho, :Wo], idx[:, :, :Ho, :Wo]
             empty = y == -math.inf
             y = y.clamp_min(-_FLT_MAX)
