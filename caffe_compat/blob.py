@@ -12,12 +12,29 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["Blob", "ParamBlob", "uses_host_mirror"]
+__all__ = ["Blob", "ParamBlob", "alias_diff", "own_diff", "uses_host_mirror"]
 
 
 def uses_host_mirror(device: torch.device) -> bool:
     """Whether ``.data``/``.diff`` are host copies (tensors on a GPU) rather than views (CPU)."""
     return device.type != "cpu"
+
+
+def alias_diff(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Make ``value`` (e.g. SGD's momentum history, which equals the update value Caffe leaves in
+    the diff) the parameter's diff without copying it; ``own_diff`` gives the parameter a copy of
+    its own before anything writes into or hands out the diff."""
+    param.grad = value
+    param._caffe_diff_alias = value
+
+
+def own_diff(param: torch.nn.Parameter) -> None:
+    """If the parameter's diff is an alias set by ``alias_diff``, replace it by a copy (so that
+    writes into the diff never reach the tensor it aliases)."""
+    alias = param.__dict__.pop("_caffe_diff_alias", None)
+    if alias is not None and param.grad is alias:
+        with torch.no_grad():
+            param.grad = alias.clone()
 
 
 def _view(t: torch.Tensor) -> np.ndarray:
@@ -169,6 +186,7 @@ class ParamBlob(_HostSynced):
     @property
     def diff(self) -> np.ndarray:
         p = self.param
+        own_diff(p)
         if p.grad is None:
             p.grad = torch.zeros_like(p.data)
         return self._host("diff", p.grad)

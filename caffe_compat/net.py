@@ -182,6 +182,10 @@ class Net(nn.Module):
     ``net.parameters()``, ``net.to(device)`` as for any module.
     """
 
+    #: A solver may leave a parameter's diff as an alias of its history (``blob.alias_diff``):
+    #: every path here that writes into a diff or hands it out calls ``blob.own_diff`` first.
+    supports_diff_alias = True
+
     def __init__(
         self,
         model,
@@ -854,6 +858,7 @@ class Net(nn.Module):
             with torch.no_grad():
                 for p, g in zip(params, gs[len(targets) :]):
                     if g is not None:
+                        _blob.own_diff(p)
                         if p.grad is None:
                             p.grad = torch.zeros_like(p.data)
                         p.grad.add_(g)
@@ -887,10 +892,12 @@ class Net(nn.Module):
                         b.set_tensor(b._data.float())
             params = [p for p in self.learnable_params if p.requires_grad]
             if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
-                if self._diffs_cleared:
-                    # Let autograd hand over its gradient tensors instead of adding them to zeros.
-                    for p in params:
+                for p in params:
+                    if self._diffs_cleared:
+                        # Let autograd hand over its gradient tensors instead of adding them to zeros.
                         p.grad = None
+                    else:  # autograd adds into the diffs in place
+                        _blob.own_diff(p)
                 torch.autograd.backward([loss * loss_scale if loss_scale != 1.0 else loss], inputs=params)
         self._fill_missing_diffs()
         self._diffs_cleared = False

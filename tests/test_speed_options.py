@@ -189,6 +189,48 @@ def test_fused_update_leaves_update_in_diff(tmp_path):
         assert torch.equal(p.grad, solver.history[i])  # SGD's update is its history V
 
 
+def test_sgd_diff_aliases_history_until_written(tmp_path):
+    """The chunked SGD update leaves the diff as an alias of the history (no copy); reading,
+    writing or accumulating into the diff never changes the history."""
+    solver = _solver(tmp_path, "SGD", chunk=1 << 15)
+    net = solver.net
+    solver.step(2)
+    n = len(net.learnable_params)
+    assert all(p.grad is solver.history[i] for i, p in enumerate(net.learnable_params))
+    hist = [h.clone() for h in solver.history[:n]]
+    # pycaffe's diff: the update value, as a copy of its own once handed out
+    d = net.params["ip1"][0].diff
+    np.testing.assert_array_equal(d, hist[2].numpy())
+    d[...] = 123.0
+    assert torch.equal(solver.history[2], hist[2])
+    # accumulating backward passes (no clear_param_diffs) add to the update value, as in Caffe
+    net.forward()
+    net.backward()
+    net.forward_backward()
+    for i, p in enumerate(net.learnable_params):
+        assert torch.equal(solver.history[i], hist[i]), i
+        assert p.grad is not solver.history[i]
+    # the next step still follows the whole-tensor (copying) update exactly
+    solver.step(1)
+    ref = _solver(tmp_path, "SGD", fused=False)
+    ref.step(3)
+    for a, b in zip(net.learnable_params, ref.net.learnable_params):
+        assert torch.equal(a.detach(), b.detach())
+    for a, b in zip(solver.history, ref.history):
+        assert torch.equal(a, b)
+
+
+def test_duck_typed_net_gets_no_alias(tmp_path):
+    solver = _solver(tmp_path, "SGD", chunk=1 << 15)
+    type(solver.net).supports_diff_alias = False
+    try:
+        solver.step(1)
+        assert all(p.grad is not h for p, h in zip(solver.net.learnable_params, solver.history))
+        assert all(torch.equal(p.grad, h) for p, h in zip(solver.net.learnable_params, solver.history))
+    finally:
+        type(solver.net).supports_diff_alias = True
+
+
 def test_loss_scaler_skips_step_on_inf_and_halves_scale(tmp_path):
     from caffe_compat.solvers.base import LossScaler
 

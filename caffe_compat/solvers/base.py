@@ -47,6 +47,7 @@ import torch
 from google.protobuf import text_format
 
 from caffe_compat import io as cio
+from caffe_compat.blob import alias_diff, own_diff
 from caffe_compat.errors import SolverError
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers import lr_policy, signals
@@ -538,6 +539,8 @@ class Solver:
         if sync is not None:  # host writes through net.params[...] (GPU) land before the update
             sync()
         with torch.no_grad():
+            for p in self.net.learnable_params:  # diffs still aliasing a history: copies of their own
+                own_diff(p)
             if self.loss_scaler is not None and not self.loss_scaler.unscale_(self.net.learnable_params, self.iter):
                 return
             self.clip_gradients()
@@ -557,12 +560,21 @@ class Solver:
                 w, g, hist = flat
                 local_rate = self.local_rate(i, rate)
                 step = max(int(self.update_chunk), 1)
+                # the update value is history 0: not written to the diff, which becomes its alias
+                alias = self.diff_is_history and getattr(self.net, "supports_diff_alias", False)
                 for s in range(0, w.numel(), step):
                     wc, gc = w[s : s + step], g[s : s + step]
+                    hc = [h[s : s + step] for h in hist]
                     self._normalize(gc)
                     self._regularize(i, wc, gc)
-                    self.update_rule(i, gc, [h[s : s + step] for h in hist], local_rate)
-                    wc.sub_(gc)
+                    if alias:
+                        self.update_history(i, gc, hc, local_rate)
+                        wc.sub_(hc[0])
+                    else:
+                        self.update_rule(i, gc, hc, local_rate)
+                        wc.sub_(gc)
+                if alias:
+                    alias_diff(params[i], self.history[i])
 
     def _compiled_step(self, i: int, rate: float) -> bool:
         """Normalize, regularize, update and ``W -= update`` for parameter i through a compiled
@@ -637,6 +649,17 @@ class Solver:
         n = len(self.net.learnable_params)
         hist = [self.history[k * n + i] for k in range(self.num_history_sets)]
         self.update_rule(i, self.net.learnable_params[i].grad, hist, self.local_rate(i, rate))
+
+    #: True when ``update_rule`` leaves in the diff a copy of history set 0 (SGD): the chunked
+    #: CPU update of a net with ``supports_diff_alias`` (``Net``) then skips that copy, calls
+    #: ``update_history`` instead and makes the diff an alias of the history
+    #: (``caffe_compat.blob.alias_diff``; whatever writes into or hands out the diff first gives
+    #: it a copy of its own, ``own_diff``). Saves one pass over the parameters.
+    diff_is_history: ClassVar[bool] = False
+
+    def update_history(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
+        """``update_rule`` without writing the update value into ``g`` (``diff_is_history``)."""
+        raise NotImplementedError(type(self).__name__)  # pragma: no cover
 
     def update_rule(
         self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float

@@ -52,6 +52,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from caffe_compat.blob import own_diff
+
 __all__ = [
     "BUCKET_BYTES",
     "DEFAULT_TIMEOUT",
@@ -214,6 +216,7 @@ class DistributedSync:
         with torch.no_grad():
             grads = []
             for p in self.params:
+                own_diff(p)
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 grads.append(p.grad)

@@ -30,10 +30,14 @@ class SGDSolver(Solver):
     ``torch.compile``'d kernel (last-bit differences from Caffe possible, see ``Solver``).
     """
 
+    diff_is_history = True
+
+    def update_history(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
+        hist[0].mul_(float(self.param.momentum)).add_(g, alpha=local_rate)
+
     def update_rule(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
-        v = hist[0]
-        v.mul_(float(self.param.momentum)).add_(g, alpha=local_rate)
-        g.copy_(v)
+        self.update_history(i, g, hist, local_rate)
+        g.copy_(hist[0])
 
     def _compiled_step(self, i: int, rate: float) -> bool:
         if self.param.regularization_type != "L2":
