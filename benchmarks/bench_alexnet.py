@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     tuned = {"threads": torch.get_num_threads(), "cache_allocations": False}
+    if args.no_tune:  # our solvers would otherwise cache allocations themselves (process-wide)
+        os.environ["CAFFE_COMPAT_CPU_MALLOC"] = "default"
     if args.device == "cpu" and not args.no_tune:
         tuned = cmode.tune_cpu(args.threads or None)
     elif args.threads:

@@ -15,6 +15,7 @@ from caffe_compat.errors import CaffeError
 __all__ = [
     "physical_cores",
     "tune_cpu",
+    "cache_cpu_allocations",
     "allow_tf32",
     "apply_float32_numerics",
     "current_device",
@@ -118,7 +119,8 @@ _M_MMAP_THRESHOLD = -3
 
 
 def tune_cpu(threads: int | None = None, cache_allocations: bool = True) -> dict:
-    """Process-wide CPU settings for training speed (opt-in; numerics are unchanged).
+    """Process-wide CPU settings for training speed (numerics are unchanged). Solvers on the CPU
+    apply the allocation part by default (``cache_cpu_allocations``).
 
     - ``threads``: torch's intra-op threads; ``None`` means one per physical core
       (``physical_cores()``), which avoids hyper-thread pairs competing for one FPU.
@@ -145,6 +147,21 @@ def tune_cpu(threads: int | None = None, cache_allocations: bool = True) -> dict
         if mallopt is not None:
             applied = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return {"threads": n, "cache_allocations": applied}
+
+
+_allocations_cached: list[bool] = []
+
+
+def cache_cpu_allocations() -> bool:
+    """``tune_cpu``'s allocation caching alone (threads untouched), once per process; what the
+    solvers and ``tools/time.py`` do on the CPU by default. ``CAFFE_COMPAT_CPU_MALLOC=default``
+    in the environment leaves glibc's malloc as it is. Returns whether it is in effect."""
+    if not _allocations_cached:
+        if os.environ.get("CAFFE_COMPAT_CPU_MALLOC", "").lower() == "default":
+            _allocations_cached.append(False)
+        else:
+            _allocations_cached.append(tune_cpu(torch.get_num_threads())["cache_allocations"])
+    return _allocations_cached[0]
 
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

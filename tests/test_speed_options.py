@@ -120,6 +120,23 @@ def test_lrn_float32_fast_path_close_to_pow():
     np.testing.assert_allclose(y.numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
 
 
+def test_solver_caches_cpu_allocations_once(tmp_path, monkeypatch):
+    import platform
+
+    from caffe_compat import mode
+
+    monkeypatch.setattr(mode, "_allocations_cached", [])
+    monkeypatch.setenv("CAFFE_COMPAT_CPU_MALLOC", "default")
+    assert mode.cache_cpu_allocations() is False  # the opt-out is honoured, and remembered
+    monkeypatch.setenv("CAFFE_COMPAT_CPU_MALLOC", "")
+    assert mode.cache_cpu_allocations() is False
+    monkeypatch.setattr(mode, "_allocations_cached", [])
+    threads = torch.get_num_threads()
+    _solver(tmp_path, "SGD")  # a CPU solver applies it, leaving the thread count alone
+    assert mode._allocations_cached == [platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"]
+    assert torch.get_num_threads() == threads
+
+
 def test_tune_cpu_sets_threads():
     before = torch.get_num_threads()
     try:

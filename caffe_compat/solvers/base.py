@@ -258,6 +258,10 @@ class Solver:
 
             set_random_seed(seed)
         self.device = torch.device(device) if device is not None else None
+        from caffe_compat import mode as _mode
+
+        if (self.device or _mode.current_device()).type == "cpu":
+            _mode.cache_cpu_allocations()  # before the nets allocate (see caffe_compat.mode.tune_cpu)
         self._action_function: Callable[[], str] | None = None
         self.requested_early_exit = False
         if net is not None:  # nets built by the caller (PyTorch users, tests)
