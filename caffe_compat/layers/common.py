@@ -136,6 +136,10 @@ class InnerProductLayer(Layer):
     Blobs: weight ``(N, K)`` (``(K, N)`` when ``transpose``), then bias ``(N,)``.
     Bottom: ``(d0, ..., d_{axis-1}, ...)`` with ``K = d_axis * ... * d_last`` fixed at setup.
     Top: ``(d0, ..., d_{axis-1}, N)``.
+
+    Implementation: float32 on the CPU runs forward and both backward products on oneDNN's inner
+    product (``linear``), 2-3x faster than torch's BLAS at small batches on some CPUs; other
+    devices and dtypes use ``F.linear``.
     """
 
     exact_num_bottom = 1
