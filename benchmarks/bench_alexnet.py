@@ -132,6 +132,12 @@ class TorchAlexNet(nn.Module):
 # the measured callables
 
 
+# Real Caffe 1.0 (OpenBLAS) on BVLC AlexNet, batch 10, float32, 2 cores with AVX-512: the anchors
+# of issue 8, measured outside this project (Caffe no longer builds here).
+CAFFE_FWD_MS = 191.0
+CAFFE_FWD_BWD_MS = 401.0
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -395,6 +401,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"(target <= 0.62); load avg {load[0]:.2f}",
                 flush=True,
             )
+        if batch == 10 and args.device == "cpu":  # issue 8's anchors: real Caffe 1.0, 2 vCPUs, batch 10
+            for what, anchor in (("fwd", CAFFE_FWD_MS), ("iter", CAFFE_FWD_BWD_MS)):
+                if what in per_batch:
+                    print(
+                        f"# batch 10: ours {what} / Caffe 1.0 {'forward' if what == 'fwd' else 'forward+backward'} "
+                        f"({anchor:.0f} ms on a 2-vCPU machine of this kind) = {per_batch[what][0] / anchor:.3f}"
+                        + (" (target <= 0.70)" if what == "iter" else ""),
+                        flush=True,
+                    )
         del ours, base
     if args.memory:
         if device.type == "cpu":

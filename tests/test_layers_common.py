@@ -134,6 +134,19 @@ def test_inner_product_onednn_path_matches_float64(batch, transpose, bias):
         np.testing.assert_allclose(b.grad.double().numpy(), (2 * dyd.sum(0)).numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_inner_product_onednn_off_uses_f_linear():
+    from caffe_compat.layers import common
+
+    x, w = torch.randn(4, 6, requires_grad=True), torch.randn(3, 6, requires_grad=True)
+    torch.backends.mkldnn.enabled = False  # what torch.backends.mkldnn.flags(enabled=False) sets
+    try:
+        y = common.linear(x, w, None)
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert type(y.grad_fn).__name__ != "_OneDnnLinearBackward"
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w), rtol=0, atol=0)
+
+
 def test_eltwise_forward_ops():
     a, b, c = rand((2, 3, 4), 0), rand((2, 3, 4), 1), rand((2, 3, 4), 2)
     shapes = [(2, 3, 4)] * 3

@@ -120,6 +120,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
         and x.shape[0] > 0
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and torch.backends.mkldnn.enabled  # torch.backends.mkldnn.flags(enabled=False) opts out
         and _onednn_linear_available()
     ):
         return _OneDnnLinear.apply(x, w, b)
