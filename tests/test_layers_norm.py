@@ -84,6 +84,23 @@ def test_lrn_across_fused_backward_equals_autograd_of_the_formula():
     np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [1, 300, 1 << 30])  # per image pieces, several images, whole batch
+def test_lrn_chunked_chain_equals_whole_batch(monkeypatch, chunk):
+    from caffe_compat.layers import norm
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 7, 4, 3, generator=gen)
+    g = torch.randn(5, 7, 4, 3, generator=gen)
+    results = []
+    for values in (1 << 30, chunk):
+        monkeypatch.setattr(norm, "_LRN_CHUNK_VALUES", values)
+        xr = x.clone().requires_grad_(True)
+        y = norm.lrn_across_channels(xr, 5, 0.3, 0.75, 2.0)
+        (dx,) = torch.autograd.grad(y, xr, g)
+        results.append((y.detach(), dx))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize(
     "n,alpha,beta,shape", [(3, 0.5, 0.75, (2, 2, 4, 3)), (5, 2.0, 0.6, (1, 2, 4, 5)), (1, 1.0, 0.5, (1, 1, 3, 3))]
 )

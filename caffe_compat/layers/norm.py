@@ -43,6 +43,20 @@ def _pow_neg(scale: torch.Tensor, beta: float) -> torch.Tensor:
     return scale.pow(-beta)
 
 
+# Images per step of the LRN's element-wise chain: about this many values at a time, so that
+# its ~10 passes run in the CPU's cache (AlexNet's norm1 at batch 10: forward+backward 13.5 ->
+# 10.4 ms). The same operations on every element, hence the same values as whole tensors.
+_LRN_CHUNK_VALUES = 1 << 18
+
+
+def _lrn_steps(x: torch.Tensor):
+    """Slices of the batch axis to run the LRN chain on (one slice off the CPU)."""
+    n = x.shape[0]
+    per = max(1, x[0].numel()) if n else 1
+    step = n if x.device.type != "cpu" else max(1, _LRN_CHUNK_VALUES // per)
+    return [slice(i, i + step) for i in range(0, n, step)] or [slice(0, 0)]
+
+
 class _LRNAcross(torch.autograd.Function):
     """Fused ACROSS_CHANNELS LRN; saves the bottom, the top and the scale (the top is kept
     alive by the next layer anyway, so it costs no memory).
@@ -52,13 +66,16 @@ class _LRNAcross(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, size, alpha, beta, k):
-        sq = x * x
-        if alpha != size:
-            sq.mul_(alpha / size)
-        scale = sq.add(k)
-        _add_neighbours(scale, sq, size)
-        del sq
-        y = _pow_neg(scale, beta).mul_(x)
+        y, scale = torch.empty_like(x), torch.empty_like(x)
+        for sl in _lrn_steps(x):
+            xs, sc = x[sl], scale[sl]
+            sq = xs * xs
+            if alpha != size:
+                sq.mul_(alpha / size)
+            torch.add(sq, k, out=sc)
+            _add_neighbours(sc, sq, size)
+            del sq
+            torch.mul(_pow_neg(sc, beta), xs, out=y[sl])
         ctx.save_for_backward(x, y, scale)
         ctx.consts = (size, alpha, beta)
         return y
@@ -68,12 +85,16 @@ class _LRNAcross(torch.autograd.Function):
     def backward(ctx, g):
         x, y, scale = ctx.saved_tensors
         size, alpha, beta = ctx.consts
-        ratio = g * y
-        ratio.div_(scale)
-        acc = _channel_window_sum(ratio, size)
-        del ratio
-        dx = _pow_neg(scale, beta).mul_(g)
-        return dx.addcmul_(x, acc, value=-2.0 * alpha * beta / size), None, None, None, None
+        dx = torch.empty_like(x)
+        for sl in _lrn_steps(x):
+            ratio = g[sl] * y[sl]
+            ratio.div_(scale[sl])
+            acc = _channel_window_sum(ratio, size)
+            del ratio
+            d = dx[sl]
+            torch.mul(_pow_neg(scale[sl], beta), g[sl], out=d)
+            d.addcmul_(x[sl], acc, value=-2.0 * alpha * beta / size)
+        return dx, None, None, None, None
 
 
 def lrn_across_channels(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
