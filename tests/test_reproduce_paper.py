@@ -151,3 +151,27 @@ def test_cae_fc6_scale_match_touches_only_the_cae_regressors(smoke_run, tmp_path
         np.testing.assert_allclose(
             frozen.params["fc6"][i].data, cae.params["fc6"][i].data * factor, rtol=1e-5, atol=1e-7
         )
+
+
+def test_cae_stuck_at_the_mean_image_is_flagged(smoke_run, tmp_path, monkeypatch):
+    from caffe_compat.dental import pipeline
+    from tools import reproduce_paper
+
+    assert pipeline.cae_did_not_learn(0.0682, 0.0682) and pipeline.cae_did_not_learn(0.0680, 0.0682)
+    assert not pipeline.cae_did_not_learn(0.0482, 0.0650)
+    _, run = smoke_run
+    with open(os.path.join(run, "table2.md"), encoding="utf-8") as f:
+        normal = f.read()
+    stuck_expected = "CAE did not learn" in normal
+    with open(os.path.join(run, "summary.json"), encoding="utf-8") as f:
+        notes = json.load(f)["notes"]
+    cae = next(n for n in notes if n.startswith("CAE validation loss"))
+    val, mean = (float(v) for v in (cae.split()[3], cae.split("image: ")[1].split(";")[0]))
+    assert stuck_expected == pipeline.cae_did_not_learn(val, mean)
+    # a threshold every CAE fails: the run says so in its table and log
+    monkeypatch.setattr(pipeline, "CAE_STUCK_RATIO", 0.0)
+    assert reproduce_paper.main(["--preset", "smoke", "--out", str(tmp_path), "--seed", "0"]) == 0
+    (other,) = os.listdir(tmp_path)
+    with open(os.path.join(tmp_path, other, "table2.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert "WARNING: the CAE did not learn" in text and "--imagenet-weights" in text

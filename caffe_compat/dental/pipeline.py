@@ -35,7 +35,16 @@ from caffe_compat.dental import evaluate, figures, nets
 from caffe_compat.dental.dataset import PreparedData, prepare, read_dataset
 from caffe_compat.dental.generator import generate_dataset
 
-__all__ = ["PRESETS", "Preset", "RunResult", "new_run_dir", "predict_landmarks", "run_reproduction"]
+__all__ = [
+    "CAE_STUCK_RATIO",
+    "PRESETS",
+    "Preset",
+    "RunResult",
+    "cae_did_not_learn",
+    "new_run_dir",
+    "predict_landmarks",
+    "run_reproduction",
+]
 
 log = logging.getLogger("caffe_compat")
 
@@ -388,6 +397,15 @@ def _fc6_rms(deploy: str, source, data: np.ndarray) -> float:
     return math.sqrt(total / max(count, 1))
 
 
+#: A CAE whose validation loss stays above this fraction of the mean image's has learned nothing.
+CAE_STUCK_RATIO = 0.99
+
+
+def cae_did_not_learn(cae_val_loss: float, mean_image_loss: float) -> bool:
+    """True when the CAE reconstructs no better than the training halves' mean image would."""
+    return cae_val_loss >= CAE_STUCK_RATIO * mean_image_loss
+
+
 def _mean_image_loss(train: np.ndarray, val: np.ndarray, arch: nets.Arch) -> float:
     """The CAE's validation loss if it reconstructed every half as the training halves' mean."""
     lw = arch.cae_loss_weight if arch.cae_loss_weight is not None else 1.0 / (3 * arch.input_size**2)
@@ -490,6 +508,16 @@ def run_reproduction(
             f"halves' mean image: {mean_loss:.6g}; at the start: {cae_curves['val'][0][1]:.6g})"
         )
         log.info("CAE: validation loss %.6g, mean image %.6g", cae_curves["val"][-1][1], mean_loss)
+        if cae_did_not_learn(cae_curves["val"][-1][1], mean_loss):
+            warning = (
+                f"WARNING: the CAE did not learn: its validation loss {cae_curves['val'][-1][1]:.6g} is within "
+                f"{100 * (1 - CAE_STUCK_RATIO):.0f} % of reconstructing every half as the mean image "
+                f"({mean_loss:.6g}); its decoder output is the mean image. The CAE rows of Table II then say "
+                "nothing about CAE pre-training: rerun with another --seed, more CAE iterations, or "
+                "--imagenet-weights."
+            )
+            notes.append(warning)
+            log.warning("%s", warning)
         cae_val = cae_val_all[: p.figure_halves]
         recon = _forward_batches(Net(paths["cae_deploy"], TEST, weights=cae_model), cae_val, "recon")
         recon_gray = prepared.to_gray(recon / p.cae_target_scale)  # recon ≈ data × cae_target_scale
