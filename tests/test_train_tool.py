@@ -257,3 +257,26 @@ def test_single_dash_flags_as_the_caffe_binary(cli_dir, capsys):
 
     assert train.main(["-solver", "solver.prototxt", "-weights", "init.caffemodel", "-iterations", "1"]) == 0
     assert "Optimization Done." in capsys.readouterr().err
+
+
+def test_checkout_tools_run_their_own_library(tmp_path):
+    """`python tools/x.py` from a source checkout imports that checkout's caffe_compat even when
+    another copy comes earlier on the path (e.g. an editable install of a second clone)."""
+    import os
+    import subprocess
+    import sys
+
+    shadow = tmp_path / "shadow"
+    (shadow / "caffe_compat").mkdir(parents=True)
+    (shadow / "caffe_compat" / "__init__.py").write_text('raise ImportError("the shadow copy was imported")\n')
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(shadow)}
+    for tool in ("train.py", "summary.py"):
+        r = subprocess.run(
+            [sys.executable, str(root / "tools" / tool), "--help"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert r.returncode == 0, (tool, r.stderr[-500:])

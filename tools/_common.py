@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-try:
-    import caffe_compat  # noqa: F401
-except ImportError:  # run from a source checkout without installing
-    from pathlib import Path
+_ROOT = Path(__file__).resolve().parent.parent
+if (_ROOT / "setup.cfg").is_file() and (_ROOT / "caffe_compat").is_dir() and sys.path[:1] != [str(_ROOT)]:
+    # a source checkout's tools run that checkout's library, even when another copy is installed
+    sys.path.insert(0, str(_ROOT))
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from caffe_compat.errors import CaffeError
+from caffe_compat.errors import CaffeError  # noqa: E402  (after the checkout is on sys.path)
 
 __all__ = ["UsageError", "ArgumentParser", "parse_gpus", "select_device", "report_error", "stages_from_flag"]
 

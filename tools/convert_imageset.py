@@ -28,10 +28,10 @@ import sys
 import cv2
 import numpy as np
 
-try:
-    from tools._common import ArgumentParser, report_error
-except ImportError:  # run as a script: tools/ is sys.path[0]
+try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
     from _common import ArgumentParser, report_error
+except ImportError:  # imported as the package (console scripts, tests)
+    from tools._common import ArgumentParser, report_error
 
 from caffe_compat.data.image_list import read_image_list
 from caffe_compat.data.lmdb_db import LEVELDB_HELP, LMDBWriter

@@ -21,10 +21,10 @@ import argparse
 import os
 import sys
 
-try:
-    from tools._common import report_error
-except ImportError:  # run as a script: tools/ is sys.path[0]
+try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
     from _common import report_error
+except ImportError:  # imported as the package (console scripts, tests)
+    from tools._common import report_error
 
 from caffe_compat.dental.dataset import prepare, read_dataset
 from caffe_compat.dental.generator import generate_dataset

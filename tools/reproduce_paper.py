@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-try:
-    from tools._common import parse_gpus, report_error
-except ImportError:  # run as a script: tools/ is sys.path[0]
+try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
     from _common import parse_gpus, report_error
+except ImportError:  # imported as the package (console scripts, tests)
+    from tools._common import parse_gpus, report_error
 
 from caffe_compat.dental.pipeline import PRESETS, run_reproduction
 from caffe_compat.errors import CaffeError

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 
-try:
-    import tools._common  # noqa: F401  (puts the source checkout on sys.path)
-except ImportError:  # run as a script: tools/ is sys.path[0]
+try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
     import _common  # noqa: F401
+except ImportError:  # imported as the package (console scripts, tests)
+    import tools._common  # noqa: F401
 
 __all__ = ["main"]
 

@@ -30,10 +30,10 @@ import logging
 import os
 import sys
 
-try:
-    from tools._common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
-except ImportError:  # run as a script: tools/ is sys.path[0]
+try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
     from _common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
+except ImportError:  # imported as the package (console scripts, tests)
+    from tools._common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
 
 from caffe_compat import io as cio
 from caffe_compat.errors import CaffeError
