@@ -134,6 +134,21 @@ def test_inner_product_onednn_path_matches_float64(batch, transpose, bias):
         np.testing.assert_allclose(b.grad.double().numpy(), (2 * dyd.sum(0)).numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_inner_product_onednn_backward_of_an_expanded_gradient():
+    """``y.sum()`` hands the backward a stride-0 gradient: oneDNN must read it as ones."""
+    from caffe_compat.layers import common
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(10, 37, generator=gen).requires_grad_(True)
+    w = torch.randn(23, 37, generator=gen).requires_grad_(True)
+    b = torch.randn(23, generator=gen).requires_grad_(True)
+    common.linear(x, w, b).sum().backward()
+    ones = torch.ones(10, 23, dtype=torch.float64)
+    np.testing.assert_allclose(x.grad.numpy(), (ones @ w.detach().double()).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w.grad.numpy(), (ones.t() @ x.detach().double()).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b.grad.numpy(), np.full(23, 10.0), rtol=0, atol=0)
+
+
 def test_inner_product_onednn_off_uses_f_linear():
     from caffe_compat.layers import common
 
