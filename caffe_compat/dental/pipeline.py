@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from google.protobuf import text_format
 
-from caffe_compat import io as cio
 from caffe_compat.dental import evaluate, figures, nets
 from caffe_compat.dental.dataset import PreparedData, prepare, read_dataset
 from caffe_compat.dental.generator import generate_dataset
@@ -77,9 +76,7 @@ class Preset:
     makes the CAE denoising (a TRAIN-phase Dropout of that ratio on its input, the target stays
     the clean image); ``cae_fc6_scale_match`` multiplies the CAE's fc6 (weights and bias) before
     the CAE regressors by the ratio of fc6's RMS (after relu6, on the first training halves) at the
-    no-CAE regressors' start to the CAE's own; the no-CAE configurations are untouched.
-    ``cae_restarts``: how often a CAE stuck at the mean image is trained again from other fillers
-    (each restart is reported in the run's notes)."""
+    no-CAE regressors' start to the CAE's own; the no-CAE configurations are untouched."""
 
     name: str
     input_size: int
@@ -112,9 +109,6 @@ class Preset:
     decoder_out_std: float | None = None
     cae_input_dropout: float = 0.0
     cae_fc6_scale_match: bool = False
-    #: a CAE that ends no better than the mean image (``cae_did_not_learn``) is trained again from
-    #: other fillers (the solver's ``random_seed`` + 7919·k), at most this many times
-    cae_restarts: int = 1
     head_lr_mult: float = 10.0
     head_std: float = 0.01
     head_bias_mean: bool = False
@@ -497,36 +491,18 @@ def run_reproduction(
             os.makedirs(os.path.join(run_dir, d))
         paths = _write_nets(p, prepared, net_dir, run_dir, seed)
 
-        # 2. CAE (trained again from other fillers when it ends stuck at the mean image)
+        # 2. CAE
+        solver = get_solver(paths["cae_solver"])
+        if imagenet_weights:
+            rep = copy_layers(imagenet_weights, solver.net, IMAGENET_TO_CAE, strict=False)
+            rep.save(os.path.join(run_dir, "cae", "surgery_from_imagenet.json"))
+            log.info("CAE from ImageNet:\n%s", rep.to_text())
+        cae_curves = _train(solver, p.cae_iters, p.test_interval, "CAE")
+        cae_model = os.path.join(run_dir, "cae", "cae.caffemodel")
+        solver.net.save(cae_model)
+        del solver
         cae_val_all = _load_h5(prepared.h5["cae_val"], ("data",))[0]
         mean_loss = _mean_image_loss(_load_h5(prepared.h5["cae_train"], ("data",))[0], cae_val_all, p.arch())
-        cae_param = cio.read_solver(paths["cae_solver"])
-        first_seed = int(cae_param.random_seed)
-        for attempt in range(max(0, int(p.cae_restarts)) + 1):
-            solver_path = paths["cae_solver"]
-            if attempt:  # the same solver from other fillers, written next to the first
-                cae_param.random_seed = first_seed + 7919 * attempt
-                solver_path = os.path.join(net_dir, f"cae_solver_restart{attempt}.prototxt")
-                cio.write_solver(cae_param, solver_path)
-            solver = get_solver(solver_path)
-            if imagenet_weights:
-                rep = copy_layers(imagenet_weights, solver.net, IMAGENET_TO_CAE, strict=False)
-                rep.save(os.path.join(run_dir, "cae", "surgery_from_imagenet.json"))
-                log.info("CAE from ImageNet:\n%s", rep.to_text())
-            cae_curves = _train(solver, p.cae_iters, p.test_interval, "CAE")
-            cae_model = os.path.join(run_dir, "cae", "cae.caffemodel")
-            solver.net.save(cae_model)
-            del solver
-            final = cae_curves["val"][-1][1]
-            if attempt == max(0, int(p.cae_restarts)) or not cae_did_not_learn(final, mean_loss):
-                break
-            restart = (
-                f"CAE attempt {attempt + 1} (filler seed {cae_param.random_seed}) ended at the mean image "
-                f"(validation loss {final:.6g}, mean image {mean_loss:.6g}); trained again from filler seed "
-                f"{first_seed + 7919 * (attempt + 1)}"
-            )
-            notes.append(restart)
-            log.warning("%s", restart)
         notes.append(
             f"CAE validation loss {cae_curves['val'][-1][1]:.6g} (reconstructing every half as the training "
             f"halves' mean image: {mean_loss:.6g}; at the start: {cae_curves['val'][0][1]:.6g})"
