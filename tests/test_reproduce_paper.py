@@ -175,3 +175,17 @@ def test_cae_stuck_at_the_mean_image_is_flagged(smoke_run, tmp_path, monkeypatch
     with open(os.path.join(tmp_path, other, "table2.md"), encoding="utf-8") as f:
         text = f.read()
     assert "WARNING: the CAE did not learn" in text and "--imagenet-weights" in text
+
+
+def test_cae_weight_decay_sets_only_the_cae_solver(tmp_path):
+    import dataclasses
+
+    from caffe_compat import io as cio
+    from caffe_compat.dental.pipeline import PRESETS, run_reproduction
+
+    base = PRESETS["smoke"]
+    run = run_reproduction(str(tmp_path), dataclasses.replace(base, cae_weight_decay=0.0)).run_dir
+    nets_dir = os.path.join(run, "nets")
+    assert cio.read_solver(os.path.join(nets_dir, "cae_solver.prototxt")).weight_decay == 0.0
+    for name in ("landmarks_solver.prototxt", "landmarks_fc6_frozen_solver.prototxt"):
+        assert cio.read_solver(os.path.join(nets_dir, name)).weight_decay == np.float32(base.weight_decay)

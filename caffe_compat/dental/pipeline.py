@@ -109,6 +109,8 @@ class Preset:
     decoder_out_std: float | None = None
     cae_input_dropout: float = 0.0
     cae_fc6_scale_match: bool = False
+    #: the CAE solver's weight_decay (None: ``weight_decay``, as for the regressors)
+    cae_weight_decay: float | None = None
     head_lr_mult: float = 10.0
     head_std: float = 0.01
     head_bias_mean: bool = False
@@ -290,7 +292,7 @@ def _write_nets(preset: Preset, prepared: PreparedData, net_dir: str, run_dir: s
         stepsize=max(1, int(preset.cae_iters * 0.75)),
         test_iter=math.ceil(n_cae_val / cae_vb),
         test_interval=preset.cae_iters + 1,
-        **recipe,
+        **{**recipe, **({} if preset.cae_weight_decay is None else {"weight_decay": preset.cae_weight_decay})},
     )
     p["cae_solver"] = _write_text(cae_solver, os.path.join(net_dir, "cae_solver.prototxt"))
     for frozen in (False, True):
