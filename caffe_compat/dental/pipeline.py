@@ -65,7 +65,8 @@ class Preset:
     ``data_scale`` (the HDF5 data's ``transform_param.scale``) and ``data_mean`` (``"imagenet"``:
     Caffe's per-channel ImageNet mean; ``"train"``: the training halves' mean image), both forced
     to bvlc_alexnet's (1, ImageNet mean) when ImageNet weights are given, ``solver_type`` / ``lr_policy`` / ``momentum``
-    / ``weight_decay`` of both solvers (step policy: ×0.1 after 3/4 of the iterations), the CAE's
+    / ``weight_decay`` of both solvers (``cae_weight_decay``: the CAE's own, None = the same; step
+    policy: ×0.1 after 3/4 of the iterations), the CAE's
     loss (``cae_target_scale``, ``cae_loss_weight``: None = 1/(3·S²)) and decoder widths
     (``decoder_conv``/``decoder_fc``: None = the encoder's; ``decoder_relu_slope``: leaky ReLUs in
     the decoder), the regression head's
@@ -146,6 +147,9 @@ SCRATCH_RECIPE = dict(
     lr_policy="step",
     momentum=0.9,
     weight_decay=0.0005,
+    # none for the CAE: under Adam, L2 decay took steps of lr size while the CAE's gradients were
+    # still tiny and drove its conv3-5 to their biases on seed 2 (docs/paper.md, "CAE weight decay")
+    cae_weight_decay=0.0,
     cae_target_scale=1.0,
     decoder_relu_slope=0.1,
     decoder_out_std=1e-4,
