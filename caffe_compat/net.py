@@ -632,13 +632,9 @@ class Net(nn.Module):
         e = self._layer_index(end, len(self.layers) - 1)
         self._prepare_inputs()
         self._overwritten = False
-        if not (
-            self._compile_options is not None
-            and not torch.is_grad_enabled()
-            and start is None
-            and end is None
-            and self._run_compiled()
-        ):
+        if self._compile_options is not None and not torch.is_grad_enabled() and start is None and end is None:
+            self._run_compiled()
+        else:
             self._run_layers(s, e)
         self._diffs_cleared = False
         outs = list(self._tops[e]) if end is not None else list(self.outputs)
@@ -712,8 +708,10 @@ class Net(nn.Module):
     def _forward_loss(self) -> torch.Tensor | float:
         self._prepare_inputs()
         self._overwritten = False
-        if self._compile_options is None or not self._run_compiled():
+        if self._compile_options is None:
             self._run_layers(0, len(self.layers) - 1, overwrite=True)
+        else:
+            self._run_compiled()
         return self._loss()
 
     # -- opt-in torch.compile ------------------------------------------------------------------
@@ -757,8 +755,9 @@ class Net(nn.Module):
                 env[name] = out[name] = tops[j]
         return out
 
-    def _run_compiled(self) -> bool:
-        """One pass through the compiled layers; False (after a warning) if compiling failed."""
+    def _run_compiled(self) -> None:
+        """One pass through the compiled layers; if compiling fails, a warning, the rest of this
+        pass eagerly and the net uncompiled from then on."""
         k = self._first_compiled_layer()
         if k:
             self._run_layers(0, k - 1, overwrite=True)
@@ -770,9 +769,8 @@ class Net(nn.Module):
                     b for b in self._bottoms[li] if b not in made and b not in self._compiled_feeds
                 ]
                 made.update(self._tops[li])
-        feeds = {b: self.blobs[b].tensor for b in self._compiled_feeds}
-        if self._compiled_fn is None:
             self._compiled_fn = torch.compile(self._compiled_layers, **self._compile_options)
+        feeds = {b: self.blobs[b].tensor for b in self._compiled_feeds}
         try:
             tops = self._compiled_fn(feeds)
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back to eager)
@@ -783,7 +781,7 @@ class Net(nn.Module):
             self._compiled_fn = None
             if k < len(self.layers):
                 self._run_layers(k, len(self.layers) - 1, overwrite=True)
-            return True
+            return
         dev = self._device
         for name, t in tops.items():
             if t.device != dev:  # pragma: no cover
@@ -791,7 +789,6 @@ class Net(nn.Module):
             self.blobs[name].set_tensor(t, t)
         if torch.is_grad_enabled():
             self._overwritten = True
-        return True
 
     def backward(self, diffs: list[str] | None = None, start: str | None = None, end: str | None = None, **kwargs):
         """pycaffe's ``backward``: set output diffs from ``kwargs``, backpropagate.
