@@ -549,6 +549,8 @@ class Solver:
                 return
             self.clip_gradients()
             params = self.net.learnable_params
+            # the update value is history 0: not written to the diff, which becomes its alias
+            alias = self.diff_is_history and getattr(self.net, "supports_diff_alias", False)
             for i in range(len(params)):
                 if self.compiled_update and self._compiled_step(i, rate):
                     continue
@@ -564,8 +566,6 @@ class Solver:
                 w, g, hist = flat
                 local_rate = self.local_rate(i, rate)
                 step = max(int(self.update_chunk), 1)
-                # the update value is history 0: not written to the diff, which becomes its alias
-                alias = self.diff_is_history and getattr(self.net, "supports_diff_alias", False)
                 for s in range(0, w.numel(), step):
                     wc, gc = w[s : s + step], g[s : s + step]
                     hc = [h[s : s + step] for h in hist]
@@ -578,7 +578,7 @@ class Solver:
                         self.update_rule(i, gc, hc, local_rate)
                         wc.sub_(gc)
                 if alias:
-                    alias_diff(params[i], self.history[i])
+                    alias_diff(params[i], self._history_of(i)[0])
 
     def _compiled_step(self, i: int, rate: float) -> bool:
         """Normalize, regularize, update and ``W -= update`` for parameter i through a compiled
@@ -590,8 +590,7 @@ class Solver:
         share one dense layout, e.g. a channels_last weight with a contiguous diff)."""
         p = self.net.learnable_params[i]
         g = p.grad
-        n = len(self.net.learnable_params)
-        hist = [self.history[k * n + i] for k in range(self.num_history_sets)]
+        hist = self._history_of(i)
         tensors = [p.data, g, *hist]
         stride = tuple(p.data.stride())
         if g is None or any(t.stride() != stride or t.shape != p.shape or t.storage_offset() for t in tensors[1:]):
@@ -628,15 +627,22 @@ class Solver:
 
     def _normalize(self, g: torch.Tensor) -> None:
         if self.param.iter_size != 1:
-            g.mul_(float(_f32(1.0) / _f32(self.param.iter_size)))
+            g.mul_(self.normalize_factor())
+
+    def normalize_factor(self) -> float:
+        """``1 / iter_size`` in float32, as Caffe computes it."""
+        return float(_f32(1.0) / _f32(self.param.iter_size))
 
     def regularize(self, i: int) -> None:
         """L2: ``diff += weight_decay * decay_mult * W``; L1: ``... * sign(W)``."""
         p = self.net.learnable_params[i]
         self._regularize(i, p.data, p.grad)
 
+    def local_decay(self, i: int) -> float:
+        return float(_f32(self.param.weight_decay) * _f32(self.net.params_weight_decay[i]))
+
     def _regularize(self, i: int, w: torch.Tensor, g: torch.Tensor) -> None:
-        local_decay = float(_f32(self.param.weight_decay) * _f32(self.net.params_weight_decay[i]))
+        local_decay = self.local_decay(i)
         if not local_decay:
             return
         if self.param.regularization_type == "L2":
@@ -650,9 +656,12 @@ class Solver:
     def compute_update_value(self, i: int, rate: float) -> None:
         """Turn ``learnable_params[i].grad`` into the update (Caffe's ComputeUpdateValue): the
         solver type's ``update_rule`` on the whole tensors."""
+        self.update_rule(i, self.net.learnable_params[i].grad, self._history_of(i), self.local_rate(i, rate))
+
+    def _history_of(self, i: int) -> list[torch.Tensor]:
+        """Parameter i's tensor in each history set (``history`` holds set after set)."""
         n = len(self.net.learnable_params)
-        hist = [self.history[k * n + i] for k in range(self.num_history_sets)]
-        self.update_rule(i, self.net.learnable_params[i].grad, hist, self.local_rate(i, rate))
+        return [self.history[k * n + i] for k in range(self.num_history_sets)]
 
     #: True when ``update_rule`` leaves in the diff a copy of history set 0 (SGD): the chunked
     #: CPU update of a net with ``supports_diff_alias`` (``Net``) then skips that copy, calls

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from caffe_compat.solvers.base import Solver, register_solver
@@ -49,10 +48,10 @@ class SGDSolver(Solver):
         fn = self.__dict__.get("_sgd_kernel")
         if fn is None:
             fn = self._sgd_kernel = torch.compile(_sgd_kernel, **self.compiled_update_options)
-        norm = float(np.float32(1.0) / np.float32(self.param.iter_size))
-        decay = float(np.float32(self.param.weight_decay) * np.float32(self.net.params_weight_decay[i]))
         scalars = torch.tensor(
-            [norm, decay, float(self.param.momentum), self.local_rate(i, rate)], dtype=w.dtype, device=w.device
+            [self.normalize_factor(), self.local_decay(i), float(self.param.momentum), self.local_rate(i, rate)],
+            dtype=w.dtype,
+            device=w.device,
         )
         try:
             fn(w, g, v, scalars)
