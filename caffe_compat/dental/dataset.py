@@ -68,6 +68,13 @@ log = logging.getLogger("caffe_compat")
 
 CSV_COLUMNS = ["image"] + [f"{a}{k}" for k in range(1, 9) for a in "xy"] + ["spacing_mm"]
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
+
+
+def _imagenet_mean_image(size: int) -> np.ndarray:
+    """Caffe's per-channel ImageNet mean as a (3, size, size) image (a read-only broadcast view)."""
+    return np.broadcast_to(np.asarray(IMAGENET_MEAN_BGR, dtype=np.float32).reshape(3, 1, 1), (3, size, size))
+
+
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".dcm.png")
 _MAX_REPORTED = 25
 
@@ -355,8 +362,7 @@ class PreparedData:
         """The subtracted mean (3, size, size), in grey levels × 255."""
         if self.mean == "train":
             return np.load(os.path.join(self.out_dir, "mean.npy"))
-        m = np.asarray(IMAGENET_MEAN_BGR, dtype=np.float32).reshape(3, 1, 1)
-        return np.broadcast_to(m, (3, self.input_size, self.input_size)).copy()
+        return _imagenet_mean_image(self.input_size).copy()
 
     def to_gray(self, data: np.ndarray) -> np.ndarray:
         """HDF5 ``data`` rows (N, 3, S, S) back to grey images in [0, 1] (N, S, S)."""
@@ -460,7 +466,7 @@ def prepare(
         mean_img = np.repeat(m[None].astype(np.float32), 3, axis=0)
         np.save(os.path.join(out_dir, "mean.npy"), mean_img)
     else:
-        mean_img = np.broadcast_to(np.asarray(IMAGENET_MEAN_BGR, dtype=np.float32).reshape(3, 1, 1), (3, size, size))
+        mean_img = _imagenet_mean_image(size)
     lists, h5s = {}, {}
     for split in which:
         h5 = os.path.join(out_dir, f"{split}.h5")

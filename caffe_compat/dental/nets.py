@@ -88,6 +88,10 @@ class Arch:
     #: are scaled by 1 / (1 − ratio), Caffe's Dropout), while the target stays the clean image
     cae_input_dropout: float = 0.0
 
+    def cae_loss_weight_value(self) -> float:
+        """The CAE loss's weight: ``cae_loss_weight``, or 1 / (3·S²) when unset."""
+        return 1.0 / (3 * self.input_size**2) if self.cae_loss_weight is None else self.cae_loss_weight
+
 
 def encoder_sizes(size: int) -> dict:
     """Spatial sizes through AlexNet for a square ``size`` input (Caffe's floor conv, ceil pool)."""
@@ -349,8 +353,7 @@ def _cae_body(net, arch: Arch, with_loss: bool = True) -> None:
         lp = _layer(net, "target", "Power", "data", "target")
         lp.power_param.scale = arch.cae_target_scale
         lp = _layer(net, "loss", "EuclideanLoss", ["recon", "target"], "loss")
-        lw = arch.cae_loss_weight
-        lp.loss_weight.append(1.0 / (3 * arch.input_size**2) if lw is None else lw)
+        lp.loss_weight.append(arch.cae_loss_weight_value())
 
 
 def cae_deploy(arch: Arch | None = None) -> caffe_pb2.NetParameter:

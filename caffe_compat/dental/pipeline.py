@@ -296,7 +296,7 @@ def _write_nets(preset: Preset, prepared: PreparedData, net_dir: str, run_dir: s
         stepsize=max(1, int(preset.cae_iters * 0.75)),
         test_iter=math.ceil(n_cae_val / cae_vb),
         test_interval=preset.cae_iters + 1,
-        **{**recipe, **({} if preset.cae_weight_decay is None else {"weight_decay": preset.cae_weight_decay})},
+        **(recipe if preset.cae_weight_decay is None else {**recipe, "weight_decay": preset.cae_weight_decay}),
     )
     p["cae_solver"] = _write_text(cae_solver, os.path.join(net_dir, "cae_solver.prototxt"))
     for frozen in (False, True):
@@ -414,7 +414,7 @@ def cae_did_not_learn(cae_val_loss: float, mean_image_loss: float) -> bool:
 
 def _mean_image_loss(train: np.ndarray, val: np.ndarray, arch: nets.Arch) -> float:
     """The CAE's validation loss if it reconstructed every half as the training halves' mean."""
-    lw = arch.cae_loss_weight if arch.cae_loss_weight is not None else 1.0 / (3 * arch.input_size**2)
+    lw = arch.cae_loss_weight_value()
     t = arch.cae_target_scale
     diff = (val.astype(np.float64) - train.astype(np.float64).mean(axis=0)) * t
     return float(lw * 0.5 * (diff**2).sum() / len(val))
@@ -509,14 +509,15 @@ def run_reproduction(
         del solver
         cae_val_all = _load_h5(prepared.h5["cae_val"], ("data",))[0]
         mean_loss = _mean_image_loss(_load_h5(prepared.h5["cae_train"], ("data",))[0], cae_val_all, p.arch())
+        cae_final = cae_curves["val"][-1][1]
         notes.append(
-            f"CAE validation loss {cae_curves['val'][-1][1]:.6g} (reconstructing every half as the training "
+            f"CAE validation loss {cae_final:.6g} (reconstructing every half as the training "
             f"halves' mean image: {mean_loss:.6g}; at the start: {cae_curves['val'][0][1]:.6g})"
         )
-        log.info("CAE: validation loss %.6g, mean image %.6g", cae_curves["val"][-1][1], mean_loss)
-        if cae_did_not_learn(cae_curves["val"][-1][1], mean_loss):
+        log.info("CAE: validation loss %.6g, mean image %.6g", cae_final, mean_loss)
+        if cae_did_not_learn(cae_final, mean_loss):
             warning = (
-                f"WARNING: the CAE did not learn: its validation loss {cae_curves['val'][-1][1]:.6g} is within "
+                f"WARNING: the CAE did not learn: its validation loss {cae_final:.6g} is within "
                 f"{100 * (1 - CAE_STUCK_RATIO):.0f} % of reconstructing every half as the mean image "
                 f"({mean_loss:.6g}); its decoder output is the mean image. The CAE rows of Table II then say "
                 "nothing about CAE pre-training: rerun with another --seed, more CAE iterations, or "
