@@ -161,13 +161,11 @@ class Ours:
             self.train_net.to(device)
             if test:
                 self.test_net.to(device)
-        if opts is not None and opts.channels_last:
-            for net in (self.train_net, self.test_net):
-                if net is not None:
+        for net in (self.train_net, self.test_net):
+            if net is not None and opts is not None:
+                if opts.channels_last:
                     net.to(memory_format=torch.channels_last)
-        if opts is not None and opts.compile:
-            for net in (self.train_net, self.test_net):
-                if net is not None:
+                if opts.compile:
                     net.compile()
         sp = caffe_pb2.SolverParameter(
             base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4, display=0, max_iter=10**9
