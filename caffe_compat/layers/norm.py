@@ -15,32 +15,29 @@ __all__ = ["LRNLayer", "BatchNormLayer", "MVNLayer", "lrn_across_channels"]
 _LRN = caffe_pb2.LRNParameter
 
 
-def _channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
-    """``out[:, c] = Σ_{|c' − c| ≤ (size−1)/2} t[:, c']`` (zero outside the channels), for 4-D t."""
-    out = t.clone()
-    _add_neighbours(out, t, size)
-    return out
+def _window_sum_into(out: torch.Tensor, padded: torch.Tensor, size: int) -> None:
+    """``out[:, c] = Σ_{d < size} padded[:, c + d]``: the sum over a window of ``size`` channels
+    of a tensor stored with (size − 1)/2 zero channels on each side (``out`` has C channels)."""
+    c = out.shape[1]
+    if size == 1:
+        out.copy_(padded[:, :c])
+        return
+    torch.add(padded[:, 0:c], padded[:, 1 : 1 + c], out=out)
+    for d in range(2, size):
+        out.add_(padded[:, d : d + c])
 
 
-def _add_neighbours(out: torch.Tensor, t: torch.Tensor, size: int) -> None:
-    """``out[:, c] += Σ_{0 < |c' − c| ≤ (size−1)/2} t[:, c']`` in place (``out`` is not ``t``)."""
-    c = t.shape[1]
-    for d in range(1, min((size - 1) // 2, c - 1) + 1):
-        out[:, d:] += t[:, :-d]
-        out[:, :-d] += t[:, d:]
-
-
-def _pow_neg(scale: torch.Tensor, beta: float) -> torch.Tensor:
-    """``scale^−β`` as a new tensor; β = 0.75 (AlexNet's, GoogLeNet's) as ``rsqrt(s)·√rsqrt(s)``,
+def _pow_neg(scale: torch.Tensor, beta: float, out: torch.Tensor) -> torch.Tensor:
+    """``scale^−β`` into ``out``; β = 0.75 (AlexNet's, GoogLeNet's) as ``rsqrt(s)·√rsqrt(s)``,
     three cheap vector ops instead of a transcendental ``pow`` (within 3e-7 relative)."""
     if beta == 0.75:
-        r = torch.rsqrt(scale)
-        return r.mul_(r.sqrt())
+        torch.rsqrt(scale, out=out)
+        return out.mul_(out.sqrt())
     if beta == 0.5:
-        return torch.rsqrt(scale)
+        return torch.rsqrt(scale, out=out)
     if beta == 1.0:
-        return torch.reciprocal(scale)
-    return scale.pow(-beta)
+        return torch.reciprocal(scale, out=out)
+    return torch.pow(scale, -beta, out=out)
 
 
 # Images per step of the LRN's element-wise chain: about this many values at a time, so that
@@ -57,43 +54,60 @@ def _lrn_steps(x: torch.Tensor):
     return [slice(i, i + step) for i in range(0, n, step)] or [slice(0, 0)]
 
 
-class _LRNAcross(torch.autograd.Function):
-    """Fused ACROSS_CHANNELS LRN; saves the bottom, the top and the scale (the top is kept
-    alive by the next layer anyway, so it costs no memory).
+def _padded_buffer(x: torch.Tensor, steps, size: int) -> torch.Tensor:
+    """Zeros shaped like one step of ``x`` with (size − 1)/2 more channels on each side."""
+    rows = max((sl.stop - sl.start for sl in steps), default=0)
+    return x.new_zeros((min(rows, x.shape[0]), x.shape[1] + size - 1) + tuple(x.shape[2:]))
 
-    Backward (Caffe's): ``dx = g·scale^−β − (2αβ/n)·x·Σ_window(g·y/scale)``.
+
+class _LRNAcross(torch.autograd.Function):
+    """Fused ACROSS_CHANNELS LRN.
+
+    Forward: ``scale = k + (α/n)·Σ_window x²``, ``y = x·scale^−β``. Backward (Caffe's):
+    ``dx = g·scale^−β − (2αβ/n)·x·Σ_window(g·y/scale)``; the forward keeps ``scale^−β`` and
+    ``y/scale`` for it (with x: three tensors, the top being kept alive by the net anyway), so the
+    backward is a product, a window sum and a multiply-add. Window sums add shifted slices of a
+    copy with zero channels on both sides (Caffe's ``padded_square``).
     """
 
     @staticmethod
     def forward(ctx, x, size, alpha, beta, k):
-        y, scale = torch.empty_like(x), torch.empty_like(x)
-        for sl in _lrn_steps(x):
-            xs, sc = x[sl], scale[sl]
-            sq = xs * xs
-            if alpha != size:
-                sq.mul_(alpha / size)
-            torch.add(sq, k, out=sc)
-            _add_neighbours(sc, sq, size)
-            del sq
-            torch.mul(_pow_neg(sc, beta), xs, out=y[sl])
-        ctx.save_for_backward(x, y, scale)
+        c, pad = x.shape[1], (size - 1) // 2
+        steps = _lrn_steps(x)
+        padded = _padded_buffer(x, steps, size)
+        y, powed, over = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+        k_t = torch.tensor(k, dtype=x.dtype, device=x.device)
+        for sl in steps:
+            xs, sc, r = x[sl], over[sl], powed[sl]
+            buf = padded[: xs.shape[0]]
+            torch.mul(xs, xs, out=buf[:, pad : pad + c])
+            _window_sum_into(sc, buf, size)
+            torch.add(k_t, sc, alpha=alpha / size, out=sc)  # scale = k + (α/n)·Σ x²
+            _pow_neg(sc, beta, r)
+            torch.mul(r, xs, out=y[sl])
+            torch.div(y[sl], sc, out=sc)  # y / scale, in the scale's place
+        ctx.save_for_backward(x, powed, over)
         ctx.consts = (size, alpha, beta)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        x, y, scale = ctx.saved_tensors
+        x, powed, over = ctx.saved_tensors
         size, alpha, beta = ctx.consts
+        c, pad = x.shape[1], (size - 1) // 2
+        steps = _lrn_steps(x)
+        padded = _padded_buffer(x, steps, size)
         dx = torch.empty_like(x)
-        for sl in _lrn_steps(x):
-            ratio = g[sl] * y[sl]
-            ratio.div_(scale[sl])
-            acc = _channel_window_sum(ratio, size)
-            del ratio
-            d = dx[sl]
-            torch.mul(_pow_neg(scale[sl], beta), g[sl], out=d)
-            d.addcmul_(x[sl], acc, value=-2.0 * alpha * beta / size)
+        acc = torch.empty_like(x[steps[0]])
+        for sl in steps:
+            gs, d = g[sl], dx[sl]
+            m = gs.shape[0]
+            buf, a = padded[:m], acc[:m]
+            torch.mul(gs, over[sl], out=buf[:, pad : pad + c])
+            _window_sum_into(a, buf, size)
+            torch.mul(gs, powed[sl], out=d)
+            d.addcmul_(x[sl], a, value=-2.0 * alpha * beta / size)
         return dx, None, None, None, None
 
 
