@@ -466,6 +466,21 @@ class Net(nn.Module):
         self.bottom_names = OrderedDict(zip(self._layer_names, self._bottoms))
         self._device = torch.device("cpu")
         self._dtype = torch.float32
+        # What _run_layers needs of each layer, looked up once (attribute look-ups on modules
+        # cost microseconds, which count on a GPU at small batches).
+        self._run_plan = [
+            (
+                layer,
+                self._bottoms[li],
+                self._tops[li],
+                self._needs_grad_bottom[li],
+                self._inplace[li],
+                bool(getattr(layer, "is_net_input", False)),
+                len(self._bottoms[li]) == 1 and bool(self._inplace[li]) and bool(self._inplace[li][0]) and hasattr(layer, "forward_inplace"),
+                bool(getattr(layer, "top_overwritable", False)),
+            )
+            for li, layer in enumerate(self.layers)
+        ]
 
     # -----------------------------------------------------------------------------------------
     # devices
@@ -517,19 +532,19 @@ class Net(nn.Module):
         fresh: set[str] = set()  # blobs whose tensor a top_overwritable layer made in this pass
         # Module.__call__ only when someone hooked a module: otherwise forward directly (cheaper)
         hooked = bool(_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
-        layers = self.layers
+        blobs, dev, dtype = self.blobs, self._device, self._dtype
+        overwrote = False  # set on self once, after the loop (Module.__setattr__ is slow)
         for li in range(start, end + 1):
-            layer = layers[li]
-            if getattr(layer, "is_net_input", False):
+            layer, bnames, tnames, needs_grad, inplace_tops, is_input, can_inplace, overwritable = self._run_plan[li]
+            if is_input:
                 continue
-            bnames = self._bottoms[li]
             bottoms = []
             detached = False
             for j, b in enumerate(bnames):
-                t = self.blobs[b].tensor
+                t = blobs[b].tensor
                 if grad_on and t.requires_grad:
                     if caffe_grads:
-                        if not self._needs_grad_bottom[li][j]:
+                        if not needs_grad[j]:
                             t = t.detach()
                             detached = True
                     elif (len(layer.param.propagate_down) and not layer.param.propagate_down[j]) or (
@@ -538,20 +553,12 @@ class Net(nn.Module):
                         t = t.detach()
                         detached = True
                 bottoms.append(t)
-            inplace = (
-                overwrite
-                and not detached
-                and len(bnames) == 1
-                and self._inplace[li][0]
-                and bnames[0] in fresh
-                and hasattr(layer, "forward_inplace")
-            )
-            overwritable = overwrite and getattr(layer, "top_overwritable", False)
+            inplace = overwrite and can_inplace and not detached and bnames[0] in fresh
+            overwritable = overwrite and overwritable
             try:
                 if inplace:
                     fresh.discard(bnames[0])
-                    if grad_on:
-                        self._overwritten = True
+                    overwrote = overwrote or grad_on
                     tops = layer.forward_inplace(*bottoms)
                 elif hooked or layer._forward_hooks or layer._forward_pre_hooks:
                     tops = layer(*bottoms)
@@ -564,9 +571,8 @@ class Net(nn.Module):
                     f"{e} (while running layer {self._layer_names[li]!r} ({layer.type}) with bottom "
                     f"shapes {[list(t.shape) for t in bottoms]})"
                 ) from e
-            dev, dtype = self._device, self._dtype
-            for j, t in enumerate(self._tops[li]):
-                blob = self.blobs[t]
+            for j, t in enumerate(tnames):
+                blob = blobs[t]
                 top = tops[j]
                 if top.device != dev or (
                     top.dtype != dtype and top.is_floating_point() and not (low and top.dtype in _LOW_PRECISION)
@@ -574,14 +580,16 @@ class Net(nn.Module):
                     # data layers produce their batches on the CPU, in float32
                     top = top.to(dev, dtype, non_blocking=True)
                     tops = (*tops[:j], top, *tops[j + 1 :])
-                if self._inplace[li][j]:
-                    blob.set_tensor(tops[j])
+                if inplace_tops[j]:
+                    blob.set_tensor(top)
                 else:
-                    blob.set_tensor(tops[j], tops[j])
-                if overwritable and not self._inplace[li][j]:
+                    blob.set_tensor(top, top)
+                if overwritable and not inplace_tops[j]:
                     fresh.add(t)
                 else:
                     fresh.discard(t)
+        if overwrote:
+            self._overwritten = True
 
     def _prepare_inputs(self) -> None:
         self._sync_mode()

@@ -37,3 +37,23 @@ def test_unknown_layer_type_names_layer_and_known_types(tmp_path):
         caffe.Net(str(p), caffe.TEST)
     msg = str(e.value)
     assert "'SPP'" in msg and "'spp1'" in msg and "Convolution" in msg
+
+
+def test_blob_list_indexing_matches_parameter_list():
+    import torch
+
+    from caffe_compat.layers.base import BlobList
+
+    ours, ref = BlobList(), torch.nn.ParameterList()
+    params = [torch.nn.Parameter(torch.full((2,), float(i))) for i in range(3)]
+    for p in params:
+        ours.append(p)
+        ref.append(p)
+    for i in (0, 1, 2, -1, -3):
+        assert ours[i] is ref[i]
+    assert list(ours[1:]) == list(ref[1:]) and len(ours) == 3
+    ours[1] = params[0]  # replacing a blob (Layer.top_shapes does) is seen by the next read
+    assert ours[1] is params[0]
+    for bad in (3, -4):
+        with pytest.raises(IndexError):
+            ours[bad]

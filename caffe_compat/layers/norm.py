@@ -46,18 +46,34 @@ def _pow_neg(scale: torch.Tensor, beta: float, out: torch.Tensor) -> torch.Tenso
 _LRN_CHUNK_VALUES = 1 << 18
 
 
-def _lrn_steps(x: torch.Tensor):
-    """Slices of the batch axis to run the LRN chain on (one slice off the CPU)."""
+def _lrn_step(x: torch.Tensor) -> int:
+    """Images per step of the LRN chain (the whole batch off the CPU)."""
     n = x.shape[0]
-    per = max(1, x[0].numel()) if n else 1
-    step = n if x.device.type != "cpu" else max(1, _LRN_CHUNK_VALUES // per)
-    return [slice(i, i + step) for i in range(0, n, step)] or [slice(0, 0)]
+    if x.device.type != "cpu" or n <= 1:
+        return max(n, 1)
+    return max(1, _LRN_CHUNK_VALUES // max(1, x[0].numel()))
 
 
-def _padded_buffer(x: torch.Tensor, steps, size: int) -> torch.Tensor:
-    """Zeros shaped like one step of ``x`` with (size − 1)/2 more channels on each side."""
-    rows = max((sl.stop - sl.start for sl in steps), default=0)
-    return x.new_zeros((min(rows, x.shape[0]), x.shape[1] + size - 1) + tuple(x.shape[2:]))
+def _pieces(step: int, n: int, *tensors: torch.Tensor):
+    """``tensors`` cut into ``step`` images at a time along the batch axis (no views for one piece)."""
+    if step >= n:
+        return [tensors]
+    return [tuple(t[i : i + step] for t in tensors) for i in range(0, n, step)]
+
+
+_CPU_SCALARS: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+
+
+def _cpu_scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-d CPU tensor (read-only use): usable in ops on any device without a copy to it."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(value, dtype=dtype)
+    t = _CPU_SCALARS.get((value, dtype))
+    if t is None:
+        if len(_CPU_SCALARS) > 256:
+            _CPU_SCALARS.clear()
+        t = _CPU_SCALARS[(value, dtype)] = torch.tensor(value, dtype=dtype)
+    return t
 
 
 class _LRNAcross(torch.autograd.Function):
@@ -67,25 +83,25 @@ class _LRNAcross(torch.autograd.Function):
     ``dx = g·scale^−β − (2αβ/n)·x·Σ_window(g·y/scale)``; the forward keeps ``scale^−β`` and
     ``y/scale`` for it (with x: three tensors, the top being kept alive by the net anyway), so the
     backward is a product, a window sum and a multiply-add. Window sums add shifted slices of a
-    copy with zero channels on both sides (Caffe's ``padded_square``).
+    copy with zero channels on both sides (Caffe's ``padded_square``). On the CPU the chain runs
+    ``_lrn_step`` images at a time (in cache).
     """
 
     @staticmethod
     def forward(ctx, x, size, alpha, beta, k):
-        c, pad = x.shape[1], (size - 1) // 2
-        steps = _lrn_steps(x)
-        padded = _padded_buffer(x, steps, size)
+        n, c, pad = x.shape[0], x.shape[1], (size - 1) // 2
+        step = _lrn_step(x)
+        padded = x.new_zeros((min(step, n), c + size - 1) + tuple(x.shape[2:]))
         y, powed, over = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
-        k_t = torch.tensor(k, dtype=x.dtype, device=x.device)
-        for sl in steps:
-            xs, sc, r = x[sl], over[sl], powed[sl]
-            buf = padded[: xs.shape[0]]
+        k_t = _cpu_scalar(float(k), x.dtype)
+        for xs, ys, r, sc in _pieces(step, n, x, y, powed, over):
+            buf = padded[: xs.shape[0]] if step < n else padded
             torch.mul(xs, xs, out=buf[:, pad : pad + c])
             _window_sum_into(sc, buf, size)
             torch.add(k_t, sc, alpha=alpha / size, out=sc)  # scale = k + (α/n)·Σ x²
             _pow_neg(sc, beta, r)
-            torch.mul(r, xs, out=y[sl])
-            torch.div(y[sl], sc, out=sc)  # y / scale, in the scale's place
+            torch.mul(r, xs, out=ys)
+            torch.div(ys, sc, out=sc)  # y / scale, in the scale's place
         ctx.save_for_backward(x, powed, over)
         ctx.consts = (size, alpha, beta)
         return y
@@ -95,19 +111,18 @@ class _LRNAcross(torch.autograd.Function):
     def backward(ctx, g):
         x, powed, over = ctx.saved_tensors
         size, alpha, beta = ctx.consts
-        c, pad = x.shape[1], (size - 1) // 2
-        steps = _lrn_steps(x)
-        padded = _padded_buffer(x, steps, size)
+        n, c, pad = x.shape[0], x.shape[1], (size - 1) // 2
+        step = _lrn_step(x)
+        padded = x.new_zeros((min(step, n), c + size - 1) + tuple(x.shape[2:]))
+        acc = padded.new_empty((min(step, n),) + tuple(x.shape[1:]))
         dx = torch.empty_like(x)
-        acc = torch.empty_like(x[steps[0]])
-        for sl in steps:
-            gs, d = g[sl], dx[sl]
+        for gs, d, xs, r, q in _pieces(step, n, g, dx, x, powed, over):
             m = gs.shape[0]
-            buf, a = padded[:m], acc[:m]
-            torch.mul(gs, over[sl], out=buf[:, pad : pad + c])
+            buf, a = (padded[:m], acc[:m]) if step < n else (padded, acc)
+            torch.mul(gs, q, out=buf[:, pad : pad + c])
             _window_sum_into(a, buf, size)
-            torch.mul(gs, powed[sl], out=d)
-            d.addcmul_(x[sl], a, value=-2.0 * alpha * beta / size)
+            torch.mul(gs, r, out=d)
+            d.addcmul_(xs, a, value=-2.0 * alpha * beta / size)
         return dx, None, None, None, None
 
 

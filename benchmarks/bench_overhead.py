@@ -1,0 +1,180 @@
+"""The interpreter's per-call overhead: a tiny AlexNet, ours against the hand-written model.
+
+    python benchmarks/bench_overhead.py [--device cpu|cuda] [--reps 5] [--calls 200] [--cpu_paths]
+
+BVLC AlexNet's topology (grouped convs, LRN, ceil-mode pooling, dropout, SoftmaxWithLoss) with
+every layer made tiny (widths 8/16/24/24/16, fc 64/64/10, a 67x67 input, batch 1), so that the
+time of a call is almost all dispatch: Python, module and autograd bookkeeping and one kernel
+launch per operation. On a GPU at small batches this is what separates a Caffe interpreter from
+a hand-written model (docs/benchmarks.md: ratio ~1.6 at batches 1-10 on an H200), and it can be
+measured on a CPU: by default the CPU run takes the code paths a GPU takes (no oneDNN
+InnerProduct, no channels_last max pooling, the LRN over the whole batch, the whole-tensor SGD
+update), ``--cpu_paths`` keeps the CPU's own. One thread unless ``--threads``.
+
+Prints, for ``fwd`` / ``fwd_bwd`` / ``iter`` (as in bench_alexnet.py), the median over ``--reps``
+alternating rounds of the mean time of ``--calls`` calls, ours and the baseline's, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_alexnet import alexnet_param  # noqa: E402
+
+from caffe_compat.net import TEST, TRAIN, Net  # noqa: E402
+from caffe_compat.proto import caffe_pb2  # noqa: E402
+from caffe_compat.solvers import SGDSolver  # noqa: E402
+
+WIDTHS = {"conv1": 8, "conv2": 16, "conv3": 24, "conv4": 24, "conv5": 16, "fc6": 64, "fc7": 64, "fc8": 10}
+SIZE = 67
+
+
+def tiny_param(train: bool) -> caffe_pb2.NetParameter:
+    p = alexnet_param(1, train)
+    dims = p.layer[0].input_param.shape[0].dim
+    dims[2] = dims[3] = SIZE
+    for layer in p.layer:
+        if layer.name in WIDTHS:
+            sub = layer.convolution_param if layer.type == "Convolution" else layer.inner_product_param
+            sub.num_output = WIDTHS[layer.name]
+    return p
+
+
+class TinyTorchAlexNet(nn.Module):
+    """The same tiny AlexNet written as a PyTorch user would."""
+
+    def __init__(self):
+        super().__init__()
+        w = WIDTHS
+        lrn = lambda: nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)  # noqa: E731
+        pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w["conv1"], 11, stride=4), nn.ReLU(inplace=True), lrn(), pool(),
+            nn.Conv2d(w["conv1"], w["conv2"], 5, padding=2, groups=2), nn.ReLU(inplace=True), lrn(), pool(),
+            nn.Conv2d(w["conv2"], w["conv3"], 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(w["conv3"], w["conv4"], 3, padding=1, groups=2), nn.ReLU(inplace=True),
+            nn.Conv2d(w["conv4"], w["conv5"], 3, padding=1, groups=2), nn.ReLU(inplace=True), pool(),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Linear(w["conv5"], w["fc6"]), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(w["fc6"], w["fc7"]), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(w["fc7"], w["fc8"]),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _gpu_paths_on_cpu() -> None:
+    """Make a CPU run take the paths a GPU run takes (the CPU-only kernels off)."""
+    import caffe_compat.layers.norm as norm
+    import caffe_compat.layers.pooling as pooling
+
+    norm._LRN_CHUNK_VALUES = 1 << 62
+    torch.backends.mkldnn.enabled = False  # oneDNN's InnerProduct
+
+    def plain_max_pool(x, kernel, stride, pad, ceil, want_indices):
+        if want_indices:
+            return F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil, return_indices=True)
+        return (F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil),)
+
+    pooling._max_pool = plain_max_pool
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cpu_paths", action="store_true", help="CPU run: keep the CPU-only kernels")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    gpu_paths = device.type != "cpu" or not args.cpu_paths
+    if device.type == "cpu" and gpu_paths:
+        _gpu_paths_on_cpu()
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    y = torch.tensor([3.0])
+
+    test_net, train_net = Net(tiny_param(False), phase=TEST), Net(tiny_param(True), phase=TRAIN)
+    for net in (test_net, train_net):
+        net.to(device)
+        net.blobs["data"].data[...] = x.numpy()
+    train_net.blobs["label"].data[...] = y.numpy()
+    sp = caffe_pb2.SolverParameter(
+        base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4, display=0, max_iter=10**9
+    )
+    solver = SGDSolver(sp, source="<bench>", net=train_net, device=device)
+    solver.fused_update = not gpu_paths
+
+    model = TinyTorchAlexNet().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    xd, yd = x.to(device), y.to(device).long()
+
+    def ours_fwd():
+        with torch.no_grad():
+            test_net.forward()
+
+    def ours_fwd_bwd():
+        train_net.clear_param_diffs()
+        train_net.forward_backward()
+
+    def torch_fwd():
+        model.eval()
+        with torch.no_grad():
+            model(xd)
+
+    def torch_fwd_bwd():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xd), yd).backward()
+
+    def torch_iter():
+        torch_fwd_bwd()
+        opt.step()
+
+    def per_call_us(fn) -> float:
+        for _ in range(max(args.calls // 10, 2)):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(args.calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / args.calls * 1e6
+
+    paths = "GPU paths" if gpu_paths else "CPU paths"
+    print(f"# tiny AlexNet, batch 1, {SIZE}x{SIZE}, device {device} ({paths}), {torch.get_num_threads()} thread(s)")
+    print(f"{'what':>8} {'ours us':>9} {'torch us':>9} {'ratio':>6}")
+    pairs = (
+        ("fwd", ours_fwd, torch_fwd),
+        ("fwd_bwd", ours_fwd_bwd, torch_fwd_bwd),
+        ("iter", lambda: solver.step(1), torch_iter),
+    )
+    for name, ours, base in pairs:
+        a, b = [], []
+        for _ in range(args.reps):
+            a.append(per_call_us(ours))
+            b.append(per_call_us(base))
+        ma, mb = statistics.median(a), statistics.median(b)
+        print(f"{name:>8} {ma:9.0f} {mb:9.0f} {ma / mb:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
