@@ -610,11 +610,16 @@ class Net(nn.Module):
             blob._grad_tensor = t
 
     def _loss(self) -> torch.Tensor | float:
+        """Σ loss_weight · Σ(blob) over the blobs with a loss weight (0.0 if none); a single
+        scalar loss of weight 1 is returned as it is (no extra autograd nodes)."""
         loss = 0.0
         for b in self.blobs.values():
             if b.loss_weight and b._data is not None:
                 t = b._data.float() if b._data.dtype in _LOW_PRECISION else b._data
-                loss = loss + b.loss_weight * t.sum()
+                term = t if t.dim() == 0 else t.sum()
+                if b.loss_weight != 1.0:
+                    term = b.loss_weight * term
+                loss = term if isinstance(loss, float) else loss + term
         return loss
 
     def forward(self, blobs: list[str] | None = None, start: str | None = None, end: str | None = None, **kwargs):

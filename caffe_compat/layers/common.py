@@ -178,7 +178,9 @@ class InnerProductLayer(Layer):
             w = w.t()
         b = self.blobs[1] if self.bias_term else None
         y = linear(x.reshape(-1, k), w, b)
-        return (y.reshape(lead + (self.num_output,)),)
+        if len(lead) != 1:  # a reshape view of y would make an in-place ReLU on it costlier
+            y = y.reshape(lead + (self.num_output,))
+        return (y,)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -371,8 +371,9 @@ class DropoutLayer(_NeuronLayer):
         if not self.train_phase:
             return (x.clone(),)
         keep = torch.full_like(x, 1.0 - self.ratio)
-        mask = torch.bernoulli(keep)
-        return (x * mask * self.scale,)
+        # m·scale is 0 or scale, so x·(m·scale) equals Caffe's (x·m)·scale bit for bit
+        mask = torch.bernoulli(keep).mul_(self.scale)
+        return (x * mask,)
 
 
 @register_layer("Clip")
