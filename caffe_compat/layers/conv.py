@@ -150,12 +150,16 @@ class _BaseConvolution(Layer):
         return y
 
     def _run(self, op, bottoms):
-        weight = self.blobs[0]
-        bias = self.blobs[1] if self.bias_term else None
-        dtype = bottoms[0].dtype
-        if weight.dtype != dtype:
-            weight = weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+        blobs = self.blobs
+        weight = blobs[0]
+        bias = blobs[1] if self.bias_term else None
+        x = bottoms[0]
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+            bias = bias.to(x.dtype) if bias is not None else None
+        if len(bottoms) == 1 and self.axis == 1 and x.dim() == 2 + self.num_spatial and x.shape[1] == self.channels:
+            # the common case, without _conv_one's reshapes and checks
+            return (op(x, weight, bias, stride=self.stride, padding=self.pad, dilation=self.dilation, groups=self.group),)
         return tuple(self._conv_one(op, x, weight, bias) for x in bottoms)
 
 
