@@ -19,7 +19,7 @@ from torch import nn
 
 from caffe_compat.errors import LayerError
 
-__all__ = ["Layer", "BlobList", "register_layer", "layer_class", "registered_types", "LAYER_REGISTRY"]
+__all__ = ["Layer", "BlobList", "register_layer", "scalar_tensor", "layer_class", "registered_types", "LAYER_REGISTRY"]
 
 LAYER_REGISTRY: dict[str, type[Layer]] = {}
 
@@ -51,6 +51,25 @@ def layer_class(type_name: str, layer_name: str = "?") -> type[Layer]:
         raise LayerError(
             f"Unknown layer type {type_name!r} (layer {layer_name!r}); known types: {', '.join(registered_types())}"
         ) from None
+
+
+_SCALARS: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def scalar_tensor(value: float, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A cached 0-d tensor holding ``value`` (read-only use), so that a per-call constant costs
+    no allocation and, on a GPU, no host-to-device copy. A CPU one mixes with tensors on any
+    device; one on the operand's device keeps an op from treating it as a CPU scalar (CUDA
+    divides by a CPU scalar as a multiplication by its reciprocal, not Caffe's division)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(value, dtype=dtype, device=device)
+    key = (value, dtype, torch.device(device))
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) > 256:
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.tensor(value, dtype=dtype, device=device)
+    return t
 
 
 _BLOB_KEYS = tuple(str(i) for i in range(16))

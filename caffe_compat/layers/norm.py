@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from caffe_compat.layers.base import Layer, register_layer
+from caffe_compat.layers.base import Layer, register_layer, scalar_tensor
 from caffe_compat.proto import caffe_pb2
 
 __all__ = ["LRNLayer", "BatchNormLayer", "MVNLayer", "lrn_across_channels"]
@@ -61,21 +61,6 @@ def _pieces(step: int, n: int, *tensors: torch.Tensor):
     return [tuple(t[i : i + step] for t in tensors) for i in range(0, n, step)]
 
 
-_CPU_SCALARS: dict[tuple[float, torch.dtype], torch.Tensor] = {}
-
-
-def _cpu_scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
-    """A 0-d CPU tensor (read-only use): usable in ops on any device without a copy to it."""
-    if torch.compiler.is_compiling():
-        return torch.tensor(value, dtype=dtype)
-    t = _CPU_SCALARS.get((value, dtype))
-    if t is None:
-        if len(_CPU_SCALARS) > 256:
-            _CPU_SCALARS.clear()
-        t = _CPU_SCALARS[(value, dtype)] = torch.tensor(value, dtype=dtype)
-    return t
-
-
 class _LRNAcross(torch.autograd.Function):
     """Fused ACROSS_CHANNELS LRN.
 
@@ -93,7 +78,7 @@ class _LRNAcross(torch.autograd.Function):
         step = _lrn_step(x)
         padded = x.new_zeros((min(step, n), c + size - 1) + tuple(x.shape[2:]))
         y, powed, over = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
-        k_t = _cpu_scalar(float(k), x.dtype)
+        k_t = scalar_tensor(float(k), x.dtype)  # on the CPU: no host-to-device copy on a GPU
         for xs, ys, r, sc in _pieces(step, n, x, y, powed, over):
             buf = padded[: xs.shape[0]] if step < n else padded
             torch.mul(xs, xs, out=buf[:, pad : pad + c])
