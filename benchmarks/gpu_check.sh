@@ -7,7 +7,8 @@
 # slow step cannot eat the others' time):
 #   1. every real-Caffe layer case in GPU mode, contiguous and channels_last, + the CUDA-only tests;
 #   2. tools/train.py --gpu 0 on the `caffe train` fixture, its snapshot against Caffe's;
-#   3. the AlexNet benchmark in float32 (IEEE, TF32 off) and bf16 + channels_last;
+#   3. the AlexNet benchmark in float32 (IEEE, TF32 off) and bf16 + channels_last, and the
+#      interpreter's per-call overhead on a tiny AlexNet (bench_overhead.py);
 #   4. with two or more GPUs: tools/train.py --gpu all (NCCL), snapshots written once.
 # A folder .whl/ of wheels (e.g. protobuf, lmdb for the machine's Python) is installed first
 # when present, for machines that cannot reach a package index.
@@ -52,6 +53,9 @@ timeout 150 python3 benchmarks/bench_alexnet.py --device cuda --batches 1,10,64,
     | grep -v '^USDT' | tee "$OUT/bench_gpu_fp32.log"
 timeout 90 python3 benchmarks/bench_alexnet.py --device cuda --batches 64,128 --reps 3 --precision bf16 \
     --channels_last --baseline_same --what fwd_bwd,iter 2>&1 | grep -v '^USDT' | tee "$OUT/bench_gpu_bf16.log"
+
+timeout 60 python3 benchmarks/bench_overhead.py --device cuda --reps 5 2>&1 | grep -v '^USDT' \
+    | tee "$OUT/bench_gpu_overhead.log"
 
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$NGPU" -ge 2 ]; then
