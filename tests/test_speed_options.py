@@ -206,10 +206,11 @@ def test_fused_update_leaves_update_in_diff(tmp_path):
         assert torch.equal(p.grad, solver.history[i])  # SGD's update is its history V
 
 
-def test_sgd_diff_aliases_history_until_written(tmp_path):
-    """The chunked SGD update leaves the diff as an alias of the history (no copy); reading,
-    writing or accumulating into the diff never changes the history."""
-    solver = _solver(tmp_path, "SGD", chunk=1 << 15)
+@pytest.mark.parametrize("fused", [True, False])  # chunked (CPU) and whole-tensor (GPU) updates
+def test_sgd_diff_aliases_history_until_written(tmp_path, fused):
+    """The SGD update leaves the diff as an alias of the history (no copy); reading, writing or
+    accumulating into the diff never changes the history."""
+    solver = _solver(tmp_path, "SGD", fused=fused, chunk=1 << 15)
     net = solver.net
     solver.step(2)
     n = len(net.learnable_params)
@@ -227,18 +228,23 @@ def test_sgd_diff_aliases_history_until_written(tmp_path):
     for i, p in enumerate(net.learnable_params):
         assert torch.equal(solver.history[i], hist[i]), i
         assert p.grad is not solver.history[i]
-    # the next step still follows the whole-tensor (copying) update exactly
+    # the next step still follows the copying update of a net without the alias exactly
     solver.step(1)
     ref = _solver(tmp_path, "SGD", fused=False)
-    ref.step(3)
+    type(ref.net).supports_diff_alias = False
+    try:
+        ref.step(3)
+    finally:
+        type(ref.net).supports_diff_alias = True
     for a, b in zip(net.learnable_params, ref.net.learnable_params):
         assert torch.equal(a.detach(), b.detach())
     for a, b in zip(solver.history, ref.history):
         assert torch.equal(a, b)
 
 
-def test_duck_typed_net_gets_no_alias(tmp_path):
-    solver = _solver(tmp_path, "SGD", chunk=1 << 15)
+@pytest.mark.parametrize("fused", [True, False])
+def test_duck_typed_net_gets_no_alias(tmp_path, fused):
+    solver = _solver(tmp_path, "SGD", fused=fused, chunk=1 << 15)
     type(solver.net).supports_diff_alias = False
     try:
         solver.step(1)

@@ -561,8 +561,14 @@ class Solver:
                 if flat is None:
                     self.normalize(i)
                     self.regularize(i)
-                    self.compute_update_value(i, rate)
-                    params[i].data.sub_(params[i].grad)
+                    if alias:
+                        hist = self._history_of(i)
+                        self.update_history(i, params[i].grad, hist, self.local_rate(i, rate))
+                        params[i].data.sub_(hist[0])
+                        alias_diff(params[i], hist[0])
+                    else:
+                        self.compute_update_value(i, rate)
+                        params[i].data.sub_(params[i].grad)
                     continue
                 w, g, hist = flat
                 local_rate = self.local_rate(i, rate)
