@@ -476,7 +476,10 @@ class Net(nn.Module):
                 self._needs_grad_bottom[li],
                 self._inplace[li],
                 bool(getattr(layer, "is_net_input", False)),
-                len(self._bottoms[li]) == 1 and bool(self._inplace[li]) and bool(self._inplace[li][0]) and hasattr(layer, "forward_inplace"),
+                len(self._bottoms[li]) == 1
+                and bool(self._inplace[li])
+                and bool(self._inplace[li][0])
+                and hasattr(layer, "forward_inplace"),
                 bool(getattr(layer, "top_overwritable", False)),
             )
             for li, layer in enumerate(self.layers)

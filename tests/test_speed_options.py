@@ -160,7 +160,7 @@ SOLVER_TYPES = {
 }
 
 
-def _solver(tmp_path, stype, extra="", fused=True, chunk=37):
+def _solver(tmp_path, stype, extra="", fused=True, chunk=37, foreach=False):
     from google.protobuf import text_format
 
     from caffe_compat.proto import caffe_pb2
@@ -174,6 +174,7 @@ def _solver(tmp_path, stype, extra="", fused=True, chunk=37):
     solver = solver_class(stype)(sp, source="<test>", net=net)
     solver.fused_update = fused
     solver.update_chunk = chunk
+    solver.foreach_update = foreach
     return solver
 
 
@@ -182,8 +183,9 @@ def _solver(tmp_path, stype, extra="", fused=True, chunk=37):
 def test_fused_update_is_bit_identical(tmp_path, stype, extra):
     # chunks of 37 elements: vector/scalar tails fall elsewhere than in whole-tensor kernels
     runs = []
-    for fused in (True, False):
-        solver = _solver(tmp_path, stype, extra, fused=fused)
+    # chunked (CPU), whole tensors one by one, whole tensors through foreach operations (GPU)
+    for fused, foreach in ((True, False), (False, False), (False, True)):
+        solver = _solver(tmp_path, stype, extra, fused=fused, foreach=foreach)
         solver.step(3)
         runs.append(
             (
@@ -192,8 +194,9 @@ def test_fused_update_is_bit_identical(tmp_path, stype, extra):
                 [h.clone() for h in solver.history],
             )
         )
-    for a, b in zip(*[sum(r, []) for r in runs]):
-        assert torch.equal(a, b)  # weights, the update left in the diffs, and the history
+    for other in runs[1:]:
+        for a, b in zip(sum(runs[0], []), sum(other, [])):
+            assert torch.equal(a, b)  # weights, the update left in the diffs, and the history
     assert any(float(h.abs().sum()) > 0 for h in runs[0][2])
 
 
@@ -206,11 +209,11 @@ def test_fused_update_leaves_update_in_diff(tmp_path):
         assert torch.equal(p.grad, solver.history[i])  # SGD's update is its history V
 
 
-@pytest.mark.parametrize("fused", [True, False])  # chunked (CPU) and whole-tensor (GPU) updates
-def test_sgd_diff_aliases_history_until_written(tmp_path, fused):
-    """The SGD update leaves the diff as an alias of the history (no copy); reading, writing or
-    accumulating into the diff never changes the history."""
-    solver = _solver(tmp_path, "SGD", fused=fused, chunk=1 << 15)
+@pytest.mark.parametrize("fused,foreach", [(True, False), (False, False), (False, True)])
+def test_sgd_diff_aliases_history_until_written(tmp_path, fused, foreach):
+    """The SGD update (chunked, whole tensors, foreach) leaves the diff as an alias of the history
+    (no copy); reading, writing or accumulating into the diff never changes the history."""
+    solver = _solver(tmp_path, "SGD", fused=fused, chunk=1 << 15, foreach=foreach)
     net = solver.net
     solver.step(2)
     n = len(net.learnable_params)
@@ -242,9 +245,9 @@ def test_sgd_diff_aliases_history_until_written(tmp_path, fused):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_duck_typed_net_gets_no_alias(tmp_path, fused):
-    solver = _solver(tmp_path, "SGD", fused=fused, chunk=1 << 15)
+@pytest.mark.parametrize("fused,foreach", [(True, False), (False, False), (False, True)])
+def test_duck_typed_net_gets_no_alias(tmp_path, fused, foreach):
+    solver = _solver(tmp_path, "SGD", fused=fused, chunk=1 << 15, foreach=foreach)
     type(solver.net).supports_diff_alias = False
     try:
         solver.step(1)
@@ -447,3 +450,15 @@ def test_compiled_sgd_update_matches(tmp_path, extra):
         runs.append(([p.detach().clone() for p in solver.net.learnable_params], [h.clone() for h in solver.history]))
     for a, b in zip(sum(runs[0], []), sum(runs[1], [])):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "foreach,extra,expected", [(True, "", True), (False, "", False), (True, 'regularization_type: "L1"', False)]
+)
+def test_sgd_foreach_update_is_taken_when_asked(tmp_path, monkeypatch, foreach, extra, expected):
+    calls = []
+    real = torch._foreach_sub_
+    monkeypatch.setattr(torch, "_foreach_sub_", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    solver = _solver(tmp_path, "SGD", extra, fused=False, foreach=foreach)
+    solver.step(2)
+    assert bool(calls) == expected  # L1 needs sign(W): parameter by parameter

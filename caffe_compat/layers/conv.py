@@ -159,7 +159,9 @@ class _BaseConvolution(Layer):
             bias = bias.to(x.dtype) if bias is not None else None
         if len(bottoms) == 1 and self.axis == 1 and x.dim() == 2 + self.num_spatial and x.shape[1] == self.channels:
             # the common case, without _conv_one's reshapes and checks
-            return (op(x, weight, bias, stride=self.stride, padding=self.pad, dilation=self.dilation, groups=self.group),)
+            return (
+                op(x, weight, bias, stride=self.stride, padding=self.pad, dilation=self.dilation, groups=self.group),
+            )
         return tuple(self._conv_one(op, x, weight, bias) for x in bottoms)
 
 

@@ -213,6 +213,10 @@ class Solver:
     #: five operations). May differ from Caffe's float32 results in the last bit (the compiler
     #: may contract ``a * b + c`` into one rounding); falls back with a warning if compiling fails.
     compiled_update: bool = False
+    #: Whole-tensor updates (GPU) through multi-tensor ``torch._foreach_*`` operations (SGD):
+    #: None = on CUDA devices, True = everywhere (on the CPU they loop over the tensors: the same
+    #: values as the per-parameter path), False = never.
+    foreach_update: bool | None = None
     #: ``torch.compile`` options for ``compiled_update``.
     compiled_update_options: ClassVar[dict] = {"dynamic": True}
 
@@ -552,7 +556,15 @@ class Solver:
             params = self.net.learnable_params
             # the update value is history 0: not written to the diff, which becomes its alias
             alias = self.diff_is_history and getattr(self.net, "supports_diff_alias", False)
-            for i in range(len(params)):
+            todo = range(len(params))
+            if alias and not self.compiled_update:
+                whole = [i for i in todo if not (self.fused_update and params[i].device.type == "cpu")]
+                use = self.foreach_update
+                if whole and (use or (use is None and params[whole[0]].device.type == "cuda")):
+                    if self._foreach_step(whole, rate):
+                        done = set(whole)
+                        todo = [i for i in todo if i not in done]
+            for i in todo:
                 if self.compiled_update and self._compiled_step(i, rate):
                     continue
                 # chunks pay on the CPU (cache locality); on a GPU they only multiply launches
@@ -590,6 +602,13 @@ class Solver:
     def _compiled_step(self, i: int, rate: float) -> bool:
         """Normalize, regularize, update and ``W -= update`` for parameter i through a compiled
         kernel; False when this solver type or setting has none (the caller does it eagerly)."""
+        return False
+
+    def _foreach_step(self, indices: list[int], rate: float) -> bool:
+        """The whole-tensor update of parameters ``indices`` through multi-tensor (``foreach``)
+        operations, a few kernel launches for all of them instead of a few per parameter; the
+        diffs are left as aliases of the history. False when this solver type or setting has
+        none (the caller updates parameter by parameter)."""
         return False
 
     def _flat_views(self, i: int):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from caffe_compat.blob import alias_diff
 from caffe_compat.solvers.base import Solver, register_solver
 from caffe_compat.solvers.log import logger
 
@@ -30,6 +31,33 @@ class SGDSolver(Solver):
     """
 
     diff_is_history = True
+
+    def _foreach_step(self, indices: list[int], rate: float) -> bool:
+        if self.param.regularization_type != "L2":
+            return False
+        params = self.net.learnable_params
+        groups: dict[tuple, list[int]] = {}
+        for i in indices:  # foreach operations take one scalar, device and dtype per call
+            p = params[i]
+            key = (self.local_rate(i, rate), self.local_decay(i), p.device, p.dtype)
+            groups.setdefault(key, []).append(i)
+        factor = self.normalize_factor() if self.param.iter_size != 1 else None
+        momentum = float(self.param.momentum)
+        for (local_rate, local_decay, _, _), idx in groups.items():
+            ws = [params[i].data for i in idx]
+            gs = [params[i].grad for i in idx]
+            hs = [self._history_of(i)[0] for i in idx]
+            # the per-parameter path's operations, in its order (normalize, regularize, update)
+            if factor is not None:
+                torch._foreach_mul_(gs, factor)
+            if local_decay:
+                torch._foreach_add_(gs, ws, alpha=local_decay)
+            torch._foreach_mul_(hs, momentum)
+            torch._foreach_add_(hs, gs, alpha=local_rate)
+            torch._foreach_sub_(ws, hs)
+            for i, h in zip(idx, hs):
+                alias_diff(params[i], h)
+        return True
 
     def update_history(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
         hist[0].mul_(float(self.param.momentum)).add_(g, alpha=local_rate)
