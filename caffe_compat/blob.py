@@ -90,13 +90,14 @@ class Blob(_HostSynced):
     @property
     def tensor(self) -> torch.Tensor:
         """The current data tensor (allocated as zeros if the net has not computed it yet)."""
-        if self._data is None or tuple(self._data.shape) != self._shape:
+        if self._data is None or self._data.shape != self._shape:  # torch.Size compares with a tuple
             self._data = torch.zeros(self._shape, dtype=self._dtype, device=self._device)
         return self._data
 
     def set_tensor(self, t: torch.Tensor, grad_tensor: torch.Tensor | None = None) -> None:
         self._data = t
-        self._shape = tuple(t.shape)
+        if t.shape != self._shape:
+            self._shape = tuple(t.shape)
         if grad_tensor is not None:
             self._grad_tensor = grad_tensor
 
