@@ -3,7 +3,7 @@
     python benchmarks/bench_alexnet.py [--batches 1,2,4,10,16,32,64] [--reps 3] [--device cpu|cuda]
                                        [--threads N] [--channels_last] [--baseline_channels_last]
                                        [--compile] [--precision fp32|bf16|fp16] [--fused_update on|off]
-                                       [--baseline_same] [--profile] [--memory]
+                                       [--baseline_same] [--fwd_api forward|run] [--profile] [--memory]
 
 Both models have BVLC AlexNet's topology (``prototxt/alexnet_deploy.prototxt``: grouped convs,
 LRN, ceil-mode max pooling, dropout) and are timed in one process, alternating, on the same
@@ -11,7 +11,9 @@ input; the figure is the median over ``--reps`` alternating rounds of the mean o
 ``--iters`` calls (after ``--warmup`` calls). Three measurements per batch size:
 
 - ``fwd``: inference forward (TEST phase; ``torch.no_grad`` on both sides — our
-  ``net.forward()`` and the baseline's ``model.eval()(x)``);
+  ``net.forward()`` and the baseline's ``model.eval()(x)``; ``--fwd_api run``: our
+  ``net.run(data=x)``, which returns tensors instead of pycaffe's NumPy arrays, i.e. no host copy
+  and no synchronisation per call on a GPU);
 - ``fwd+bwd``: TRAIN-phase forward with a SoftmaxWithLoss / ``cross_entropy`` loss, then the
   backward into the parameters (ours: ``net.forward_backward()``; the baseline:
   ``loss.backward()``);
@@ -174,6 +176,8 @@ class Ours:
         if opts is not None:
             self.solver.fused_update = opts.fused_update != "off"
             self.solver.compiled_update = opts.fused_update == "compile"
+        self.fwd_api = getattr(opts, "fwd_api", "forward") if opts is not None else "forward"
+        self.x = x.to(device)
         # inputs written once (a data layer would write them each iteration on both sides)
         if test:
             self.test_net.blobs["data"].data[...] = x.cpu().numpy()
@@ -182,7 +186,10 @@ class Ours:
 
     def fwd(self) -> None:
         with torch.no_grad():
-            self.test_net.forward()
+            if self.fwd_api == "run":  # tensors out (no host copies of the outputs on a GPU)
+                self.test_net.run(data=self.x)
+            else:  # pycaffe's forward: NumPy outputs (on a GPU: copied to the host, a sync)
+                self.test_net.forward()
 
     def fwd_bwd(self) -> None:
         self.train_net.clear_param_diffs()
@@ -312,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--baseline_same", action="store_true", help="baseline too: torch.compile / autocast / channels_last"
+    )
+    p.add_argument(
+        "--fwd_api",
+        default="forward",
+        choices=["forward", "run"],
+        help="our fwd: pycaffe's net.forward() (NumPy outputs) or net.run(data=tensor) (tensors out)",
     )
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables for batch[0]")
     p.add_argument("--memory", action="store_true", help="peak memory of a training step (CPU: RSS)")

@@ -54,6 +54,8 @@ timeout 150 python3 benchmarks/bench_alexnet.py --device cuda --batches 1,10,64,
 timeout 90 python3 benchmarks/bench_alexnet.py --device cuda --batches 64,128 --reps 3 --precision bf16 \
     --channels_last --baseline_same --what fwd_bwd,iter 2>&1 | grep -v '^USDT' | tee "$OUT/bench_gpu_bf16.log"
 
+timeout 60 python3 benchmarks/bench_alexnet.py --device cuda --batches 1,10 --reps 3 --what fwd --fwd_api run 2>&1 \
+    | grep -v '^USDT' | tee "$OUT/bench_gpu_fwd_run.log"
 timeout 60 python3 benchmarks/bench_overhead.py --device cuda --reps 5 2>&1 | grep -v '^USDT' \
     | tee "$OUT/bench_gpu_overhead.log"
 
