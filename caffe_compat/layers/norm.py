@@ -61,6 +61,16 @@ def _pieces(step: int, n: int, *tensors: torch.Tensor):
     return [tuple(t[i : i + step] for t in tensors) for i in range(0, n, step)]
 
 
+def _buffer_like(x: torch.Tensor, lead: tuple[int, int], zero: bool = False) -> torch.Tensor:
+    """A buffer of shape ``lead + x.shape[2:]`` in ``x``'s memory format (channels_last or not),
+    so that the element-wise chain runs on like-strided tensors."""
+    fmt = torch.contiguous_format
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        fmt = torch.channels_last
+    t = torch.empty(lead + tuple(x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=fmt)
+    return t.zero_() if zero else t
+
+
 class _LRNAcross(torch.autograd.Function):
     """Fused ACROSS_CHANNELS LRN.
 
@@ -76,7 +86,7 @@ class _LRNAcross(torch.autograd.Function):
     def forward(ctx, x, size, alpha, beta, k):
         n, c, pad = x.shape[0], x.shape[1], (size - 1) // 2
         step = _lrn_step(x)
-        padded = x.new_zeros((min(step, n), c + size - 1) + tuple(x.shape[2:]))
+        padded = _buffer_like(x, (min(step, n), c + size - 1), zero=True)
         y, powed, over = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
         k_t = scalar_tensor(float(k), x.dtype)  # on the CPU: no host-to-device copy on a GPU
         for xs, ys, r, sc in _pieces(step, n, x, y, powed, over):
@@ -98,8 +108,8 @@ class _LRNAcross(torch.autograd.Function):
         size, alpha, beta = ctx.consts
         n, c, pad = x.shape[0], x.shape[1], (size - 1) // 2
         step = _lrn_step(x)
-        padded = x.new_zeros((min(step, n), c + size - 1) + tuple(x.shape[2:]))
-        acc = padded.new_empty((min(step, n),) + tuple(x.shape[1:]))
+        padded = _buffer_like(x, (min(step, n), c + size - 1), zero=True)
+        acc = _buffer_like(x, (min(step, n), c))
         dx = torch.empty_like(x)
         for gs, d, xs, r, q in _pieces(step, n, g, dx, x, powed, over):
             m = gs.shape[0]
