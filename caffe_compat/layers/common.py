@@ -165,6 +165,9 @@ class InnerProductLayer(Layer):
             self.add_blob((self.num_output,), p.bias_filler)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.dim() == 2 and self.axis_param in (1, -1) and x.shape[1] == self.K:  # (N, K): as it is
+            w = self.blobs[0]
+            return (linear(x, w.t() if self.transpose else w, self.blobs[1] if self.bias_term else None),)
         axis = canonical_axis(self, self.axis_param, x.dim(), "inner_product_param.axis")
         lead = tuple(x.shape[:axis])
         k = math.prod(x.shape[axis:])

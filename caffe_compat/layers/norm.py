@@ -28,8 +28,11 @@ def _window_sum_into(out: torch.Tensor, padded: torch.Tensor, size: int) -> None
 
 
 def _pow_neg(scale: torch.Tensor, beta: float, out: torch.Tensor) -> torch.Tensor:
-    """``scale^−β`` into ``out``; β = 0.75 (AlexNet's, GoogLeNet's) as ``rsqrt(s)·√rsqrt(s)``,
-    three cheap vector ops instead of a transcendental ``pow`` (within 3e-7 relative)."""
+    """``scale^−β`` into ``out``; on the CPU β = 0.75 (AlexNet's, GoogLeNet's) as
+    ``rsqrt(s)·√rsqrt(s)``, three cheap vector ops instead of a transcendental ``pow`` (within
+    3e-7 relative); on a GPU one ``pow`` kernel (one launch instead of three)."""
+    if scale.device.type != "cpu":
+        return torch.pow(scale, -beta, out=out)
     if beta == 0.75:
         torch.rsqrt(scale, out=out)
         return out.mul_(out.sqrt())
@@ -71,6 +74,25 @@ def _buffer_like(x: torch.Tensor, lead: tuple[int, int], zero: bool = False) -> 
     return t.zero_() if zero else t
 
 
+def _lrn_forward(x, size, alpha, beta, k, for_backward: bool):
+    """``(y, scale^−β, y/scale)``; without ``for_backward`` the last is None (not computed)."""
+    n, c, pad = x.shape[0], x.shape[1], (size - 1) // 2
+    step = _lrn_step(x)
+    padded = _buffer_like(x, (min(step, n), c + size - 1), zero=True)
+    y, powed, over = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    k_t = scalar_tensor(float(k), x.dtype)  # on the CPU: no host-to-device copy on a GPU
+    for xs, ys, r, sc in _pieces(step, n, x, y, powed, over):
+        buf = padded[: xs.shape[0]] if step < n else padded
+        torch.mul(xs, xs, out=buf[:, pad : pad + c])
+        _window_sum_into(sc, buf, size)
+        torch.add(k_t, sc, alpha=alpha / size, out=sc)  # scale = k + (α/n)·Σ x²
+        _pow_neg(sc, beta, r)
+        torch.mul(r, xs, out=ys)
+        if for_backward:
+            torch.div(ys, sc, out=sc)  # y / scale, in the scale's place
+    return y, powed, over if for_backward else None
+
+
 class _LRNAcross(torch.autograd.Function):
     """Fused ACROSS_CHANNELS LRN.
 
@@ -84,19 +106,7 @@ class _LRNAcross(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, size, alpha, beta, k):
-        n, c, pad = x.shape[0], x.shape[1], (size - 1) // 2
-        step = _lrn_step(x)
-        padded = _buffer_like(x, (min(step, n), c + size - 1), zero=True)
-        y, powed, over = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
-        k_t = scalar_tensor(float(k), x.dtype)  # on the CPU: no host-to-device copy on a GPU
-        for xs, ys, r, sc in _pieces(step, n, x, y, powed, over):
-            buf = padded[: xs.shape[0]] if step < n else padded
-            torch.mul(xs, xs, out=buf[:, pad : pad + c])
-            _window_sum_into(sc, buf, size)
-            torch.add(k_t, sc, alpha=alpha / size, out=sc)  # scale = k + (α/n)·Σ x²
-            _pow_neg(sc, beta, r)
-            torch.mul(r, xs, out=ys)
-            torch.div(ys, sc, out=sc)  # y / scale, in the scale's place
+        y, powed, over = _lrn_forward(x, size, alpha, beta, k, for_backward=True)
         ctx.save_for_backward(x, powed, over)
         ctx.consts = (size, alpha, beta)
         return y
@@ -125,6 +135,8 @@ def lrn_across_channels(x: torch.Tensor, size: int, alpha: float, beta: float, k
     """``y = x · (k + (α/n)·Σ_{window of n channels} x²)^−β`` on a 4-D tensor, with Caffe's backward."""
     if x.device.type == "meta":
         return torch.empty_like(x)
+    if not (x.requires_grad and torch.is_grad_enabled()):  # inference: no autograd node, no y/scale
+        return _lrn_forward(x, size, alpha, beta, k, for_backward=False)[0]
     return _LRNAcross.apply(x, size, alpha, beta, k)
 
 

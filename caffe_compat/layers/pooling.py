@@ -129,6 +129,8 @@ class PoolingLayer(Layer):
                 f"the bottom must have 4 axes (num, channels, height, width), got shape {bottom_shapes[0]}"
             )
         self.pool = pp.pool
+        self._is_max = self.pool == _PP.MAX  # read on every forward: no protobuf look-ups there
+        self._want_mask = len(self.param.top) == 2
         self.ceil = pp.round_mode == _PP.CEIL
         self.global_pooling = pp.global_pooling
 
@@ -202,8 +204,8 @@ class PoolingLayer(Layer):
         H, W = x.shape[2], x.shape[3]
         k, (Ho, Wo), direct, right, spans = self._plan(H, W)
         s, p = self.stride, self.pad
-        want_mask = len(self.param.top) == 2
-        if self.pool == _PP.MAX:
+        want_mask = self._want_mask
+        if self._is_max:
             if direct:
                 if want_mask:
                     y, idx = _max_pool(x, k, s, p, self.ceil, True)
