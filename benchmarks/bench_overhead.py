@@ -8,8 +8,8 @@ time of a call is almost all dispatch: Python, module and autograd bookkeeping a
 launch per operation. On a GPU at small batches this is what separates a Caffe interpreter from
 a hand-written model (docs/benchmarks.md: ratio ~1.6 at batches 1-10 on an H200), and it can be
 measured on a CPU: by default the CPU run takes the code paths a GPU takes (no oneDNN
-InnerProduct, no channels_last max pooling, the LRN over the whole batch, the whole-tensor SGD
-update), ``--cpu_paths`` keeps the CPU's own. One thread unless ``--threads``.
+InnerProduct, no channels_last max pooling, the LRN over the whole batch, the SGD update through
+foreach operations), ``--cpu_paths`` keeps the CPU's own. One thread unless ``--threads``.
 
 Prints, for ``fwd`` / ``fwd_bwd`` / ``iter`` (as in bench_alexnet.py), the median over ``--reps``
 alternating rounds of the mean time of ``--calls`` calls, ours and the baseline's, and the ratio.
@@ -119,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     solver = SGDSolver(sp, source="<bench>", net=train_net, device=device)
     solver.fused_update = not gpu_paths
+    solver.foreach_update = gpu_paths  # on CUDA the default; on the CPU forced to take the GPU path
 
     model = TinyTorchAlexNet().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    # torch's SGD takes multi-tensor (foreach) kernels on CUDA by default: the same on the CPU here
+    foreach = True if gpu_paths else None
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=foreach)
     xd, yd = x.to(device), y.to(device).long()
 
     def ours_fwd():
