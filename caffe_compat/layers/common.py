@@ -165,6 +165,10 @@ class InnerProductLayer(Layer):
             self.add_blob((self.num_output,), p.bias_filler)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.axis_param == 1 and x.dim() > 2:  # (N, C, H, W...) after a conv/pooling: flatten
+            x2 = x.flatten(1)
+            if x2.shape[1] == self.K:
+                x = x2
         if x.dim() == 2 and self.axis_param in (1, -1) and x.shape[1] == self.K:  # (N, K): as it is
             w = self.blobs[0]
             return (linear(x, w.t() if self.transpose else w, self.blobs[1] if self.bias_term else None),)
