@@ -57,3 +57,18 @@ def test_blob_list_indexing_matches_parameter_list():
     for bad in (3, -4):
         with pytest.raises(IndexError):
             ours[bad]
+
+
+def test_scalar_tensor_is_cached_per_value_dtype_device():
+    import torch
+
+    from caffe_compat.layers.base import scalar_tensor
+
+    a = scalar_tensor(-10.0, torch.float32)
+    assert a.dim() == 0 and a.dtype == torch.float32 and a.device.type == "cpu" and float(a) == -10.0
+    assert scalar_tensor(-10.0, torch.float32, "cpu") is a  # no new tensor (or device copy) per call
+    b = scalar_tensor(-10.0, torch.float64)
+    assert b is not a and b.dtype == torch.float64
+    # dividing by it is a true division, as by the number itself
+    x = torch.randn(1000)
+    assert torch.equal(x / a, x / -10.0)
