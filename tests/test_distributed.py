@@ -334,6 +334,30 @@ def test_train_tool_cpu_procs_snapshots_once_and_resumes(tmp_path):
             np.testing.assert_allclose(cio.blob_to_array(x), cio.blob_to_array(y), rtol=0, atol=0, err_msg=la.name)
 
 
+def test_train_tool_under_torchrun_matches_caffe_and_snapshots_once(tmp_path):
+    """``torchrun --nproc-per-node 2 tools/train.py`` (CPU, gloo): the same weights as real Caffe's
+    iter_size-2 run, rank 0 alone logs and snapshots."""
+    d = _prepare_case(tmp_path, "iter_size", 1, "snapshot: 10\ndisplay: 1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += [str(REPO / "tools" / "train.py"), "--solver", "solver.prototxt"]
+    cmd += ["--weights", "init.caffemodel", "--iterations", "10"]
+    proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stderr + proc.stdout
+    assert "Training on 2 processes (this is rank 0)" in log
+    assert len(re.findall(r"Snapshotting to binary proto file final_iter_10\.caffemodel", log)) == 1
+    assert len(re.findall(r"\] Iteration 3, loss = ", log)) == 1  # rank 0 logs, rank 1 does not
+    assert sorted(p.name for p in d.glob("final_iter_*")) == ["final_iter_10.caffemodel", "final_iter_10.solverstate"]
+    ref = np.load(d / "trajectory.npz")
+    model = cio.read_caffemodel(d / "final_iter_10.caffemodel")
+    for layer in model.layer:
+        for j, blob in enumerate(layer.blobs):
+            np.testing.assert_allclose(
+                cio.blob_to_array(blob), ref[f"iter10__{layer.name}__{j}"], rtol=PARAM_RTOL, atol=PARAM_ATOL
+            )
+
+
 def test_train_tool_several_gpus_without_cuda_is_a_clear_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
