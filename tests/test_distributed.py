@@ -296,6 +296,19 @@ def test_two_gloo_processes_equal_iter_size_2(tmp_path):
 # tools/train.py
 
 
+def _assert_snapshot_is_caffes_iter10(d: Path):
+    """``final_iter_10.caffemodel`` in ``d`` holds real Caffe's weights after 10 iterations of the
+    iter_size fixture (its ``trajectory.npz``); returns the model."""
+    ref = np.load(d / "trajectory.npz")
+    model = cio.read_caffemodel(d / "final_iter_10.caffemodel")
+    for layer in model.layer:
+        for j, blob in enumerate(layer.blobs):
+            np.testing.assert_allclose(
+                cio.blob_to_array(blob), ref[f"iter10__{layer.name}__{j}"], rtol=PARAM_RTOL, atol=PARAM_ATOL
+            )
+    return model
+
+
 def test_train_tool_cpu_procs_snapshots_once_and_resumes(tmp_path):
     d = _prepare_case(tmp_path, "iter_size", 1, "snapshot: 5\ndisplay: 1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -314,13 +327,7 @@ def test_train_tool_cpu_procs_snapshots_once_and_resumes(tmp_path):
         "final_iter_5.solverstate",
     ]
     assert not list(d.glob("*.tmp*")) and not list(d.glob(".*tmp*"))
-    ref = np.load(d / "trajectory.npz")
-    model = cio.read_caffemodel(d / "final_iter_10.caffemodel")
-    for layer in model.layer:
-        for j, blob in enumerate(layer.blobs):
-            np.testing.assert_allclose(
-                cio.blob_to_array(blob), ref[f"iter10__{layer.name}__{j}"], rtol=PARAM_RTOL, atol=PARAM_ATOL
-            )
+    model = _assert_snapshot_is_caffes_iter10(d)
 
     # resuming on 2 processes (each rank skips its own share of 5 iterations) ends identically
     (d / "final_iter_10.caffemodel").rename(d / "uninterrupted.caffemodel")
@@ -349,13 +356,7 @@ def test_train_tool_under_torchrun_matches_caffe_and_snapshots_once(tmp_path):
     assert len(re.findall(r"Snapshotting to binary proto file final_iter_10\.caffemodel", log)) == 1
     assert len(re.findall(r"\] Iteration 3, loss = ", log)) == 1  # rank 0 logs, rank 1 does not
     assert sorted(p.name for p in d.glob("final_iter_*")) == ["final_iter_10.caffemodel", "final_iter_10.solverstate"]
-    ref = np.load(d / "trajectory.npz")
-    model = cio.read_caffemodel(d / "final_iter_10.caffemodel")
-    for layer in model.layer:
-        for j, blob in enumerate(layer.blobs):
-            np.testing.assert_allclose(
-                cio.blob_to_array(blob), ref[f"iter10__{layer.name}__{j}"], rtol=PARAM_RTOL, atol=PARAM_ATOL
-            )
+    _assert_snapshot_is_caffes_iter10(d)
 
 
 def test_train_tool_several_gpus_without_cuda_is_a_clear_error(capsys):
