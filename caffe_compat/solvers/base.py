@@ -10,12 +10,12 @@ The update order lives only here (STYLE.md convention 4)::
       normalize:  if iter_size > 1: diff *= 1 / iter_size
       regularize: local_decay = weight_decay * decay_mult_i
                   L2: diff += local_decay * W     L1: diff += local_decay * sign(W)
-      compute_update_value(i, rate * lr_mult_i)   # the solver type's hook: diff := update
+      update_rule(i, diff, history_i, rate * lr_mult_i)   # the solver type's hook: diff := update
     W -= diff                                      # net.Update()
     iter += 1
 
-Each solver type overrides only ``compute_update_value`` (and ``check_param`` for its own
-CHECKs); the formula is in its class docstring.
+Each solver type overrides only ``update_rule`` (element-wise, so that it can run chunk by chunk;
+and ``check_param`` for its own CHECKs); the formula is in its class docstring.
 
 Deliberate differences from Caffe:
 
@@ -532,7 +532,7 @@ class Solver:
 
     def apply_update(self) -> None:
         """One update from the accumulated diffs: clip, then per parameter normalize,
-        regularize, compute the update value; then ``W -= diff``.
+        regularize, the solver type's ``update_rule``; then ``W -= diff``.
 
         With ``fused_update`` (the default) the per-parameter steps of CPU tensors run chunk by chunk
         (``update_chunk`` elements of the parameter, its diff and its history at a time, so
@@ -567,37 +567,31 @@ class Solver:
             for i in todo:
                 if self.compiled_update and self._compiled_step(i, rate):
                     continue
-                # chunks pay on the CPU (cache locality); on a GPU they only multiply launches
-                chunked = self.fused_update and params[i].device.type == "cpu"
-                flat = self._flat_views(i) if chunked else None
-                if flat is None:
-                    self.normalize(i)
-                    self.regularize(i)
-                    if alias:
-                        hist = self._history_of(i)
-                        self.update_history(i, params[i].grad, hist, self.local_rate(i, rate))
-                        params[i].data.sub_(hist[0])
-                        alias_diff(params[i], hist[0])
-                    else:
-                        self.compute_update_value(i, rate)
-                        params[i].data.sub_(params[i].grad)
-                    continue
-                w, g, hist = flat
                 local_rate = self.local_rate(i, rate)
-                step = max(int(self.update_chunk), 1)
-                for s in range(0, w.numel(), step):
-                    wc, gc = w[s : s + step], g[s : s + step]
-                    hc = [h[s : s + step] for h in hist]
-                    self._normalize(gc)
-                    self._regularize(i, wc, gc)
+                for w, g, hist in self._update_pieces(i):
+                    self._normalize(g)
+                    self._regularize(i, w, g)
                     if alias:
-                        self.update_history(i, gc, hc, local_rate)
-                        wc.sub_(hc[0])
+                        self.update_history(i, g, hist, local_rate)
+                        w.sub_(hist[0])
                     else:
-                        self.update_rule(i, gc, hc, local_rate)
-                        wc.sub_(gc)
+                        self.update_rule(i, g, hist, local_rate)
+                        w.sub_(g)
                 if alias:
                     alias_diff(params[i], self._history_of(i)[0])
+
+    def _update_pieces(self, i: int):
+        """``(W, diff, [history...])`` pieces of parameter i to update one after the other: on the
+        CPU with ``fused_update``, ``update_chunk`` elements at a time (the chain of element-wise
+        operations then works in the cache); otherwise the whole tensors (on a GPU chunks would
+        only multiply kernel launches)."""
+        p = self.net.learnable_params[i]
+        flat = self._flat_views(i) if self.fused_update and p.device.type == "cpu" else None
+        if flat is None:
+            return [(p.data, p.grad, self._history_of(i))]
+        w, g, hist = flat
+        step = max(int(self.update_chunk), 1)
+        return ((w[s : s + step], g[s : s + step], [h[s : s + step] for h in hist]) for s in range(0, w.numel(), step))
 
     def _compiled_step(self, i: int, rate: float) -> bool:
         """Normalize, regularize, update and ``W -= update`` for parameter i through a compiled
@@ -647,11 +641,8 @@ class Solver:
             for p in params:
                 p.grad.mul_(float(scale))
 
-    def normalize(self, i: int) -> None:
-        """``diff *= 1 / iter_size`` (the diffs of ``iter_size`` passes were summed)."""
-        self._normalize(self.net.learnable_params[i].grad)
-
     def _normalize(self, g: torch.Tensor) -> None:
+        """``diff *= 1 / iter_size`` (the diffs of ``iter_size`` passes were summed)."""
         if self.param.iter_size != 1:
             g.mul_(self.normalize_factor())
 
@@ -659,15 +650,11 @@ class Solver:
         """``1 / iter_size`` in float32, as Caffe computes it."""
         return float(_f32(1.0) / _f32(self.param.iter_size))
 
-    def regularize(self, i: int) -> None:
-        """L2: ``diff += weight_decay * decay_mult * W``; L1: ``... * sign(W)``."""
-        p = self.net.learnable_params[i]
-        self._regularize(i, p.data, p.grad)
-
     def local_decay(self, i: int) -> float:
         return float(_f32(self.param.weight_decay) * _f32(self.net.params_weight_decay[i]))
 
     def _regularize(self, i: int, w: torch.Tensor, g: torch.Tensor) -> None:
+        """L2: ``diff += weight_decay * decay_mult * W``; L1: ``... * sign(W)``."""
         local_decay = self.local_decay(i)
         if not local_decay:
             return
@@ -679,18 +666,13 @@ class Solver:
     def local_rate(self, i: int, rate: float) -> float:
         return float(_f32(rate) * _f32(self.net.params_lr[i]))
 
-    def compute_update_value(self, i: int, rate: float) -> None:
-        """Turn ``learnable_params[i].grad`` into the update (Caffe's ComputeUpdateValue): the
-        solver type's ``update_rule`` on the whole tensors."""
-        self.update_rule(i, self.net.learnable_params[i].grad, self._history_of(i), self.local_rate(i, rate))
-
     def _history_of(self, i: int) -> list[torch.Tensor]:
         """Parameter i's tensor in each history set (``history`` holds set after set)."""
         n = len(self.net.learnable_params)
         return [self.history[k * n + i] for k in range(self.num_history_sets)]
 
-    #: True when ``update_rule`` leaves in the diff a copy of history set 0 (SGD): the chunked
-    #: CPU update of a net with ``supports_diff_alias`` (``Net``) then skips that copy, calls
+    #: True when ``update_rule`` leaves in the diff a copy of history set 0 (SGD): the update of
+    #: a net with ``supports_diff_alias`` (``Net``) then skips that copy, calls
     #: ``update_history`` instead and makes the diff an alias of the history
     #: (``caffe_compat.blob.alias_diff``; whatever writes into or hands out the diff first gives
     #: it a copy of its own, ``own_diff``). Saves one pass over the parameters.
