@@ -121,16 +121,13 @@ def _normalization(loss_param, default: int) -> int:
 
 
 def _normalizer(mode: int, outer: int, inner: int, valid: Tensor | None, like: Tensor) -> Tensor:
-    """Caffe's LossLayer::GetNormalizer, as a 0-d tensor of ``like``'s dtype; at least 1."""
+    """Caffe's LossLayer::GetNormalizer, as a 0-d tensor of ``like``'s dtype on its device; at
+    least 1. Known without the labels (every mode but VALID with a mask), it is a cached tensor:
+    no host-to-device copy per call."""
     if mode == _NORM.VALID and valid is not None:
         return torch.clamp(valid.sum().to(like.dtype), min=1.0)
-    return torch.tensor(_normalizer_value(mode, outer, inner), dtype=like.dtype, device=like.device)
-
-
-def _normalizer_value(mode: int, outer: int, inner: int) -> float:
-    """GetNormalizer when every position counts (VALID = FULL), as a float; at least 1."""
     n = {_NORM.FULL: outer * inner, _NORM.VALID: outer * inner, _NORM.BATCH_SIZE: outer, _NORM.NONE: 1}[mode]
-    return max(1.0, float(n))
+    return scalar_tensor(max(1.0, float(n)), like.dtype, like.device)
 
 
 # -- autograd functions with Caffe's backward ---------------------------------------------------
@@ -138,8 +135,7 @@ def _normalizer_value(mode: int, outer: int, inner: int) -> float:
 
 class _SoftmaxLossFunction(torch.autograd.Function):
     """x: (outer, C, inner); target: (outer, 1, inner) long; valid: (outer, 1, inner) bool, or
-    None when every position counts; normalizer: a 0-d tensor, or a float when known without
-    looking at the labels (fewer operations: no masking, no host-to-device copy)."""
+    None when every position counts (no masking); normalizer: a 0-d tensor."""
 
     @staticmethod
     def forward(ctx, x, target, valid, normalizer):
@@ -147,21 +143,16 @@ class _SoftmaxLossFunction(torch.autograd.Function):
         logp = torch.log(torch.clamp(prob.gather(1, target), min=FLT_MIN))
         if valid is not None:
             logp = torch.where(valid, logp, torch.zeros_like(logp))
-        if isinstance(normalizer, float):  # = −Σ/n exactly (negation is exact)
-            loss = logp.sum() / scalar_tensor(-normalizer, prob.dtype, prob.device)
-        else:
-            loss = -logp.sum() / normalizer
-        ctx.save_for_backward(prob, target, *(t for t in (valid, normalizer) if isinstance(t, Tensor)))
-        ctx.masked, ctx.norm = valid is not None, normalizer
+        loss = -logp.sum() / normalizer
+        ctx.save_for_backward(prob, target, normalizer, *(() if valid is None else (valid,)))
         # Caffe's backward ignores any diff on the probability top.
         ctx.mark_non_differentiable(prob)
         return loss, prob
 
     @staticmethod
     def backward(ctx, grad_loss, grad_prob):
-        prob, target, *rest = ctx.saved_tensors
-        valid = rest.pop(0) if ctx.masked else None
-        normalizer = rest[0] if rest else scalar_tensor(ctx.norm, prob.dtype, prob.device)
+        prob, target, normalizer, *mask = ctx.saved_tensors
+        valid = mask[0] if mask else None
         grad = prob.scatter_add(1, target, torch.full(target.shape, -1.0, dtype=prob.dtype, device=prob.device))
         if valid is not None:
             grad = grad * valid.to(prob.dtype)
@@ -343,10 +334,10 @@ class SoftmaxWithLossLayer(Layer):
             _check_label_range(self, labels, valid, channels)
             target = torch.where(valid, labels, torch.zeros_like(labels))
             normalizer = _normalizer(self.normalization, outer, inner, valid, x)
-        else:  # every position counts: no mask, and the normalizer is known
+        else:  # every position counts: no mask
             valid, target = None, labels
             _check_label_range(self, labels, None, channels)
-            normalizer = _normalizer_value(self.normalization, outer, inner)
+            normalizer = _normalizer(self.normalization, outer, inner, None, x)
         loss, prob = _SoftmaxLossFunction.apply(x.reshape(outer, channels, inner), target, valid, normalizer)
         if len(self.param.top) > 1:
             return loss, prob.reshape(x.shape)
