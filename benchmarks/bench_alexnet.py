@@ -90,36 +90,41 @@ def alexnet_param(batch: int, train: bool) -> caffe_pb2.NetParameter:
     return p
 
 
-class TorchAlexNet(nn.Module):
-    """BVLC AlexNet written the way a PyTorch user would write it."""
+ALEXNET_WIDTHS = {"conv1": 96, "conv2": 256, "conv3": 384, "conv4": 384, "conv5": 256, "fc6": 4096, "fc7": 4096}
 
-    def __init__(self, num_classes: int = NUM_CLASSES):
+
+class TorchAlexNet(nn.Module):
+    """BVLC AlexNet written the way a PyTorch user would write it (``widths``: the layers' output
+    channels, ``ALEXNET_WIDTHS`` by default; ``pool5_size``: pool5's spatial size, 6 at 227x227)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, widths: dict | None = None, pool5_size: int = 6):
         super().__init__()
+        w = widths or ALEXNET_WIDTHS
         self.features = nn.Sequential(
-            nn.Conv2d(3, 96, 11, stride=4),
+            nn.Conv2d(3, w["conv1"], 11, stride=4),
             nn.ReLU(inplace=True),
             nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0),
             nn.MaxPool2d(3, 2, ceil_mode=True),
-            nn.Conv2d(96, 256, 5, padding=2, groups=2),
+            nn.Conv2d(w["conv1"], w["conv2"], 5, padding=2, groups=2),
             nn.ReLU(inplace=True),
             nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0),
             nn.MaxPool2d(3, 2, ceil_mode=True),
-            nn.Conv2d(256, 384, 3, padding=1),
+            nn.Conv2d(w["conv2"], w["conv3"], 3, padding=1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(384, 384, 3, padding=1, groups=2),
+            nn.Conv2d(w["conv3"], w["conv4"], 3, padding=1, groups=2),
             nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, 3, padding=1, groups=2),
+            nn.Conv2d(w["conv4"], w["conv5"], 3, padding=1, groups=2),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, ceil_mode=True),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(256 * 6 * 6, 4096),
+            nn.Linear(w["conv5"] * pool5_size * pool5_size, w["fc6"]),
             nn.ReLU(inplace=True),
             nn.Dropout(0.5),
-            nn.Linear(4096, 4096),
+            nn.Linear(w["fc6"], w["fc7"]),
             nn.ReLU(inplace=True),
             nn.Dropout(0.5),
-            nn.Linear(4096, num_classes),
+            nn.Linear(w["fc7"], num_classes),
         )
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):

@@ -25,18 +25,18 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_alexnet import alexnet_param  # noqa: E402
+from bench_alexnet import TorchAlexNet, alexnet_param  # noqa: E402
 
 from caffe_compat.net import TEST, TRAIN, Net  # noqa: E402
 from caffe_compat.proto import caffe_pb2  # noqa: E402
 from caffe_compat.solvers import SGDSolver  # noqa: E402
 
-WIDTHS = {"conv1": 8, "conv2": 16, "conv3": 24, "conv4": 24, "conv5": 16, "fc6": 64, "fc7": 64, "fc8": 10}
+WIDTHS = {"conv1": 8, "conv2": 16, "conv3": 24, "conv4": 24, "conv5": 16, "fc6": 64, "fc7": 64}
+NUM_CLASSES = 10
 SIZE = 67
 
 
@@ -44,36 +44,13 @@ def tiny_param(train: bool) -> caffe_pb2.NetParameter:
     p = alexnet_param(1, train)
     dims = p.layer[0].input_param.shape[0].dim
     dims[2] = dims[3] = SIZE
+    widths = {**WIDTHS, "fc8": NUM_CLASSES}
     for layer in p.layer:
-        if layer.name in WIDTHS:
+        width = widths.get(layer.name)
+        if width is not None:
             sub = layer.convolution_param if layer.type == "Convolution" else layer.inner_product_param
-            sub.num_output = WIDTHS[layer.name]
+            sub.num_output = width
     return p
-
-
-class TinyTorchAlexNet(nn.Module):
-    """The same tiny AlexNet written as a PyTorch user would."""
-
-    def __init__(self):
-        super().__init__()
-        w = WIDTHS
-        lrn = lambda: nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)  # noqa: E731
-        pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
-        self.features = nn.Sequential(
-            nn.Conv2d(3, w["conv1"], 11, stride=4), nn.ReLU(inplace=True), lrn(), pool(),
-            nn.Conv2d(w["conv1"], w["conv2"], 5, padding=2, groups=2), nn.ReLU(inplace=True), lrn(), pool(),
-            nn.Conv2d(w["conv2"], w["conv3"], 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(w["conv3"], w["conv4"], 3, padding=1, groups=2), nn.ReLU(inplace=True),
-            nn.Conv2d(w["conv4"], w["conv5"], 3, padding=1, groups=2), nn.ReLU(inplace=True), pool(),
-        )  # fmt: skip
-        self.classifier = nn.Sequential(
-            nn.Linear(w["conv5"], w["fc6"]), nn.ReLU(inplace=True), nn.Dropout(0.5),
-            nn.Linear(w["fc6"], w["fc7"]), nn.ReLU(inplace=True), nn.Dropout(0.5),
-            nn.Linear(w["fc7"], w["fc8"]),
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
 
 
 def _gpu_paths_on_cpu() -> None:
@@ -121,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     solver.fused_update = not gpu_paths
     solver.foreach_update = gpu_paths  # on CUDA the default; on the CPU forced to take the GPU path
 
-    model = TinyTorchAlexNet().to(device)
+    model = TorchAlexNet(NUM_CLASSES, WIDTHS, pool5_size=1).to(device)  # the same tiny net, hand-written
     # torch's SGD takes multi-tensor (foreach) kernels on CUDA by default: the same on the CPU here
     foreach = True if gpu_paths else None
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=foreach)
