@@ -4,6 +4,7 @@
                                        [--threads N] [--channels_last] [--baseline_channels_last]
                                        [--compile] [--precision fp32|bf16|fp16] [--fused_update on|off]
                                        [--baseline_same] [--fwd_api forward|run] [--profile] [--memory]
+                                       [--no_label_check]
 
 Both models have BVLC AlexNet's topology (``prototxt/alexnet_deploy.prototxt``: grouped convs,
 LRN, ceil-mode max pooling, dropout) and are timed in one process, alternating, on the same
@@ -273,15 +274,37 @@ def _vm_hwm_mb() -> float:
 
 
 def _peak_rss_child(side: str, batch: int) -> None:
-    torch.manual_seed(0)
-    x = torch.randn(batch, 3, 227, 227)
-    y = torch.randint(0, NUM_CLASSES, (batch,))
     before = _vm_hwm_mb()
-    cpu = torch.device("cpu")
-    runner = Ours(batch, cpu, x, y, test=False) if side == "ours" else Baseline(cpu, x, y, False)
+    runner = _make_side(side, batch, torch.device("cpu"))
     for _ in range(2):
         runner.iter()
     print(json.dumps({"before_mb": before, "peak_mb": _vm_hwm_mb()}))
+
+
+def _make_side(side: str, batch: int, device: torch.device):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 227, 227)
+    y = torch.randint(0, NUM_CLASSES, (batch,))
+    return Ours(batch, device, x, y, test=False) if side == "ours" else Baseline(device, x, y, False)
+
+
+def _peak_cuda(side: str, batch: int, device: torch.device) -> float:
+    """Peak CUDA allocation (MB) of two training steps, the model's parameters included."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    runner = _make_side(side, batch, device)
+    for _ in range(2):
+        runner.iter()
+    torch.cuda.synchronize(device)
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    del runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
 
 
 def _peak_rss(side: str, batch: int, threads: int, no_tune: bool) -> float:
@@ -331,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["forward", "run"],
         help="our fwd: pycaffe's net.forward() (NumPy outputs) or net.run(data=tensor) (tensors out)",
     )
-    p.add_argument("--profile", action="store_true", help="print torch.profiler tables for batch[0]")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables for every batch")
+    p.add_argument(
+        "--no_label_check",
+        action="store_true",
+        help="measurement only: skip the loss layers' label range check (on a GPU a host sync per pass)",
+    )
     p.add_argument("--memory", action="store_true", help="peak memory of a training step (CPU: RSS)")
     p.add_argument("--_memchild", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -343,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         tuned = cmode.tune_cpu(args.threads or None)
     elif args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_label_check:  # what the check's host synchronisation costs, nothing else
+        from caffe_compat.layers import loss as loss_layers
+
+        loss_layers._check_label_range = lambda *a, **k: None
     if args._memchild:
         _peak_rss_child(args._memchild, batches[0])
         return 0
@@ -428,29 +460,56 @@ def main(argv: list[str] | None = None) -> int:
                     )
         del ours, base
     if args.memory:
-        if device.type == "cpu":
-            for batch in batches:
+        for batch in batches:
+            if device.type == "cpu":
                 mo = _peak_rss("ours", batch, torch.get_num_threads(), args.no_tune)
                 mb = _peak_rss("torch", batch, torch.get_num_threads(), args.no_tune)
-                print(
-                    f"# peak RSS of a training step, batch {batch}: ours {mo:.0f} MB, torch {mb:.0f} MB, ratio {mo / mb:.3f}"
-                )
+                what = "peak RSS"
+            else:
+                mo, mb = _peak_cuda("ours", batch, device), _peak_cuda("torch", batch, device)
+                what = "peak CUDA allocation"
+            print(
+                f"# {what} of a training step, batch {batch}: ours {mo:.0f} MB, torch {mb:.0f} MB, ratio {mo / mb:.3f}"
+            )
     load = os.getloadavg()
     print(f"# load avg at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return 0
 
 
+_SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
 def _profile(ours: Ours, base: Baseline, whats: list[str]) -> None:
+    """torch.profiler tables of one call per side; on a GPU sorted by kernel time, with a summary
+    line: the call's wall time, the GPU's busy time, GPU operations and host synchronisations."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = ours.x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for what in whats:
         for name, runner in (("ours", ours), ("torch", base)):
             fn = getattr(runner, what)
             fn()
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _sync(ours.x.device)
+            t0 = time.perf_counter()
+            with profile(activities=activities) as prof:
                 fn()
+                _sync(ours.x.device)
+            wall = (time.perf_counter() - t0) * 1e3
             print(f"## profile {name} {what}")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+            if not cuda:
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+                continue
+            events = prof.events()
+            gpu_ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.time_range.elapsed_us() for e in gpu_ops) / 1e3
+            syncs = {k: sum(1 for e in events if e.name == k) for k in _SYNC_EVENTS}
+            copies = sum(1 for e in events if e.name.startswith("cudaMemcpy"))
+            print(
+                f"# {name} {what}: wall {wall:.2f} ms (profiled), GPU busy {busy:.2f} ms, GPU ops {len(gpu_ops)}, "
+                f"syncs {syncs}, cudaMemcpy* calls {copies}"
+            )
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14))
 
 
 if __name__ == "__main__":

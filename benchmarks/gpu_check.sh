@@ -1,41 +1,68 @@
 #!/usr/bin/env bash
 # One-shot GPU check (issue 8): run from the repository root on a machine with CUDA.
 #
-#   OUT=gpu_check_out bash benchmarks/gpu_check.sh
+#   OUT=gpu_check_out BUDGET_S=520 bash benchmarks/gpu_check.sh
 #
-# Writes its logs under $OUT and prints a summary. Steps (each with its own time limit, so that a
-# slow step cannot eat the others' time):
-#   1. every real-Caffe layer case in GPU mode, contiguous and channels_last, + the CUDA-only tests;
+# Everything it prints also goes to $OUT/gpu_check.log; the full pytest output, the training log
+# and the profiles go to their own files in $OUT (four files in all). Steps, most important
+# first, each with its own time limit, cut to what is left of BUDGET_S (seconds, default 520),
+# so that a slow step cannot eat the others' time:
+#   1. every real-Caffe layer case in GPU mode (contiguous and channels_last), the 17 solver
+#      trajectories in GPU mode, the CUDA-only tests;
 #   2. tools/train.py --gpu 0 on the `caffe train` fixture, its snapshot against Caffe's;
-#   3. the AlexNet benchmark in float32 (IEEE, TF32 off) and bf16 + channels_last, and the
-#      interpreter's per-call overhead on a tiny AlexNet (bench_overhead.py);
+#   3. the AlexNet benchmark in float32 (IEEE, TF32 off) with the peak CUDA allocation, the
+#      interpreter's per-call overhead on a tiny AlexNet (bench_overhead.py), bf16 + channels_last,
+#      inference through net.run, the iteration without the label check's host sync, and
+#      torch.profiler summaries of one call per side ($OUT/profile.log);
 #   4. with two or more GPUs: tools/train.py --gpu all (NCCL), snapshots written once.
 # A folder .whl/ of wheels (e.g. protobuf, lmdb for the machine's Python) is installed first
 # when present, for machines that cannot reach a package index.
 set -u
 OUT=${OUT:-gpu_check_out}
+BUDGET_S=${BUDGET_S:-520}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: only to try the script's plumbing on a machine without CUDA
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
 R=$PWD
 export PYTHONUNBUFFERED=1 PYTHONPATH=$R
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:$R
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/device.txt" 2>&1
+
+say() { echo "$@" | tee -a "$LOG"; }
+# limit CAP: CAP seconds, or what is left of the budget less a 10 s margin (at least 5)
+limit() {
+    local left=$((BUDGET_S - SECONDS - 10))
+    [ "$left" -lt 5 ] && left=5
+    [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
+}
+bench() {  # bench CAP args...: bench_alexnet.py under a time limit, into the log
+    local cap=$1
+    shift
+    timeout "$(limit "$cap")" python3 benchmarks/bench_alexnet.py --device "$DEVICE" "$@" 2>&1 | grep -v '^USDT' | tee -a "$LOG"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())" \
-    | tee -a "$OUT/device.txt"
+    2>&1 | tee -a "$LOG"
 
-echo "== 1. conformance in GPU mode"
-CAFFE_COMPAT_TEST_GPU=1 timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=line \
-    tests/test_conformance_layers.py tests/test_layers_loss.py tests/test_host_mirror.py 2>&1 | tail -5 \
-    | tee "$OUT/gpu_conformance.log"
+say "== 1. conformance in GPU mode (layers, solver trajectories, CUDA-only tests) [${SECONDS}s]"
+CAFFE_COMPAT_TEST_GPU=1 timeout "$(limit 150)" python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+    tests/test_conformance_layers.py tests/test_layers_loss.py tests/test_host_mirror.py tests/test_solvers.py \
+    > "$OUT/gpu_conformance.log" 2>&1
+echo "pytest rc=$?" >> "$OUT/gpu_conformance.log"
+grep -E '^(FAILED|ERROR)' "$OUT/gpu_conformance.log" | head -20 | tee -a "$LOG"
+tail -2 "$OUT/gpu_conformance.log" | tee -a "$LOG"
 
-echo "== 2. tools/train.py --gpu 0 against Caffe's snapshot"
+say "== 2. tools/train.py --gpu 0 against Caffe's snapshot [${SECONDS}s]"
 W=$(mktemp -d)
 cp -r tests/fixtures/caffe_reference/cli/train_test_snapshot/. "$W/" && rm -f "$W"/snap_iter_*
-(cd "$W" && timeout 90 python3 "$R/tools/train.py" --solver solver.prototxt --weights init.caffemodel --gpu 0 \
-    > "$OUT/gpu_train.log" 2>&1; echo "train rc=$?")
-timeout 30 python3 - "$W" <<'EOF' | tee "$OUT/gpu_train_compare.log"
+(cd "$W" && timeout "$(limit 90)" python3 "$R/tools/train.py" --solver solver.prototxt --weights init.caffemodel \
+    --gpu 0 > "$OUT/gpu_train.log" 2>&1; echo "train rc=$?") | tee -a "$LOG"
+timeout "$(limit 30)" python3 - "$W" <<'EOF' 2>&1 | tee -a "$LOG"
 import sys
 import numpy as np
 from caffe_compat import io as cio
@@ -48,23 +75,27 @@ for a, b in zip(ours.layer, ref.layer):
 print(f"snap_iter_8 max abs difference from Caffe's: {worst:.3g}")
 EOF
 
-echo "== 3. AlexNet benchmark"
-timeout 150 python3 benchmarks/bench_alexnet.py --device cuda --batches 1,10,64,128 --reps 3 2>&1 \
-    | grep -v '^USDT' | tee "$OUT/bench_gpu_fp32.log"
-timeout 90 python3 benchmarks/bench_alexnet.py --device cuda --batches 64,128 --reps 3 --precision bf16 \
-    --channels_last --baseline_same --what fwd_bwd,iter 2>&1 | grep -v '^USDT' | tee "$OUT/bench_gpu_bf16.log"
-
-timeout 60 python3 benchmarks/bench_alexnet.py --device cuda --batches 1,10 --reps 3 --what fwd --fwd_api run 2>&1 \
-    | grep -v '^USDT' | tee "$OUT/bench_gpu_fwd_run.log"
-timeout 60 python3 benchmarks/bench_overhead.py --device cuda --reps 5 2>&1 | grep -v '^USDT' \
-    | tee "$OUT/bench_gpu_overhead.log"
+say "== 3a. AlexNet float32, peak CUDA allocation [${SECONDS}s]"
+bench 150 --batches 1,10,64,128 --reps 3 --memory
+say "== 3b. per-call overhead, tiny AlexNet [${SECONDS}s]"
+timeout "$(limit 60)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 5 2>&1 | grep -v '^USDT' | tee -a "$LOG"
+say "== 3c. bf16 + channels_last, both sides [${SECONDS}s]"
+bench 90 --batches 64,128 --reps 3 --precision bf16 --channels_last --baseline_same --what fwd_bwd,iter
+say "== 3d. inference through net.run (tensors out) [${SECONDS}s]"
+bench 60 --batches 1,10,64 --reps 3 --what fwd --fwd_api run
+say "== 3e. iteration without the label check's host sync [${SECONDS}s]"
+bench 60 --batches 1,10,64 --reps 3 --what iter --no_label_check
+say "== 3f. profiles (summaries here, tables in profile.log) [${SECONDS}s]"
+timeout "$(limit 90)" python3 benchmarks/bench_alexnet.py --device "$DEVICE" --batches 10,64 --reps 1 \
+    --what fwd_bwd,iter --profile > "$OUT/profile.log" 2>&1
+grep -E '^# (ours|torch) ' "$OUT/profile.log" | tee -a "$LOG"
 
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$NGPU" -ge 2 ]; then
-    echo "== 4. tools/train.py --gpu all ($NGPU GPUs, NCCL)"
+    say "== 4. tools/train.py --gpu all ($NGPU GPUs, NCCL) [${SECONDS}s]"
     W2=$(mktemp -d)
     cp -r tests/fixtures/caffe_reference/cli/train_test_snapshot/. "$W2/" && rm -f "$W2"/snap_iter_*
-    (cd "$W2" && timeout 120 python3 "$R/tools/train.py" --solver solver.prototxt --weights init.caffemodel --gpu all \
-        > "$OUT/gpu_train_all.log" 2>&1; echo "train --gpu all rc=$?"; ls snap_iter_* | tee "$OUT/gpu_train_all_snapshots.txt")
+    (cd "$W2" && timeout "$(limit 120)" python3 "$R/tools/train.py" --solver solver.prototxt --weights init.caffemodel \
+        --gpu all > "$OUT/gpu_train_all.log" 2>&1; echo "train --gpu all rc=$?"; ls snap_iter_*) | tee -a "$LOG"
 fi
-echo "== done; logs in $OUT"
+say "== done in ${SECONDS}s; logs in $OUT"

@@ -490,7 +490,8 @@ class Net(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        probe = fn(torch.zeros(1))
+        # a probe where the net is: .to(memory_format=...) or .to(dtype) keep the device
+        probe = fn(torch.zeros(1, device=self._device, dtype=self._dtype))
         if probe.device.type == "cuda":
             apply_float32_numerics()
         self._device = probe.device

@@ -40,6 +40,8 @@ CAFFE_REF = Path(__file__).parent / "fixtures" / "caffe_reference"
 SOLVER_CASES = sorted(p.name for p in (CAFFE_REF / "solvers").iterdir() if p.is_dir())
 LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-7
 PARAM_RTOL, PARAM_ATOL = 1e-4, 1e-6
+# On a machine with CUDA, CAFFE_COMPAT_TEST_GPU=1 replays every trajectory in GPU mode too.
+DEVICES = ["cpu", "gpu"] if os.environ.get("CAFFE_COMPAT_TEST_GPU") else ["cpu"]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -233,12 +235,23 @@ def assert_states_close(ours: str, ref: str):
         np.testing.assert_allclose(x, y, rtol=PARAM_RTOL, atol=PARAM_ATOL, err_msg=f"history {i}")
 
 
+@pytest.fixture(params=DEVICES)
+def solver_mode(request):
+    """The mode solvers are built in: CPU, and GPU where CAFFE_COMPAT_TEST_GPU is set."""
+    if request.param == "gpu":
+        caffe.set_mode_gpu()
+    yield request.param
+    caffe.set_mode_cpu()
+
+
 @pytest.mark.parametrize("case", SOLVER_CASES)
-def test_trajectory_matches_caffe(case, case_dir):
+def test_trajectory_matches_caffe(case, case_dir, solver_mode):
     case_dir(case)
     ref = np.load("trajectory.npz")
     caffe.set_random_seed(7)
     solver = get_solver("solver.prototxt")
+    if solver_mode == "gpu":
+        assert solver.net.learnable_params[0].device.type == "cuda"
     solver.net.copy_from("init.caffemodel")
     for it in range(1, 21):
         solver.step(1)

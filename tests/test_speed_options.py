@@ -415,6 +415,20 @@ def test_channels_last_matches(tmp_path):
     np.testing.assert_allclose(net.blobs["norm1"].data, ref.blobs["norm1"].data, rtol=1e-5, atol=1e-6)
 
 
+def test_memory_format_or_dtype_change_keeps_the_device(tmp_path):
+    """``net.to(memory_format=...)`` after ``net.to(device)`` stays on that device (it had moved
+    the blobs back to the CPU: every channels_last case failed in GPU mode). The meta device
+    stands in for a GPU."""
+    net = _net(tmp_path).to("meta")
+    net.to(memory_format=torch.channels_last)
+    net.to(torch.float64)
+    assert net._device.type == "meta" and net._dtype == torch.float64
+    params = list(net.parameters())  # (the meta move replaced the Parameter objects)
+    assert params and all(p.device.type == "meta" for p in params)
+    assert params[0].is_contiguous(memory_format=torch.channels_last)
+    assert {b._data.device.type for b in net.blobs.values() if b._data is not None} == {"meta"}
+
+
 def test_train_tool_precision_flag(tmp_path, in_dir):
     from caffe_compat import mode
     from tools import train
