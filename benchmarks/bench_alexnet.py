@@ -504,11 +504,17 @@ def _profile(ours: Ours, base: Baseline, whats: list[str]) -> None:
             gpu_ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
             busy = sum(e.time_range.elapsed_us() for e in gpu_ops) / 1e3
             syncs = {k: sum(1 for e in events if e.name == k) for k in _SYNC_EVENTS}
-            copies = sum(1 for e in events if e.name.startswith("cudaMemcpy"))
+            copies = [e for e in events if e.name.startswith("cudaMemcpy")]
             print(
                 f"# {name} {what}: wall {wall:.2f} ms (profiled), GPU busy {busy:.2f} ms, GPU ops {len(gpu_ops)}, "
-                f"syncs {syncs}, cudaMemcpy* calls {copies}"
+                f"syncs {syncs}, cudaMemcpy* calls {len(copies)}"
             )
+            for e in copies:  # which operations copied between host and device
+                chain, parent = [], e.cpu_parent
+                while parent is not None and len(chain) < 4:
+                    chain.append(parent.name)
+                    parent = parent.cpu_parent
+                print(f"#   {e.name} <- {' <- '.join(chain) or '?'}")
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14))
 
 

@@ -9,7 +9,7 @@ launch per operation. On a GPU at small batches this is what separates a Caffe i
 a hand-written model (docs/benchmarks.md: ratio ~1.6 at batches 1-10 on an H200), and it can be
 measured on a CPU: by default the CPU run takes the code paths a GPU takes (no oneDNN
 InnerProduct, no channels_last max pooling, the LRN over the whole batch, the SGD update through
-foreach operations), ``--cpu_paths`` keeps the CPU's own. One thread unless ``--threads``.
+foreach operations, host copies behind ``.data``/``.diff``), ``--cpu_paths`` keeps the CPU's own. One thread unless ``--threads``.
 
 Prints, for ``fwd`` / ``fwd_bwd`` / ``iter`` (as in bench_alexnet.py), the median over ``--reps``
 alternating rounds of the mean time of ``--calls`` calls, ours and the baseline's, and the ratio.
@@ -54,9 +54,13 @@ def tiny_param(train: bool) -> caffe_pb2.NetParameter:
 
 
 def _gpu_paths_on_cpu() -> None:
-    """Make a CPU run take the paths a GPU run takes (the CPU-only kernels off)."""
+    """Make a CPU run take the paths a GPU run takes (the CPU-only kernels off, pycaffe's
+    ``.data``/``.diff`` as host copies kept in step with the tensors)."""
+    import caffe_compat.blob as blob
     import caffe_compat.layers.norm as norm
     import caffe_compat.layers.pooling as pooling
+
+    blob.uses_host_mirror = lambda device: True
 
     norm._LRN_CHUNK_VALUES = 1 << 62
     torch.backends.mkldnn.enabled = False  # oneDNN's InnerProduct

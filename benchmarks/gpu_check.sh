@@ -8,7 +8,8 @@
 # first, each with its own time limit, cut to what is left of BUDGET_S (seconds, default 520),
 # so that a slow step cannot eat the others' time:
 #   1. every real-Caffe layer case in GPU mode (contiguous and channels_last), the 17 solver
-#      trajectories in GPU mode, the CUDA-only tests;
+#      trajectories in GPU mode, 2 processes (gloo over CUDA tensors) = iter_size 2 in GPU mode,
+#      the CUDA-only tests;
 #   2. tools/train.py --gpu 0 on the `caffe train` fixture, its snapshot against Caffe's;
 #   3. the AlexNet benchmark in float32 (IEEE, TF32 off) with the peak CUDA allocation, the
 #      interpreter's per-call overhead on a tiny AlexNet (bench_overhead.py), bf16 + channels_last,
@@ -52,7 +53,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 say "== 1. conformance in GPU mode (layers, solver trajectories, CUDA-only tests) [${SECONDS}s]"
 CAFFE_COMPAT_TEST_GPU=1 timeout "$(limit 150)" python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
     tests/test_conformance_layers.py tests/test_layers_loss.py tests/test_host_mirror.py tests/test_solvers.py \
-    > "$OUT/gpu_conformance.log" 2>&1
+    tests/test_distributed.py tests/test_speed_options.py > "$OUT/gpu_conformance.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/gpu_conformance.log"
 grep -E '^(FAILED|ERROR)' "$OUT/gpu_conformance.log" | head -20 | tee -a "$LOG"
 tail -2 "$OUT/gpu_conformance.log" | tee -a "$LOG"
@@ -76,7 +77,7 @@ print(f"snap_iter_8 max abs difference from Caffe's: {worst:.3g}")
 EOF
 
 say "== 3a. AlexNet float32, peak CUDA allocation [${SECONDS}s]"
-bench 150 --batches 1,10,64,128 --reps 3 --memory
+bench 150 --batches 1,10,64,128 --reps 5 --iters 20 --memory
 say "== 3b. per-call overhead, tiny AlexNet [${SECONDS}s]"
 timeout "$(limit 60)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 5 2>&1 | grep -v '^USDT' | tee -a "$LOG"
 say "== 3c. bf16 + channels_last, both sides [${SECONDS}s]"
@@ -88,7 +89,7 @@ bench 60 --batches 1,10,64 --reps 3 --what iter --no_label_check
 say "== 3f. profiles (summaries here, tables in profile.log) [${SECONDS}s]"
 timeout "$(limit 90)" python3 benchmarks/bench_alexnet.py --device "$DEVICE" --batches 10,64 --reps 1 \
     --what fwd_bwd,iter --profile > "$OUT/profile.log" 2>&1
-grep -E '^# (ours|torch) ' "$OUT/profile.log" | tee -a "$LOG"
+grep -E '^# (ours|torch) [a-z_]+: |^#   cuda' "$OUT/profile.log" | tee -a "$LOG"
 
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$NGPU" -ge 2 ]; then

@@ -42,6 +42,9 @@ LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-7
 PARAM_RTOL, PARAM_ATOL = 1e-4, 1e-6
 ITERS = 10
 TIMEOUT_S = 180
+# On a machine with CUDA, CAFFE_COMPAT_TEST_GPU=1 runs the 2-process equivalence in GPU mode too
+# (both processes on GPU 0, gloo over CUDA tensors: one GPU cannot host two NCCL ranks).
+MODES = ["cpu", "gpu"] if os.environ.get("CAFFE_COMPAT_TEST_GPU") else ["cpu"]
 
 # ---------------------------------------------------------------------------------------------
 # sharding in the data layers (one process)
@@ -202,7 +205,7 @@ def _train_in(d: Path, iters: int, rank: int = 0, action=None, snapshot: bool = 
             losses.append(float(solver.smoothed_loss))
             if solver.requested_early_exit:
                 break
-        params = [p.detach().numpy().copy() for p in solver.net.learnable_params]
+        params = [p.detach().cpu().numpy().copy() for p in solver.net.learnable_params]
         if snapshot:
             solver.last_snapshot = solver.snapshot()
         return np.array(losses), params, solver
@@ -225,11 +228,13 @@ def _scripted_action(rank: int):
     return action
 
 
-def _dist_worker(rank: int, world_size: int, dirs: list[str], signal_dir: str, out: str) -> int:
+def _dist_worker(rank: int, world_size: int, dirs: list[str], signal_dir: str, out: str, gpu: bool = False) -> int:
     import logging
 
     logging.getLogger("caffe_compat").setLevel(logging.WARNING)
     torch.set_num_threads(1)
+    if gpu:
+        caffe.set_mode_gpu()
     result = {}
     for k, d in enumerate(dirs):
         losses, params, _ = _train_in(Path(d), ITERS, rank)
@@ -240,11 +245,24 @@ def _dist_worker(rank: int, world_size: int, dirs: list[str], signal_dir: str, o
     losses, _, solver = _train_in(Path(signal_dir), ITERS, rank, action=_scripted_action(rank), snapshot=True)
     result["signal_iter"] = np.array(solver.iter)
     result["signal_snapshot"] = np.array(solver.last_snapshot is not None)
+    result["on_cuda"] = np.array(solver.net.learnable_params[0].device.type == "cuda")
     np.savez(os.path.join(out, f"rank{rank}.npz"), **result)
     return 0
 
 
-def test_two_gloo_processes_equal_iter_size_2(tmp_path):
+@pytest.fixture
+def gpu_mode():
+    """Turn GPU mode on for the test's own single-process runs; off again afterwards."""
+
+    def on():
+        caffe.set_mode_gpu()
+
+    yield on
+    caffe.set_mode_cpu()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_gloo_processes_equal_iter_size_2(tmp_path, mode, gpu_mode):
     # Caffe clips before Normalize: with iter_size 2 the threshold applies to the *sum* of the two
     # passes, with 2 processes to their *average* (P2PSync averages first); so clip c on 2
     # processes is clip 2c with iter_size 2 — and a clip threshold that bites shows the order.
@@ -254,13 +272,17 @@ def test_two_gloo_processes_equal_iter_size_2(tmp_path):
     status = launch(
         _dist_worker,
         2,
-        ([str(d) for d in dist_dirs], str(signal_dir), str(tmp_path)),
+        ([str(d) for d in dist_dirs], str(signal_dir), str(tmp_path), mode == "gpu"),
         backend="gloo",
+        devices=[0, 0] if mode == "gpu" else None,
         timeout=datetime.timedelta(seconds=TIMEOUT_S),
         wall_timeout=TIMEOUT_S,
     )
     assert status == 0
+    if mode == "gpu":
+        gpu_mode()
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    assert [bool(r["on_cuda"]) for r in ranks] == [mode == "gpu"] * 2
 
     for k, (case, _, single_extra) in enumerate(cases):
         losses, params, solver = _train_in(_prepare_case(tmp_path / "single", case, 2, single_extra), ITERS)
