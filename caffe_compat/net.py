@@ -21,6 +21,7 @@ gradient at its first producer, which is what Caffe leaves in the shared memory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import OrderedDict
@@ -35,6 +36,7 @@ from caffe_compat import blob as _blob
 from caffe_compat import layers as _layers  # noqa: F401  (registers every layer type)
 from caffe_compat.blob import Blob, ParamBlob
 from caffe_compat.errors import CaffeError, LayerError, NetError
+from caffe_compat.layers import loss as _loss_layers
 from caffe_compat.layers.base import layer_class
 from caffe_compat.mode import apply_float32_numerics, autocast_dtype, compile_enabled, current_device
 from caffe_compat.proto import caffe_pb2
@@ -894,7 +896,10 @@ class Net(nn.Module):
         solver unscales); the returned loss is unscaled.
         """
         low = autocast_dtype()
-        with torch.enable_grad():
+        # on a GPU the loss layers' label checks are read back with the loss (one synchronisation
+        # per pass, at its end); the compiled path checks as it goes
+        defer = _loss_layers.deferred_label_checks() if self._compile_options is None else contextlib.nullcontext()
+        with torch.enable_grad(), defer as checks:
             if low is None:
                 loss = self._forward_loss()
             else:
@@ -915,7 +920,16 @@ class Net(nn.Module):
                 torch.autograd.backward([loss * loss_scale if loss_scale != 1.0 else loss], inputs=params)
         self._fill_missing_diffs()
         self._diffs_cleared = False
-        return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        if not checks:
+            return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        # one host read for the loss and every deferred label range; a bad label raises here,
+        # before a solver uses the pass's gradients
+        values = [loss.detach().double().reshape(1)] if isinstance(loss, torch.Tensor) else []
+        values += [r[1].double() for r in checks]
+        read = torch.cat([v.to(checks[0][1].device) for v in values]).tolist()
+        value = read.pop(0) if isinstance(loss, torch.Tensor) else float(loss)
+        _loss_layers.verify_deferred(checks, read)
+        return float(np.float32(value))
 
     def sync_host_params(self) -> None:
         """Send parameter values and diffs written through ``net.params[...]`` on a GPU back to

@@ -624,3 +624,92 @@ def test_cuda_matches_cpu(type_name, shapes, params, ntop):
     assert (cpu_grad is None) == (gpu_grad is None) == (type_name == "Accuracy")
     if cpu_grad is not None:
         np.testing.assert_allclose(gpu_grad, cpu_grad, rtol=1e-5, atol=1e-6)
+
+
+# -- label checks deferred to the end of forward_backward (the GPU path, forced on the CPU) ------
+
+DEFER_NET = """
+name: "defer"
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 3 dim: 5 }} }} }}
+layer {{ name: "label" type: "Input" top: "label" input_param {{ shape {{ dim: 3 }} }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param {{ num_output: 4 weight_filler {{ type: "gaussian" std: 0.5 }} }} }}
+layer {{ name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "acc" {acc} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" {loss} }}
+"""
+
+
+def _defer_net(tmp_path, labels, ignore: bool):
+    import caffe_compat as caffe
+
+    extra = "loss_param { ignore_label: 255 }" if ignore else ""
+    p = tmp_path / "defer.prototxt"
+    p.write_text(DEFER_NET.format(acc=extra.replace("loss_param", "accuracy_param"), loss=extra))
+    caffe.set_random_seed(5)
+    net = caffe.Net(str(p), caffe.TRAIN)
+    net.blobs["data"].data[...] = rng(3).standard_normal((3, 5))
+    net.blobs["label"].data[...] = labels
+    return net
+
+
+@pytest.fixture
+def defer_on_cpu(monkeypatch):
+    """Take the GPU's deferred label checks on CPU tensors."""
+    from caffe_compat.layers import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "_defers", lambda labels: loss_mod._deferred is not None)
+    return loss_mod
+
+
+@pytest.mark.parametrize("ignore,labels", [(False, [0, 3, 1]), (True, [255, 3, 1])])
+def test_deferred_label_check_gives_the_same_pass(tmp_path, monkeypatch, ignore, labels):
+    ref = _defer_net(tmp_path, labels, ignore)
+    ref.clear_param_diffs()
+    ref_loss = ref.forward_backward()
+    from caffe_compat.layers import loss as loss_mod
+
+    calls = []
+    monkeypatch.setattr(loss_mod, "_defers", lambda t: calls.append(1) or loss_mod._deferred is not None)
+    net = _defer_net(tmp_path, labels, ignore)
+    net.clear_param_diffs()
+    assert net.forward_backward() == ref_loss
+    assert len(calls) == 2  # the Accuracy and the loss layer took the deferred path
+    assert loss_mod._deferred is None
+    for name in ("acc", "loss"):
+        np.testing.assert_array_equal(net.blobs[name].data, ref.blobs[name].data)
+    for a, b in zip(net.learnable_params, ref.learnable_params):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("labels,value", [([0, 4, 1], 4), ([0, -1, 9], -1)])
+def test_deferred_label_check_raises_before_the_update(tmp_path, defer_on_cpu, labels, value):
+    from caffe_compat.solvers import SGDSolver
+
+    net = _defer_net(tmp_path, labels, ignore=False)
+    before = [p.detach().clone() for p in net.learnable_params]
+    sp = caffe_pb2.SolverParameter(base_lr=0.1, lr_policy="fixed", max_iter=10)
+    solver = SGDSolver(sp, source="<test>", net=net, device=torch.device("cpu"))
+    with pytest.raises(LayerError, match=rf"layer 'acc'.*label value {value} in bottom 'label\w*' is out of range"):
+        solver.step(1)
+    assert defer_on_cpu._deferred is None
+    for p, b in zip(net.learnable_params, before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
+    assert solver.iter == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bad_label_on_the_gpu_is_a_clear_error_not_a_device_assert(tmp_path):
+    import caffe_compat as caffe
+
+    caffe.set_mode_gpu()
+    try:
+        net = _defer_net(tmp_path, [0, 7, 1], ignore=False)
+        assert net.learnable_params[0].device.type == "cuda"
+        net.clear_param_diffs()
+        with pytest.raises(LayerError, match=r"label value 7 in bottom 'label\w*' is out of range"):
+            net.forward_backward()
+        net.blobs["label"].data[...] = [0, 2, 1]  # the device is still usable
+        net.clear_param_diffs()
+        assert np.isfinite(net.forward_backward())
+    finally:
+        caffe.set_mode_cpu()

@@ -14,6 +14,7 @@ Labels are read like Caffe's ``static_cast<int>(label)``: truncated toward zero.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -71,27 +72,68 @@ def _as_labels(label: Tensor) -> Tensor:
     return label.detach().to(torch.long)
 
 
-def _check_label_range(layer: Layer, labels: Tensor, valid: Tensor | None, num_classes: int) -> None:
-    """Raise naming the layer when a (non-ignored) label is outside ``[0, num_classes)``."""
-    if labels.device.type == "meta":
-        return
+# Label range checks deferred to the end of Net.forward_backward (see ``deferred_label_checks``):
+# None outside it, else the list of (layer, [min, max] tensor, number of classes) to verify.
+_deferred: list[tuple[Layer, Tensor, int]] | None = None
+
+
+@contextlib.contextmanager
+def deferred_label_checks():
+    """Within the block, loss layers on a GPU do not read their labels' range back to the host
+    (a synchronisation in the middle of the forward pass that stalls the GPU while the host
+    prepares the backward): they clamp the labels into range for their indexing kernels and
+    record the range; the caller verifies the records with ``verify_deferred`` (at the one host
+    read it makes anyway, the loss value) and raises before anything uses the pass's gradients.
+    Yields the list of records."""
+    global _deferred
+    outer, _deferred = _deferred, []
+    try:
+        yield _deferred
+    finally:
+        _deferred = outer
+
+
+def _defers(labels: Tensor) -> bool:
+    return _deferred is not None and labels.device.type != "cpu"
+
+
+def verify_deferred(records: list[tuple[Layer, Tensor, int]], values: list[float]) -> None:
+    """Raise like ``_check_label_range`` for the first record whose range (``values``: the
+    records' [min, max] pairs read back, in order) leaves ``[0, classes)``."""
+    for (layer, _, num_classes), lo, hi in zip(records, values[0::2], values[1::2]):
+        if lo < 0 or hi >= num_classes:
+            _label_error(layer, int(lo if lo < 0 else hi), num_classes)
+
+
+def _label_error(layer: Layer, value: int, num_classes: int):
+    hint = " or set loss_param.ignore_label to skip it" if layer.type != "Accuracy" else ""
+    raise layer.error(
+        f"label value {value} in bottom {_bottom_name(layer, 1)} is out of range: "
+        f"labels must be integers in [0, {num_classes}); fix the labels{hint}"
+    )
+
+
+def _check_label_range(layer: Layer, labels: Tensor, valid: Tensor | None, num_classes: int) -> Tensor:
+    """Raise naming the layer when a (non-ignored) label is outside ``[0, num_classes)``; returns
+    the labels to index with. Inside ``deferred_label_checks`` on a GPU: records the range and
+    returns the labels clamped into range (the check happens later, before any update)."""
+    if labels.device.type == "meta" or labels.numel() == 0:
+        return labels
+    if _defers(labels):
+        counted = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
+        _deferred.append((layer, torch.stack(torch.aminmax(counted)), num_classes))
+        return labels.clamp(0, num_classes - 1)
     if valid is None:
-        if labels.numel() == 0:
-            return
         # one reduction and one host read (a GPU synchronises once) when nothing is out of range
         lo, hi = torch.stack(torch.aminmax(labels)).tolist()
         if 0 <= lo and hi < num_classes:
-            return
+            return labels
     bad = (labels < 0) | (labels >= num_classes)
     if valid is not None:
         bad = bad & valid
     if bool(bad.any()):
-        value = int(labels[bad][0])
-        hint = " or set loss_param.ignore_label to skip it" if layer.type != "Accuracy" else ""
-        raise layer.error(
-            f"label value {value} in bottom {_bottom_name(layer, 1)} is out of range: "
-            f"labels must be integers in [0, {num_classes}); fix the labels{hint}"
-        )
+        _label_error(layer, int(labels[bad][0]), num_classes)
+    return labels
 
 
 def _check_first_dims(layer: Layer, bottom_shapes: list[tuple[int, ...]]) -> None:
@@ -331,12 +373,12 @@ class SoftmaxWithLossLayer(Layer):
         labels = _as_labels(label).reshape(outer, 1, inner)
         if self.has_ignore_label:
             valid = labels != self.ignore_label
-            _check_label_range(self, labels, valid, channels)
+            labels = _check_label_range(self, labels, valid, channels)
             target = torch.where(valid, labels, torch.zeros_like(labels))
             normalizer = _normalizer(self.normalization, outer, inner, valid, x)
         else:  # every position counts: no mask
-            valid, target = None, labels
-            _check_label_range(self, labels, None, channels)
+            valid = None
+            target = _check_label_range(self, labels, None, channels)
             normalizer = _normalizer(self.normalization, outer, inner, None, x)
         loss, prob = _SoftmaxLossFunction.apply(x.reshape(outer, channels, inner), target, valid, normalizer)
         if len(self.param.top) > 1:
@@ -417,7 +459,7 @@ class HingeLossLayer(Layer):
         n = x.shape[0]
         x2 = x.reshape(n, -1)
         labels = _as_labels(label).reshape(n, 1)
-        _check_label_range(self, labels, None, x2.shape[1])
+        labels = _check_label_range(self, labels, None, x2.shape[1])
         sign = torch.ones_like(x2).scatter(1, labels, -1.0)
         # relu's gradient at 0 is 0, as Caffe's sign(0) in the L1 backward.
         margin = torch.relu(1 + sign * x2)
@@ -503,7 +545,7 @@ class InfogainLossLayer(Layer):
         h = infogain[0].detach() if infogain else self.infogain
         h = h.to(device=prob.device, dtype=prob.dtype).reshape(dim, dim)
         labels = _as_labels(label).reshape(n)
-        _check_label_range(self, labels, None, dim)
+        labels = _check_label_range(self, labels, None, dim)
         return (_InfogainFunction.apply(p2, h[labels]),)
 
 
@@ -575,7 +617,7 @@ class MultinomialLogisticLossLayer(Layer):
         n = prob.shape[0]
         p2 = prob.reshape(n, -1)
         labels = _as_labels(label).reshape(n, 1)
-        _check_label_range(self, labels, None, p2.shape[1])
+        labels = _check_label_range(self, labels, None, p2.shape[1])
         return (_MultinomialLogisticFunction.apply(p2, labels),)
 
 
@@ -630,7 +672,7 @@ class AccuracyLayer(Layer):
                 valid = labels != self.ignore_label
             else:
                 valid = torch.ones_like(labels, dtype=torch.bool)
-            _check_label_range(self, labels, valid, channels)
+            labels = _check_label_range(self, labels, valid, channels)
             target = torch.where(valid, labels, torch.zeros_like(labels))
             true_score = scores.gather(1, target)
             # Counts the true class itself too, hence the -1 (as Caffe's num_better_predictions).
