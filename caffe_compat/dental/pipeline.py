@@ -517,11 +517,11 @@ def run_reproduction(
         log.info("CAE: validation loss %.6g, mean image %.6g", cae_final, mean_loss)
         if cae_did_not_learn(cae_final, mean_loss):
             warning = (
-                f"WARNING: the CAE did not learn: its validation loss {cae_final:.6g} is within "
-                f"{100 * (1 - CAE_STUCK_RATIO):.0f} % of reconstructing every half as the mean image "
-                f"({mean_loss:.6g}); its decoder output is the mean image. The CAE rows of Table II then say "
-                "nothing about CAE pre-training: rerun with another --seed, more CAE iterations, or "
-                "--imagenet-weights."
+                f"WARNING: the CAE did not learn: its validation loss {cae_final:.6g} is not "
+                f"{100 * (1 - CAE_STUCK_RATIO):.0f} % below the loss of reconstructing every half as the "
+                f"training halves' mean image ({mean_loss:.6g}): it reconstructs no better than that "
+                "image. The CAE rows of Table II then say nothing about CAE pre-training: rerun with "
+                "another --seed, more CAE iterations, or --imagenet-weights."
             )
             notes.append(warning)
             log.warning("%s", warning)
