@@ -657,7 +657,7 @@ def defer_on_cpu(monkeypatch):
     """Take the GPU's deferred label checks on CPU tensors."""
     from caffe_compat.layers import loss as loss_mod
 
-    monkeypatch.setattr(loss_mod, "_defers", lambda labels: loss_mod._deferred is not None)
+    monkeypatch.setattr(loss_mod, "_defers", lambda labels: getattr(loss_mod._deferred, "records", None) is not None)
     return loss_mod
 
 
@@ -669,12 +669,14 @@ def test_deferred_label_check_gives_the_same_pass(tmp_path, monkeypatch, ignore,
     from caffe_compat.layers import loss as loss_mod
 
     calls = []
-    monkeypatch.setattr(loss_mod, "_defers", lambda t: calls.append(1) or loss_mod._deferred is not None)
+    monkeypatch.setattr(
+        loss_mod, "_defers", lambda t: calls.append(1) or getattr(loss_mod._deferred, "records", None) is not None
+    )
     net = _defer_net(tmp_path, labels, ignore)
     net.clear_param_diffs()
     assert net.forward_backward() == ref_loss
     assert len(calls) == 2  # the Accuracy and the loss layer took the deferred path
-    assert loss_mod._deferred is None
+    assert loss_mod._deferred.records is None
     for name in ("acc", "loss"):
         np.testing.assert_array_equal(net.blobs[name].data, ref.blobs[name].data)
     for a, b in zip(net.learnable_params, ref.learnable_params):
@@ -691,7 +693,7 @@ def test_deferred_label_check_raises_before_the_update(tmp_path, defer_on_cpu, l
     solver = SGDSolver(sp, source="<test>", net=net, device=torch.device("cpu"))
     with pytest.raises(LayerError, match=rf"layer 'acc'.*label value {value} in bottom 'label\w*' is out of range"):
         solver.step(1)
-    assert defer_on_cpu._deferred is None
+    assert defer_on_cpu._deferred.records is None
     for p, b in zip(net.learnable_params, before):
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
     assert solver.iter == 0

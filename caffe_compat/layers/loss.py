@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -72,9 +73,10 @@ def _as_labels(label: Tensor) -> Tensor:
     return label.detach().to(torch.long)
 
 
-# Label range checks deferred to the end of Net.forward_backward (see ``deferred_label_checks``):
-# None outside it, else the list of (layer, [min, max] tensor, number of classes) to verify.
-_deferred: list[tuple[Layer, Tensor, int]] | None = None
+# Label range checks deferred to the end of Net.forward_backward (see ``deferred_label_checks``),
+# per thread: ``records`` is None outside it, else the list of (layer, [min, max] tensor, number
+# of classes) to verify.
+_deferred = threading.local()
 
 
 @contextlib.contextmanager
@@ -85,16 +87,16 @@ def deferred_label_checks():
     record the range; the caller verifies the records with ``verify_deferred`` (at the one host
     read it makes anyway, the loss value) and raises before anything uses the pass's gradients.
     Yields the list of records."""
-    global _deferred
-    outer, _deferred = _deferred, []
+    outer = getattr(_deferred, "records", None)
+    _deferred.records = records = []
     try:
-        yield _deferred
+        yield records
     finally:
-        _deferred = outer
+        _deferred.records = outer
 
 
 def _defers(labels: Tensor) -> bool:
-    return _deferred is not None and labels.device.type != "cpu"
+    return labels.device.type != "cpu" and getattr(_deferred, "records", None) is not None
 
 
 def verify_deferred(records: list[tuple[Layer, Tensor, int]], values: list[float]) -> None:
@@ -121,7 +123,7 @@ def _check_label_range(layer: Layer, labels: Tensor, valid: Tensor | None, num_c
         return labels
     if _defers(labels):
         counted = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
-        _deferred.append((layer, torch.stack(torch.aminmax(counted)), num_classes))
+        _deferred.records.append((layer, torch.stack(torch.aminmax(counted)), num_classes))
         return labels.clamp(0, num_classes - 1)
     if valid is None:
         # one reduction and one host read (a GPU synchronises once) when nothing is out of range
