@@ -927,9 +927,9 @@ class Net(nn.Module):
         values = [loss.detach().double().reshape(1)] if isinstance(loss, torch.Tensor) else []
         values += [r[1].double() for r in checks]
         read = torch.cat([v.to(checks[0][1].device) for v in values]).tolist()
-        value = read.pop(0) if isinstance(loss, torch.Tensor) else float(loss)
+        value = read.pop(0) if isinstance(loss, torch.Tensor) else float(loss)  # exact: float32/64 -> double
         _loss_layers.verify_deferred(checks, read)
-        return float(np.float32(value))
+        return value
 
     def sync_host_params(self) -> None:
         """Send parameter values and diffs written through ``net.params[...]`` on a GPU back to
