@@ -94,6 +94,23 @@ def _split_layer_name(layer_name: str, blob_name: str, top_idx: int) -> str:
     return f"{blob_name}_{layer_name}_{top_idx}_split"
 
 
+def _split_sources(param) -> dict[str, str]:
+    """The blob each top of an inserted Split layer copies (``label_data_1_split_0`` -> ``label``),
+    so that messages name the blob the user wrote."""
+    return {
+        t: lp.bottom[0]
+        for lp in param.layer
+        if lp.type == "Split" and len(lp.bottom) == 1 and lp.name == _split_layer_name_of(lp)
+        for t in lp.top
+    }
+
+
+def _split_layer_name_of(lp) -> str | None:
+    # an inserted split is named after its bottom, producer and top index: "<blob>_<layer>_<i>_split"
+    prefix = f"{lp.bottom[0]}_"
+    return lp.name if lp.name.startswith(prefix) and lp.name.endswith("_split") else None
+
+
 def insert_splits(param, source: str = "<net>"):
     """Caffe's InsertSplits: a Split layer after every top that feeds more than one consumer.
 
@@ -222,6 +239,7 @@ class Net(nn.Module):
         self.name = param.name
         self.force_backward = param.force_backward
         self.net_param = insert_splits(filter_net(param, self.source), self.source)
+        self._split_source = _split_sources(self.net_param)
         self._build()
         dev = current_device()
         self._mode_device = dev  # the global mode (set_mode_gpu/cpu) this net last followed
@@ -283,7 +301,7 @@ class Net(nn.Module):
                 layer = cls(lp, bshapes, lp.phase)
                 tshapes = layer.top_shapes(bshapes)
             except CaffeError as e:
-                raise type(e)(f"{src}: {e}") from None
+                raise type(e)(f"{src}: {self._readable(str(e))}") from None
             except Exception as e:  # a layer's own failure on these shapes
                 raise LayerError(
                     f"{src}: layer {lname!r} ({lp.type}): cannot set up with bottom shapes "
@@ -502,6 +520,17 @@ class Net(nn.Module):
             b.to(self._device, self._dtype)
         return out
 
+    def _readable(self, message: str) -> str:
+        """``message`` with the inserted Split layers' top names replaced by the blobs they copy."""
+        for top, blob in self._split_source.items():
+            if repr(top) in message:
+                message = message.replace(repr(top), repr(blob))
+        return message
+
+    def _readable_error(self, e: CaffeError) -> CaffeError:
+        message = self._readable(str(e))
+        return e if message == str(e) else type(e)(message).with_traceback(e.__traceback__)
+
     def _sync_mode(self) -> None:
         """Follow a change of the global mode (pycaffe's set_mode_gpu/cpu) since the last call;
         a net the user moved with ``.to(device)`` stays there until the mode changes."""
@@ -570,8 +599,8 @@ class Net(nn.Module):
                     tops = layer(*bottoms)
                 else:
                     tops = layer.forward(*bottoms)
-            except CaffeError:
-                raise
+            except CaffeError as e:
+                raise self._readable_error(e) from None
             except Exception as e:
                 raise LayerError(
                     f"{e} (while running layer {self._layer_names[li]!r} ({layer.type}) with bottom "
@@ -928,7 +957,10 @@ class Net(nn.Module):
         values += [r[1].double() for r in checks]
         read = torch.cat([v.to(checks[0][1].device) for v in values]).tolist()
         value = read.pop(0) if isinstance(loss, torch.Tensor) else float(loss)  # exact: float32/64 -> double
-        _loss_layers.verify_deferred(checks, read)
+        try:
+            _loss_layers.verify_deferred(checks, read)
+        except CaffeError as e:
+            raise self._readable_error(e) from None
         return value
 
     def sync_host_params(self) -> None:

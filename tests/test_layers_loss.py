@@ -691,7 +691,7 @@ def test_deferred_label_check_raises_before_the_update(tmp_path, defer_on_cpu, l
     before = [p.detach().clone() for p in net.learnable_params]
     sp = caffe_pb2.SolverParameter(base_lr=0.1, lr_policy="fixed", max_iter=10)
     solver = SGDSolver(sp, source="<test>", net=net, device=torch.device("cpu"))
-    with pytest.raises(LayerError, match=rf"layer 'acc'.*label value {value} in bottom 'label\w*' is out of range"):
+    with pytest.raises(LayerError, match=rf"layer 'acc'.*label value {value} in bottom 'label' is out of range"):
         solver.step(1)
     assert defer_on_cpu._deferred.records is None
     for p, b in zip(net.learnable_params, before):
@@ -708,10 +708,21 @@ def test_bad_label_on_the_gpu_is_a_clear_error_not_a_device_assert(tmp_path):
         net = _defer_net(tmp_path, [0, 7, 1], ignore=False)
         assert net.learnable_params[0].device.type == "cuda"
         net.clear_param_diffs()
-        with pytest.raises(LayerError, match=r"label value 7 in bottom 'label\w*' is out of range"):
+        with pytest.raises(LayerError, match=r"label value 7 in bottom 'label' is out of range"):
             net.forward_backward()
         net.blobs["label"].data[...] = [0, 2, 1]  # the device is still usable
         net.clear_param_diffs()
         assert np.isfinite(net.forward_backward())
     finally:
         caffe.set_mode_cpu()
+
+
+def test_label_error_names_the_blob_not_its_split(tmp_path):
+    """``label`` feeds Accuracy and the loss, so the net copies it through an inserted Split layer;
+    the error names the blob of the prototxt, as the user wrote it."""
+    net = _defer_net(tmp_path, [0, 9, 1], ignore=False)
+    assert "label_label_0_split_0" in net.blobs  # the copy the layers actually read
+    with pytest.raises(LayerError) as err:
+        net.forward()
+    assert "label value 9 in bottom 'label' is out of range" in str(err.value)
+    assert "split" not in str(err.value)
