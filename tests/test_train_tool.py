@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from caffe_compat import io as cio
+from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers import SignalHandler, get_solver
 from caffe_compat.solvers.state import read_state
 from tools import test as test_tool
@@ -280,3 +281,29 @@ def test_checkout_tools_run_their_own_library(tmp_path):
             cwd=tmp_path,
         )
         assert r.returncode == 0, (tool, r.stderr[-500:])
+
+
+def test_channels_last_flag_trains_to_caffes_snapshots_and_resumes(cli_dir, capsys):
+    """--channels_last (a speed opt-in) keeps the result within real Caffe's tolerance, and a run
+    resumed with it from Caffe's own snapshot ends at Caffe's iteration 8."""
+    assert train.main(["--solver", "solver.prototxt", "--weights", "init.caffemodel", "--channels_last"]) == 0
+    assert "Nets in channels_last memory format (--channels_last)" in messages(capsys.readouterr().err)
+    for n in (4, 8):
+        assert_caffemodels_close(f"snap_iter_{n}.caffemodel", f"ref_snap_iter_{n}.caffemodel")
+        assert_states_close(f"snap_iter_{n}.solverstate", f"ref_snap_iter_{n}.solverstate")
+    for suffix in ("caffemodel", "solverstate"):
+        shutil.copy(f"ref_snap_iter_4.{suffix}", f"snap_iter_4.{suffix}")
+    assert train.main(["--solver", "solver.prototxt", "--snapshot", "snap_iter_4.solverstate", "--channels_last"]) == 0
+    assert_caffemodels_close("snap_iter_8.caffemodel", "ref_snap_iter_8.caffemodel")
+    assert_states_close("snap_iter_8.solverstate", "ref_snap_iter_8.solverstate")
+
+
+def test_compile_flag_compiles_every_net_and_is_restored(cli_dir, monkeypatch):
+    from caffe_compat import mode
+    from caffe_compat.net import Net
+
+    compiled = []
+    monkeypatch.setattr(Net, "compile", lambda self, enable=True, **options: compiled.append(self.phase) or self)
+    assert train.main(["--solver", "solver.prototxt", "--weights", "init.caffemodel", "--compile"]) == 0
+    assert sorted(compiled) == sorted([caffe_pb2.TRAIN, caffe_pb2.TEST])  # the train net and the test net
+    assert mode.compile_enabled() == (False, {})

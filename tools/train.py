@@ -10,7 +10,10 @@ train and test nets; replaces the solver's ``weights``), ``--snapshot`` (resume 
 ``0,1``, ``all``), ``--level``, ``--stage`` (train net state),
 ``--sigint_effect`` / ``--sighup_effect`` (``stop``, ``snapshot``, ``none``; defaults ``stop`` and
 ``snapshot``). Additions: ``--iterations N`` sets ``max_iter``; ``--model M`` trains the net in
-``M`` instead of the solver's (``net: M``). Without ``--gpu``, ``solver_mode: GPU`` in the solver
+``M`` instead of the solver's (``net: M``); speed opt-ins that depart from Caffe's float32 order
+of operations (docs/benchmarks.md): ``--precision bf16|fp16`` (autocast, float32 master weights;
+fp16 with loss scaling), ``--channels_last`` (the nets' 4-D tensors in NHWC), ``--compile``
+(``torch.compile`` of the nets; the first iterations compile). Without ``--gpu``, ``solver_mode: GPU`` in the solver
 file uses GPU ``device_id`` when CUDA is available and the CPU otherwise (with a warning).
 
 Several GPUs (Caffe's multi-GPU training, see docs/multi_gpu.md): ``--gpu 0,1`` or ``--gpu all``
@@ -73,6 +76,14 @@ def build_parser() -> ArgumentParser:
         choices=["fp32", "bf16", "fp16"],
         help="training precision: fp32 (Caffe's), or bf16/fp16 autocast with fp32 weights (fp16: loss scaling)",
     )
+    p.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="keep the nets' 4-D parameters and activations in channels_last (NHWC): faster on GPUs and some CPUs",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the nets (opt-in; the first iterations compile)"
+    )
     return p
 
 
@@ -111,10 +122,18 @@ def _run(args, param: caffe_pb2.SolverParameter) -> int:
     """Build the solver and train (in this process, which may be one rank of several)."""
     from caffe_compat import mode
 
-    before = mode.precision()
+    before, compile_before = mode.precision(), mode.compile_enabled()
     mode.set_precision(getattr(args, "precision", "fp32"))
+    if getattr(args, "compile", False):
+        mode.set_compile(True, **compile_before[1])
     try:
         solver = solver_class(param.type)(param, source=args.solver)
+        if getattr(args, "channels_last", False):
+            import torch
+
+            for net in [solver.net, *solver.test_nets]:
+                net.to(memory_format=torch.channels_last)
+            log.info("Nets in channels_last memory format (--channels_last)")
         with SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
             solver.set_action_function(handler.action)
             if args.snapshot:
@@ -124,6 +143,7 @@ def _run(args, param: caffe_pb2.SolverParameter) -> int:
             solver.solve()
     finally:
         mode.set_precision(before)
+        mode.set_compile(compile_before[0], **compile_before[1])
     log.info("Optimization Done.")
     return 0
 
