@@ -79,7 +79,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--channels_last",
         action="store_true",
-        help="keep the nets' 4-D parameters and activations in channels_last (NHWC): faster on GPUs and some CPUs",
+        help="keep the nets' 4-D parameters and activations in channels_last (NHWC), a speed opt-in (docs/benchmarks.md)",
     )
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the nets (opt-in; the first iterations compile)"
