@@ -3,14 +3,15 @@
 #
 #   OUT=gpu_check_out BUDGET_S=520 bash benchmarks/gpu_check.sh
 #
-# Everything it prints also goes to $OUT/gpu_check.log; the full pytest output, the training log
-# and the profiles go to their own files in $OUT (four files in all). Steps, most important
+# Everything it prints also goes to $OUT/gpu_check.log; the full pytest output, the training logs
+# and the profiles go to their own files in $OUT (five files in all). Steps, most important
 # first, each with its own time limit, cut to what is left of BUDGET_S (seconds, default 520),
 # so that a slow step cannot eat the others' time:
 #   1. every real-Caffe layer case in GPU mode (contiguous and channels_last), the 17 solver
 #      trajectories in GPU mode, 2 processes (gloo over CUDA tensors) = iter_size 2 in GPU mode,
 #      the CUDA-only tests;
-#   2. tools/train.py --gpu 0 on the `caffe train` fixture, its snapshot against Caffe's;
+#   2. tools/train.py --gpu 0 on the `caffe train` fixture (float32, then --channels_last), its
+#      snapshot against Caffe's;
 #   3. the AlexNet benchmark in float32 (IEEE, TF32 off) with the peak CUDA allocation, the
 #      interpreter's per-call overhead on a tiny AlexNet (bench_overhead.py), bf16 + channels_last,
 #      inference through net.run, the iteration without the label check's host sync, and
@@ -58,12 +59,14 @@ echo "pytest rc=$?" >> "$OUT/gpu_conformance.log"
 grep -E '^(FAILED|ERROR)' "$OUT/gpu_conformance.log" | head -20 | tee -a "$LOG"
 tail -2 "$OUT/gpu_conformance.log" | tee -a "$LOG"
 
-say "== 2. tools/train.py --gpu 0 against Caffe's snapshot [${SECONDS}s]"
-W=$(mktemp -d)
-cp -r tests/fixtures/caffe_reference/cli/train_test_snapshot/. "$W/" && rm -f "$W"/snap_iter_*
-(cd "$W" && timeout "$(limit 90)" python3 "$R/tools/train.py" --solver solver.prototxt --weights init.caffemodel \
-    --gpu 0 > "$OUT/gpu_train.log" 2>&1; echo "train rc=$?") | tee -a "$LOG"
-timeout "$(limit 30)" python3 - "$W" <<'EOF' 2>&1 | tee -a "$LOG"
+for FLAGS in "" "--channels_last"; do
+    say "== 2. tools/train.py --gpu 0 $FLAGS against Caffe's snapshot [${SECONDS}s]"
+    W=$(mktemp -d)
+    cp -r tests/fixtures/caffe_reference/cli/train_test_snapshot/. "$W/" && rm -f "$W"/snap_iter_*
+    # shellcheck disable=SC2086  # FLAGS: zero or one word
+    (cd "$W" && timeout "$(limit 90)" python3 "$R/tools/train.py" --solver solver.prototxt --weights init.caffemodel \
+        --gpu 0 $FLAGS > "$OUT/gpu_train${FLAGS:+_cl}.log" 2>&1; echo "train rc=$?") | tee -a "$LOG"
+    timeout "$(limit 30)" python3 - "$W" <<'EOF' 2>&1 | tee -a "$LOG"
 import sys
 import numpy as np
 from caffe_compat import io as cio
@@ -75,6 +78,7 @@ for a, b in zip(ours.layer, ref.layer):
         worst = max(worst, float(np.max(np.abs(cio.blob_to_array(x) - cio.blob_to_array(y)))))
 print(f"snap_iter_8 max abs difference from Caffe's: {worst:.3g}")
 EOF
+done
 
 say "== 3a. AlexNet float32, peak CUDA allocation [${SECONDS}s]"
 bench 150 --batches 1,10,64,128 --reps 5 --iters 20 --memory
