@@ -134,6 +134,38 @@ def test_inner_product_onednn_path_matches_float64(batch, transpose, bias):
         np.testing.assert_allclose(b.grad.double().numpy(), (2 * dyd.sum(0)).numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_inner_product_onednn_swapped_forward_for_batches_of_rows(monkeypatch, bias):
+    """From 8 rows on, the forward runs as (W x^T)^T (oneDNN streams W): the same values as the
+    usual orientation (equal bits here; float32 rounding asserted), the bias added once."""
+    from caffe_compat.layers import common
+
+    if not common._onednn_linear_available():
+        pytest.skip("this torch has no oneDNN inner product")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 500, generator=gen)
+    w = torch.randn(300, 500, generator=gen)
+    b = torch.randn(300, generator=gen) if bias else None
+    calls = []
+    real = common._ONEDNN_LINEAR
+
+    def spy(a, weight, *rest):
+        calls.append(tuple(a.shape))
+        return real(a, weight, *rest)
+
+    monkeypatch.setattr(common, "_ONEDNN_LINEAR", spy)
+    y = common.linear(x, w, b)
+    assert calls == [(300, 500)]  # W was oneDNN's input
+    assert y.shape == (16, 300) and y.is_contiguous()
+    usual = real(x, w, b, "none", [], "")
+    torch.testing.assert_close(y, usual, rtol=1e-6, atol=1e-6)
+    ref = x.double() @ w.double().t() + (b.double() if bias else 0)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    calls.clear()
+    common.linear(x[:4], w, b)  # a few rows: the usual orientation
+    assert calls == [(4, 500)]
+
+
 def test_inner_product_onednn_backward_of_an_expanded_gradient():
     """``y.sum()`` hands the backward a stride-0 gradient: oneDNN must read it as ones."""
     from caffe_compat.layers import common
