@@ -26,8 +26,8 @@ Ratios are ours / baseline (below 1: we are faster). The baseline is idiomatic P
 (``nn.Conv2d(groups=2)``, ``nn.LocalResponseNorm``, ``nn.MaxPool2d(ceil_mode=True)``,
 ``nn.ReLU(inplace=True)``, ``nn.Dropout``, ``nn.Linear``); options that speed up our side and
 that the baseline could use too (channels_last) are reported for the baseline as well.
-Opt-ins on our side (docs/benchmarks.md): ``--compile`` (``Net.compile()``; the first call's
-compile time is printed), ``--precision bf16|fp16`` (``caffe_compat.mode.set_precision``: autocast
+Opt-ins on our side (docs/benchmarks.md): ``--compile`` (``Net.compile()``; ``--compile_mode``
+e.g. ``reduce-overhead`` for CUDA graphs; the first call's compile time is printed), ``--precision bf16|fp16`` (``caffe_compat.mode.set_precision``: autocast
 with fp32 master weights; fp16 adds loss scaling), ``--channels_last``, ``--fused_update off``
 (the whole-tensor update instead of the chunked one), ``--fused_update compile`` (the opt-in
 ``torch.compile``'d SGD update). ``--baseline_same`` gives the baseline the
@@ -174,7 +174,7 @@ class Ours:
                 if opts.channels_last:
                     net.to(memory_format=torch.channels_last)
                 if opts.compile:
-                    net.compile()
+                    net.compile(**({"mode": opts.compile_mode} if opts.compile_mode else {}))
         sp = caffe_pb2.SolverParameter(
             base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4, display=0, max_iter=10**9
         )
@@ -216,6 +216,7 @@ class Baseline:
         channels_last: bool,
         compile: bool = False,
         amp: torch.dtype | None = None,
+        compile_mode: str = "",
     ):
         self.model = TorchAlexNet().to(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -223,7 +224,9 @@ class Baseline:
         self.x = x.to(device).contiguous(memory_format=fmt)
         self.y = y.to(device).long()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        self.call = torch.compile(self.model) if compile else self.model
+        self.call = (
+            torch.compile(self.model, **({"mode": compile_mode} if compile_mode else {})) if compile else self.model
+        )
         self.device, self.amp = device, amp
 
     def _loss(self) -> torch.Tensor:
@@ -337,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--what", default="fwd,fwd_bwd,iter")
     p.add_argument("--baseline_channels_last", action="store_true")
     p.add_argument("--compile", action="store_true", help="our nets: Net.compile() (torch.compile)")
+    p.add_argument(
+        "--compile_mode", default="", help="torch.compile's mode for --compile (e.g. reduce-overhead: CUDA graphs)"
+    )
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="our training precision")
     p.add_argument("--channels_last", action="store_true", help="our nets in channels_last")
     p.add_argument(
@@ -415,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(batch, 3, 227, 227)
         y = torch.randint(0, NUM_CLASSES, (batch,))
         ours = Ours(batch, device, x, y, opts=args)
-        base = Baseline(device, x, y, base_cl, compile=base_compile, amp=amp)
+        base = Baseline(device, x, y, base_cl, compile=base_compile, amp=amp, compile_mode=args.compile_mode)
         iters = args.iters or max(2, min(10, 40 // batch))
         if args.compile:  # the first calls compile (forward, forward+backward): time them once
             for name, runner in (("ours", ours), ("torch", base)):

@@ -14,8 +14,9 @@
 #      snapshot against Caffe's;
 #   3. the AlexNet benchmark in float32 (IEEE, TF32 off) with the peak CUDA allocation, the
 #      interpreter's per-call overhead on a tiny AlexNet (bench_overhead.py), bf16 + channels_last,
-#      inference through net.run, the iteration without the label check's host sync, and
-#      torch.profiler summaries of one call per side ($OUT/profile.log);
+#      inference through net.run, the iteration without the label check's host sync,
+#      torch.profiler summaries of one call per side ($OUT/profile.log), and last (least
+#      important, slowest) the opt-in torch.compile with CUDA graphs at batches 1 and 10;
 #   4. with two or more GPUs: tools/train.py --gpu all (NCCL), snapshots written once.
 # A folder .whl/ of wheels (e.g. protobuf, lmdb for the machine's Python) is installed first
 # when present, for machines that cannot reach a package index.
@@ -94,6 +95,9 @@ say "== 3f. profiles (summaries here, tables in profile.log) [${SECONDS}s]"
 timeout "$(limit 90)" python3 benchmarks/bench_alexnet.py --device "$DEVICE" --batches 10,64 --reps 1 \
     --what fwd_bwd,iter --profile > "$OUT/profile.log" 2>&1
 grep -E '^# (ours|torch) [a-z_]+: |^#   cuda' "$OUT/profile.log" | tee -a "$LOG"
+
+say "== 3g. opt-in torch.compile (CUDA graphs) at small batches, both sides [${SECONDS}s]"
+bench 150 --batches 1,10 --reps 3 --what fwd_bwd,iter --compile --compile_mode reduce-overhead --baseline_same
 
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$NGPU" -ge 2 ]; then
