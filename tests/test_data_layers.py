@@ -218,6 +218,44 @@ def test_set_random_seed_reproduces_train_crops_and_prefetch_keeps_order(image_d
     assert any(not np.array_equal(x[0], o[0]) for x, o in zip(a, other))
 
 
+@pytest.mark.parametrize("kind", ["ImageData", "Data"])
+def test_data_threads_give_the_same_batches_as_one_image_at_a_time(image_dir, tmp_path, monkeypatch, kind):
+    """The images of a batch are decoded and transformed on several threads (data.workers); the
+    random draws stay in record order, so TRAIN crops, mirrors and reshuffles are bit-identical
+    to one thread's."""
+    tp = "crop_size: 4 mirror: true mean_value: 10 scale: 0.5"
+    if kind == "Data":
+        from tools import convert_imageset
+
+        assert convert_imageset.main(["--encoded", "imgs/", "list.txt", str(tmp_path / "db")]) == 0
+
+    def run(threads):
+        monkeypatch.setenv("CAFFE_COMPAT_DATA_THREADS", str(threads))
+        caffe_compat.set_random_seed(5)
+        if kind == "ImageData":
+            layer = image_layer(bs=4, extra="shuffle: true", tp=tp, prefetch=0, phase=caffe_pb2.TRAIN)
+        else:
+            layer = make_layer(
+                f'name: "d" type: "Data" top: "data" top: "label" transform_param {{ {tp} }} '
+                f'data_param {{ source: "{tmp_path / "db"}" backend: LMDB batch_size: 4 prefetch: 0 }}',
+                caffe_pb2.TRAIN,
+            )
+        return batches(layer, 5)
+
+    one, three = run(1), run(3)
+    for (d1, l1), (d3, l3) in zip(one, three):
+        np.testing.assert_array_equal(l1, l3)
+        np.testing.assert_array_equal(d1, d3)
+
+
+def test_data_threads_raise_the_first_bad_record_of_a_batch(image_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAFFE_COMPAT_DATA_THREADS", "3")
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"not a png at all")
+    (tmp_path / "list.txt").write_text("im 0.png 0\nmissing.png 1\nbad.png 2\nim 1.png 3\n")
+    with pytest.raises(DataError, match=r"list.txt:2: image file 'imgs/missing.png' not found"):
+        image_layer(bs=4, prefetch=0).forward()
+
+
 def test_imagedata_rand_skip_starts_inside_the_range(image_dir):
     starts = set()
     for seed in range(12):

@@ -6,6 +6,7 @@
 - :mod:`~caffe_compat.data.hdf5`: HDF5 source lists, file loading and appending writes.
 - :mod:`~caffe_compat.data.lmdb_db`: LMDB reading (cycling cursor) and writing.
 - :mod:`~caffe_compat.data.prefetch`: a background thread preparing batches ahead, in order.
+- :mod:`~caffe_compat.data.workers`: threads decoding and transforming the images of a batch.
 
 The layers themselves live in :mod:`caffe_compat.layers.data`.
 """

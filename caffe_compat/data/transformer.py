@@ -168,40 +168,56 @@ class DataTransformer:
             log.warning("%s: force_color and force_gray only apply to encoded Datums; ignored", self.where)
         return datum_to_array(datum, self.force_color, self.force_gray, where=where)
 
-    def transform(self, x: np.ndarray, *, where: str = "") -> np.ndarray:
-        """Transform one C×H×W image (uint8 or float32) into a new float32 array."""
-        c, h, w = x.shape
+    def draw(self, chw: tuple[int, int, int], *, where: str = "") -> tuple[bool, int, int]:
+        """The random draws (and checks) ``transform`` makes for a C×H×W image, in Caffe's order:
+        ``(do_mirror, h_off, w_off)``. Raises a DataError when the crop or the mean does not fit."""
+        c, h, w = chw
         where = where or self.where
         do_mirror = self.mirror and int(self.rng.integers(2)) == 1
         h_off = w_off = 0
-        oh, ow = h, w
         if self.crop_size:
-            oh = ow = self.crop_size
-            if h < oh or w < ow:
-                raise DataError(f"{where}: crop_size {oh} is larger than the {h}×{w} image")
+            crop = self.crop_size
+            if h < crop or w < crop:
+                raise DataError(f"{where}: crop_size {crop} is larger than the {h}×{w} image")
             if self.train:
-                h_off = int(self.rng.integers(h - oh + 1))
-                w_off = int(self.rng.integers(w - ow + 1))
+                h_off = int(self.rng.integers(h - crop + 1))
+                w_off = int(self.rng.integers(w - crop + 1))
             else:
-                h_off = (h - oh) // 2
-                w_off = (w - ow) // 2
-        out = x[:, h_off : h_off + oh, w_off : w_off + ow].astype(np.float32)
+                h_off = (h - crop) // 2
+                w_off = (w - crop) // 2
         if self.mean is not None:
             if self.mean.shape != (c, h, w):
                 raise DataError(
                     f"{where}: the {c}×{h}×{w} image does not match mean_file {self.mean_file!r} "
                     f"({'×'.join(map(str, self.mean.shape))}); the mean must have the input's full size"
                 )
+        elif self.mean_values is not None and self.mean_values.size not in (1, c):
+            raise DataError(
+                f"{where}: transform_param gives {self.mean_values.size} mean_value(s) for a {c}-channel image; "
+                f"give 1 or {c}"
+            )
+        return do_mirror, h_off, w_off
+
+    def apply(self, x: np.ndarray, drawn: tuple[bool, int, int]) -> np.ndarray:
+        """Transform one C×H×W image with the draws ``draw`` made for it (no random state used:
+        safe in another thread)."""
+        do_mirror, h_off, w_off = drawn
+        c, h, w = x.shape
+        oh = ow = self.crop_size if self.crop_size else 0
+        if not self.crop_size:
+            oh, ow = h, w
+        out = x[:, h_off : h_off + oh, w_off : w_off + ow].astype(np.float32)
+        if self.mean is not None:
             out -= self.mean[:, h_off : h_off + oh, w_off : w_off + ow]
         elif self.mean_values is not None:
             mv = self.mean_values
-            if mv.size != 1 and mv.size != c:
-                raise DataError(
-                    f"{where}: transform_param gives {mv.size} mean_value(s) for a {c}-channel image; give 1 or {c}"
-                )
             out -= mv.reshape(-1, 1, 1) if mv.size == c else mv[0]
         if self.scale != 1:
             out *= self.scale
         if do_mirror:
             out = out[:, :, ::-1]
         return np.ascontiguousarray(out)
+
+    def transform(self, x: np.ndarray, *, where: str = "") -> np.ndarray:
+        """Transform one C×H×W image (uint8 or float32) into a new float32 array."""
+        return self.apply(x, self.draw(x.shape, where=where))

@@ -13,7 +13,9 @@ distributions are Caffe's.
 
 Data and ImageData prepare batches in a background thread, ``data_param.prefetch`` (default 4)
 batches ahead, as Caffe's BasePrefetchingDataLayer; batch k is the same with or without
-prefetching (``prefetch: 0`` makes them synchronous).
+prefetching (``prefetch: 0`` makes them synchronous). Within a batch the images are decoded and
+transformed on several threads (``caffe_compat.data.workers``, ``CAFFE_COMPAT_DATA_THREADS``),
+with the random draws made in record order: the same bits as one image at a time.
 
 Sharding for multi-process training (``set_shard(rank, world_size)``, called by the solver on
 its train net's data layers): process ``rank`` of ``world_size`` keeps batches ``rank``,
@@ -40,6 +42,7 @@ from caffe_compat.data.image_list import read_image, read_image_list
 from caffe_compat.data.lmdb_db import LMDBReader, check_backend
 from caffe_compat.data.prefetch import Prefetcher
 from caffe_compat.data.transformer import DataTransformer
+from caffe_compat.data.workers import Failed, map_in_order
 from caffe_compat.errors import DataError
 from caffe_compat.layers.base import Layer, register_layer
 
@@ -186,6 +189,40 @@ class _ShardedSource:
 # -- ImageData -------------------------------------------------------------------------------
 
 
+def _assemble_batch(items, load, transformer, mismatch) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of ``len(items)`` records (read in order by the caller): ``load(item)`` ->
+    ``(C×H×W array, label, where)`` runs on the data threads (``data.workers``); the checks and the
+    transformer's random draws happen here in record order, as one image at a time would make
+    them; the transforms run on the data threads again. Caffe shapes the batch by its first
+    record; ``mismatch(k, where, shape_k, first_shape)`` words the error for another size."""
+    loaded = map_in_order(load, items)
+    bs = len(items)
+    data = labels = shape = None
+    images, drawn = [], []
+    for k, item in enumerate(loaded):
+        if isinstance(item, Failed):
+            raise item.error
+        x, label, where = item
+        out_shape = transformer.output_shape(x.shape)
+        if k == 0:  # Caffe reshapes the batch to its first record
+            shape = out_shape
+            data = np.empty((bs, *shape), dtype=np.float32)
+            labels = np.empty((bs,), dtype=np.float32)
+        elif out_shape != shape:
+            raise DataError(mismatch(k, where, out_shape, shape))
+        drawn.append(transformer.draw(x.shape, where=where))
+        images.append(x)
+        labels[k] = label
+
+    def put(k: int) -> None:
+        data[k] = transformer.apply(images[k], drawn[k])
+
+    for result in map_in_order(put, range(bs)):
+        if isinstance(result, Failed):
+            raise result.error
+    return data, labels
+
+
 class _ImageListSource:
     """Produces ImageData batches: (data N×C×H×W, labels N), walking the list with wrap-around."""
 
@@ -198,7 +235,10 @@ class _ImageListSource:
         self.pos, self.order = start, order
 
     def read(self, i: int) -> tuple[np.ndarray, int, str]:
-        path, label, lineno = self.entries[self.order[i]]
+        return self.read_entry(self.entries[self.order[i]])
+
+    def read_entry(self, entry) -> tuple[np.ndarray, int, str]:
+        path, label, lineno = entry
         where = f"{self.list_file}:{lineno}"
         full = self.root + path
         try:
@@ -210,25 +250,19 @@ class _ImageListSource:
         return img, label, where
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray]:
-        bs = self.batch_size
-        data = labels = shape = None
-        for k in range(bs):
-            img, label, where = self.read(self.pos)
-            out_shape = self.transformer.output_shape(img.shape)
-            if k == 0:  # Caffe reshapes the batch to its first image
-                shape = out_shape
-                data = np.empty((bs, *shape), dtype=np.float32)
-                labels = np.empty((bs,), dtype=np.float32)
-            elif out_shape != shape:
-                raise DataError(
-                    f"{where}: image {self.root + self.entries[self.order[self.pos]][0]!r} gives "
-                    f"{'×'.join(map(str, out_shape))} but this batch's first image gives "
-                    f"{'×'.join(map(str, shape))}; set new_height/new_width or crop_size, or batch_size 1"
-                )
-            data[k] = self.transformer.transform(img, where=where)
-            labels[k] = label
+        entries = []
+        for _ in range(self.batch_size):  # the walk (and its reshuffles) in order
+            entries.append(self.entries[self.order[self.pos]])
             self._advance()
-        return data, labels
+
+        def mismatch(k, where, out_shape, shape):
+            return (
+                f"{where}: image {self.root + entries[k][0]!r} gives {'×'.join(map(str, out_shape))} but this "
+                f"batch's first image gives {'×'.join(map(str, shape))}; set new_height/new_width or crop_size, "
+                "or batch_size 1"
+            )
+
+        return _assemble_batch(entries, self.read_entry, self.transformer, mismatch)
 
     def _advance(self) -> None:
         self.pos += 1
@@ -348,22 +382,15 @@ class _DatumSource:
     def __call__(self) -> tuple[np.ndarray, ...]:
         if self._records is None:  # opened in the thread that iterates it
             self._records = self.reader.cycle(self.skip_records)
-        bs = self.batch_size
-        data = labels = shape = None
-        for k in range(bs):
-            x, label, where = self.decode(*next(self._records))
-            out_shape = self.transformer.output_shape(x.shape)
-            if k == 0:  # Caffe reshapes the batch to its first datum
-                shape = out_shape
-                data = np.empty((bs, *shape), dtype=np.float32)
-                labels = np.empty((bs,), dtype=np.float32)
-            elif out_shape != shape:
-                raise DataError(
-                    f"{where}: datum gives {'×'.join(map(str, out_shape))} but this batch's first gives "
-                    f"{'×'.join(map(str, shape))}; records of one batch must have one size"
-                )
-            data[k] = self.transformer.transform(x, where=where)
-            labels[k] = label
+        records = [next(self._records) for _ in range(self.batch_size)]  # the cursor, in order
+
+        def mismatch(k, where, out_shape, shape):
+            return (
+                f"{where}: datum gives {'×'.join(map(str, out_shape))} but this batch's first gives "
+                f"{'×'.join(map(str, shape))}; records of one batch must have one size"
+            )
+
+        data, labels = _assemble_batch(records, lambda kv: self.decode(*kv), self.transformer, mismatch)
         return (data, labels) if self.output_labels else (data,)
 
 
