@@ -3,6 +3,7 @@ against independent NumPy formulas; error paths with real bad files."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -576,3 +577,21 @@ def test_legacy_transform_fields_in_image_data_param(image_dir):
     modern = image_layer(bs=2, tp="scale: 0.25 crop_size: 4")
     assert legacy.top_shapes([]) == [(2, 3, 4, 4), (2,)]
     np.testing.assert_allclose(legacy.forward()[0].numpy(), modern.forward()[0].numpy(), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_data_threads_work_in_a_forked_child(image_dir, monkeypatch):
+    """A process forked after the data threads started gets threads of its own (a child with the
+    parent's pool object and none of its threads would wait forever)."""
+    import multiprocessing
+
+    monkeypatch.setenv("CAFFE_COMPAT_DATA_THREADS", "2")
+    image_layer(bs=4, prefetch=0).forward()  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        labels = pool.apply_async(_labels_of_one_batch).get(timeout=60)
+    assert labels == [0.0, 1.0, 2.0, 3.0]
+
+
+def _labels_of_one_batch():
+    return image_layer(bs=4, prefetch=0).forward()[1].tolist()

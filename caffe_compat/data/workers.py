@@ -26,6 +26,15 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
+def _forget_pool() -> None:  # a forked child has none of the parent's threads: start afresh
+    global _pool, _pool_size, _lock
+    _pool, _pool_size, _lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def data_threads() -> int:
     """Threads used per batch: ``CAFFE_COMPAT_DATA_THREADS``, else min(4, CPU count)."""
     text = os.environ.get("CAFFE_COMPAT_DATA_THREADS", "").strip()
