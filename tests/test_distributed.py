@@ -181,6 +181,7 @@ def test_set_shard_after_prefetch_started_is_refused(monkeypatch):
 
 def _prepare_case(root: Path, case: str, iter_size: int, extra: str = "") -> Path:
     d = root / f"{case}_iter{iter_size}"
+    d = d.with_name(d.name + f"_{len(list(root.glob(d.name + '*')))}") if d.exists() else d
     shutil.copytree(SOLVERS / case, d)
     text = (d / "solver.prototxt").read_text()
     for key in ["iter_size", *re.findall(r"^(\w+):", extra, flags=re.M)]:  # fields set below
@@ -237,7 +238,8 @@ def _dist_worker(rank: int, world_size: int, dirs: list[str], signal_dir: str, o
         caffe.set_mode_gpu()
     result = {}
     for k, d in enumerate(dirs):
-        losses, params, _ = _train_in(Path(d), ITERS, rank)
+        losses, params, solver = _train_in(Path(d), ITERS, rank)
+        result[f"overlapped{k}"] = np.array(solver._sync.overlapped_buckets)
         result[f"loss{k}"] = losses
         for i, p in enumerate(params):
             result[f"p{k}_{i}"] = p
@@ -266,7 +268,13 @@ def test_two_gloo_processes_equal_iter_size_2(tmp_path, mode, gpu_mode):
     # Caffe clips before Normalize: with iter_size 2 the threshold applies to the *sum* of the two
     # passes, with 2 processes to their *average* (P2PSync averages first); so clip c on 2
     # processes is clip 2c with iter_size 2 — and a clip threshold that bites shows the order.
-    cases = [("iter_size", "", ""), ("adam", "clip_gradients: 0.5", "clip_gradients: 1.0")]
+    # layer_wise_reduce (Caffe's default true) reduces buckets during the last backward pass;
+    # false reduces them all after it: the same sums
+    cases = [
+        ("iter_size", "", ""),
+        ("adam", "clip_gradients: 0.5", "clip_gradients: 1.0"),
+        ("iter_size", "layer_wise_reduce: false", ""),
+    ]
     dist_dirs = [_prepare_case(tmp_path / "dist", c, 1, extra) for c, extra, _ in cases]
     signal_dir = _prepare_case(tmp_path / "signal", "sgd_fixed", 1)
     status = launch(
@@ -282,6 +290,9 @@ def test_two_gloo_processes_equal_iter_size_2(tmp_path, mode, gpu_mode):
     if mode == "gpu":
         gpu_mode()
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    for r in ranks:  # buckets went during the backward pass, except with layer_wise_reduce: false
+        assert int(r["overlapped0"]) > 0 and int(r["overlapped1"]) > 0
+        assert int(r["overlapped2"]) == 0
     assert [bool(r["on_cuda"]) for r in ranks] == [mode == "gpu"] * 2
 
     for k, (case, _, single_extra) in enumerate(cases):

@@ -490,7 +490,8 @@ class Solver:
                     getattr(layer, "name", "?"),
                     layer.type,
                 )
-        self._sync = dist_mod.DistributedSync(self.net.learnable_params)
+        # Caffe's layer_wise_reduce (default true): reduce during the last backward pass
+        self._sync = dist_mod.DistributedSync(self.net.learnable_params, overlap=self.param.layer_wise_reduce)
         self._sync.broadcast(self.net.learnable_params)
         if seed >= 0:  # Dropout & co. draw differently on each rank from here on
             torch.manual_seed(int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
@@ -726,7 +727,9 @@ class Solver:
                         break
                 display = bool(p.display) and self.iter % p.display == 0
                 loss = _f32(0)
-                for _ in range(p.iter_size):
+                for k in range(p.iter_size):
+                    if self._sync is not None and k == p.iter_size - 1:
+                        self._sync.arm()  # the diffs are final after this pass: reduce as they come
                     loss = _f32(loss + _f32(self._forward_backward()))
                 loss = _f32(loss / _f32(p.iter_size))
                 if self._sync is not None:  # the request rides with the gradients

@@ -19,10 +19,14 @@ would average each pass rather than the accumulated sum; (2) Caffe reduces the a
 diffs once, right before ``ApplyUpdate``, so gradient clipping sees the *averaged* gradient — the
 explicit reduction keeps exactly that order; (3) the gradients stay in the learnable
 parameters' ``.grad`` (Caffe's diffs), which snapshots with ``snapshot_diff`` and pycaffe read.
-The price: communication does not overlap the backward pass. Gradients are flattened into
-buckets of ``BUCKET_BYTES`` (per dtype and device) so that a net costs few collectives; the
-loss and the stop/snapshot requests of the signal handlers ride in the last bucket, so an
-iteration costs one collective for a small net.
+Communication nevertheless overlaps the backward pass, as in Caffe (``layer_wise_reduce``, default
+true): the solver arms the sync before the *last* of its ``iter_size`` passes, and each bucket
+is all-reduced (asynchronously) as soon as that pass has produced all its gradients, from
+autograd's post-accumulate hooks; ``average_gradients`` waits for those, reduces the rest and
+scales by 1/N. The sums are the same as reducing everything afterwards (``layer_wise_reduce:
+false``). Gradients are flattened into buckets of ``BUCKET_BYTES`` (per dtype and device) so that
+a net costs few collectives; the loss and the stop/snapshot requests of the signal handlers ride
+in the last bucket reduced after the pass (or alone, when every bucket went during it).
 
 Every rank reads its own share of the training data (the data layers' ``set_shard``: rank r of
 N keeps batches r, r+N, r+2N... of the single-process order), so N ranks × ``batch_size`` train
@@ -167,7 +171,7 @@ class DistributedSync:
     on every rank. Bucketed by dtype and device up to ``bucket_bytes``.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], *, bucket_bytes: int = BUCKET_BYTES):
+    def __init__(self, params: Sequence[torch.Tensor], *, bucket_bytes: int = BUCKET_BYTES, overlap: bool = True):
         if not is_distributed():
             raise RuntimeError("DistributedSync needs an initialized process group of more than one process")
         self.rank = dist.get_rank()
@@ -186,6 +190,21 @@ class DistributedSync:
             idx.append(i)
             open_buckets[key] = (idx, size + nbytes)
         self.buckets.extend(idx for idx, _ in open_buckets.values() if idx)
+        # overlap (Caffe's layer_wise_reduce): a bucket is reduced as soon as the armed backward
+        # pass has produced all its gradients, while the pass goes on
+        self.overlap = bool(overlap)
+        self.overlapped_buckets = 0  # how many buckets were reduced during a backward pass
+        self._armed = False
+        self._launched: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._arrived: list[int] = []
+        self._expected: list[int] = []
+        self._hooks = []
+        if self.overlap and self.params and hasattr(self.params[0], "register_post_accumulate_grad_hook"):
+            bucket_of = {i: b for b, idx in enumerate(self.buckets) for i in idx}
+            for i, p in enumerate(self.params):
+                self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, b=bucket_of[i]: self._arrive(b)))
+        else:
+            self.overlap = False
 
     # -- collectives ------------------------------------------------------------------------------
 
@@ -207,32 +226,72 @@ class DistributedSync:
             offset += n
         return offset
 
+    def arm(self) -> None:
+        """Before the last backward pass of an iteration (the gradients are final after it):
+        reduce each bucket during that pass, as soon as all its gradients exist. Off unless
+        ``overlap``; ``average_gradients`` collects the results."""
+        if not self.overlap:
+            return
+        self._launched = {}
+        self._arrived = [0] * len(self.buckets)
+        self._expected = [sum(1 for i in idx if self.params[i].requires_grad) for idx in self.buckets]
+        self._armed = True
+
+    def _grads(self, idx: Sequence[int]) -> list[torch.Tensor]:
+        grads = []
+        for i in idx:
+            p = self.params[i]
+            own_diff(p)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        return grads
+
+    def _arrive(self, b: int) -> None:
+        # a parameter's gradient of the armed pass is complete (autograd's hook, in its thread;
+        # every rank runs the same graph, so the buckets start in the same order everywhere)
+        if not self._armed:
+            return
+        self._arrived[b] += 1
+        if self._arrived[b] == self._expected[b]:
+            with torch.no_grad():
+                flat = self._flat(self._grads(self.buckets[b]))
+                self._launched[b] = (dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True), flat)
+
     def average_gradients(self, loss: float = 0.0, flags: Sequence[int] = ()) -> tuple[float, list[int]]:
         """All-reduce every learnable parameter's ``.grad`` in place: sum over ranks, then scale by
-        ``1/N`` (Caffe's order). Returns the mean of ``loss`` over ranks and, for each of
+        ``1/N`` (Caffe's order). Buckets reduced during the armed backward pass are collected;
+        the others are reduced now. Returns the mean of ``loss`` over ranks and, for each of
         ``flags``, the number of ranks that raised it."""
         scale = 1.0 / self.world_size
         extra = [float(loss), *map(float, flags)]
+        launched, self._launched, self._armed = self._launched, {}, False
+        self.overlapped_buckets += len(launched)
+        here = [b for b in range(len(self.buckets)) if b not in launched]
         with torch.no_grad():
-            grads = []
-            for p in self.params:
-                own_diff(p)
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-            totals: list[float] = []
+            totals: list[float] | None = None
             for b, idx in enumerate(self.buckets):
-                ts = [grads[i] for i in idx]
-                last = b == len(self.buckets) - 1
-                flat = self._flat(ts, extra if last else ())
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                n = self._unflatten(flat, ts)
+                ts = self._grads(idx)
+                if b in launched:
+                    work, flat = launched[b]
+                    work.wait()
+                    self._unflatten(flat, ts)
+                else:  # the loss and the flags ride with the last bucket reduced here
+                    last = b == here[-1]
+                    flat = self._flat(ts, extra if last else ())
+                    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                    n = self._unflatten(flat, ts)
+                    if last:
+                        totals = flat[n:].double().cpu().tolist()
                 for t in ts:
                     t.mul_(scale)
-                if last:
-                    totals = flat[n:].double().cpu().tolist()
-            if not self.buckets:
-                flat = self._flat([], extra)
+            if totals is None:  # every bucket went during the backward pass: the loss alone
+                ref = self.params[0] if self.params else None
+                flat = torch.tensor(
+                    extra,
+                    dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float64,
+                    device=ref.device if ref is not None else self.device,
+                )
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 totals = flat.double().cpu().tolist()
         mean_loss = float(np.float32(np.float32(totals[0]) * np.float32(scale)))
