@@ -100,15 +100,13 @@ def _split_sources(param) -> dict[str, str]:
     return {
         t: lp.bottom[0]
         for lp in param.layer
-        if lp.type == "Split" and len(lp.bottom) == 1 and lp.name == _split_layer_name_of(lp)
+        # an inserted split is named after its bottom, producer and top index (_split_layer_name)
+        if lp.type == "Split"
+        and len(lp.bottom) == 1
+        and lp.name.startswith(f"{lp.bottom[0]}_")
+        and lp.name.endswith("_split")
         for t in lp.top
     }
-
-
-def _split_layer_name_of(lp) -> str | None:
-    # an inserted split is named after its bottom, producer and top index: "<blob>_<layer>_<i>_split"
-    prefix = f"{lp.bottom[0]}_"
-    return lp.name if lp.name.startswith(prefix) and lp.name.endswith("_split") else None
 
 
 def insert_splits(param, source: str = "<net>"):

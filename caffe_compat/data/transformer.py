@@ -203,9 +203,7 @@ class DataTransformer:
         safe in another thread)."""
         do_mirror, h_off, w_off = drawn
         c, h, w = x.shape
-        oh = ow = self.crop_size if self.crop_size else 0
-        if not self.crop_size:
-            oh, ow = h, w
+        oh, ow = (self.crop_size, self.crop_size) if self.crop_size else (h, w)
         out = x[:, h_off : h_off + oh, w_off : w_off + ow].astype(np.float32)
         if self.mean is not None:
             out -= self.mean[:, h_off : h_off + oh, w_off : w_off + ow]

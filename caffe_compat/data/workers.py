@@ -75,7 +75,7 @@ def _guarded(fn: Callable[[Any], Any], item: Any) -> Any:
 def map_in_order(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     """``[fn(item) for item in items]`` on the data threads, in order; an item whose call raised
     gives a :class:`Failed` holding the exception instead of a result."""
-    n = min(data_threads(), len(items))
-    if n <= 1:
+    threads = data_threads()
+    if min(threads, len(items)) <= 1:
         return [_guarded(fn, item) for item in items]
-    return list(_executor(data_threads()).map(lambda item: _guarded(fn, item), items))
+    return list(_executor(threads).map(lambda item: _guarded(fn, item), items))

@@ -186,9 +186,6 @@ class _ShardedSource:
         return self.source()
 
 
-# -- ImageData -------------------------------------------------------------------------------
-
-
 def _assemble_batch(items, load, transformer, mismatch) -> tuple[np.ndarray, np.ndarray]:
     """One batch of ``len(items)`` records (read in order by the caller): ``load(item)`` ->
     ``(C×H×W array, label, where)`` runs on the data threads (``data.workers``); the checks and the
@@ -221,6 +218,9 @@ def _assemble_batch(items, load, transformer, mismatch) -> tuple[np.ndarray, np.
         if isinstance(result, Failed):
             raise result.error
     return data, labels
+
+
+# -- ImageData -------------------------------------------------------------------------------
 
 
 class _ImageListSource:

@@ -373,15 +373,10 @@ class SoftmaxWithLossLayer(Layer):
     def forward(self, x: Tensor, label: Tensor) -> tuple[Tensor, ...]:
         _, outer, channels, inner = self._dims(tuple(x.shape), label.numel())
         labels = _as_labels(label).reshape(outer, 1, inner)
-        if self.has_ignore_label:
-            valid = labels != self.ignore_label
-            labels = _check_label_range(self, labels, valid, channels)
-            target = torch.where(valid, labels, torch.zeros_like(labels))
-            normalizer = _normalizer(self.normalization, outer, inner, valid, x)
-        else:  # every position counts: no mask
-            valid = None
-            target = _check_label_range(self, labels, None, channels)
-            normalizer = _normalizer(self.normalization, outer, inner, None, x)
+        valid = labels != self.ignore_label if self.has_ignore_label else None  # None: no mask
+        labels = _check_label_range(self, labels, valid, channels)
+        target = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
+        normalizer = _normalizer(self.normalization, outer, inner, valid, x)
         loss, prob = _SoftmaxLossFunction.apply(x.reshape(outer, channels, inner), target, valid, normalizer)
         if len(self.param.top) > 1:
             return loss, prob.reshape(x.shape)
