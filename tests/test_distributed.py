@@ -392,6 +392,42 @@ def test_train_tool_under_torchrun_matches_caffe_and_snapshots_once(tmp_path):
     _assert_snapshot_is_caffes_iter10(d)
 
 
+_TEARDOWN_SCRIPT = """
+import gc, os, sys, weakref
+import torch.distributed as dist
+import caffe_compat as caffe
+from caffe_compat.solvers import distributed
+
+distributed.init_from_env("gloo")
+net = caffe.Net("train.prototxt", caffe.TRAIN)  # runs ops on the meta device: imports torch._dynamo
+sync = distributed.DistributedSync(net.learnable_params)
+alive = weakref.ref(sync)
+del sync
+gc.collect()
+dist.barrier()
+dist.destroy_process_group()
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(f"rank{os.environ['RANK']}.txt", "w") as f:
+    f.write(f"gloo threads {sum(t.startswith(('gloo', 'pt_gloo')) for t in threads)}, sync alive {alive() is not None}")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc to list threads")
+def test_process_group_teardown_leaves_no_gloo_threads(tmp_path):
+    """After ``destroy_process_group`` no gloo thread is left to race the interpreter's exit (they
+    did when a Net was built after the group started: torch._dynamo's import held the group, and
+    1 exit in ~50 aborted with "terminate called without an active exception"); the gradient
+    sync's hooks do not keep it, and with it every parameter, alive."""
+    d = _prepare_case(tmp_path, "iter_size", 1)
+    (d / "teardown.py").write_text(_TEARDOWN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "teardown.py"]
+    proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert (d / f"rank{rank}.txt").read_text() == "gloo threads 0, sync alive False", f"rank {rank}"
+
+
 def test_train_tool_several_gpus_without_cuda_is_a_clear_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")

@@ -45,10 +45,12 @@ join one process group through a ``TCPStore`` on 127.0.0.1 that the parent opens
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import os
 import signal
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -118,6 +120,12 @@ def init_process_group(
     (``torch.cuda.set_device``) before NCCL starts."""
     if device_id is not None:
         torch.cuda.set_device(device_id)
+    # torch 2.13: importing torch._dynamo (building a Net does) while a process group exists
+    # takes references to the group that destroy_process_group does not drop; gloo's threads
+    # then outlive it, and the process could abort on exit ("terminate called without an active
+    # exception"). Imported before the group, it takes none.
+    importlib.import_module("torch._dynamo")
+
     kwargs: dict[str, Any] = {"backend": backend, "rank": rank, "world_size": world_size, "timeout": timeout}
     if store is not None:
         kwargs["store"] = store
@@ -163,6 +171,12 @@ def agree_seed(seed: int) -> int:
     return int(t.item())
 
 
+def _arrive(ref: weakref.ref, bucket: int) -> None:
+    sync = ref()
+    if sync is not None:
+        sync._arrive(bucket)
+
+
 class DistributedSync:
     """The link between one solver and its peers: gradient averaging, parameter broadcast,
     agreement on flags. Built by the Solver when a process group of > 1 processes exists.
@@ -201,8 +215,11 @@ class DistributedSync:
         self._hooks = []
         if self.overlap and self.params and hasattr(self.params[0], "register_post_accumulate_grad_hook"):
             bucket_of = {i: b for b, idx in enumerate(self.buckets) for i in idx}
+            # the hooks live on the parameters: through a weak reference, so that they keep
+            # neither this object nor (through it) every parameter alive once the solver is gone
+            me = weakref.ref(self)
             for i, p in enumerate(self.params):
-                self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, b=bucket_of[i]: self._arrive(b)))
+                self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, b=bucket_of[i]: _arrive(me, b)))
         else:
             self.overlap = False
 
@@ -257,6 +274,10 @@ class DistributedSync:
             with torch.no_grad():
                 flat = self._flat(self._grads(self.buckets[b]))
                 self._launched[b] = (dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True), flat)
+
+    def __del__(self) -> None:
+        for handle in getattr(self, "_hooks", ()):
+            handle.remove()
 
     def average_gradients(self, loss: float = 0.0, flags: Sequence[int] = ()) -> tuple[float, list[int]]:
         """All-reduce every learnable parameter's ``.grad`` in place: sum over ranks, then scale by
