@@ -63,6 +63,7 @@ def _gpu_paths_on_cpu() -> None:
     blob.uses_host_mirror = lambda device: True
 
     norm._LRN_CHUNK_VALUES = 1 << 62
+    norm.WINDOW_BY_REDUCTION = True
     torch.backends.mkldnn.enabled = False  # oneDNN's InnerProduct
 
     def plain_max_pool(x, kernel, stride, pad, ceil, want_indices):

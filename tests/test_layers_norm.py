@@ -101,6 +101,35 @@ def test_lrn_chunked_chain_equals_whole_batch(monkeypatch, chunk):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("size,shape", [(5, (3, 16, 5, 6)), (7, (2, 3, 4, 4)), (3, (1, 6, 2, 3)), (1, (2, 4, 3, 3))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lrn_window_sum_by_reduction_equals_shifted_slices(monkeypatch, size, shape, channels_last):
+    """The window sum as one reduction over an unfolded view (the default off the CPU) gives the
+    same bits as the sum of shifted slices (the CPU's default), forward and backward; in
+    channels_last the window is contiguous in memory and the reduction vectorizes across it, in
+    another order: equal to float32 rounding."""
+    from caffe_compat.layers import norm
+
+    gen = torch.Generator().manual_seed(size)
+    x, g = torch.randn(shape, generator=gen) * 3, torch.randn(shape, generator=gen)
+    if channels_last:
+        x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    results = []
+    for by_reduction in (False, True):
+        monkeypatch.setattr(norm, "WINDOW_BY_REDUCTION", by_reduction)
+        xr = x.clone().requires_grad_(True)
+        y = norm.lrn_across_channels(xr, size, 0.3, 0.75, 2.0)
+        (dx,) = torch.autograd.grad(y, xr, g)
+        with torch.no_grad():
+            y_inference = norm.lrn_across_channels(x, size, 0.3, 0.75, 2.0)
+        results.append((y.detach(), dx, y_inference))
+    for a, b in zip(*results):
+        if channels_last:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(
     "n,alpha,beta,shape", [(3, 0.5, 0.75, (2, 2, 4, 3)), (5, 2.0, 0.6, (1, 2, 4, 5)), (1, 1.0, 0.5, (1, 1, 3, 3))]
 )
@@ -117,12 +146,20 @@ def test_lrn_within_channel_formula_gradient_and_k_ignored(n, alpha, beta, shape
     assert torch.autograd.gradcheck(lambda t: layer(t)[0], (x,), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("window_by_reduction", [None, True])  # as on the CPU; as on a GPU
 @pytest.mark.parametrize("case", ["lrn_across", "lrn_within"])
-def test_lrn_matches_caffe_fixture(case):
+def test_lrn_matches_caffe_fixture(monkeypatch, case, window_by_reduction):
+    from caffe_compat.layers import norm
+
+    monkeypatch.setattr(norm, "WINDOW_BY_REDUCTION", window_by_reduction)
     replay(case, "lrn", ["big"], "lrn")
 
 
-def test_alexnet_norm1_matches_caffe_fixture():
+@pytest.mark.parametrize("window_by_reduction", [None, True])
+def test_alexnet_norm1_matches_caffe_fixture(monkeypatch, window_by_reduction):
+    from caffe_compat.layers import norm
+
+    monkeypatch.setattr(norm, "WINDOW_BY_REDUCTION", window_by_reduction)
     layer, ref = fixture_layer("conv_alexnet_conv1_224", "norm1", ["conv1"])
     x = torch.tensor(ref["data__conv1"], requires_grad=True)
     y = layer(x)[0]

@@ -15,12 +15,23 @@ __all__ = ["LRNLayer", "BatchNormLayer", "MVNLayer", "lrn_across_channels"]
 _LRN = caffe_pb2.LRNParameter
 
 
+# How the LRN sums its windows: None (default) adds shifted slices on the CPU (size − 1 vectorized
+# additions, the fastest there at AlexNet's sizes) and reduces an unfolded view elsewhere (one
+# kernel instead of size − 1 and one pass over memory instead of size − 1: what counts on a GPU).
+# True / False force one way (the tests, and bench_overhead.py's GPU code paths on the CPU).
+WINDOW_BY_REDUCTION: bool | None = None
+
+
 def _window_sum_into(out: torch.Tensor, padded: torch.Tensor, size: int) -> None:
     """``out[:, c] = Σ_{d < size} padded[:, c + d]``: the sum over a window of ``size`` channels
     of a tensor stored with (size − 1)/2 zero channels on each side (``out`` has C channels)."""
     c = out.shape[1]
     if size == 1:
         out.copy_(padded[:, :c])
+        return
+    by_reduction = WINDOW_BY_REDUCTION
+    if by_reduction if by_reduction is not None else out.device.type != "cpu":
+        torch.sum(padded.unfold(1, size, 1), dim=-1, out=out)
         return
     torch.add(padded[:, 0:c], padded[:, 1 : 1 + c], out=out)
     for d in range(2, size):
