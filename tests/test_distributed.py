@@ -398,6 +398,11 @@ import torch.distributed as dist
 import caffe_compat as caffe
 from caffe_compat.solvers import distributed
 
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sum(name.startswith(("gloo", "pt_gloo")) for name in names)
+
+
 distributed.init_from_env("gloo")
 net = caffe.Net("train.prototxt", caffe.TRAIN)  # runs ops on the meta device: imports torch._dynamo
 sync = distributed.DistributedSync(net.learnable_params)
@@ -405,10 +410,10 @@ alive = weakref.ref(sync)
 del sync
 gc.collect()
 dist.barrier()
+before = gloo_threads()
 dist.destroy_process_group()
-threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 with open(f"rank{os.environ['RANK']}.txt", "w") as f:
-    f.write(f"gloo threads {sum(t.startswith(('gloo', 'pt_gloo')) for t in threads)}, sync alive {alive() is not None}")
+    f.write(f"gloo threads {before} -> {gloo_threads()}, sync alive {alive() is not None}")
 """
 
 
@@ -425,7 +430,10 @@ def test_process_group_teardown_leaves_no_gloo_threads(tmp_path):
     proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
-        assert (d / f"rank{rank}.txt").read_text() == "gloo threads 0, sync alive False", f"rank {rank}"
+        m = re.fullmatch(r"gloo threads (\d+) -> (\d+), sync alive (\w+)", (d / f"rank{rank}.txt").read_text())
+        assert m, f"rank {rank}"
+        assert int(m[1]) > 0, "no gloo thread found while the group existed: the thread names changed?"
+        assert (int(m[2]), m[3]) == (0, "False"), f"rank {rank}: {m[0]}"
 
 
 def test_train_tool_several_gpus_without_cuda_is_a_clear_error(capsys):
