@@ -4,7 +4,7 @@
                                        [--threads N] [--channels_last] [--baseline_channels_last]
                                        [--compile] [--precision fp32|bf16|fp16] [--fused_update on|off]
                                        [--baseline_same] [--fwd_api forward|run] [--profile] [--memory]
-                                       [--no_label_check]
+                                       [--no_label_check] [--lrn_window auto|slices|reduction]
 
 Both models have BVLC AlexNet's topology (``prototxt/alexnet_deploy.prototxt``: grouped convs,
 LRN, ceil-mode max pooling, dropout) and are timed in one process, alternating, on the same
@@ -366,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measurement only: skip the loss layers' label range check (on a GPU a host sync per pass)",
     )
+    p.add_argument(
+        "--lrn_window",
+        default="auto",
+        choices=["auto", "slices", "reduction"],
+        help="how our LRN sums its channel windows (auto: slices on the CPU, one reduction elsewhere)",
+    )
     p.add_argument("--memory", action="store_true", help="peak memory of a training step (CPU: RSS)")
     p.add_argument("--_memchild", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -381,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         from caffe_compat.layers import loss as loss_layers
 
         loss_layers._check_label_range = lambda *a, **k: None
+    if args.lrn_window != "auto":  # same bits on the CPU either way; measures the kernels' cost
+        from caffe_compat.layers import norm
+
+        norm.WINDOW_BY_REDUCTION = args.lrn_window == "reduction"
     if args._memchild:
         _peak_rss_child(args._memchild, batches[0])
         return 0

@@ -14,7 +14,8 @@
 #      snapshot against Caffe's;
 #   3. the AlexNet benchmark in float32 (IEEE, TF32 off) with the peak CUDA allocation, the
 #      interpreter's per-call overhead on a tiny AlexNet (bench_overhead.py), bf16 + channels_last,
-#      inference through net.run, the iteration without the label check's host sync,
+#      inference through net.run, the iteration without the label check's host sync, the LRN's
+#      window sums by shifted slices (to compare with the default reduction),
 #      torch.profiler summaries of one call per side ($OUT/profile.log), and last (least
 #      important, slowest) the opt-in torch.compile with CUDA graphs at batches 1 and 10;
 #   4. with two or more GPUs: tools/train.py --gpu all (NCCL), snapshots written once.
@@ -91,6 +92,8 @@ say "== 3d. inference through net.run (tensors out) [${SECONDS}s]"
 bench 60 --batches 1,10,64 --reps 3 --what fwd --fwd_api run
 say "== 3e. iteration without the label check's host sync [${SECONDS}s]"
 bench 60 --batches 1,10,64 --reps 3 --what iter --no_label_check
+say "== 3e2. the LRN's window sums by shifted slices (the GPU path before session 5; compare with 3a) [${SECONDS}s]"
+bench 60 --batches 1,10,64 --reps 3 --what fwd_bwd --lrn_window slices
 say "== 3f. profiles (summaries here, tables in profile.log) [${SECONDS}s]"
 timeout "$(limit 90)" python3 benchmarks/bench_alexnet.py --device "$DEVICE" --batches 10,64 --reps 1 \
     --what fwd_bwd,iter --profile > "$OUT/profile.log" 2>&1
