@@ -342,13 +342,21 @@ def _assert_snapshot_is_caffes_iter10(d: Path):
     return model
 
 
-def test_train_tool_cpu_procs_snapshots_once_and_resumes(tmp_path):
-    d = _prepare_case(tmp_path, "iter_size", 1, "snapshot: 5\ndisplay: 1")
+TRAIN_TOOL = [sys.executable, str(REPO / "tools" / "train.py"), "--solver", "solver.prototxt"]
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _run_ok(cmd: list[str], d: Path) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in ``d`` (one OpenMP thread per process, this checkout importable); it must succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(REPO / "tools" / "train.py"), "--solver", "solver.prototxt"]
-    cmd += ["--weights", "init.caffemodel", "--iterations", "10", "--cpu-procs", "2"]
     proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_train_tool_cpu_procs_snapshots_once_and_resumes(tmp_path):
+    d = _prepare_case(tmp_path, "iter_size", 1, "snapshot: 5\ndisplay: 1")
+    proc = _run_ok([*TRAIN_TOOL, "--weights", "init.caffemodel", "--iterations", "10", "--cpu-procs", "2"], d)
     log = proc.stderr
     assert len(re.findall(r"Snapshotting to binary proto file final_iter_5\.caffemodel", log)) == 1
     assert len(re.findall(r"Snapshotting to binary proto file final_iter_10\.caffemodel", log)) == 1
@@ -364,10 +372,7 @@ def test_train_tool_cpu_procs_snapshots_once_and_resumes(tmp_path):
 
     # resuming on 2 processes (each rank skips its own share of 5 iterations) ends identically
     (d / "final_iter_10.caffemodel").rename(d / "uninterrupted.caffemodel")
-    cmd = [sys.executable, str(REPO / "tools" / "train.py"), "--solver", "solver.prototxt"]
-    cmd += ["--snapshot", "final_iter_5.solverstate", "--iterations", "10", "--cpu-procs", "2"]
-    proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_ok([*TRAIN_TOOL, "--snapshot", "final_iter_5.solverstate", "--iterations", "10", "--cpu-procs", "2"], d)
     resumed = cio.read_caffemodel(d / "final_iter_10.caffemodel")
     for la, lb in zip(resumed.layer, model.layer):
         for x, y in zip(la.blobs, lb.blobs):
@@ -378,12 +383,7 @@ def test_train_tool_under_torchrun_matches_caffe_and_snapshots_once(tmp_path):
     """``torchrun --nproc-per-node 2 tools/train.py`` (CPU, gloo): the same weights as real Caffe's
     iter_size-2 run, rank 0 alone logs and snapshots."""
     d = _prepare_case(tmp_path, "iter_size", 1, "snapshot: 10\ndisplay: 1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += [str(REPO / "tools" / "train.py"), "--solver", "solver.prototxt"]
-    cmd += ["--weights", "init.caffemodel", "--iterations", "10"]
-    proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_ok([*TORCHRUN_2, *TRAIN_TOOL[1:], "--weights", "init.caffemodel", "--iterations", "10"], d)
     log = proc.stderr + proc.stdout
     assert "Training on 2 processes (this is rank 0)" in log
     assert len(re.findall(r"Snapshotting to binary proto file final_iter_10\.caffemodel", log)) == 1
@@ -425,10 +425,7 @@ def test_process_group_teardown_leaves_no_gloo_threads(tmp_path):
     sync's hooks do not keep it, and with it every parameter, alive."""
     d = _prepare_case(tmp_path, "iter_size", 1)
     (d / "teardown.py").write_text(_TEARDOWN_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "teardown.py"]
-    proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_ok([*TORCHRUN_2, "teardown.py"], d)
     for rank in (0, 1):
         m = re.fullmatch(r"gloo threads (\d+) -> (\d+), sync alive (\w+)", (d / f"rank{rank}.txt").read_text())
         assert m, f"rank {rank}"

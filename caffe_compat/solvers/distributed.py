@@ -228,11 +228,14 @@ class DistributedSync:
     def _flat(self, tensors: list[torch.Tensor], extra: Sequence[float] = ()) -> torch.Tensor:
         parts = [t.reshape(-1) for t in tensors]
         if extra:
-            ref = tensors[0] if tensors else None
-            dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float64
-            device = ref.device if ref is not None else self.device
-            parts.append(torch.tensor(list(extra), dtype=dtype, device=device))
+            parts.append(self._scalars(extra, tensors[0] if tensors else None))
         return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+    def _scalars(self, values: Sequence[float], like: torch.Tensor | None) -> torch.Tensor:
+        """``values`` as a tensor of ``like``'s floating dtype and device (float64 on the group's
+        device without one), to ride in a collective."""
+        dtype = like.dtype if like is not None and like.is_floating_point() else torch.float64
+        return torch.tensor(list(values), dtype=dtype, device=like.device if like is not None else self.device)
 
     @staticmethod
     def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> int:
@@ -307,12 +310,7 @@ class DistributedSync:
                 for t in ts:
                     t.mul_(scale)
             if totals is None:  # every bucket went during the backward pass: the loss alone
-                ref = self.params[0] if self.params else None
-                flat = torch.tensor(
-                    extra,
-                    dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float64,
-                    device=ref.device if ref is not None else self.device,
-                )
+                flat = self._scalars(extra, self.params[0] if self.params else None)
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 totals = flat.double().cpu().tolist()
         mean_loss = float(np.float32(np.float32(totals[0]) * np.float32(scale)))
