@@ -41,7 +41,7 @@ from caffe_compat.layers.base import layer_class
 from caffe_compat.mode import apply_float32_numerics, autocast_dtype, compile_enabled, current_device
 from caffe_compat.proto import caffe_pb2
 
-__all__ = ["Net", "filter_net", "insert_splits", "state_meets_rule", "TRAIN", "TEST"]
+__all__ = ["Net", "PendingLoss", "filter_net", "insert_splits", "state_meets_rule", "TRAIN", "TEST"]
 
 log = logging.getLogger("caffe_compat")
 
@@ -181,6 +181,48 @@ def _load_net_param(model, source_hint: str | None = None):
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+class PendingLoss:
+    """The loss of a queued training pass (``Net.forward_backward_pending``): ``value()`` reads
+    it — exactly, as a Python float — and raises for a bad label the pass's loss layers recorded
+    (naming layer, bottom and value) before returning. On a CPU, or with nothing deferred and a
+    loss on the CPU, the read is immediate; on a GPU the values travel to pinned host memory
+    behind the pass, and ``value()`` waits for that copy only."""
+
+    __slots__ = ("_net", "_checks", "_value", "_host", "_event")
+
+    def __init__(self, net: Net, loss: torch.Tensor | float, checks: list):
+        self._net, self._checks, self._value, self._host, self._event = net, checks, None, None, None
+        if not isinstance(loss, torch.Tensor):
+            self._value = float(loss)
+            return
+        values = [loss.detach().double().reshape(1)] + [r[1].double() for r in checks]
+        flat = values[0] if len(values) == 1 else torch.cat(values)
+        if flat.device.type == "cuda":
+            self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self._host.copy_(flat, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = flat
+
+    def ready(self) -> bool:
+        """Whether ``value()`` would return without waiting for the device."""
+        return self._value is not None or self._event is None or self._event.query()
+
+    def value(self) -> float:
+        if self._value is None:
+            if self._event is not None:
+                self._event.synchronize()
+            read = self._host.tolist()  # exact: float32/64 -> double
+            checks, self._checks, self._host, self._event = self._checks, [], None, None
+            try:
+                _loss_layers.verify_deferred(checks, read[1:])
+            except CaffeError as e:
+                raise self._net._readable_error(e) from None
+            self._value = read[0]
+        return self._value
 
 
 class Net(nn.Module):
@@ -922,6 +964,13 @@ class Net(nn.Module):
         again). ``loss_scale``: backpropagate ``loss_scale * loss`` (fp16 loss scaling; the
         solver unscales); the returned loss is unscaled.
         """
+        return self.forward_backward_pending(loss_scale).value()
+
+    def forward_backward_pending(self, loss_scale: float = 1.0) -> PendingLoss:
+        """``forward_backward`` whose loss is read later: on a GPU the pass is only queued, and
+        the loss value (with the loss layers' deferred label checks) is copied to the host
+        asynchronously; ``.value()`` waits for that copy alone, not for work queued after the
+        pass. A solver reads it one iteration late, so the GPU never waits for the host."""
         low = autocast_dtype()
         # on a GPU the loss layers' label checks are read back with the loss (one synchronisation
         # per pass, at its end); the compiled path checks as it goes
@@ -947,19 +996,10 @@ class Net(nn.Module):
                 torch.autograd.backward([loss * loss_scale if loss_scale != 1.0 else loss], inputs=params)
         self._fill_missing_diffs()
         self._diffs_cleared = False
-        if not checks:
-            return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        # one host read for the loss and every deferred label range; a bad label raises here,
-        # before a solver uses the pass's gradients
-        values = [loss.detach().double().reshape(1)] if isinstance(loss, torch.Tensor) else []
-        values += [r[1].double() for r in checks]
-        read = torch.cat([v.to(checks[0][1].device) for v in values]).tolist()
-        value = read.pop(0) if isinstance(loss, torch.Tensor) else float(loss)  # exact: float32/64 -> double
-        try:
-            _loss_layers.verify_deferred(checks, read)
-        except CaffeError as e:
-            raise self._readable_error(e) from None
-        return value
+        checks = checks or []  # None: the compiled path (nothing deferred)
+        if checks and not isinstance(loss, torch.Tensor):
+            loss = torch.tensor(float(loss), dtype=torch.float64, device=checks[0][1].device)
+        return PendingLoss(self, loss, checks)
 
     def sync_host_params(self) -> None:
         """Send parameter values and diffs written through ``net.params[...]`` on a GPU back to

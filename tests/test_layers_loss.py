@@ -699,6 +699,29 @@ def test_deferred_label_check_raises_before_the_update(tmp_path, defer_on_cpu, l
     assert solver.iter == 0
 
 
+def test_bad_label_read_late_raises_before_the_next_update(tmp_path, defer_on_cpu, monkeypatch):
+    """A solver on a GPU reads an iteration's loss (and label checks) once the next iteration is
+    queued: the error names the bad iteration and comes before the next update."""
+    from caffe_compat.solvers import SGDSolver, base
+
+    monkeypatch.setattr(base, "_reads_late", lambda net: True)
+    net = _defer_net(tmp_path, [0, 2, 1], ignore=False)
+    sp = caffe_pb2.SolverParameter(base_lr=0.1, lr_policy="fixed", max_iter=10)
+    solver = SGDSolver(sp, source="<test>", net=net, device=torch.device("cpu"))
+    seen = []
+    solver.loss_observers.append(lambda it, loss: seen.append(it))
+    solver.step(2)
+    assert seen == [0, 1] and solver.iter == 2
+    net.blobs["label"].data[...] = [0, 5, 1]
+    updates = []
+    apply_update = solver.apply_update
+    solver.apply_update = lambda: updates.append(solver.iter) or apply_update()
+    with pytest.raises(LayerError, match=r"^iteration 2: .*layer 'acc'.*label value 5 in bottom 'label'"):
+        solver.step(3)
+    assert updates == [2] and solver.iter == 3  # iteration 2's update only; iteration 3's pass, not its update
+    assert seen == [0, 1] and solver._lagged == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bad_label_on_the_gpu_is_a_clear_error_not_a_device_assert(tmp_path):
     import caffe_compat as caffe

@@ -7,6 +7,7 @@ loss rtol 1e-5, parameters rtol 1e-4 atol 1e-6).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -412,3 +413,53 @@ def test_bad_solver_stops_before_training(text, needle, case_dir):
     Path("bad_solver.prototxt").write_text(text)
     with pytest.raises(SolverError, match=needle):
         get_solver("bad_solver.prototxt")
+
+
+# ---------------------------------------------------------------------------------------------
+# losses read one iteration late (the GPU's path, forced on the CPU)
+
+
+def _train_reading(monkeypatch, late: bool, iters: int = 13):
+    from caffe_compat.solvers import base
+
+    monkeypatch.setattr(base, "_reads_late", lambda net: late)
+    caffe.set_random_seed(7)
+    solver = get_solver("solver.prototxt")
+    solver.param.display, solver.param.average_loss = 4, 3
+    solver.param.snapshot, solver.param.test_interval = 5, 0
+    solver.net.copy_from("init.caffemodel")
+    seen, at_snapshot = [], []
+    solver.loss_observers.append(lambda it, loss: seen.append((it, loss, solver.iter)))
+    snapshot = solver.snapshot
+    solver.snapshot = lambda: at_snapshot.append((solver.iter, len(seen), solver.smoothed_loss)) or snapshot()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("caffe_compat")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        solver.step(iters)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    lines = [r.getMessage() for r in records if "loss" in r.getMessage()]
+    return solver, seen, at_snapshot, lines
+
+
+def test_losses_read_late_train_identically(case_dir, monkeypatch):
+    case_dir("sgd_step")
+    now, seen_now, snaps_now, lines_now = _train_reading(monkeypatch, late=False)
+    late, seen_late, snaps_late, lines_late = _train_reading(monkeypatch, late=True)
+    # read late (solver.iter one ahead: the next iteration was queued), but at displays (every 4th)
+    assert [it for it, _, at in seen_late if at == it + 1] == [1, 2, 3, 5, 6, 7, 9, 10, 11]
+    assert all(at == it for it, _, at in seen_now)
+    assert [(it, loss) for it, loss, _ in seen_late] == [(it, loss) for it, loss, _ in seen_now]
+    assert [it for it, _, _ in seen_late] == list(range(13))
+    # every loss before a snapshot is in (and in the smoothed loss) when it is written
+    assert snaps_late == snaps_now == [(5, 5, snaps_now[0][2]), (10, 10, snaps_now[1][2])]
+    assert lines_late == lines_now and len(lines_now) >= 4  # the displays: "Iteration 4, loss = ..."
+    assert late.smoothed_loss == now.smoothed_loss and late._lagged == []
+    for a, b in zip(late.net.learnable_params, now.net.learnable_params):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)

@@ -329,15 +329,7 @@ def _train(solver, iters: int, interval: int, desc: str) -> dict:
     from tqdm.auto import tqdm
 
     train: list = []
-    net = solver.net
-    forward_backward = net.forward_backward
-
-    def recording_forward_backward() -> float:
-        loss = forward_backward()
-        train.append((solver.iter, float(loss)))
-        return loss
-
-    net.forward_backward = recording_forward_backward
+    solver.loss_observers.append(lambda it, loss: train.append((it, loss)))
     val = [(solver.iter, _val_loss(solver))]
     try:
         with tqdm(total=iters, desc=desc, disable=None, leave=False) as bar:
@@ -350,7 +342,7 @@ def _train(solver, iters: int, interval: int, desc: str) -> dict:
                 bar.update(n)
                 bar.set_postfix(train=f"{train[-1][1]:.4g}", val=f"{val[-1][1]:.4g}")
     finally:
-        del net.forward_backward
+        solver.loss_observers.pop()
     log.info(
         "%s: final train loss %.6g, validation loss %.6g", desc, train[-1][1] if train else float("nan"), val[-1][1]
     )

@@ -48,7 +48,7 @@ from google.protobuf import text_format
 
 from caffe_compat import io as cio
 from caffe_compat.blob import alias_diff, own_diff
-from caffe_compat.errors import SolverError
+from caffe_compat.errors import CaffeError, SolverError
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers import lr_policy, signals
 from caffe_compat.solvers.log import fmt, logger, progress_bar
@@ -104,6 +104,23 @@ def get_solver(param) -> Solver:
     """
     p, path = _read_param(param)
     return solver_class(p.type)(p, source=path)
+
+
+class _Ready:
+    """A loss read already (``value()`` as ``PendingLoss``'s)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: float):
+        self._value = value
+
+    def value(self) -> float:
+        return self._value
+
+
+def _reads_late(net) -> bool:
+    """Whether the net's losses are worth reading late (they live on a GPU)."""
+    return getattr(getattr(net, "_device", None), "type", "cpu") == "cuda"
 
 
 def _f32(x) -> np.float32:
@@ -219,6 +236,9 @@ class Solver:
     foreach_update: bool | None = None
     #: ``torch.compile`` options for ``compiled_update``.
     compiled_update_options: ClassVar[dict] = {"dynamic": True}
+    #: On a GPU, read an iteration's loss after the next iteration is queued (see ``step``);
+    #: False: read it at once (the host then waits for every pass; a measurement switch).
+    lag_loss_read: bool = True
 
     def __init__(
         self,
@@ -294,6 +314,10 @@ class Solver:
 
         #: Dynamic loss scaling, on under ``caffe_compat.mode.set_precision("fp16")``.
         self.loss_scaler: LossScaler | None = LossScaler() if precision() == "fp16" else None
+        #: ``fn(iteration, loss)`` for every training iteration, in order: Caffe's (unsmoothed)
+        #: loss of the iteration, the mean of its ``iter_size`` passes.
+        self.loss_observers: list[Callable[[int, float], None]] = []
+        self._lagged: list = []
 
     # -- validation ------------------------------------------------------------------------------
 
@@ -693,48 +717,113 @@ class Solver:
 
     # -- training loop -----------------------------------------------------------------------------
 
-    def _forward_backward(self) -> float:
-        if self.loss_scaler is None:
-            return self.net.forward_backward()
-        return self.net.forward_backward(loss_scale=self.loss_scaler.scale)
+    def _forward_backward(self):
+        """One training pass; its loss as something with ``value()`` (a ``PendingLoss`` of the
+        net, read later on a GPU)."""
+        scale = 1.0 if self.loss_scaler is None else self.loss_scaler.scale
+        pending = getattr(self.net, "forward_backward_pending", None)
+        if pending is None:  # a net of another kind: read at once
+            return _Ready(self.net.forward_backward() if scale == 1.0 else self.net.forward_backward(loss_scale=scale))
+        return pending(scale)
 
-    def _update_smoothed_loss(self, loss: np.float32, start_iter: int, average_loss: int) -> None:
+    def _update_smoothed_loss(
+        self, loss: np.float32, start_iter: int, average_loss: int, it: int | None = None
+    ) -> None:
         if len(self._losses) < average_loss:
             self._losses.append(loss)
             size = len(self._losses)
             self.smoothed_loss = _f32((self.smoothed_loss * _f32(size - 1) + loss) / _f32(size))
         else:
-            idx = (self.iter - start_iter) % average_loss
+            idx = ((self.iter if it is None else it) - start_iter) % average_loss
             self.smoothed_loss = _f32(self.smoothed_loss + (loss - self._losses[idx]) / _f32(average_loss))
             self._losses[idx] = loss
 
+    def _iteration_loss(self, passes: list) -> np.float32:
+        """Caffe's loss of an iteration: the float32 mean of its ``iter_size`` passes' losses."""
+        loss = _f32(0)
+        for pending in passes:
+            loss = _f32(loss + _f32(pending.value()))
+        return _f32(loss / _f32(self.param.iter_size))
+
+    def _settle(self, start_iter: int, keep_last: bool = False) -> None:
+        """Read the losses of iterations whose read was put off (``_lagged``), in order: smoothed
+        loss, observers, and a bad label's error (naming the iteration). ``keep_last``: leave the
+        newest one pending."""
+        lagged = self._lagged
+        while len(lagged) > (1 if keep_last else 0):
+            it, passes = lagged.pop(0)
+            try:
+                loss = self._iteration_loss(passes)
+            except CaffeError as e:
+                lagged.clear()
+                raise type(e)(f"iteration {it}: {e}") from None
+            self._record_loss(loss, start_iter, it)
+
+    def _record_loss(self, loss: np.float32, start_iter: int, it: int) -> None:
+        self._update_smoothed_loss(loss, start_iter, self.param.average_loss, it)
+        for fn in self.loss_observers:
+            fn(it, float(loss))
+
+    def _can_lag(self, display: bool) -> bool:
+        """Whether this iteration's loss may be read after the next one is queued: on a GPU, when
+        nothing in this iteration needs the value (display, several processes, fp16 loss scaling)."""
+        return (
+            self.lag_loss_read
+            and not display
+            and self._sync is None
+            and self.loss_scaler is None
+            and _reads_late(self.net)
+        )
+
     def step(self, iters: int) -> None:
         """Run ``iters`` iterations (Caffe's Step): test when due, forward/backward ×
-        ``iter_size``, display, update, snapshot when due or requested."""
+        ``iter_size``, display, update, snapshot when due or requested.
+
+        On a GPU the loss of an iteration without a display is read one iteration late (once the
+        next iteration's passes are queued), so that the device never idles while the host
+        waits. A bad label found by the loss layers' deferred checks then raises before the next
+        iteration's update, with its own iteration's update applied (the error names that
+        iteration), and always before a display, a test or a snapshot."""
         p = self.param
         start_iter = self.iter
         stop_iter = self.iter + int(iters)
         self._losses = []
         self.smoothed_loss = _f32(0)
-        with progress_bar(max(int(iters), 0), desc=self.type_name) as bar:
+        self._lagged = []
+        try:
+            self._step(p, start_iter, stop_iter)
+            self._settle(start_iter)
+        finally:
+            self._lagged = []
+
+    def _step(self, p, start_iter: int, stop_iter: int) -> None:
+        with progress_bar(max(stop_iter - start_iter, 0), desc=self.type_name) as bar:
             while self.iter < stop_iter:
                 self.net.clear_param_diffs()
                 if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
+                    self._settle(start_iter)
                     if self.is_root:
                         self.test_all()
                     self._agree_early_exit()
                     if self.requested_early_exit:
                         break
                 display = bool(p.display) and self.iter % p.display == 0
-                loss = _f32(0)
+                passes = []
                 for k in range(p.iter_size):
                     if self._sync is not None and k == p.iter_size - 1:
                         self._sync.arm()  # the diffs are final after this pass: reduce as they come
-                    loss = _f32(loss + _f32(self._forward_backward()))
-                loss = _f32(loss / _f32(p.iter_size))
-                if self._sync is not None:  # the request rides with the gradients
-                    loss, request = self.reduce_gradients(loss, self._requested_action())
-                self._update_smoothed_loss(loss, start_iter, p.average_loss)
+                    passes.append(self._forward_backward())
+                if self._can_lag(display):
+                    self._lagged.append((self.iter, passes))
+                    # the previous iteration's loss, if put off: its pass is done or nearly so,
+                    # and the device has this one queued
+                    self._settle(start_iter, keep_last=True)
+                else:
+                    self._settle(start_iter)
+                    loss = self._iteration_loss(passes)
+                    if self._sync is not None:  # the request rides with the gradients
+                        loss, request = self.reduce_gradients(loss, self._requested_action())
+                    self._record_loss(loss, start_iter, self.iter)
                 if display:
                     logger.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
                     self._log_outputs(self.net, "Train", {o: self.net.blobs[o].data for o in self.net.outputs})
@@ -746,6 +835,7 @@ class Solver:
                 if self._sync is None:
                     request = self._requested_action()
                 if (p.snapshot and self.iter % p.snapshot == 0) or request == signals.SNAPSHOT:
+                    self._settle(start_iter)
                     self.snapshot()
                 if request == signals.STOP:
                     self.requested_early_exit = True
