@@ -5,6 +5,7 @@
                                        [--compile] [--precision fp32|bf16|fp16] [--fused_update on|off]
                                        [--baseline_same] [--fwd_api forward|run] [--profile] [--memory]
                                        [--no_label_check] [--lrn_window auto|slices|reduction]
+                                       [--loss_read late|now]
 
 Both models have BVLC AlexNet's topology (``prototxt/alexnet_deploy.prototxt``: grouped convs,
 LRN, ceil-mode max pooling, dropout) and are timed in one process, alternating, on the same
@@ -20,7 +21,9 @@ input; the figure is the median over ``--reps`` alternating rounds of the mean o
   ``loss.backward()``);
 - ``iter``: one full solver iteration (ours: ``solver.step(1)`` of Caffe's SGD with momentum 0.9,
   weight decay 5e-4 and AlexNet's lr_mult/decay_mult; the baseline: ``zero_grad``, forward,
-  backward, ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4).step()``).
+  backward, ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4).step()``). On a GPU our solver
+  reads each iteration's loss once the next one is queued (``--loss_read now``: at once, i.e. the
+  host waits for the device every iteration, as before session 6).
 
 Ratios are ours / baseline (below 1: we are faster). The baseline is idiomatic PyTorch
 (``nn.Conv2d(groups=2)``, ``nn.LocalResponseNorm``, ``nn.MaxPool2d(ceil_mode=True)``,
@@ -180,6 +183,7 @@ class Ours:
         )
         self.solver = SGDSolver(sp, source="<bench>", net=self.train_net, device=device)
         if opts is not None:
+            self.solver.lag_loss_read = getattr(opts, "loss_read", "late") == "late"
             self.solver.fused_update = opts.fused_update != "off"
             self.solver.compiled_update = opts.fused_update == "compile"
         self.fwd_api = getattr(opts, "fwd_api", "forward") if opts is not None else "forward"
@@ -371,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         choices=["auto", "slices", "reduction"],
         help="how our LRN sums its channel windows (auto: slices on the CPU, one reduction elsewhere)",
+    )
+    p.add_argument(
+        "--loss_read",
+        default="late",
+        choices=["late", "now"],
+        help="our solver on a GPU: read an iteration's loss once the next is queued (late), or at once",
     )
     p.add_argument("--memory", action="store_true", help="peak memory of a training step (CPU: RSS)")
     p.add_argument("--_memchild", default=None, help=argparse.SUPPRESS)

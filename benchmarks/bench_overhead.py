@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cpu_paths", action="store_true", help="CPU run: keep the CPU-only kernels")
+    p.add_argument(
+        "--loss_read", default="late", choices=["late", "now"], help="our solver on a GPU: loss read late or at once"
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     solver = SGDSolver(sp, source="<bench>", net=train_net, device=device)
     solver.fused_update = not gpu_paths
+    solver.lag_loss_read = args.loss_read == "late"
     solver.foreach_update = gpu_paths  # on CUDA the default; on the CPU forced to take the GPU path
 
     model = TorchAlexNet(NUM_CLASSES, WIDTHS, pool5_size=1).to(device)  # the same tiny net, hand-written

@@ -430,8 +430,14 @@ def _train_reading(monkeypatch, late: bool, iters: int = 13):
     solver.net.copy_from("init.caffemodel")
     seen, at_snapshot = [], []
     solver.loss_observers.append(lambda it, loss: seen.append((it, loss, solver.iter)))
-    snapshot = solver.snapshot
-    solver.snapshot = lambda: at_snapshot.append((solver.iter, len(seen), solver.smoothed_loss)) or snapshot()
+    name = solver._snapshot_filename  # called by snapshot() as it writes
+
+    def spy(ext):
+        if ext.startswith(".caffemodel"):
+            at_snapshot.append((solver.iter, len(seen), solver._smoothed))
+        return name(ext)
+
+    solver._snapshot_filename = spy
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -463,3 +469,24 @@ def test_losses_read_late_train_identically(case_dir, monkeypatch):
     assert late.smoothed_loss == now.smoothed_loss and late._lagged == []
     for a, b in zip(late.net.learnable_params, now.net.learnable_params):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+
+
+def test_losses_read_late_across_step_calls(case_dir, monkeypatch):
+    """pycaffe's ``solver.step(1)`` loop: each call leaves its loss pending for the next one (on
+    a GPU), and the smoothed loss a call leaves is still its own iteration's loss."""
+    case_dir("sgd_step")
+    runs = {}
+    for late in (False, True):
+        solver, seen, _, _ = _train_reading(monkeypatch, late, iters=1)
+        smoothed, pending = [solver.smoothed_loss], []
+        for _ in range(5):
+            solver.step(1)
+            pending.append(len(solver._lagged))
+            smoothed.append(solver.smoothed_loss)  # reading it reads the pending loss
+        runs[late] = seen, smoothed, pending
+    pairs = {late: [(it, loss) for it, loss, _ in runs[late][0]] for late in runs}
+    assert pairs[True] == pairs[False] and [it for it, _ in pairs[True]] == list(range(6))
+    assert runs[True][1] == runs[False][1]
+    assert [loss for _, loss, _ in runs[True][0]] == [float(v) for v in runs[True][1]]
+    # iterations 1-5 pending after their call, but iteration 4 (a display, then a snapshot)
+    assert runs[True][2] == [1, 1, 1, 0, 1] and runs[False][2] == [0] * 5

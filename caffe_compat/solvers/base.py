@@ -309,7 +309,8 @@ class Solver:
             torch.zeros_like(p.data) for _ in range(self.num_history_sets) for p in params
         ]
         self._losses: list[np.float32] = []
-        self.smoothed_loss = _f32(0)
+        self._smoothed = _f32(0)
+        self._start_iter = self.iter
         from caffe_compat.mode import precision
 
         #: Dynamic loss scaling, on under ``caffe_compat.mode.set_precision("fp16")``.
@@ -726,16 +727,27 @@ class Solver:
             return _Ready(self.net.forward_backward() if scale == 1.0 else self.net.forward_backward(loss_scale=scale))
         return pending(scale)
 
+    @property
+    def smoothed_loss(self) -> np.float32:
+        """Caffe's smoothed loss: the mean of the losses of the last ``average_loss`` iterations
+        of the current (or last) ``step`` call. Reading it reads any loss still on the device."""
+        self._settle()
+        return self._smoothed
+
+    @smoothed_loss.setter
+    def smoothed_loss(self, value) -> None:
+        self._smoothed = _f32(value)
+
     def _update_smoothed_loss(
         self, loss: np.float32, start_iter: int, average_loss: int, it: int | None = None
     ) -> None:
         if len(self._losses) < average_loss:
             self._losses.append(loss)
             size = len(self._losses)
-            self.smoothed_loss = _f32((self.smoothed_loss * _f32(size - 1) + loss) / _f32(size))
+            self._smoothed = _f32((self._smoothed * _f32(size - 1) + loss) / _f32(size))
         else:
             idx = ((self.iter if it is None else it) - start_iter) % average_loss
-            self.smoothed_loss = _f32(self.smoothed_loss + (loss - self._losses[idx]) / _f32(average_loss))
+            self._smoothed = _f32(self._smoothed + (loss - self._losses[idx]) / _f32(average_loss))
             self._losses[idx] = loss
 
     def _iteration_loss(self, passes: list) -> np.float32:
@@ -745,22 +757,23 @@ class Solver:
             loss = _f32(loss + _f32(pending.value()))
         return _f32(loss / _f32(self.param.iter_size))
 
-    def _settle(self, start_iter: int, keep_last: bool = False) -> None:
-        """Read the losses of iterations whose read was put off (``_lagged``), in order: smoothed
-        loss, observers, and a bad label's error (naming the iteration). ``keep_last``: leave the
-        newest one pending."""
+    def _settle(self, keep_last: bool = False) -> None:
+        """Read the losses whose read was put off (``step`` on a GPU), oldest first: a bad label's
+        error (naming the iteration), the smoothed loss (of the ``step`` call they belong to),
+        the observers. ``keep_last``: leave the newest one pending."""
         lagged = self._lagged
         while len(lagged) > (1 if keep_last else 0):
-            it, passes = lagged.pop(0)
+            it, passes, current = lagged.pop(0)
             try:
                 loss = self._iteration_loss(passes)
             except CaffeError as e:
                 lagged.clear()
                 raise type(e)(f"iteration {it}: {e}") from None
-            self._record_loss(loss, start_iter, it)
+            self._record_loss(loss, it, smooth=current)
 
-    def _record_loss(self, loss: np.float32, start_iter: int, it: int) -> None:
-        self._update_smoothed_loss(loss, start_iter, self.param.average_loss, it)
+    def _record_loss(self, loss: np.float32, it: int, smooth: bool = True) -> None:
+        if smooth:
+            self._update_smoothed_loss(loss, self._start_iter, self.param.average_loss, it)
         for fn in self.loss_observers:
             fn(it, float(loss))
 
@@ -779,29 +792,31 @@ class Solver:
         """Run ``iters`` iterations (Caffe's Step): test when due, forward/backward ×
         ``iter_size``, display, update, snapshot when due or requested.
 
-        On a GPU the loss of an iteration without a display is read one iteration late (once the
-        next iteration's passes are queued), so that the device never idles while the host
-        waits. A bad label found by the loss layers' deferred checks then raises before the next
-        iteration's update, with its own iteration's update applied (the error names that
-        iteration), and always before a display, a test or a snapshot."""
+        On a GPU the loss of an iteration without a display is read late: once the next
+        iteration's passes are queued (in this call or the next ``step`` call: a loop of
+        ``step(1)`` too), so that the device never idles while the host waits for it. A bad
+        label found by the loss layers' deferred checks then raises before the next iteration's
+        update, with its own update applied (the error names the iteration); and always before a
+        display, a test, a snapshot, or a read of ``smoothed_loss``."""
         p = self.param
         start_iter = self.iter
-        stop_iter = self.iter + int(iters)
         self._losses = []
-        self.smoothed_loss = _f32(0)
-        self._lagged = []
+        self._smoothed = _f32(0)
+        self._start_iter = start_iter
+        # a previous call's last loss, if still pending: checked and observed, not smoothed here
+        self._lagged = [(it, passes, False) for it, passes, _ in self._lagged]
         try:
-            self._step(p, start_iter, stop_iter)
-            self._settle(start_iter)
-        finally:
+            self._step(p, start_iter, self.iter + int(iters))
+        except BaseException:
             self._lagged = []
+            raise
 
     def _step(self, p, start_iter: int, stop_iter: int) -> None:
         with progress_bar(max(stop_iter - start_iter, 0), desc=self.type_name) as bar:
             while self.iter < stop_iter:
                 self.net.clear_param_diffs()
                 if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
-                    self._settle(start_iter)
+                    self._settle()
                     if self.is_root:
                         self.test_all()
                     self._agree_early_exit()
@@ -814,28 +829,27 @@ class Solver:
                         self._sync.arm()  # the diffs are final after this pass: reduce as they come
                     passes.append(self._forward_backward())
                 if self._can_lag(display):
-                    self._lagged.append((self.iter, passes))
+                    self._lagged.append((self.iter, passes, True))
                     # the previous iteration's loss, if put off: its pass is done or nearly so,
                     # and the device has this one queued
-                    self._settle(start_iter, keep_last=True)
+                    self._settle(keep_last=True)
                 else:
-                    self._settle(start_iter)
+                    self._settle()
                     loss = self._iteration_loss(passes)
                     if self._sync is not None:  # the request rides with the gradients
                         loss, request = self.reduce_gradients(loss, self._requested_action())
-                    self._record_loss(loss, start_iter, self.iter)
+                    self._record_loss(loss, self.iter)
                 if display:
-                    logger.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
+                    logger.info("Iteration %d, loss = %s", self.iter, fmt(self._smoothed))
                     self._log_outputs(self.net, "Train", {o: self.net.blobs[o].data for o in self.net.outputs})
                 self.apply_update()
                 self.iter += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=fmt(self.smoothed_loss))
+                    bar.set_postfix(loss=fmt(self._smoothed))
                 if self._sync is None:
                     request = self._requested_action()
                 if (p.snapshot and self.iter % p.snapshot == 0) or request == signals.SNAPSHOT:
-                    self._settle(start_iter)
                     self.snapshot()
                 if request == signals.STOP:
                     self.requested_early_exit = True
@@ -862,6 +876,7 @@ class Solver:
             self.restore(resume_file)
         start_iter = self.iter
         self.step(p.max_iter - self.iter)
+        self._settle()
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
             self.snapshot()
         if self.requested_early_exit:
@@ -873,7 +888,7 @@ class Solver:
             if self._sync is not None:
                 loss = _f32(self._sync.mean(loss))
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
-            logger.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
+            logger.info("Iteration %d, loss = %s", self.iter, fmt(self._smoothed))
         if p.test_interval and self.iter % p.test_interval == 0 and self.is_root:
             self.test_all()
         logger.info("Optimization Done.")
@@ -892,6 +907,7 @@ class Solver:
 
     def test_all(self) -> None:
         """Run every test net (Caffe's TestAll)."""
+        self._settle()
         for i in range(len(self.test_nets)):
             if self.requested_early_exit:
                 break
@@ -957,6 +973,7 @@ class Solver:
         Returns the solverstate's path; on ranks other than 0 of a multi-process run, writes
         nothing and returns None (rank 0 holds the same weights and history).
         """
+        self._settle()  # a bad label of a pass whose loss is still on the device raises first
         if not self.is_root:
             return None
         p = self.param
@@ -990,6 +1007,7 @@ class Solver:
     def restore(self, path: str) -> None:
         """Resume from a ``.solverstate`` or ``.solverstate.h5``: iteration, ``current_step``,
         history and the weights of ``learned_net`` (relative to the working directory)."""
+        self._settle()
         path = os.fspath(path)
         st = read_state(path)
         if len(st.history) != len(self.history):
