@@ -1,6 +1,7 @@
 """The interpreter's per-call overhead: a tiny AlexNet, ours against the hand-written model.
 
     python benchmarks/bench_overhead.py [--device cpu|cuda] [--reps 5] [--calls 200] [--cpu_paths]
+                                        [--loss_read late|now] [--cprofile N]
 
 BVLC AlexNet's topology (grouped convs, LRN, ceil-mode pooling, dropout, SoftmaxWithLoss) with
 every layer made tiny (widths 8/16/24/24/16, fc 64/64/10, a 67x67 input, batch 1), so that the
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cprofile", type=int, default=0, help="then print cProfile's top N functions per side")
     p.add_argument("--cpu_paths", action="store_true", help="CPU run: keep the CPU-only kernels")
     p.add_argument(
         "--loss_read", default="late", choices=["late", "now"], help="our solver on a GPU: loss read late or at once"
@@ -162,7 +164,31 @@ def main(argv: list[str] | None = None) -> int:
             b.append(per_call_us(base))
         ma, mb = statistics.median(a), statistics.median(b)
         print(f"{name:>8} {ma:9.0f} {mb:9.0f} {ma / mb:6.2f}")
+    if args.cprofile:
+        _cprofile(pairs[1:], args.calls, args.cprofile, device)
     return 0
+
+
+def _cprofile(pairs, calls: int, top: int, device: torch.device) -> None:
+    """Where the host's time goes: cProfile's functions by their own time, ``calls`` calls each."""
+    import cProfile
+    import io
+    import pstats
+
+    for name, ours, base in pairs:
+        for side, fn in (("ours", ours), ("torch", base)):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+            lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+            print(f"## cProfile {side} {name}, {calls} calls")
+            print("\n".join(ln[:160] for ln in lines[3:]))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 #   OUT=gpu_check_out BUDGET_S=520 bash benchmarks/gpu_check.sh
 #
 # Everything it prints also goes to $OUT/gpu_check.log; the full pytest output, the training logs
-# and the profiles go to their own files in $OUT (five files in all). Steps, most important
+# and the profiles go to their own files in $OUT (six files in all). Steps, most important
 # first, each with its own time limit, cut to what is left of BUDGET_S (seconds, default 520),
 # so that a slow step cannot eat the others' time:
 #   1. every real-Caffe layer case in GPU mode (contiguous and channels_last), the 17 solver
@@ -13,9 +13,11 @@
 #   2. tools/train.py --gpu 0 on the `caffe train` fixture (float32, then --channels_last), its
 #      snapshot against Caffe's;
 #   3. the AlexNet benchmark in float32 (IEEE, TF32 off) with the peak CUDA allocation, the
-#      interpreter's per-call overhead on a tiny AlexNet (bench_overhead.py), bf16 + channels_last,
-#      inference through net.run, the iteration without the label check's host sync, the LRN's
-#      window sums by shifted slices (to compare with the default reduction),
+#      iteration with the solver's loss read at once (before session 6), the interpreter's
+#      per-call overhead on a tiny AlexNet (bench_overhead.py; host time by Python function in
+#      $OUT/host_profile.log), the LRN's window sums by shifted slices (to compare with the
+#      default reduction); with FULL=1 also bf16 + channels_last, inference through net.run and
+#      the iteration without the label check's host sync (measured in session 4);
 #      torch.profiler summaries of one call per side ($OUT/profile.log), and last (least
 #      important, slowest) the opt-in torch.compile with CUDA graphs at batches 1 and 10;
 #   4. with two or more GPUs: tools/train.py --gpu all (NCCL), snapshots written once.
@@ -84,16 +86,22 @@ done
 
 say "== 3a. AlexNet float32, peak CUDA allocation [${SECONDS}s]"
 bench 150 --batches 1,10,64,128 --reps 5 --iters 20 --memory
-say "== 3b. per-call overhead, tiny AlexNet [${SECONDS}s]"
-timeout "$(limit 60)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 5 2>&1 | grep -v '^USDT' | tee -a "$LOG"
-say "== 3c. bf16 + channels_last, both sides [${SECONDS}s]"
-bench 90 --batches 64,128 --reps 3 --precision bf16 --channels_last --baseline_same --what fwd_bwd,iter
-say "== 3d. inference through net.run (tensors out) [${SECONDS}s]"
-bench 60 --batches 1,10,64 --reps 3 --what fwd --fwd_api run
-say "== 3e. iteration without the label check's host sync [${SECONDS}s]"
-bench 60 --batches 1,10,64 --reps 3 --what iter --no_label_check
+say "== 3a2. the iteration with the loss read at once (the host waits for the device each iteration; compare with 3a) [${SECONDS}s]"
+bench 60 --batches 1,10,64 --reps 5 --iters 20 --what iter --loss_read now
+say "== 3b. per-call overhead, tiny AlexNet (loss read late, then at once; host time by function) [${SECONDS}s]"
+timeout "$(limit 40)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 5 2>&1 | grep -v '^USDT' | tee -a "$LOG"
+timeout "$(limit 40)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 5 --loss_read now 2>&1 | grep -v '^USDT' | tee -a "$LOG"
+timeout "$(limit 60)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 1 --cprofile 30 > "$OUT/host_profile.log" 2>&1
 say "== 3e2. the LRN's window sums by shifted slices (the GPU path before session 5; compare with 3a) [${SECONDS}s]"
 bench 60 --batches 1,10,64 --reps 3 --what fwd_bwd --lrn_window slices
+if [ "${FULL:-0}" = 1 ]; then  # measured in session 4 (docs/gpu_runs/): FULL=1 to repeat
+    say "== 3c. bf16 + channels_last, both sides [${SECONDS}s]"
+    bench 90 --batches 64,128 --reps 3 --precision bf16 --channels_last --baseline_same --what fwd_bwd,iter
+    say "== 3d. inference through net.run (tensors out) [${SECONDS}s]"
+    bench 60 --batches 1,10,64 --reps 3 --what fwd --fwd_api run
+    say "== 3e. iteration without the label check's host sync [${SECONDS}s]"
+    bench 60 --batches 1,10,64 --reps 3 --what iter --no_label_check
+fi
 say "== 3f. profiles (summaries here, tables in profile.log) [${SECONDS}s]"
 timeout "$(limit 90)" python3 benchmarks/bench_alexnet.py --device "$DEVICE" --batches 10,64 --reps 1 \
     --what fwd_bwd,iter --profile > "$OUT/profile.log" 2>&1

@@ -740,6 +740,29 @@ def test_bad_label_on_the_gpu_is_a_clear_error_not_a_device_assert(tmp_path):
         caffe.set_mode_cpu()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bad_label_read_late_on_the_gpu(tmp_path):
+    import caffe_compat as caffe
+    from caffe_compat.solvers import SGDSolver
+
+    caffe.set_mode_gpu()
+    try:
+        net = _defer_net(tmp_path, [0, 2, 1], ignore=False)
+        sp = caffe_pb2.SolverParameter(base_lr=0.1, lr_policy="fixed", max_iter=10)
+        solver = SGDSolver(sp, source="<test>", net=net, device=torch.device("cuda"))
+        solver.step(2)
+        assert len(solver._lagged) == 1  # iteration 1's loss is still on its way
+        net.blobs["label"].data[...] = [0, 5, 1]
+        with pytest.raises(LayerError, match=r"^iteration 2: .*label value 5 in bottom 'label'"):
+            solver.step(3)
+        assert solver.iter == 3
+        net.blobs["label"].data[...] = [0, 2, 1]  # the device is still usable
+        solver.step(2)
+        assert np.isfinite(solver.smoothed_loss) and solver._lagged == []
+    finally:
+        caffe.set_mode_cpu()
+
+
 def test_label_error_names_the_blob_not_its_split(tmp_path):
     """``label`` feeds Accuracy and the loss, so the net copies it through an inserted Split layer;
     the error names the blob of the prototxt, as the user wrote it."""

@@ -27,6 +27,7 @@ layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
 layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
 layer { name: "norm1" type: "LRN" bottom: "conv1" top: "norm1" lrn_param { local_size: 5 alpha: 0.5 beta: 0.75 } }
 layer { name: "ip1" type: "InnerProduct" bottom: "norm1" top: "ip1"
+        param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
         inner_product_param { num_output: 7 weight_filler { type: "gaussian" std: 0.1 } } }
 layer { name: "relu2" type: "ReLU" bottom: "ip1" top: "ip1" relu_param { negative_slope: 0.1 } }
 layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"

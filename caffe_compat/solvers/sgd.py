@@ -36,27 +36,24 @@ class SGDSolver(Solver):
         if self.param.regularization_type != "L2":
             return False
         params = self.net.learnable_params
-        groups: dict[tuple, list[int]] = {}
-        for i in indices:  # foreach operations take one scalar, device and dtype per call
-            p = params[i]
-            key = (self.local_rate(i, rate), self.local_decay(i), p.device, p.dtype)
-            groups.setdefault(key, []).append(i)
-        factor = self.normalize_factor() if self.param.iter_size != 1 else None
-        momentum = float(self.param.momentum)
-        for (local_rate, local_decay, _, _), idx in groups.items():
-            ws = [params[i].data for i in idx]
-            gs = [params[i].grad for i in idx]
-            hs = [self._history_of(i)[0] for i in idx]
-            # the per-parameter path's operations, in its order (normalize, regularize, update)
-            if factor is not None:
-                torch._foreach_mul_(gs, factor)
-            if local_decay:
-                torch._foreach_add_(gs, ws, alpha=local_decay)
-            torch._foreach_mul_(hs, momentum)
-            torch._foreach_add_(hs, gs, alpha=local_rate)
-            torch._foreach_sub_(ws, hs)
-            for i, h in zip(idx, hs):
-                alias_diff(params[i], h)
+        if len({(params[i].device, params[i].dtype) for i in indices}) != 1:
+            return False  # foreach operations take one device and dtype per call
+        ws = [params[i].data for i in indices]
+        gs = [params[i].grad for i in indices]
+        hs = [self.history[i] for i in indices]  # history set 0
+        # the per-parameter path's operations on each tensor, in its order (normalize,
+        # regularize, update); one call per distinct scalar where the scalar differs (decay, rate)
+        if self.param.iter_size != 1:
+            torch._foreach_mul_(gs, self.normalize_factor())
+        for decay, sel in _by_value([self.local_decay(i) for i in indices]).items():
+            if decay:
+                torch._foreach_add_([gs[j] for j in sel], [ws[j] for j in sel], alpha=decay)
+        torch._foreach_mul_(hs, float(self.param.momentum))
+        for local_rate, sel in _by_value([self.local_rate(i, rate) for i in indices]).items():
+            torch._foreach_add_([hs[j] for j in sel], [gs[j] for j in sel], alpha=local_rate)
+        torch._foreach_sub_(ws, hs)
+        for i, h in zip(indices, hs):
+            alias_diff(params[i], h)
         return True
 
     def update_history(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
@@ -90,6 +87,14 @@ class SGDSolver(Solver):
             self.compiled_update = False
             return False  # nothing was written: the eager update follows
         return True
+
+
+def _by_value(values: list[float]) -> dict[float, list[int]]:
+    """``{value: [positions holding it]}``, in first-seen order."""
+    out: dict[float, list[int]] = {}
+    for j, v in enumerate(values):
+        out.setdefault(v, []).append(j)
+    return out
 
 
 def _sgd_kernel(w: torch.Tensor, g: torch.Tensor, v: torch.Tensor, scalars: torch.Tensor) -> None:
