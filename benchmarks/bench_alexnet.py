@@ -13,7 +13,8 @@ input; the figure is the median over ``--reps`` alternating rounds of the mean o
 ``--iters`` calls (after ``--warmup`` calls). Three measurements per batch size:
 
 - ``fwd``: inference forward (TEST phase; ``torch.no_grad`` on both sides — our
-  ``net.forward()`` and the baseline's ``model.eval()(x)``; ``--fwd_api run``: our
+  ``net.forward()`` and the baseline's ``softmax(model.eval()(x))``, the deploy net's Softmax
+  included on both sides since session 6; ``--fwd_api run``: our
   ``net.run(data=x)``, which returns tensors instead of pycaffe's NumPy arrays, i.e. no host copy
   and no synchronisation per call on a GPU);
 - ``fwd+bwd``: TRAIN-phase forward with a SoftmaxWithLoss / ``cross_entropy`` loss, then the
@@ -241,8 +242,8 @@ class Baseline:
 
     def fwd(self) -> None:
         self.model.eval()
-        with torch.no_grad():
-            self.call(self.x)
+        with torch.no_grad():  # the deploy net ends with Softmax ("prob"): the same work here
+            torch.softmax(self.call(self.x), dim=1)
 
     def fwd_bwd(self) -> None:
         self.model.train()

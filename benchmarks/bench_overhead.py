@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def torch_fwd():
         model.eval()
-        with torch.no_grad():
-            model(xd)
+        with torch.no_grad():  # our TEST net ends with Softmax ("prob"): the same work here
+            torch.softmax(model(xd), dim=1)
 
     def torch_fwd_bwd():
         model.train()

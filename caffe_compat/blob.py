@@ -9,6 +9,8 @@ rather than keeping an older view (pycaffe reuses the same memory; caffe_compat 
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -37,6 +39,16 @@ def own_diff(param: torch.nn.Parameter) -> None:
             param.grad = alias.clone()
 
 
+# Blobs holding host copies not yet sent back (weakly: a dropped net takes its blobs along), so
+# that the syncs at every step cost nothing when no copy was handed out (the common case on a GPU).
+_outstanding: weakref.WeakSet = weakref.WeakSet()
+
+
+def host_copies_out() -> bool:
+    """Whether any blob holds host copies that a sync would send back to its device."""
+    return len(_outstanding) > 0
+
+
 def _view(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
@@ -55,9 +67,14 @@ class _HostSynced:
         hit = self._host_cache.get(which)
         if hit is not None and hit[0] is t:
             return hit[1]
-        arr = t.detach().cpu().numpy()
+        arr = t.detach().to("cpu", copy=True).numpy()  # a copy (also where tests force mirrors on the CPU)
         self._host_cache[which] = (t, arr)
+        _outstanding.add(self)
         return arr
+
+    def _drop_host_copies(self) -> None:
+        self._host_cache.clear()
+        _outstanding.discard(self)
 
     def sync_to_device(self, which: str | None = None) -> None:
         """Copy the host copies handed out since the last sync back to the device, and drop them."""
@@ -69,6 +86,8 @@ class _HostSynced:
             with torch.no_grad():
                 t.copy_(torch.from_numpy(arr))
             del self._host_cache[w]
+        if not self._host_cache:
+            _outstanding.discard(self)
 
 
 class Blob(_HostSynced):
@@ -125,7 +144,7 @@ class Blob(_HostSynced):
         if self._diff is not None:
             self._diff = self._diff.to(self._device, self._dtype)
         self._grad_tensor = None
-        self._host_cache.clear()
+        self._drop_host_copies()
 
     # -- pycaffe -------------------------------------------------------------------------------
 
@@ -167,7 +186,7 @@ class Blob(_HostSynced):
         self._shape = shape
         self._data = None
         self._diff = None
-        self._host_cache.clear()
+        self._drop_host_copies()
 
     def __repr__(self) -> str:
         return f"Blob({self.name!r}, shape={self._shape})"
@@ -207,7 +226,7 @@ class ParamBlob(_HostSynced):
         with torch.no_grad():
             self.param.data = torch.zeros(shape, dtype=self.param.dtype, device=self.param.device)
             self.param.grad = torch.zeros_like(self.param.data)
-        self._host_cache.clear()
+        self._drop_host_copies()
 
     def __repr__(self) -> str:
         return f"ParamBlob(shape={self.shape})"

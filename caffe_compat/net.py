@@ -197,31 +197,28 @@ class PendingLoss:
         if not isinstance(loss, torch.Tensor):
             self._value = float(loss)
             return
-        values = [loss.detach().double().reshape(1)] + [r[1].double() for r in checks]
-        flat = values[0] if len(values) == 1 else torch.cat(values)
-        if flat.device.type == "cuda":
-            self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            self._host.copy_(flat, non_blocking=True)
+        values = [loss.detach(), *(r[1] for r in checks)]
+        if values[0].device.type == "cuda":
+            # one copy each into pinned memory, behind the pass (no conversion or concatenation
+            # on the device), and an event to wait for them alone
+            self._host = [v.to("cpu", non_blocking=True) for v in values]
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host = flat
-
-    def ready(self) -> bool:
-        """Whether ``value()`` would return without waiting for the device."""
-        return self._value is not None or self._event is None or self._event.query()
+            self._host = values
 
     def value(self) -> float:
         if self._value is None:
             if self._event is not None:
                 self._event.synchronize()
-            read = self._host.tolist()  # exact: float32/64 -> double
+            loss, *ranges = self._host
             checks, self._checks, self._host, self._event = self._checks, [], None, None
+            read = [v for r in ranges for v in r.tolist()]
             try:
-                _loss_layers.verify_deferred(checks, read[1:])
+                _loss_layers.verify_deferred(checks, read)
             except CaffeError as e:
                 raise self._net._readable_error(e) from None
-            self._value = read[0]
+            self._value = float(loss)  # exact: float32/64 -> double
         return self._value
 
 
@@ -669,7 +666,7 @@ class Net(nn.Module):
     def _prepare_inputs(self) -> None:
         self._sync_mode()
         grad_on = torch.is_grad_enabled()
-        if _blob.uses_host_mirror(self._device):
+        if _blob.uses_host_mirror(self._device) and _blob.host_copies_out():
             self.sync_host_params()
             for blob in self.blobs.values():
                 blob.sync_to_device("data")
@@ -902,7 +899,7 @@ class Net(nn.Module):
         else:
             root_names = list(self._tops[s])
         roots, grads = [], []
-        if _blob.uses_host_mirror(self._device):
+        if _blob.uses_host_mirror(self._device) and _blob.host_copies_out():
             self.sync_host_params()
             for blob in self.blobs.values():
                 blob.sync_to_device("diff")
@@ -1004,7 +1001,7 @@ class Net(nn.Module):
     def sync_host_params(self) -> None:
         """Send parameter values and diffs written through ``net.params[...]`` on a GPU back to
         the device (a no-op on the CPU, where those are views)."""
-        if not _blob.uses_host_mirror(self._device):
+        if not (_blob.uses_host_mirror(self._device) and _blob.host_copies_out()):
             return
         for pblobs in self.params.values():
             for pb in pblobs:

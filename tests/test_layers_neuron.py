@@ -222,17 +222,26 @@ def test_gradcheck(type_name, params, gap):
 # -- Dropout ------------------------------------------------------------------------------------
 
 
-def test_dropout_train_mask_and_gradient():
+DROPOUT_CASES = [("cpu", 0.3), ("cpu", 0.5)] + (
+    [("cuda", 0.3), ("cuda", 0.5)] if torch.cuda.is_available() else []
+)  # on CUDA, 0.5 takes torch's fused kernel, 0.3 Caffe's mask-and-scale
+
+
+@pytest.mark.parametrize("device,ratio", DROPOUT_CASES)
+def test_dropout_train_mask_and_gradient(device, ratio):
     torch.manual_seed(0)
-    layer = make_layer("Dropout", (50, 40), "dropout_param { dropout_ratio: 0.3 }", phase=caffe_pb2.TRAIN)
-    x = torch.rand(50, 40) + 0.5  # never zero, so the mask is visible in the top
+    layer = make_layer("Dropout", (50, 40), f"dropout_param {{ dropout_ratio: {ratio} }}", phase=caffe_pb2.TRAIN)
+    assert layer._fused_ok == (ratio == 0.5)
+    x = torch.rand(50, 40, device=device) + 0.5  # never zero, so the mask is visible in the top
     x.requires_grad_(True)
     y = layer(x)[0]
     kept = (y != 0).detach()
-    np.testing.assert_allclose(y[kept].detach().numpy(), (x[kept] / 0.7).detach().numpy(), rtol=1e-6, atol=0)
-    assert abs(kept.float().mean().item() - 0.7) < 0.05
-    y.backward(torch.ones_like(y))
-    np.testing.assert_allclose(x.grad.numpy(), kept.numpy() / 0.7, rtol=1e-6, atol=0)
+    scale = np.float32(1.0 / (1.0 - float(np.float32(ratio))))  # Caffe: in double, stored as float
+    want = x.detach().cpu().numpy() * scale
+    np.testing.assert_array_equal(y.detach().cpu().numpy()[kept.cpu().numpy()], want[kept.cpu().numpy()])
+    assert abs(kept.float().mean().item() - (1 - ratio)) < 0.05
+    y.backward(torch.full_like(y, 3.0))
+    np.testing.assert_array_equal(x.grad.cpu().numpy(), kept.cpu().numpy() * (np.float32(3.0) * scale))
     # a new mask each forward
     assert not torch.equal(layer(x)[0] != 0, kept)
 

@@ -164,14 +164,14 @@ def _normalization(loss_param, default: int) -> int:
     return default
 
 
-def _normalizer(mode: int, outer: int, inner: int, valid: Tensor | None, like: Tensor) -> Tensor:
+def _normalizer(mode: int, outer: int, inner: int, valid: Tensor | None, like: Tensor, sign: float = 1.0) -> Tensor:
     """Caffe's LossLayer::GetNormalizer, as a 0-d tensor of ``like``'s dtype on its device; at
     least 1. Known without the labels (every mode but VALID with a mask), it is a cached tensor:
-    no host-to-device copy per call."""
+    no host-to-device copy per call (``sign`` -1: the cached negative, for that case only)."""
     if mode == _NORM.VALID and valid is not None:
         return torch.clamp(valid.sum().to(like.dtype), min=1.0)
     n = {_NORM.FULL: outer * inner, _NORM.VALID: outer * inner, _NORM.BATCH_SIZE: outer, _NORM.NONE: 1}[mode]
-    return scalar_tensor(max(1.0, float(n)), like.dtype, like.device)
+    return scalar_tensor(sign * max(1.0, float(n)), like.dtype, like.device)
 
 
 # -- autograd functions with Caffe's backward ---------------------------------------------------
@@ -182,12 +182,14 @@ class _SoftmaxLossFunction(torch.autograd.Function):
     None when every position counts (no masking); normalizer: a 0-d tensor."""
 
     @staticmethod
-    def forward(ctx, x, target, valid, normalizer):
+    def forward(ctx, x, target, valid, normalizer, neg_normalizer):
         prob = torch.softmax(x, dim=1)
         logp = torch.log(torch.clamp(prob.gather(1, target), min=FLT_MIN))
         if valid is not None:
             logp = torch.where(valid, logp, torch.zeros_like(logp))
-        loss = -logp.sum() / normalizer
+        # -(Σ log p) / n as (Σ log p) / (-n): the same value (a quotient's sign is the xor of its
+        # operands'), one operation fewer
+        loss = torch.div(logp.sum(), neg_normalizer)
         ctx.save_for_backward(prob, target, normalizer, *(() if valid is None else (valid,)))
         # Caffe's backward ignores any diff on the probability top.
         ctx.mark_non_differentiable(prob)
@@ -197,10 +199,11 @@ class _SoftmaxLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_prob):
         prob, target, normalizer, *mask = ctx.saved_tensors
         valid = mask[0] if mask else None
-        grad = prob.scatter_add(1, target, torch.full(target.shape, -1.0, dtype=prob.dtype, device=prob.device))
+        minus_one = scalar_tensor(-1.0, prob.dtype, prob.device).expand(target.shape)  # no fill kernel
+        grad = prob.scatter_add(1, target, minus_one)
         if valid is not None:
             grad = grad * valid.to(prob.dtype)
-        return grad * (grad_loss / normalizer), None, None, None
+        return grad * (grad_loss / normalizer), None, None, None, None
 
 
 class _SigmoidCrossEntropyFunction(torch.autograd.Function):
@@ -377,7 +380,8 @@ class SoftmaxWithLossLayer(Layer):
         labels = _check_label_range(self, labels, valid, channels)
         target = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
         normalizer = _normalizer(self.normalization, outer, inner, valid, x)
-        loss, prob = _SoftmaxLossFunction.apply(x.reshape(outer, channels, inner), target, valid, normalizer)
+        negated = -normalizer if valid is not None else _normalizer(self.normalization, outer, inner, None, x, -1.0)
+        loss, prob = _SoftmaxLossFunction.apply(x.reshape(outer, channels, inner), target, valid, normalizer, negated)
         if len(self.param.top) > 1:
             return loss, prob.reshape(x.shape)
         return (loss,)

@@ -349,7 +349,9 @@ class DropoutLayer(_NeuronLayer):
 
     TRAIN: ``y = x * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)`` drawn anew each forward from
     torch's global RNG (the same distribution as Caffe's, not the same bits); gradient
-    ``dy * m / (1 - p)``. TEST: ``y = x`` (a copy, as Caffe copies).
+    ``dy * m / (1 - p)``. TEST: ``y = x`` (a copy, as Caffe copies). On a GPU, when ``1/(1 - p)``
+    is a power of two (p = 0.5, 0.75...), torch's fused dropout kernel draws the mask (same values:
+    products by a power of two are exact).
 
     Parameters (``dropout_param``): ``dropout_ratio`` p (0.5), must lie in [0, 1).
     Bottom: any shape. Top: same shape.
@@ -363,6 +365,8 @@ class DropoutLayer(_NeuronLayer):
             raise self.error(f"dropout_param.dropout_ratio must be in [0, 1); got {self.ratio}")
         self.scale = 1.0 / (1.0 - self.ratio)
         self.train_phase = self.phase == caffe_pb2.TRAIN
+        mantissa, _ = math.frexp(self.scale)
+        self._fused_ok = mantissa == 0.5 and self.ratio > 0.0  # scale 2, 4, 8...: exact in any order
 
     def top_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         return [tuple(bottom_shapes[0])]
@@ -370,6 +374,10 @@ class DropoutLayer(_NeuronLayer):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.train_phase:
             return (x.clone(),)
+        if self._fused_ok and x.is_cuda:
+            # one fused kernel (mask and product) with a 1-byte mask kept for the backward; a
+            # power-of-two scale makes x/(1-p), x·scale and (x·m)·scale the same bits
+            return (F.dropout(x, self.ratio, True),)
         keep = torch.full_like(x, 1.0 - self.ratio)
         # m·scale is 0 or scale, so x·(m·scale) equals Caffe's (x·m)·scale bit for bit
         mask = torch.bernoulli(keep).mul_(self.scale)
