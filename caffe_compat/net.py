@@ -197,25 +197,24 @@ class PendingLoss:
         if not isinstance(loss, torch.Tensor):
             self._value = float(loss)
             return
-        values = [loss.detach(), *(r[1] for r in checks)]
-        if values[0].device.type == "cuda":
-            # one copy each into pinned memory, behind the pass (no conversion or concatenation
-            # on the device), and an event to wait for them alone
-            self._host = [v.to("cpu", non_blocking=True) for v in values]
+        loss = loss.detach()
+        if loss.device.type == "cuda":
+            # a copy into pinned memory behind the pass (the loss layers copied their labels as
+            # they went), and an event to wait for these copies alone
+            self._host = loss.to("cpu", non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host = values
+            self._host = loss
 
     def value(self) -> float:
         if self._value is None:
             if self._event is not None:
                 self._event.synchronize()
-            loss, *ranges = self._host
+            loss = self._host
             checks, self._checks, self._host, self._event = self._checks, [], None, None
-            read = [v for r in ranges for v in r.tolist()]
             try:
-                _loss_layers.verify_deferred(checks, read)
+                _loss_layers.verify_deferred(checks)
             except CaffeError as e:
                 raise self._net._readable_error(e) from None
             self._value = float(loss)  # exact: float32/64 -> double
@@ -994,8 +993,8 @@ class Net(nn.Module):
         self._fill_missing_diffs()
         self._diffs_cleared = False
         checks = checks or []  # None: the compiled path (nothing deferred)
-        if checks and not isinstance(loss, torch.Tensor):
-            loss = torch.tensor(float(loss), dtype=torch.float64, device=checks[0][1].device)
+        if checks and not isinstance(loss, torch.Tensor):  # no loss, but labels checked: wait for them too
+            loss = torch.zeros((), dtype=torch.float64, device=self._device)
         return PendingLoss(self, loss, checks)
 
     def sync_host_params(self) -> None:

@@ -652,17 +652,21 @@ def _defer_net(tmp_path, labels, ignore: bool):
     return net
 
 
-@pytest.fixture
-def defer_on_cpu(monkeypatch):
-    """Take the GPU's deferred label checks on CPU tensors."""
+@pytest.fixture(params=["raw", "range"])
+def defer_on_cpu(monkeypatch, request):
+    """Take the GPU's deferred label checks on CPU tensors, checking copies of the labels (small
+    label bottoms) or their [min, max] (large ones)."""
     from caffe_compat.layers import loss as loss_mod
 
     monkeypatch.setattr(loss_mod, "_defers", lambda labels: getattr(loss_mod._deferred, "records", None) is not None)
+    if request.param == "range":
+        monkeypatch.setattr(loss_mod, "_RAW_LABEL_CHECK", 0)
     return loss_mod
 
 
+@pytest.mark.parametrize("raw_limit", [4096, 0])
 @pytest.mark.parametrize("ignore,labels", [(False, [0, 3, 1]), (True, [255, 3, 1])])
-def test_deferred_label_check_gives_the_same_pass(tmp_path, monkeypatch, ignore, labels):
+def test_deferred_label_check_gives_the_same_pass(tmp_path, monkeypatch, ignore, labels, raw_limit):
     ref = _defer_net(tmp_path, labels, ignore)
     ref.clear_param_diffs()
     ref_loss = ref.forward_backward()
@@ -672,6 +676,7 @@ def test_deferred_label_check_gives_the_same_pass(tmp_path, monkeypatch, ignore,
     monkeypatch.setattr(
         loss_mod, "_defers", lambda t: calls.append(1) or getattr(loss_mod._deferred, "records", None) is not None
     )
+    monkeypatch.setattr(loss_mod, "_RAW_LABEL_CHECK", raw_limit)
     net = _defer_net(tmp_path, labels, ignore)
     net.clear_param_diffs()
     assert net.forward_backward() == ref_loss
@@ -681,6 +686,21 @@ def test_deferred_label_check_gives_the_same_pass(tmp_path, monkeypatch, ignore,
         np.testing.assert_array_equal(net.blobs[name].data, ref.blobs[name].data)
     for a, b in zip(net.learnable_params, ref.learnable_params):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "ignore,labels,bad",
+    [(True, [255, 3, 1], None), (True, [255, 7, 1], 7), (False, [-0.5, 3.9, 1], None), (False, [-1.5, 3, 1], -1)],
+)
+def test_deferred_check_truncates_and_skips_ignored_labels(tmp_path, defer_on_cpu, ignore, labels, bad):
+    """Labels count as static_cast<int> of their values (toward zero); ignored ones are skipped."""
+    net = _defer_net(tmp_path, labels, ignore=ignore)
+    net.clear_param_diffs()
+    if bad is None:
+        assert np.isfinite(net.forward_backward())
+    else:
+        with pytest.raises(LayerError, match=rf"label value {bad} in bottom 'label' is out of range"):
+            net.forward_backward()
 
 
 @pytest.mark.parametrize("labels,value", [([0, 4, 1], 4), ([0, -1, 9], -1)])

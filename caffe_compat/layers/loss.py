@@ -99,12 +99,24 @@ def _defers(labels: Tensor) -> bool:
     return labels.device.type != "cpu" and getattr(_deferred, "records", None) is not None
 
 
-def verify_deferred(records: list[tuple[Layer, Tensor, int]], values: list[float]) -> None:
-    """Raise like ``_check_label_range`` for the first record whose range (``values``: the
-    records' [min, max] pairs read back, in order) leaves ``[0, classes)``."""
-    for (layer, _, num_classes), lo, hi in zip(records, values[0::2], values[1::2]):
-        if lo < 0 or hi >= num_classes:
-            _label_error(layer, int(lo if lo < 0 else hi), num_classes)
+def verify_deferred(records: list[tuple[Layer, Tensor, int, int | None]]) -> None:
+    """Raise like ``_check_label_range`` for the first record whose labels leave ``[0, classes)``.
+    A record's tensor (on the host once its copy is complete) holds either the labels as given
+    or their [min, max] (ignored positions counted as 0); both are truncated toward zero here,
+    positions equal to ``ignore`` skipped."""
+    for layer, values, num_classes, ignore in records:
+        ints = [int(v) for v in values.reshape(-1).tolist()]  # static_cast<int>: toward zero
+        if ignore is not None:
+            ints = [v for v in ints if v != ignore]
+        if ints:
+            lo, hi = min(ints), max(ints)
+            if lo < 0 or hi >= num_classes:
+                _label_error(layer, lo if lo < 0 else hi, num_classes)
+
+
+# Labels up to this many values are checked on the host from a copy of themselves (one copy, no
+# reduction kernels); more, through their [min, max] computed on the device.
+_RAW_LABEL_CHECK = 4096
 
 
 def _label_error(layer: Layer, value: int, num_classes: int):
@@ -115,15 +127,24 @@ def _label_error(layer: Layer, value: int, num_classes: int):
     )
 
 
-def _check_label_range(layer: Layer, labels: Tensor, valid: Tensor | None, num_classes: int) -> Tensor:
+def _check_label_range(
+    layer: Layer, labels: Tensor, valid: Tensor | None, num_classes: int, raw: Tensor | None = None
+) -> Tensor:
     """Raise naming the layer when a (non-ignored) label is outside ``[0, num_classes)``; returns
-    the labels to index with. Inside ``deferred_label_checks`` on a GPU: records the range and
-    returns the labels clamped into range (the check happens later, before any update)."""
+    the labels to index with. Inside ``deferred_label_checks`` on a GPU: records the labels (or
+    their range) for a later check on the host, copied now behind the pass, and returns them
+    clamped into range (the check happens later, before any update). ``raw``: the label bottom
+    as given (a copy of it is checked when it is small)."""
     if labels.device.type == "meta" or labels.numel() == 0:
         return labels
     if _defers(labels):
-        counted = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
-        _deferred.records.append((layer, torch.stack(torch.aminmax(counted)), num_classes))
+        ignore = layer.ignore_label if getattr(layer, "has_ignore_label", False) else None
+        if raw is not None and raw.numel() <= _RAW_LABEL_CHECK:
+            values = raw.detach()
+        else:
+            counted = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
+            values, ignore = torch.stack(torch.aminmax(counted)), None
+        _deferred.records.append((layer, values.to("cpu", non_blocking=True, copy=True), num_classes, ignore))
         return labels.clamp(0, num_classes - 1)
     if valid is None:
         # one reduction and one host read (a GPU synchronises once) when nothing is out of range
@@ -377,7 +398,7 @@ class SoftmaxWithLossLayer(Layer):
         _, outer, channels, inner = self._dims(tuple(x.shape), label.numel())
         labels = _as_labels(label).reshape(outer, 1, inner)
         valid = labels != self.ignore_label if self.has_ignore_label else None  # None: no mask
-        labels = _check_label_range(self, labels, valid, channels)
+        labels = _check_label_range(self, labels, valid, channels, raw=label)
         target = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
         normalizer = _normalizer(self.normalization, outer, inner, valid, x)
         negated = -normalizer if valid is not None else _normalizer(self.normalization, outer, inner, None, x, -1.0)
@@ -460,7 +481,7 @@ class HingeLossLayer(Layer):
         n = x.shape[0]
         x2 = x.reshape(n, -1)
         labels = _as_labels(label).reshape(n, 1)
-        labels = _check_label_range(self, labels, None, x2.shape[1])
+        labels = _check_label_range(self, labels, None, x2.shape[1], raw=label)
         sign = torch.ones_like(x2).scatter(1, labels, -1.0)
         # relu's gradient at 0 is 0, as Caffe's sign(0) in the L1 backward.
         margin = torch.relu(1 + sign * x2)
@@ -546,7 +567,7 @@ class InfogainLossLayer(Layer):
         h = infogain[0].detach() if infogain else self.infogain
         h = h.to(device=prob.device, dtype=prob.dtype).reshape(dim, dim)
         labels = _as_labels(label).reshape(n)
-        labels = _check_label_range(self, labels, None, dim)
+        labels = _check_label_range(self, labels, None, dim, raw=label)
         return (_InfogainFunction.apply(p2, h[labels]),)
 
 
@@ -618,7 +639,7 @@ class MultinomialLogisticLossLayer(Layer):
         n = prob.shape[0]
         p2 = prob.reshape(n, -1)
         labels = _as_labels(label).reshape(n, 1)
-        labels = _check_label_range(self, labels, None, p2.shape[1])
+        labels = _check_label_range(self, labels, None, p2.shape[1], raw=label)
         return (_MultinomialLogisticFunction.apply(p2, labels),)
 
 
@@ -673,7 +694,7 @@ class AccuracyLayer(Layer):
                 valid = labels != self.ignore_label
             else:
                 valid = torch.ones_like(labels, dtype=torch.bool)
-            labels = _check_label_range(self, labels, valid, channels)
+            labels = _check_label_range(self, labels, valid, channels, raw=label)
             target = torch.where(valid, labels, torch.zeros_like(labels))
             true_score = scores.gather(1, target)
             # Counts the true class itself too, hence the -1 (as Caffe's num_better_predictions).
