@@ -45,16 +45,28 @@ class SGDSolver(Solver):
         # regularize, update); one call per distinct scalar where the scalar differs (decay, rate)
         if self.param.iter_size != 1:
             torch._foreach_mul_(gs, self.normalize_factor())
-        for decay, sel in _by_value([self.local_decay(i) for i in indices]).items():
-            if decay:
-                torch._foreach_add_([gs[j] for j in sel], [ws[j] for j in sel], alpha=decay)
+        decays, rates = self._foreach_groups(indices, rate)
+        for decay, sel in decays:
+            torch._foreach_add_([gs[j] for j in sel], [ws[j] for j in sel], alpha=decay)
         torch._foreach_mul_(hs, float(self.param.momentum))
-        for local_rate, sel in _by_value([self.local_rate(i, rate) for i in indices]).items():
+        for local_rate, sel in rates:
             torch._foreach_add_([hs[j] for j in sel], [gs[j] for j in sel], alpha=local_rate)
         torch._foreach_sub_(ws, hs)
         for i, h in zip(indices, hs):
             alias_diff(params[i], h)
         return True
+
+    def _foreach_groups(self, indices: list[int], rate: float) -> tuple[list, list]:
+        """The (nonzero decay, positions) and (local rate, positions) groups of ``indices``,
+        computed again only when the rate, the multipliers or the weight decay change."""
+        net = self.net
+        key = (rate, self.param.weight_decay, tuple(indices), tuple(net.params_lr), tuple(net.params_weight_decay))
+        cached = self.__dict__.get("_groups")
+        if cached is None or cached[0] != key:
+            decays = [(d, sel) for d, sel in _by_value([self.local_decay(i) for i in indices]).items() if d]
+            rates = list(_by_value([self.local_rate(i, rate) for i in indices]).items())
+            cached = self._groups = (key, decays, rates)
+        return cached[1], cached[2]
 
     def update_history(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
         hist[0].mul_(float(self.param.momentum)).add_(g, alpha=local_rate)
