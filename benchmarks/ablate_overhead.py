@@ -51,7 +51,7 @@ PATCHES = {
     "dropout": [(DropoutLayer, "forward", _dropout)],
     "lrn": [(LRNLayer, "forward", _lrn)],
     "loss": [(SoftmaxWithLossLayer, "forward", _loss)],
-    "check": [(loss_mod, "_check_label_range", lambda layer, labels, valid, n: labels)],
+    "check": [(loss_mod, "_check_label_range", lambda layer, labels, valid, n, raw=None: labels)],
 }
 PATCHES["all"] = PATCHES["dropout"] + PATCHES["lrn"] + PATCHES["loss"]
 

@@ -718,6 +718,7 @@ class Net(nn.Module):
         self._overwritten = False
         if self._compile_options is not None and not torch.is_grad_enabled() and start is None and end is None:
             self._run_compiled()
+            self._verify_compiled_checks()
         else:
             self._run_layers(s, e)
         self._diffs_cleared = False
@@ -873,6 +874,24 @@ class Net(nn.Module):
             self.blobs[name].set_tensor(t, t)
         if torch.is_grad_enabled():
             self._overwritten = True
+        # the loss layers' label ranges, computed in the graph: copied to the host behind the pass
+        self._compiled_checks = []
+        for layer in self.layers[k:]:
+            recorded = layer.__dict__.pop("_label_range", None)
+            if recorded is not None:
+                values, classes = recorded
+                self._compiled_checks.append((layer, values.to("cpu", non_blocking=True, copy=True), classes, None))
+
+    def _verify_compiled_checks(self) -> None:
+        """Raise for a bad label of the last compiled pass (waiting for the copies first)."""
+        checks, self._compiled_checks = getattr(self, "_compiled_checks", []), []
+        if checks:
+            if self._device.type == "cuda":
+                torch.cuda.current_stream(self._device).synchronize()
+            try:
+                _loss_layers.verify_deferred(checks)
+            except CaffeError as e:
+                raise self._readable_error(e) from None
 
     def backward(self, diffs: list[str] | None = None, start: str | None = None, end: str | None = None, **kwargs):
         """pycaffe's ``backward``: set output diffs from ``kwargs``, backpropagate.
@@ -992,7 +1011,8 @@ class Net(nn.Module):
                 torch.autograd.backward([loss * loss_scale if loss_scale != 1.0 else loss], inputs=params)
         self._fill_missing_diffs()
         self._diffs_cleared = False
-        checks = checks or []  # None: the compiled path (nothing deferred)
+        if checks is None:  # the compiled path: the ranges its graph computed
+            checks, self._compiled_checks = getattr(self, "_compiled_checks", []), []
         if checks and not isinstance(loss, torch.Tensor):  # no loss, but labels checked: wait for them too
             loss = torch.zeros((), dtype=torch.float64, device=self._device)
         return PendingLoss(self, loss, checks)

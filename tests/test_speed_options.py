@@ -18,6 +18,8 @@ from caffe_compat.errors import NetError
 from caffe_compat.layers.norm import lrn_across_channels
 from caffe_compat.mode import physical_cores, tune_cpu
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 NET = """
 name: "small"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 9 } } }
@@ -372,6 +374,71 @@ def test_compile_matches_eager(tmp_path, backend):
     with pytest.raises(caffe.errors.NetError, match="call forward"):
         net.forward_backward()
         net.backward()
+
+
+def _alexnet_train(tmp_path, batch: int = 2):
+    """prototxt/alexnet_deploy.prototxt for training: a label Input, SoftmaxWithLoss for Softmax."""
+    from caffe_compat import io as cio
+    from caffe_compat.proto import caffe_pb2
+
+    p = cio.read_net(os.path.join(REPO, "prototxt", "alexnet_deploy.prototxt"))
+    p.layer[0].input_param.shape[0].dim[0] = batch
+    label = p.layer.insert(1, caffe_pb2.LayerParameter(name="label", type="Input", top=["label"]))  # noqa: F841
+    p.layer[1].input_param.shape.add().dim.extend([batch])
+    last = p.layer[-1]
+    last.type, last.name = "SoftmaxWithLoss", "loss"
+    del last.top[:]
+    last.bottom.append("label")
+    last.top.append("loss")
+    path = tmp_path / "alexnet_train.prototxt"
+    path.write_text(str(p))
+    net = caffe.Net(str(path), caffe.TRAIN)
+    net.blobs["label"].data[...] = 7
+    return net
+
+
+@pytest.mark.parametrize("which", ["small", "alexnet_train", "alexnet_deploy", "dental_cae_deploy"])
+def test_compiled_pass_is_one_graph(tmp_path, which):
+    """Net.compile traces the whole pass (every layer, the label checks) as one graph: a graph
+    break would split it (on a GPU with CUDA graphs: many small graphs and host syncs)."""
+    from torch import _dynamo
+
+    _dynamo.reset()
+    if which == "small":
+        net = _net(tmp_path)
+    elif which == "alexnet_train":
+        net = _alexnet_train(tmp_path)
+    else:
+        net = caffe.Net(os.path.join(REPO, "prototxt", f"{which}.prototxt"), caffe.TEST)
+    net.compile(backend="eager", fullgraph=True)  # fullgraph: a graph break is an error (then eager)
+    if which in ("small", "alexnet_train"):
+        net.clear_param_diffs()
+        assert np.isfinite(net.forward_backward())
+    else:
+        with torch.no_grad():
+            net.forward()
+    assert net._compile_options is not None  # did not fall back to eager
+
+
+def test_compiled_pass_checks_labels(tmp_path):
+    """Under Net.compile the loss layers' label checks leave the graph as tensors and are read
+    after the pass: a bad label is still our error, before any update."""
+    from torch import _dynamo
+
+    from caffe_compat.errors import LayerError
+
+    _dynamo.reset()
+    net = _net(tmp_path).compile(backend="eager", fullgraph=True)
+    net.blobs["label"].data[...] = [1, 4]
+    net.clear_param_diffs()
+    with pytest.raises(LayerError, match=r"layer 'loss'.*label value 4 in bottom 'label' is out of range"):
+        net.forward_backward()
+    with torch.no_grad(), pytest.raises(LayerError, match=r"label value 4 in bottom 'label'"):
+        net.forward()
+    net.blobs["label"].data[...] = [1, 3]
+    ref = _net(tmp_path)
+    assert net.forward_backward() == pytest.approx(ref.forward_backward(), rel=1e-6)
+    assert net._compile_options is not None
 
 
 def test_compile_failure_falls_back_with_warning(tmp_path, monkeypatch):

@@ -123,6 +123,9 @@ class Layer(nn.Module):
         self.name: str = param.name
         self.type: str = param.type
         self.phase: int = phase
+        #: How many tops the prototxt gives (read in forward without touching the protobuf,
+        #: which torch.compile cannot trace).
+        self.num_tops: int = len(param.top)
         self.blobs = BlobList()
         self._check_counts(len(bottom_shapes), len(param.top))
         self.setup([tuple(s) for s in bottom_shapes])

@@ -398,7 +398,7 @@ class SplitLayer(Layer):
     min_top = 1
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(x.view(x.shape) for _ in self.param.top)
+        return tuple(x.view(x.shape) for _ in range(self.num_tops))
 
 
 @register_layer("Flatten")

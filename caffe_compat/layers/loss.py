@@ -54,7 +54,7 @@ _NORM = caffe_pb2.LossParameter
 
 
 def _count(shape) -> int:
-    return math.prod(int(d) for d in shape)
+    return math.prod([int(d) for d in shape])
 
 
 def _bottom_name(layer: Layer, index: int) -> str:
@@ -137,6 +137,12 @@ def _check_label_range(
     as given (a copy of it is checked when it is small)."""
     if labels.device.type == "meta" or labels.numel() == 0:
         return labels
+    if torch.compiler.is_compiling():
+        # inside Net.compile's graph: no host read (a graph break); the range leaves the graph
+        # as a tensor on the layer, and the net checks it after the compiled pass
+        counted = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
+        layer._label_range = (torch.stack(torch.aminmax(counted)), num_classes)
+        return labels.clamp(0, num_classes - 1)
     if _defers(labels):
         ignore = layer.ignore_label if getattr(layer, "has_ignore_label", False) else None
         if raw is not None and raw.numel() <= _RAW_LABEL_CHECK:
@@ -403,7 +409,7 @@ class SoftmaxWithLossLayer(Layer):
         normalizer = _normalizer(self.normalization, outer, inner, valid, x)
         negated = -normalizer if valid is not None else _normalizer(self.normalization, outer, inner, None, x, -1.0)
         loss, prob = _SoftmaxLossFunction.apply(x.reshape(outer, channels, inner), target, valid, normalizer, negated)
-        if len(self.param.top) > 1:
+        if self.num_tops > 1:
             return loss, prob.reshape(x.shape)
         return (loss,)
 
@@ -704,7 +710,7 @@ class AccuracyLayer(Layer):
             hits = correct.sum().to(x.dtype)
             zero = torch.zeros((), dtype=x.dtype, device=x.device)
             accuracy = torch.where(count > 0, hits / torch.clamp(count, min=1.0), zero)
-            if len(self.param.top) < 2:
+            if self.num_tops < 2:
                 return (accuracy,)
             flat = target.reshape(-1)
             per_class_n = torch.zeros(channels, dtype=x.dtype, device=x.device).scatter_add(

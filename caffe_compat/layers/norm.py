@@ -104,6 +104,29 @@ def _lrn_forward(x, size, alpha, beta, k, for_backward: bool):
     return y, powed, over if for_backward else None
 
 
+def _window_sum(padded: torch.Tensor, size: int) -> torch.Tensor:
+    """``_window_sum_into`` without ``out=``: a new tensor (what torch.compile can trace)."""
+    return padded.unfold(1, size, 1).sum(dim=-1)
+
+
+def _pad_channels(t: torch.Tensor, pad: int) -> torch.Tensor:
+    return F.pad(t, (0, 0, 0, 0, pad, pad))
+
+
+def _lrn_traced_forward(x, size, alpha, beta, k):
+    """``_lrn_forward`` in out-of-place operations (inside torch.compile's graph, which cannot
+    write through ``out=`` into slices): ``(y, scale^−β, y/scale)``."""
+    scale = torch.add(k, _window_sum(_pad_channels(x * x, (size - 1) // 2), size), alpha=alpha / size)
+    powed = torch.pow(scale, -beta)
+    y = powed * x
+    return y, powed, y / scale
+
+
+def _lrn_traced_backward(g, x, powed, over, size, alpha, beta):
+    acc = _window_sum(_pad_channels(g * over, (size - 1) // 2), size)
+    return torch.addcmul(g * powed, x, acc, value=-2.0 * alpha * beta / size)
+
+
 class _LRNAcross(torch.autograd.Function):
     """Fused ACROSS_CHANNELS LRN.
 
@@ -117,7 +140,10 @@ class _LRNAcross(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, size, alpha, beta, k):
-        y, powed, over = _lrn_forward(x, size, alpha, beta, k, for_backward=True)
+        if torch.compiler.is_compiling():
+            y, powed, over = _lrn_traced_forward(x, size, alpha, beta, k)
+        else:
+            y, powed, over = _lrn_forward(x, size, alpha, beta, k, for_backward=True)
         ctx.save_for_backward(x, powed, over)
         ctx.consts = (size, alpha, beta)
         return y
@@ -127,6 +153,8 @@ class _LRNAcross(torch.autograd.Function):
     def backward(ctx, g):
         x, powed, over = ctx.saved_tensors
         size, alpha, beta = ctx.consts
+        if torch.compiler.is_compiling():
+            return _lrn_traced_backward(g, x, powed, over, size, alpha, beta), None, None, None, None
         n, c, pad = x.shape[0], x.shape[1], (size - 1) // 2
         step = _lrn_step(x)
         padded = _buffer_like(x, (min(step, n), c + size - 1), zero=True)
@@ -147,6 +175,8 @@ def lrn_across_channels(x: torch.Tensor, size: int, alpha: float, beta: float, k
     if x.device.type == "meta":
         return torch.empty_like(x)
     if not (x.requires_grad and torch.is_grad_enabled()):  # inference: no autograd node, no y/scale
+        if torch.compiler.is_compiling():
+            return _lrn_traced_forward(x, size, alpha, beta, k)[0]
         return _lrn_forward(x, size, alpha, beta, k, for_backward=False)[0]
     return _LRNAcross.apply(x, size, alpha, beta, k)
 
