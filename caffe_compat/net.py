@@ -203,7 +203,7 @@ class PendingLoss:
             # they went), and an event to wait for these copies alone
             self._host = loss.to("cpu", non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(loss.device))  # the net's device, not the current one
         else:
             self._host = loss
 
@@ -988,7 +988,8 @@ class Net(nn.Module):
         pass. A solver reads it one iteration late, so the GPU never waits for the host."""
         low = autocast_dtype()
         # on a GPU the loss layers' label checks are read back with the loss (one synchronisation
-        # per pass, at its end); the compiled path checks as it goes
+        # per pass, at its end, made by PendingLoss.value()); the compiled path's graph computes
+        # the label ranges as tensors, collected after it
         defer = _loss_layers.deferred_label_checks() if self._compile_options is None else contextlib.nullcontext()
         with torch.enable_grad(), defer as checks:
             if low is None:

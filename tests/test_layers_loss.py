@@ -690,7 +690,13 @@ def test_deferred_label_check_gives_the_same_pass(tmp_path, monkeypatch, ignore,
 
 @pytest.mark.parametrize(
     "ignore,labels,bad",
-    [(True, [255, 3, 1], None), (True, [255, 7, 1], 7), (False, [-0.5, 3.9, 1], None), (False, [-1.5, 3, 1], -1)],
+    [
+        (True, [255, 3, 1], None),
+        (True, [255, 7, 1], 7),
+        (False, [-0.5, 3.9, 1], None),
+        (False, [-1.5, 3, 1], -1),
+        (False, [0, float("nan"), 1], -(2**63)),  # as the CPU's check: NaN converts to INT64_MIN
+    ],
 )
 def test_deferred_check_truncates_and_skips_ignored_labels(tmp_path, defer_on_cpu, ignore, labels, bad):
     """Labels count as static_cast<int> of their values (toward zero); ignored ones are skipped."""

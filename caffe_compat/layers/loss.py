@@ -105,7 +105,7 @@ def verify_deferred(records: list[tuple[Layer, Tensor, int, int | None]]) -> Non
     or their [min, max] (ignored positions counted as 0); both are truncated toward zero here,
     positions equal to ``ignore`` skipped."""
     for layer, values, num_classes, ignore in records:
-        ints = [int(v) for v in values.reshape(-1).tolist()]  # static_cast<int>: toward zero
+        ints = values.reshape(-1).to(torch.long).tolist()  # toward zero, as _as_labels (NaN: a bad label too)
         if ignore is not None:
             ints = [v for v in ints if v != ignore]
         if ints:
