@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,15 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_overhead import NUM_CLASSES, SIZE, WIDTHS, TorchAlexNet, _gpu_paths_on_cpu, tiny_param  # noqa: E402
+from bench_overhead import (  # noqa: E402
+    NUM_CLASSES,
+    SIZE,
+    WIDTHS,
+    TorchAlexNet,
+    _gpu_paths_on_cpu,
+    mean_call_us,
+    tiny_param,
+)
 
 from caffe_compat.layers import loss as loss_mod  # noqa: E402
 from caffe_compat.layers.loss import SoftmaxWithLossLayer  # noqa: E402
@@ -97,16 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     xd, yd = x.to(device), y.to(device).long()
 
     def timed(fn) -> float:
-        for _ in range(max(args.calls // 10, 2)):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(args.calls):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - t0) / args.calls * 1e6
+        return mean_call_us(fn, args.calls, device)
 
     def ours_fwd(net):
         def run():

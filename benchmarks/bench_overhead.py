@@ -41,6 +41,21 @@ NUM_CLASSES = 10
 SIZE = 67
 
 
+def mean_call_us(fn, calls: int, device: torch.device) -> float:
+    """Mean microseconds per call of ``fn`` over ``calls`` calls, after ``calls / 10`` warm-up
+    calls (on a GPU: from an idle device to the end of the last call's work)."""
+    for _ in range(max(calls // 10, 2)):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
 def tiny_param(train: bool) -> caffe_pb2.NetParameter:
     p = alexnet_param(1, train)
     dims = p.layer[0].input_param.shape[0].dim
@@ -138,16 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
 
     def per_call_us(fn) -> float:
-        for _ in range(max(args.calls // 10, 2)):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(args.calls):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - t0) / args.calls * 1e6
+        return mean_call_us(fn, args.calls, device)
 
     paths = "GPU paths" if gpu_paths else "CPU paths"
     print(f"# tiny AlexNet, batch 1, {SIZE}x{SIZE}, device {device} ({paths}), {torch.get_num_threads()} thread(s)")
