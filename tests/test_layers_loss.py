@@ -798,3 +798,21 @@ def test_label_error_names_the_blob_not_its_split(tmp_path):
         net.forward()
     assert "label value 9 in bottom 'label' is out of range" in str(err.value)
     assert "split" not in str(err.value)
+
+
+@pytest.mark.parametrize("params", ["", "loss_param { normalization: BATCH_SIZE }", "loss_param { ignore_label: 2 }"])
+def test_softmax_loss_follows_a_new_input_shape(params):
+    """SoftmaxWithLoss keeps its shape-derived constants (sizes, normalizer) per input shape:
+    a new batch size gets its own."""
+    layer = make_layer("SoftmaxWithLoss", [(2, 5), (2,)], params)
+    fresh = make_layer("SoftmaxWithLoss", [(3, 5), (3,)], params)
+    g = torch.Generator().manual_seed(4)
+    for n in (2, 3, 2):
+        x = torch.randn(n, 5, generator=g)
+        y = torch.tensor([0.0, 2.0, 4.0][:n])
+        assert torch.equal(layer.forward(x, y)[0], fresh.forward(x, y)[0])
+        # Caffe: Σ −log p[label] over counted items / count (VALID; BATCH_SIZE: / n)
+        logp = torch.log_softmax(x.double(), 1)[torch.arange(n), y.long()]
+        keep = y != 2 if "ignore" in params else torch.ones(n, dtype=torch.bool)
+        want = -logp[keep].sum() / (n if "BATCH" in params else keep.sum())
+        assert float(layer.forward(x, y)[0]) == pytest.approx(float(want), rel=1e-6)

@@ -400,14 +400,32 @@ class SoftmaxWithLossLayer(Layer):
             )
         return axis, outer, channels, inner
 
-    def forward(self, x: Tensor, label: Tensor) -> tuple[Tensor, ...]:
+    def _plan(self, x: Tensor, label: Tensor) -> tuple:
+        """(outer, channels, inner, (normalizer, −normalizer) or None when the mask decides it),
+        kept per input shape, dtype and device (per-call host time counts on a GPU)."""
+        key = (x.shape, label.numel(), x.dtype, x.device)
+        plan = self.__dict__.get("_shape_plan")
+        if plan is not None and plan[0] == key:
+            return plan[1]
         _, outer, channels, inner = self._dims(tuple(x.shape), label.numel())
+        fixed = None
+        if not self.has_ignore_label:
+            fixed = tuple(_normalizer(self.normalization, outer, inner, None, x, sign) for sign in (1.0, -1.0))
+        if not torch.compiler.is_compiling():
+            self._shape_plan = (key, (outer, channels, inner, fixed))
+        return outer, channels, inner, fixed
+
+    def forward(self, x: Tensor, label: Tensor) -> tuple[Tensor, ...]:
+        outer, channels, inner, fixed = self._plan(x, label)
         labels = _as_labels(label).reshape(outer, 1, inner)
         valid = labels != self.ignore_label if self.has_ignore_label else None  # None: no mask
         labels = _check_label_range(self, labels, valid, channels, raw=label)
         target = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
-        normalizer = _normalizer(self.normalization, outer, inner, valid, x)
-        negated = -normalizer if valid is not None else _normalizer(self.normalization, outer, inner, None, x, -1.0)
+        if fixed is not None:
+            normalizer, negated = fixed
+        else:
+            normalizer = _normalizer(self.normalization, outer, inner, valid, x)
+            negated = -normalizer
         loss, prob = _SoftmaxLossFunction.apply(x.reshape(outer, channels, inner), target, valid, normalizer, negated)
         if self.num_tops > 1:
             return loss, prob.reshape(x.shape)
