@@ -49,6 +49,18 @@ def host_copies_out() -> bool:
     return len(_outstanding) > 0
 
 
+def sync_host_copies(blob_part: str | None, params: bool = True) -> None:
+    """Send every outstanding host copy back to its device (any net's: an earlier write-back of
+    what was written there anyway): the parameters' data and diffs (``params``) and the blobs'
+    ``blob_part`` ("data", "diff", or None for neither)."""
+    for holder in list(_outstanding):
+        if isinstance(holder, ParamBlob):
+            if params:
+                holder.sync_to_device()
+        elif blob_part is not None:
+            holder.sync_to_device(blob_part)
+
+
 def _view(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 

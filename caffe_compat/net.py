@@ -666,9 +666,7 @@ class Net(nn.Module):
         self._sync_mode()
         grad_on = torch.is_grad_enabled()
         if _blob.uses_host_mirror(self._device) and _blob.host_copies_out():
-            self.sync_host_params()
-            for blob in self.blobs.values():
-                blob.sync_to_device("data")
+            _blob.sync_host_copies("data")
         for b in self.inputs:
             blob = self.blobs[b]
             t = blob.tensor
@@ -918,9 +916,7 @@ class Net(nn.Module):
             root_names = list(self._tops[s])
         roots, grads = [], []
         if _blob.uses_host_mirror(self._device) and _blob.host_copies_out():
-            self.sync_host_params()
-            for blob in self.blobs.values():
-                blob.sync_to_device("diff")
+            _blob.sync_host_copies("diff")
         for b in root_names:
             blob = self.blobs[b]
             t = blob._data
@@ -1021,11 +1017,8 @@ class Net(nn.Module):
     def sync_host_params(self) -> None:
         """Send parameter values and diffs written through ``net.params[...]`` on a GPU back to
         the device (a no-op on the CPU, where those are views)."""
-        if not (_blob.uses_host_mirror(self._device) and _blob.host_copies_out()):
-            return
-        for pblobs in self.params.values():
-            for pb in pblobs:
-                pb.sync_to_device()
+        if _blob.uses_host_mirror(self._device) and _blob.host_copies_out():
+            _blob.sync_host_copies(None)
 
     def clear_param_diffs(self) -> None:
         """Zero every learnable blob's diff (Caffe's ClearParamDiffs).
