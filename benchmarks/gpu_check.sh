@@ -15,7 +15,8 @@
 #   3. the AlexNet benchmark in float32 (IEEE, TF32 off) with the peak CUDA allocation, the
 #      iteration with the solver's loss read at once (before session 6), the interpreter's
 #      per-call overhead on a tiny AlexNet (bench_overhead.py; host time by Python function in
-#      $OUT/host_profile.log), the LRN's window sums by shifted slices (to compare with the
+#      $OUT/host_profile.log; ablate_overhead.py: one layer kind at a time replaced by torch's
+#      own operation), the LRN's window sums by shifted slices (to compare with the
 #      default reduction); with FULL=1 also bf16 + channels_last, inference through net.run and
 #      the iteration without the label check's host sync (measured in session 4);
 #      torch.profiler summaries of one call per side ($OUT/profile.log), and last (least
@@ -56,7 +57,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
     2>&1 | tee -a "$LOG"
 
 say "== 1. conformance in GPU mode (layers, solver trajectories, CUDA-only tests) [${SECONDS}s]"
-CAFFE_COMPAT_TEST_GPU=1 timeout "$(limit 150)" python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+CAFFE_COMPAT_TEST_GPU=1 timeout "$(limit 200)" python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
     tests/test_conformance_layers.py tests/test_layers_loss.py tests/test_host_mirror.py tests/test_solvers.py \
     tests/test_distributed.py tests/test_speed_options.py > "$OUT/gpu_conformance.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/gpu_conformance.log"
@@ -92,6 +93,8 @@ say "== 3b. per-call overhead, tiny AlexNet (loss read late, then at once; host 
 timeout "$(limit 40)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 5 2>&1 | grep -v '^USDT' | tee -a "$LOG"
 timeout "$(limit 40)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 5 --loss_read now 2>&1 | grep -v '^USDT' | tee -a "$LOG"
 timeout "$(limit 60)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 1 --cprofile 30 > "$OUT/host_profile.log" 2>&1
+say "== 3b2. where the host time goes: our layers one at a time replaced by torch's own [${SECONDS}s]"
+timeout "$(limit 45)" python3 benchmarks/ablate_overhead.py --device "$DEVICE" --reps 3 --calls 100 2>&1 | grep -v '^USDT' | tee -a "$LOG"
 say "== 3e2. the LRN's window sums by shifted slices (the GPU path before session 5; compare with 3a) [${SECONDS}s]"
 bench 60 --batches 1,10,64 --reps 3 --what fwd_bwd --lrn_window slices
 if [ "${FULL:-0}" = 1 ]; then  # measured in session 4 (docs/gpu_runs/): FULL=1 to repeat
@@ -107,7 +110,7 @@ timeout "$(limit 90)" python3 benchmarks/bench_alexnet.py --device "$DEVICE" --b
     --what fwd_bwd,iter --profile > "$OUT/profile.log" 2>&1
 grep -E '^# (ours|torch) [a-z_]+: |^#   cuda' "$OUT/profile.log" | tee -a "$LOG"
 
-say "== 3g. opt-in torch.compile (CUDA graphs) at small batches, both sides [${SECONDS}s]"
+say "== 3g. opt-in torch.compile (CUDA graphs) at small batches, both sides (one graph per pass since session 6) [${SECONDS}s]"
 bench 150 --batches 1,10 --reps 3 --what fwd_bwd,iter --compile --compile_mode reduce-overhead --baseline_same
 
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
