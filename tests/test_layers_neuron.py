@@ -246,6 +246,15 @@ def test_dropout_train_mask_and_gradient(device, ratio):
     assert not torch.equal(layer(x)[0] != 0, kept)
 
 
+def test_dropout_test_phase_in_place_is_the_bottom_itself():
+    lp = caffe_pb2.LayerParameter(name="d", type="Dropout", bottom=["x"], top=["x"])
+    layer = layer_class("Dropout")(lp, [(2, 3)], caffe_pb2.TEST)
+    x = torch.rand(2, 3, requires_grad=True)
+    y = layer(x)[0]
+    assert y is x  # Caffe's copy onto the same memory: nothing to do
+    assert make_layer("Dropout")(x)[0] is not x
+
+
 def test_dropout_test_phase_is_identity_copy_and_top_shapes_draw_nothing():
     x = torch.tensor(sample(), dtype=torch.float32)
     layer = make_layer("Dropout")

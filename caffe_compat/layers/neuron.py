@@ -349,7 +349,7 @@ class DropoutLayer(_NeuronLayer):
 
     TRAIN: ``y = x * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)`` drawn anew each forward from
     torch's global RNG (the same distribution as Caffe's, not the same bits); gradient
-    ``dy * m / (1 - p)``. TEST: ``y = x`` (a copy, as Caffe copies). On a GPU, when ``1/(1 - p)``
+    ``dy * m / (1 - p)``. TEST: ``y = x`` (a copy, as Caffe copies; in place, x itself). On a GPU, when ``1/(1 - p)``
     is a power of two (p = 0.5, 0.75...), torch's fused dropout kernel draws the mask (same values:
     products by a power of two are exact).
 
@@ -365,6 +365,8 @@ class DropoutLayer(_NeuronLayer):
             raise self.error(f"dropout_param.dropout_ratio must be in [0, 1); got {self.ratio}")
         self.scale = 1.0 / (1.0 - self.ratio)
         self.train_phase = self.phase == caffe_pb2.TRAIN
+        p = self.param
+        self._in_place = len(p.top) == 1 and len(p.bottom) == 1 and p.top[0] == p.bottom[0]
         mantissa, _ = math.frexp(self.scale)
         self._fused_ok = mantissa == 0.5 and self.ratio > 0.0  # scale 2, 4, 8...: exact in any order
 
@@ -373,7 +375,8 @@ class DropoutLayer(_NeuronLayer):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.train_phase:
-            return (x.clone(),)
+            # Caffe copies bottom to top; in place (top = bottom) that copy changes nothing
+            return (x,) if self._in_place else (x.clone(),)
         if self._fused_ok and x.is_cuda:
             # one fused kernel (mask and product) with a 1-byte mask kept for the backward; a
             # power-of-two scale makes x/(1-p), x·scale and (x·m)·scale the same bits
