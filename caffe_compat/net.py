@@ -854,6 +854,7 @@ class Net(nn.Module):
                 made.update(self._tops[li])
             self._compiled_fn = torch.compile(self._compiled_layers, **self._compile_options)
         feeds = {b: self.blobs[b].tensor for b in self._compiled_feeds}
+        _loss_layers._net_compiles = True
         try:
             tops = self._compiled_fn(feeds)
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back to eager)
@@ -865,6 +866,8 @@ class Net(nn.Module):
             if k < len(self.layers):
                 self._run_layers(k, len(self.layers) - 1, overwrite=True)
             return
+        finally:
+            _loss_layers._net_compiles = False
         dev = self._device
         for name, t in tops.items():
             if t.device != dev:  # pragma: no cover

@@ -544,3 +544,19 @@ def test_sgd_foreach_update_is_taken_when_asked(tmp_path, monkeypatch, foreach, 
     solver = _solver(tmp_path, "SGD", extra, fused=False, foreach=foreach)
     solver.step(2)
     assert bool(calls) == expected  # L1 needs sign(W): parameter by parameter
+
+
+def test_label_check_under_a_users_own_compile_reads_the_host(tmp_path):
+    """Outside Net.compile (a user's torch.compile of net.run) nothing collects ranges left on
+    the layers, so the loss layer keeps its host check there: a bad label is still our error."""
+    from torch import _dynamo
+
+    from caffe_compat.errors import LayerError
+
+    _dynamo.reset()
+    net = _net(tmp_path)
+    net.blobs["label"].data[...] = [1, 4]
+    run = torch.compile(net.run, backend="eager")
+    with pytest.raises(LayerError, match=r"label value 4 in bottom 'label' is out of range"):
+        run(data=torch.from_numpy(np.array(net.blobs["data"].data)))
+    assert not any("_label_range" in vars(layer) for layer in net.layers)

@@ -114,6 +114,10 @@ def verify_deferred(records: list[tuple[Layer, Tensor, int, int | None]]) -> Non
                 _label_error(layer, lo if lo < 0 else hi, num_classes)
 
 
+# True while Net.compile's graph runs (Net._run_compiled), which collects the label ranges its
+# loss layers leave on themselves; other traced code keeps the checks with a host read.
+_net_compiles = False
+
 # Labels up to this many values are checked on the host from a copy of themselves (one copy, no
 # reduction kernels); more, through their [min, max] computed on the device.
 _RAW_LABEL_CHECK = 4096
@@ -137,7 +141,7 @@ def _check_label_range(
     as given (a copy of it is checked when it is small)."""
     if labels.device.type == "meta" or labels.numel() == 0:
         return labels
-    if torch.compiler.is_compiling():
+    if _net_compiles and torch.compiler.is_compiling():
         # inside Net.compile's graph: no host read (a graph break); the range leaves the graph
         # as a tensor on the layer, and the net checks it after the compiled pass
         counted = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
