@@ -528,7 +528,9 @@ class Net(nn.Module):
             (
                 layer,
                 self._bottoms[li],
+                [self.blobs[b] for b in self._bottoms[li]],
                 self._tops[li],
+                [self.blobs[t] for t in self._tops[li]],
                 self._needs_grad_bottom[li],
                 self._inplace[li],
                 bool(getattr(layer, "is_net_input", False)),
@@ -603,16 +605,19 @@ class Net(nn.Module):
         fresh: set[str] = set()  # blobs whose tensor a top_overwritable layer made in this pass
         # Module.__call__ only when someone hooked a module: otherwise forward directly (cheaper)
         hooked = bool(_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
-        blobs, dev, dtype = self.blobs, self._device, self._dtype
+        dev, dtype = self._device, self._dtype
         overwrote = False  # set on self once, after the loop (Module.__setattr__ is slow)
         for li in range(start, end + 1):
-            layer, bnames, tnames, needs_grad, inplace_tops, is_input, can_inplace, overwritable = self._run_plan[li]
-            if is_input:
+            plan = self._run_plan[li]
+            if plan[7]:  # a net input: set by the caller
                 continue
+            layer, bnames, bblobs, tnames, tblobs, needs_grad, inplace_tops, _, can_inplace, overwritable = plan
             bottoms = []
             detached = False
-            for j, b in enumerate(bnames):
-                t = blobs[b].tensor
+            for j, blob in enumerate(bblobs):
+                t = blob._data
+                if t is None or t.shape != blob._shape:  # Blob.tensor's check, inlined (hot loop)
+                    t = blob.tensor
                 if grad_on and t.requires_grad:
                     if caffe_grads:
                         if not needs_grad[j]:
@@ -642,23 +647,25 @@ class Net(nn.Module):
                     f"{e} (while running layer {self._layer_names[li]!r} ({layer.type}) with bottom "
                     f"shapes {[list(t.shape) for t in bottoms]})"
                 ) from e
-            for j, t in enumerate(tnames):
-                blob = blobs[t]
+            for j, blob in enumerate(tblobs):
                 top = tops[j]
                 if top.device != dev or (
-                    top.dtype != dtype and top.is_floating_point() and not (low and top.dtype in _LOW_PRECISION)
+                    top.dtype is not dtype and top.is_floating_point() and not (low and top.dtype in _LOW_PRECISION)
                 ):
                     # data layers produce their batches on the CPU, in float32
                     top = top.to(dev, dtype, non_blocking=True)
                     tops = (*tops[:j], top, *tops[j + 1 :])
+                blob._data = top  # Blob.set_tensor, inlined (hot loop)
+                if top.shape != blob._shape:
+                    blob._shape = tuple(top.shape)
                 if inplace_tops[j]:
-                    blob.set_tensor(top)
+                    fresh.discard(tnames[j])
                 else:
-                    blob.set_tensor(top, top)
-                if overwritable and not inplace_tops[j]:
-                    fresh.add(t)
-                else:
-                    fresh.discard(t)
+                    blob._grad_tensor = top
+                    if overwritable:
+                        fresh.add(tnames[j])
+                    else:
+                        fresh.discard(tnames[j])
         if overwrote:
             self._overwritten = True
 
