@@ -193,31 +193,24 @@ class PendingLoss:
     __slots__ = ("_net", "_checks", "_value", "_host", "_event")
 
     def __init__(self, net: Net, loss: torch.Tensor | float, checks: list):
-        self._net, self._checks, self._value, self._host, self._event = net, checks, None, None, None
-        if not isinstance(loss, torch.Tensor):
-            self._value = float(loss)
-            return
-        loss = loss.detach()
-        if loss.device.type == "cuda":
-            # a copy into pinned memory behind the pass (the loss layers copied their labels as
-            # they went), and an event to wait for these copies alone
-            self._host = loss.to("cpu", non_blocking=True)
+        self._net, self._checks, self._value, self._event = net, checks, None, None
+        self._host = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+        device = self._host.device if isinstance(self._host, torch.Tensor) else net._device
+        if device.type == "cuda":
+            # the loss into pinned memory behind the pass (the loss layers copied their labels as
+            # they went), and an event on the net's stream to wait for these copies alone
+            if isinstance(self._host, torch.Tensor):
+                self._host = self._host.to("cpu", non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(loss.device))  # the net's device, not the current one
-        else:
-            self._host = loss
+            self._event.record(torch.cuda.current_stream(device))
 
     def value(self) -> float:
         if self._value is None:
             if self._event is not None:
                 self._event.synchronize()
-            loss = self._host
-            checks, self._checks, self._host, self._event = self._checks, [], None, None
-            try:
-                _loss_layers.verify_deferred(checks)
-            except CaffeError as e:
-                raise self._net._readable_error(e) from None
-            self._value = float(loss)  # exact: float32/64 -> double
+            checks, self._checks, self._event = self._checks, [], None
+            self._net._verify_labels(checks)
+            self._value = float(self._host)  # exact: float32/64 -> double
         return self._value
 
 
@@ -893,13 +886,16 @@ class Net(nn.Module):
     def _verify_compiled_checks(self) -> None:
         """Raise for a bad label of the last compiled pass (waiting for the copies first)."""
         checks, self._compiled_checks = getattr(self, "_compiled_checks", []), []
-        if checks:
-            if self._device.type == "cuda":
-                torch.cuda.current_stream(self._device).synchronize()
-            try:
-                _loss_layers.verify_deferred(checks)
-            except CaffeError as e:
-                raise self._readable_error(e) from None
+        if checks and self._device.type == "cuda":
+            torch.cuda.current_stream(self._device).synchronize()
+        self._verify_labels(checks)
+
+    def _verify_labels(self, checks: list) -> None:
+        """Raise for the first bad label in the loss layers' records (host copies, complete)."""
+        try:
+            _loss_layers.verify_deferred(checks)
+        except CaffeError as e:
+            raise self._readable_error(e) from None
 
     def backward(self, diffs: list[str] | None = None, start: str | None = None, end: str | None = None, **kwargs):
         """pycaffe's ``backward``: set output diffs from ``kwargs``, backpropagate.
@@ -1020,8 +1016,6 @@ class Net(nn.Module):
         self._diffs_cleared = False
         if checks is None:  # the compiled path: the ranges its graph computed
             checks, self._compiled_checks = getattr(self, "_compiled_checks", []), []
-        if checks and not isinstance(loss, torch.Tensor):  # no loss, but labels checked: wait for them too
-            loss = torch.zeros((), dtype=torch.float64, device=self._device)
         return PendingLoss(self, loss, checks)
 
     def sync_host_params(self) -> None:

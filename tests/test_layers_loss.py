@@ -816,3 +816,17 @@ def test_softmax_loss_follows_a_new_input_shape(params):
         keep = y != 2 if "ignore" in params else torch.ones(n, dtype=torch.bool)
         want = -logp[keep].sum() / (n if "BATCH" in params else keep.sum())
         assert float(layer.forward(x, y)[0]) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_deferred_check_of_a_net_without_a_loss(tmp_path, defer_on_cpu):
+    """A pass with no loss blob still checks the labels its Accuracy layer recorded."""
+    import caffe_compat as caffe
+
+    text = DEFER_NET.format(acc="", loss="")
+    p = tmp_path / "acc_only.prototxt"
+    p.write_text(text[: text.index('layer { name: "loss"')])  # data, label, ip, acc
+    net = caffe.Net(str(p), caffe.TRAIN)
+    assert "loss" not in net.blobs
+    net.blobs["label"].data[...] = [0, 6, 1]
+    with pytest.raises(LayerError, match=r"layer 'acc'.*label value 6 in bottom 'label'"):
+        net.forward_backward()

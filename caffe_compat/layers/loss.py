@@ -131,6 +131,12 @@ def _label_error(layer: Layer, value: int, num_classes: int):
     )
 
 
+def _counted_range(labels: Tensor, valid: Tensor | None) -> Tensor:
+    """[min, max] of the labels on the device, ignored positions counted as 0 (always in range)."""
+    counted = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
+    return torch.stack(torch.aminmax(counted))
+
+
 def _check_label_range(
     layer: Layer, labels: Tensor, valid: Tensor | None, num_classes: int, raw: Tensor | None = None
 ) -> Tensor:
@@ -144,16 +150,14 @@ def _check_label_range(
     if _net_compiles and torch.compiler.is_compiling():
         # inside Net.compile's graph: no host read (a graph break); the range leaves the graph
         # as a tensor on the layer, and the net checks it after the compiled pass
-        counted = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
-        layer._label_range = (torch.stack(torch.aminmax(counted)), num_classes)
+        layer._label_range = (_counted_range(labels, valid), num_classes)
         return labels.clamp(0, num_classes - 1)
     if _defers(labels):
         ignore = layer.ignore_label if getattr(layer, "has_ignore_label", False) else None
         if raw is not None and raw.numel() <= _RAW_LABEL_CHECK:
             values = raw.detach()
         else:
-            counted = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
-            values, ignore = torch.stack(torch.aminmax(counted)), None
+            values, ignore = _counted_range(labels, valid), None
         _deferred.records.append((layer, values.to("cpu", non_blocking=True, copy=True), num_classes, ignore))
         return labels.clamp(0, num_classes - 1)
     if valid is None:

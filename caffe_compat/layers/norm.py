@@ -87,6 +87,9 @@ def _buffer_like(x: torch.Tensor, lead: tuple[int, int], zero: bool = False) -> 
 
 def _lrn_forward(x, size, alpha, beta, k, for_backward: bool):
     """``(y, scale^−β, y/scale)``; without ``for_backward`` the last is None (not computed)."""
+    if torch.compiler.is_compiling():
+        y, powed, over = _lrn_traced_forward(x, size, alpha, beta, k)
+        return y, powed, over if for_backward else None
     n, c, pad = x.shape[0], x.shape[1], (size - 1) // 2
     step = _lrn_step(x)
     padded = _buffer_like(x, (min(step, n), c + size - 1), zero=True)
@@ -140,10 +143,7 @@ class _LRNAcross(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, size, alpha, beta, k):
-        if torch.compiler.is_compiling():
-            y, powed, over = _lrn_traced_forward(x, size, alpha, beta, k)
-        else:
-            y, powed, over = _lrn_forward(x, size, alpha, beta, k, for_backward=True)
+        y, powed, over = _lrn_forward(x, size, alpha, beta, k, for_backward=True)
         ctx.save_for_backward(x, powed, over)
         ctx.consts = (size, alpha, beta)
         return y
@@ -175,8 +175,6 @@ def lrn_across_channels(x: torch.Tensor, size: int, alpha: float, beta: float, k
     if x.device.type == "meta":
         return torch.empty_like(x)
     if not (x.requires_grad and torch.is_grad_enabled()):  # inference: no autograd node, no y/scale
-        if torch.compiler.is_compiling():
-            return _lrn_traced_forward(x, size, alpha, beta, k)[0]
         return _lrn_forward(x, size, alpha, beta, k, for_backward=False)[0]
     return _LRNAcross.apply(x, size, alpha, beta, k)
 
