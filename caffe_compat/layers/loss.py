@@ -44,6 +44,12 @@ __all__ = [
 FLT_MIN = 1.17549435082228750797e-38
 #: Caffe's kLOG_THRESHOLD (loss_layer.hpp): MultinomialLogistic/Infogain clamp probabilities to it.
 LOG_THRESHOLD = 1e-20
+#: Caffe's loss at one position when p_label < FLT_MIN: -log(FLT_MIN) (87.3365), in any dtype.
+_NEG_LOG_FLT_MIN = -math.log(FLT_MIN)
+# torch's reduction codes for the nll_loss operators
+_REDUCTION_NONE, _REDUCTION_MEAN = 0, 1
+# Target value nll_loss skips: where ignore_label's positions go (never a class index).
+_IGNORED = -100
 #: The constant ContrastiveLoss adds to the distance in its backward (not in its forward).
 _CONTRASTIVE_EPS = 1e-4
 
@@ -161,8 +167,11 @@ def _check_label_range(
         _deferred.records.append((layer, values.to("cpu", non_blocking=True, copy=True), num_classes, ignore))
         return labels.clamp(0, num_classes - 1)
     if valid is None:
-        # one reduction and one host read (a GPU synchronises once) when nothing is out of range
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+        if labels.device.type == "cpu" and labels.numel() <= _RAW_LABEL_CHECK:
+            values = labels.reshape(-1).tolist()  # a few labels: no reduction kernels
+            lo, hi = min(values), max(values)
+        else:  # one reduction and one host read (a GPU synchronises once)
+            lo, hi = torch.stack(torch.aminmax(labels)).tolist()
         if 0 <= lo and hi < num_classes:
             return labels
     bad = (labels < 0) | (labels >= num_classes)
@@ -199,46 +208,58 @@ def _normalization(loss_param, default: int) -> int:
     return default
 
 
-def _normalizer(mode: int, outer: int, inner: int, valid: Tensor | None, like: Tensor, sign: float = 1.0) -> Tensor:
+def _normalizer_count(mode: int, outer: int, inner: int) -> float:
+    """Caffe's LossLayer::GetNormalizer where the labels do not decide it (at least 1)."""
+    n = {_NORM.FULL: outer * inner, _NORM.VALID: outer * inner, _NORM.BATCH_SIZE: outer, _NORM.NONE: 1}[mode]
+    return max(1.0, float(n))
+
+
+def _normalizer(mode: int, outer: int, inner: int, valid: Tensor | None, like: Tensor) -> Tensor:
     """Caffe's LossLayer::GetNormalizer, as a 0-d tensor of ``like``'s dtype on its device; at
     least 1. Known without the labels (every mode but VALID with a mask), it is a cached tensor:
-    no host-to-device copy per call (``sign`` -1: the cached negative, for that case only)."""
+    no host-to-device copy per call."""
     if mode == _NORM.VALID and valid is not None:
         return torch.clamp(valid.sum().to(like.dtype), min=1.0)
-    n = {_NORM.FULL: outer * inner, _NORM.VALID: outer * inner, _NORM.BATCH_SIZE: outer, _NORM.NONE: 1}[mode]
-    return scalar_tensor(sign * max(1.0, float(n)), like.dtype, like.device)
+    return scalar_tensor(_normalizer_count(mode, outer, inner), like.dtype, like.device)
 
 
 # -- autograd functions with Caffe's backward ---------------------------------------------------
 
 
 class _SoftmaxLossFunction(torch.autograd.Function):
-    """x: (outer, C, inner); target: (outer, 1, inner) long; valid: (outer, 1, inner) bool, or
-    None when every position counts (no masking); normalizer: a 0-d tensor."""
+    """Caffe's SoftmaxWithLoss on torch's fused kernels: the forward is ``log_softmax`` and a
+    per-position ``nll_loss`` (``-log p`` at the label, 0 where the target is ``ignore_index``),
+    each clamped to ``-log(FLT_MIN)`` as Caffe clamps ``p`` to ``FLT_MIN``, summed and divided
+    by the normalizer; the backward is ``nll_loss``'s and ``log_softmax``'s:
+    ``(p - onehot) * g / normalizer``, 0 at ignored positions, whatever the clamp did (Caffe's
+    gradient). Two dispatched operations backward, four or five forward (on a GPU at small
+    batches each costs host time).
+
+    x: (outer, C) with target (outer,), or (outer, C, inner, 1) with target (outer, inner, 1),
+    long, in [0, C) or ``ignore_index``; normalizer: a 0-d tensor; mean: the normalizer is the
+    number of positions (one ``mean`` instead of a sum and a division)."""
 
     @staticmethod
-    def forward(ctx, x, target, valid, normalizer, neg_normalizer):
-        prob = torch.softmax(x, dim=1)
-        logp = torch.log(torch.clamp(prob.gather(1, target), min=FLT_MIN))
-        if valid is not None:
-            logp = torch.where(valid, logp, torch.zeros_like(logp))
-        # -(Σ log p) / n as (Σ log p) / (-n): the same value (a quotient's sign is the xor of its
-        # operands'), one operation fewer
-        loss = torch.div(logp.sum(), neg_normalizer)
-        ctx.save_for_backward(prob, target, normalizer, *(() if valid is None else (valid,)))
-        # Caffe's backward ignores any diff on the probability top.
-        ctx.mark_non_differentiable(prob)
-        return loss, prob
+    def forward(ctx, x, target, normalizer, ignore_index: int, mean: bool):
+        logp = torch.log_softmax(x, 1)
+        if normalizer.dtype != logp.dtype:  # autocast: log_softmax runs in float32
+            normalizer = normalizer.to(logp.dtype)
+        nll = torch.ops.aten.nll_loss_forward if x.dim() == 2 else torch.ops.aten.nll_loss2d_forward
+        per, _ = nll(logp, target, None, _REDUCTION_NONE, ignore_index)
+        per = per.clamp_max_(_NEG_LOG_FLT_MIN)
+        loss = per.mean() if mean else torch.div(per.sum(), normalizer)
+        ctx.save_for_backward(logp, target, normalizer)
+        ctx.ignore_index = ignore_index
+        ctx.x_dtype = x.dtype
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_prob):
-        prob, target, normalizer, *mask = ctx.saved_tensors
-        valid = mask[0] if mask else None
-        minus_one = scalar_tensor(-1.0, prob.dtype, prob.device).expand(target.shape)  # no fill kernel
-        grad = prob.scatter_add(1, target, minus_one)
-        if valid is not None:
-            grad = grad * valid.to(prob.dtype)
-        return grad * (grad_loss / normalizer), None, None, None, None
+    def backward(ctx, grad_loss):
+        logp, target, normalizer = ctx.saved_tensors
+        nll = torch.ops.aten.nll_loss_backward if logp.dim() == 2 else torch.ops.aten.nll_loss2d_backward
+        # -grad_loss / normalizer at each counted label: reduction "mean" over our normalizer
+        picked = nll(grad_loss, logp, target, None, _REDUCTION_MEAN, ctx.ignore_index, normalizer)
+        return torch._log_softmax_backward_data(picked, logp, 1, ctx.x_dtype), None, None, None, None
 
 
 class _SigmoidCrossEntropyFunction(torch.autograd.Function):
@@ -409,7 +430,8 @@ class SoftmaxWithLossLayer(Layer):
         return axis, outer, channels, inner
 
     def _plan(self, x: Tensor, label: Tensor) -> tuple:
-        """(outer, channels, inner, (normalizer, −normalizer) or None when the mask decides it),
+        """(outer, channels, inner, (normalizer, whether it is the number of positions) or None
+        when the mask decides it),
         kept per input shape, dtype and device (per-call host time counts on a GPU)."""
         key = (x.shape, label.numel(), x.dtype, x.device)
         plan = self.__dict__.get("_shape_plan")
@@ -418,25 +440,29 @@ class SoftmaxWithLossLayer(Layer):
         _, outer, channels, inner = self._dims(tuple(x.shape), label.numel())
         fixed = None
         if not self.has_ignore_label:
-            fixed = tuple(_normalizer(self.normalization, outer, inner, None, x, sign) for sign in (1.0, -1.0))
+            n = _normalizer_count(self.normalization, outer, inner)
+            fixed = (_normalizer(self.normalization, outer, inner, None, x), n == outer * inner)
         if not torch.compiler.is_compiling():
             self._shape_plan = (key, (outer, channels, inner, fixed))
         return outer, channels, inner, fixed
 
     def forward(self, x: Tensor, label: Tensor) -> tuple[Tensor, ...]:
         outer, channels, inner, fixed = self._plan(x, label)
-        labels = _as_labels(label).reshape(outer, 1, inner)
+        labels = _as_labels(label).reshape(outer, inner, 1) if inner > 1 else _as_labels(label).reshape(outer)
         valid = labels != self.ignore_label if self.has_ignore_label else None  # None: no mask
         labels = _check_label_range(self, labels, valid, channels, raw=label)
-        target = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
+        if inner > 1:
+            scores = x.reshape(outer, channels, inner, 1)
+        else:  # (outer, C) as given: no view, nor its node in the backward
+            scores = x if x.dim() == 2 else x.reshape(outer, channels)
         if fixed is not None:
-            normalizer, negated = fixed
-        else:
+            loss = _SoftmaxLossFunction.apply(scores, labels, fixed[0], _IGNORED, fixed[1])
+        else:  # ignored positions: nll_loss's ignore_index, the normalizer from the mask
+            target = torch.where(valid, labels, _IGNORED)
             normalizer = _normalizer(self.normalization, outer, inner, valid, x)
-            negated = -normalizer
-        loss, prob = _SoftmaxLossFunction.apply(x.reshape(outer, channels, inner), target, valid, normalizer, negated)
-        if self.num_tops > 1:
-            return loss, prob.reshape(x.shape)
+            loss = _SoftmaxLossFunction.apply(scores, target, normalizer, _IGNORED, False)
+        if self.num_tops > 1:  # Caffe's probabilities; a gradient arriving on them is ignored
+            return loss, torch.softmax(scores.detach(), 1).reshape(x.shape)
         return (loss,)
 
 
