@@ -12,14 +12,18 @@ glog's: ``I1126 22:35:47.814251 15370 base.py:231] Iteration 0, loss = 1.38919``
 from __future__ import annotations
 
 import contextlib
+import csv
+import datetime
 import logging
+import math
 import os
+import re
 import sys
 import time
 
 import numpy as np
 
-__all__ = ["logger", "fmt", "GlogFormatter", "setup_logging", "progress_bar"]
+__all__ = ["logger", "fmt", "GlogFormatter", "setup_logging", "progress_bar", "parse_log", "write_log_csv"]
 
 logger = logging.getLogger("caffe_compat")
 
@@ -103,3 +107,106 @@ def progress_bar(total: int, initial: int = 0, desc: str = "train"):
     with tqdm(total=total, initial=initial, desc=desc, unit="iter", leave=False, file=sys.stderr) as bar:
         with logging_redirect_tqdm(loggers=[logger]):
             yield bar
+
+
+# -- reading a training log back (Caffe's tools/extra/parse_log.py) -----------------------------
+
+# glog's prefix: level, date as mmdd (glog < 0.6) or yyyymmdd (newer glog), time with microseconds
+_GLOG_PREFIX = re.compile(r"^[IWEF](\d{8}|\d{4}) (\d\d):(\d\d):(\d\d)\.(\d{6}) ")
+_ITERATION = re.compile(r"Iteration (\d+)")
+# Caffe's regexes accept digits, '.', 'e', 'E', '+', '-'; here also nan and inf (a diverged run)
+_NUMBER = r"([-+]?(?:[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|nan|inf))"
+_OUTPUT = {
+    "train": re.compile(r"Train net output #(\d+): (\S+) = " + _NUMBER),
+    "test": re.compile(r"Test net output #(\d+): (\S+) = " + _NUMBER),
+}
+_LEARNING_RATE = re.compile(r"lr = " + _NUMBER)
+
+
+class _Clock:
+    """glog timestamps to datetimes. Lines with a 4-digit date carry no year: it is the log file's
+    year (its change time, as Caffe's extract_seconds), advanced when the month goes backwards
+    (a run across New Year)."""
+
+    def __init__(self, year: int):
+        self.year, self.month = year, 0
+
+    def __call__(self, line: str) -> datetime.datetime | None:
+        m = _GLOG_PREFIX.match(line)
+        if m is None:
+            return None
+        date, hh, mm, ss, us = m.groups()
+        if len(date) == 8:
+            year, month, day = int(date[:4]), int(date[4:6]), int(date[6:])
+        else:
+            month, day = int(date[:2]), int(date[2:])
+            if month < self.month:
+                self.year += 1
+            year = self.year
+        self.month = month
+        try:
+            return datetime.datetime(year, month, day, int(hh), int(mm), int(ss), int(us))
+        except ValueError:
+            return None
+
+
+def parse_log(path: str) -> tuple[list[dict], list[dict]]:
+    """The training and test rows of a ``caffe train`` log (Caffe's or ours), as Caffe's
+    ``tools/extra/parse_log.py``: one row per iteration that printed ``Train net output`` /
+    ``Test net output`` lines, with ``NumIters``, ``Seconds`` (since the ``Solving`` line),
+    ``LearningRate`` (the last ``lr = `` printed; the first row takes the second row's, as Caffe)
+    and one column per output name, in order of appearance.
+
+    Differences from Caffe's script, all on inputs it fails on: glog's newer ``yyyymmdd`` dates
+    are read (its script only reads ``mmdd``), ``nan``/``inf`` values are kept, the last row is kept
+    even when it is the only one, and lines without a glog prefix (a solver's parameters printed
+    over several lines) are skipped instead of ending the run."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    clock = _Clock(datetime.datetime.fromtimestamp(os.path.getctime(path)).year)
+    start = None
+    rows: dict[str, list[dict]] = {"train": [], "test": []}
+    current: dict[str, dict | None] = {"train": None, "test": None}
+    iteration, lr = -1, math.nan
+    for line in lines:
+        stamp = clock(line)
+        if start is None and stamp is not None and "Solving" in line:
+            start = stamp
+        m = _ITERATION.search(line)
+        if m:
+            iteration = float(m.group(1))  # a float, as Caffe's script writes it (0.0, 2.0, ...)
+        if iteration == -1:
+            continue
+        m = _LEARNING_RATE.search(line)
+        if m:
+            lr = float(m.group(1))
+        for kind, regex in _OUTPUT.items():
+            m = regex.search(line)
+            if m is None:
+                continue
+            row = current[kind]
+            if row is None or row["NumIters"] != iteration:
+                if row is not None:
+                    rows[kind].append(row)
+                seconds = (stamp - start).total_seconds() if stamp is not None and start is not None else math.nan
+                row = current[kind] = {"NumIters": iteration, "Seconds": seconds, "LearningRate": lr}
+            row[m.group(2)] = float(m.group(3))
+    for kind, row in current.items():
+        if row is not None:
+            rows[kind].append(row)
+    for table in rows.values():
+        if len(table) > 1:
+            table[0]["LearningRate"] = table[1]["LearningRate"]
+    return rows["train"], rows["test"]
+
+
+def write_log_csv(path: str, rows: list[dict], delimiter: str = ",") -> None:
+    """``rows`` (from :func:`parse_log`) as a CSV file with a header line; the columns are the union
+    of the rows' keys in order of appearance (an output missing from a row is left empty)."""
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(names), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
