@@ -229,6 +229,17 @@ def test_tool_binary_round_trip(tmp_path):
     assert out.read_bytes() == (LEGACY / "lenet_v1_upgraded_by_caffe.caffemodel").read_bytes()
 
 
+def test_tool_solver_upgrades_solver_type(tmp_path):
+    old = tmp_path / "old_solver.prototxt"
+    old.write_text('net: "train.prototxt"\nbase_lr: 0.01\nsolver_type: ADAGRAD\nmax_iter: 10\n')
+    out = tmp_path / "solver.prototxt"
+    assert _tool().main(["--solver", str(old), str(out)]) == 0
+    new = cio.read_prototxt(out, caffe_pb2.SolverParameter)
+    assert new.type == "AdaGrad" and not new.HasField("solver_type")
+    assert new.net == "train.prototxt" and new.base_lr == pytest.approx(0.01) and new.max_iter == 10
+    assert not new.HasField("snapshot_prefix")  # the tool upgrades only (no path filled in)
+
+
 def test_tool_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.prototxt"
     bad.write_text("layer { nme: 'x' }\n")

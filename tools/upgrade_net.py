@@ -2,10 +2,13 @@
 
     python tools/upgrade_net.py IN.prototxt OUT.prototxt
     python tools/upgrade_net.py --binary IN.caffemodel OUT.caffemodel
+    python tools/upgrade_net.py --solver IN_solver.prototxt OUT_solver.prototxt
 
 The counterpart of Caffe's ``upgrade_net_proto_text`` / ``upgrade_net_proto_binary``: V0 and
 V1 layers, legacy data-transformation fields, net-level inputs and old BatchNorm param specs
-are upgraded (``caffe_compat.upgrade.upgrade_net``); the result is written atomically.
+are upgraded (``caffe_compat.upgrade.upgrade_net``); with ``--solver``, of
+``upgrade_solver_proto_text``: the legacy ``solver_type`` enum becomes the ``type`` string
+(``caffe_compat.upgrade.upgrade_solver``). The result is written atomically.
 Errors print as one line and exit with status 1.
 """
 
@@ -25,7 +28,7 @@ except ImportError:  # run from a source checkout without installing
 from caffe_compat import io as caffe_io
 from caffe_compat.errors import CaffeError
 from caffe_compat.proto import caffe_pb2
-from caffe_compat.upgrade import net_needs_upgrade, upgrade_net
+from caffe_compat.upgrade import net_needs_upgrade, upgrade_net, upgrade_solver
 
 __all__ = ["main"]
 
@@ -34,14 +37,21 @@ log = logging.getLogger("upgrade_net")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="upgrade_net.py", description="Upgrade a Caffe net (.prototxt) or weights (.caffemodel)."
+        prog="upgrade_net.py", description="Upgrade a Caffe net (.prototxt), weights (.caffemodel) or solver."
     )
     parser.add_argument("input", help="the old .prototxt (or .caffemodel with --binary)")
     parser.add_argument("output", help="where to write the upgraded file")
-    parser.add_argument("--binary", action="store_true", help="the files are binary .caffemodel weights")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--binary", action="store_true", help="the files are binary .caffemodel weights")
+    kind.add_argument("--solver", action="store_true", help="the files are solver definitions (solver_type -> type)")
     args = parser.parse_args(argv)
     try:
-        if args.binary:
+        if args.solver:
+            raw = caffe_io.read_prototxt(args.input, caffe_pb2.SolverParameter)
+            if not raw.HasField("solver_type"):
+                log.info("%s is already in the current format; copying it", args.input)
+            caffe_io.write_solver(upgrade_solver(raw), args.output)
+        elif args.binary:
             net = caffe_io.read_caffemodel(args.input)  # read_caffemodel upgrades
             caffe_io.write_caffemodel(net, args.output)
         else:
