@@ -18,7 +18,19 @@ from caffe_compat.errors import CaffeError, DataError, FormatError, LayerError, 
 from caffe_compat.layers.base import registered_types as _registered_types
 from caffe_compat.layers.python import PyLayer as Layer
 from caffe_compat.layers.python import allow_python_layers
-from caffe_compat.mode import allow_tf32, current_device, set_device, set_mode_cpu, set_mode_gpu, set_random_seed
+from caffe_compat.mode import (
+    allow_tf32,
+    current_device,
+    set_device,
+    set_mode_cpu,
+    set_mode_gpu,
+    set_multiprocess,
+    set_random_seed,
+    set_solver_count,
+    set_solver_rank,
+    solver_count,
+    solver_rank,
+)
 from caffe_compat.net import TEST, TRAIN, Net
 from caffe_compat.net_spec import NetSpec, params, to_proto
 from caffe_compat.proto import caffe_pb2
@@ -31,6 +43,8 @@ from caffe_compat.solvers import (
     SGDSolver,
     get_solver,
 )
+from caffe_compat.solvers.distributed import NCCL, has_nccl
+from caffe_compat.timer import Timer
 
 
 def layer_type_list() -> list[str]:
@@ -43,6 +57,13 @@ def init_log(*args, **kwargs) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def log(message: str) -> None:
+    """pycaffe's ``caffe.log``: one INFO line in caffe_compat's log."""
+    import logging
+
+    logging.getLogger("caffe_compat").info("%s", message)
 
 
 __all__ = [
@@ -75,6 +96,15 @@ __all__ = [
     "caffe_pb2",
     "current_device",
     "init_log",
+    "log",
+    "NCCL",
+    "has_nccl",
+    "Timer",
+    "solver_count",
+    "set_solver_count",
+    "solver_rank",
+    "set_solver_rank",
+    "set_multiprocess",
     "layer_type_list",
     "set_device",
     "set_mode_cpu",

@@ -29,9 +29,15 @@ __all__ = [
     "autocast_dtype",
     "set_compile",
     "compile_enabled",
+    "solver_count",
+    "set_solver_count",
+    "solver_rank",
+    "set_solver_rank",
+    "multiprocess",
+    "set_multiprocess",
 ]
 
-_state = {"mode": "CPU", "device_id": 0}
+_state = {"mode": "CPU", "device_id": 0, "solver_count": 1, "solver_rank": 0, "multiprocess": False}
 
 
 def set_mode_cpu() -> None:
@@ -82,6 +88,42 @@ def current_device() -> torch.device:
     if _state["mode"] == "GPU":
         return torch.device("cuda", _state["device_id"])
     return torch.device("cpu")
+
+
+def solver_count() -> int:
+    """pycaffe's ``solver_count()``: how many processes train together (``set_solver_count``)."""
+    return _state["solver_count"]
+
+
+def set_solver_count(count: int) -> None:
+    """pycaffe's ``set_solver_count``: the number of processes an ``NCCL`` object joins."""
+    if int(count) < 1:
+        raise CaffeError(f"set_solver_count({count}): the count must be >= 1")
+    _state["solver_count"] = int(count)
+
+
+def solver_rank() -> int:
+    """pycaffe's ``solver_rank()``: this process's rank among ``solver_count()`` (0: the root)."""
+    return _state["solver_rank"]
+
+
+def set_solver_rank(rank: int) -> None:
+    """pycaffe's ``set_solver_rank``: this process's rank, in ``[0, solver_count())``."""
+    if int(rank) < 0:
+        raise CaffeError(f"set_solver_rank({rank}): the rank must be >= 0")
+    _state["solver_rank"] = int(rank)
+
+
+def multiprocess() -> bool:
+    """pycaffe's multiprocess flag (``set_multiprocess``)."""
+    return _state["multiprocess"]
+
+
+def set_multiprocess(flag: bool) -> None:
+    """pycaffe's ``set_multiprocess``: Caffe uses it to let each process's data layers read their
+    own share; here every solver joined through ``NCCL`` reads its share (batches
+    ``rank, rank + N, ...``) whatever the flag, which is kept for scripts that set it."""
+    _state["multiprocess"] = bool(flag)
 
 
 def set_random_seed(seed: int) -> None:

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -224,7 +224,7 @@ class Net(nn.Module):
 
     pycaffe: ``blobs``, ``params``, ``layers``, ``layer_dict``, ``inputs``, ``outputs``,
     ``top_names``, ``bottom_names``, ``_layer_names``, ``forward``, ``backward``, ``reshape``,
-    ``copy_from``, ``save``, ``set_input_arrays``.
+    ``copy_from``, ``save``, ``set_input_arrays``, ``before_forward``, ``after_forward``.
 
     PyTorch: ``net(data=tensor, ...)`` (``run``) returns the output tensors with autograd's graph;
     ``net.parameters()``, ``net.to(device)`` as for any module.
@@ -233,6 +233,7 @@ class Net(nn.Module):
     #: A solver may leave a parameter's diff as an alias of its history (``blob.alias_diff``):
     #: every path here that writes into a diff or hands it out calls ``blob.own_diff`` first.
     supports_diff_alias = True
+    _layer_callbacks: tuple[list, list] | None = None
 
     def __init__(
         self,
@@ -278,6 +279,8 @@ class Net(nn.Module):
             self.copy_from(weights)
         self._compile_options: dict | None = None
         self._compiled_fn = None
+        #: pycaffe's per-layer forward callbacks: (before, after) lists of fn(layer index), or None
+        self._layer_callbacks: tuple[list, list] | None = None
         on, options = compile_enabled()
         if on:
             self.compile(**options)
@@ -600,9 +603,16 @@ class Net(nn.Module):
         hooked = bool(_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
         dev, dtype = self._device, self._dtype
         overwrote = False  # set on self once, after the loop (Module.__setattr__ is slow)
+        callbacks = self._layer_callbacks
         for li in range(start, end + 1):
             plan = self._run_plan[li]
+            if callbacks is not None:
+                for fn in callbacks[0]:
+                    fn(li)
             if plan[7]:  # a net input: set by the caller
+                if callbacks is not None:
+                    for fn in callbacks[1]:
+                        fn(li)
                 continue
             layer, bnames, bblobs, tnames, tblobs, needs_grad, inplace_tops, _, can_inplace, overwritable = plan
             bottoms = []
@@ -659,6 +669,9 @@ class Net(nn.Module):
                         fresh.add(tnames[j])
                     else:
                         fresh.discard(tnames[j])
+            if callbacks is not None:
+                for fn in callbacks[1]:
+                    fn(li)
         if overwrote:
             self._overwritten = True
 
@@ -714,7 +727,13 @@ class Net(nn.Module):
         e = self._layer_index(end, len(self.layers) - 1)
         self._prepare_inputs()
         self._overwritten = False
-        if self._compile_options is not None and not torch.is_grad_enabled() and start is None and end is None:
+        if (
+            self._compile_options is not None
+            and self._layer_callbacks is None  # per-layer callbacks need the layer-by-layer pass
+            and not torch.is_grad_enabled()
+            and start is None
+            and end is None
+        ):
             self._run_compiled()
             self._verify_compiled_checks()
         else:
@@ -791,11 +810,54 @@ class Net(nn.Module):
     def _forward_loss(self) -> torch.Tensor | float:
         self._prepare_inputs()
         self._overwritten = False
-        if self._compile_options is None:
+        if self._compile_options is None or self._layer_callbacks is not None:
             self._run_layers(0, len(self.layers) - 1, overwrite=True)
         else:
             self._run_compiled()
         return self._loss()
+
+    # -- pycaffe's per-layer callbacks -----------------------------------------------------------
+
+    def before_forward(self, fn: Callable[[int], None]) -> None:
+        """pycaffe's ``Net.before_forward``: call ``fn(i)`` before layer ``i`` runs, in every
+        forward pass (net inputs included, as Caffe calls it for its Input layers). The net then
+        runs layer by layer even when compiled."""
+        self._add_layer_callback(0, fn)
+
+    def after_forward(self, fn: Callable[[int], None]) -> None:
+        """pycaffe's ``Net.after_forward``: call ``fn(i)`` after layer ``i`` has run (its tops are
+        set), in every forward pass."""
+        self._add_layer_callback(1, fn)
+
+    def before_backward(self, fn) -> None:
+        """pycaffe's ``Net.before_backward``: not available (see ``after_backward``)."""
+        self._refuse_backward_callback("before_backward", fn)
+
+    def after_backward(self, fn) -> None:
+        """pycaffe's ``Net.after_backward``. An ``NCCL`` object (``solver.net.after_backward(nccl)``
+        for Caffe's ``layer_wise_reduce``) is accepted: its solver already reduces each bucket of
+        gradients as soon as the backward pass has produced it. A function of the layer index is
+        refused: the backward pass is one autograd pass over the net, with no point between two
+        layers' backward to call it at; ``solver.add_callback(on_start, on_gradients)`` runs code
+        once the gradients are complete."""
+        self._refuse_backward_callback("after_backward", fn)
+
+    def _add_layer_callback(self, which: int, fn) -> None:
+        if not callable(fn):
+            raise NetError(f"net {self.name!r}: a layer callback must be a function of the layer index, got {fn!r}")
+        if self._layer_callbacks is None:
+            self._layer_callbacks = ([], [])
+        self._layer_callbacks[which].append(fn)
+
+    def _refuse_backward_callback(self, what: str, fn) -> None:
+        if getattr(fn, "is_caffe_compat_nccl", False):
+            return
+        raise NetError(
+            f"net {self.name!r}: {what}(fn) is not supported: caffe_compat's backward is one autograd "
+            "pass, with no call between two layers' backward; use before_forward/after_forward for "
+            "per-layer forward hooks, or solver.add_callback(on_start, on_gradients) to run code once "
+            "the gradients are complete"
+        )
 
     # -- opt-in torch.compile ------------------------------------------------------------------
 

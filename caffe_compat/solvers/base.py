@@ -318,6 +318,8 @@ class Solver:
         #: ``fn(iteration, loss)`` for every training iteration, in order: Caffe's (unsmoothed)
         #: loss of the iteration, the mean of its ``iter_size`` passes.
         self.loss_observers: list[Callable[[int, float], None]] = []
+        #: pycaffe's ``add_callback``: (on_start, on_gradients) pairs, called in every iteration
+        self._callbacks: list[tuple[Callable[[], None], Callable[[], None]]] = []
         self._lagged: list = []
 
     # -- validation ------------------------------------------------------------------------------
@@ -501,7 +503,43 @@ class Solver:
         """Whether this solver logs, tests and snapshots (rank 0, or the only process)."""
         return self.rank == 0
 
-    def _init_distributed(self, seed: int) -> None:
+    def add_callback(self, on_start, on_gradients=None) -> None:
+        """pycaffe's ``Solver.add_callback``: ``on_start()`` at the start of every iteration (after
+        a test due at it, before its forward/backward passes), ``on_gradients()`` once the passes'
+        gradients are in the diffs (averaged over the processes when several train), after the
+        display and before the update — where Caffe calls its callbacks. ``add_callback(nccl)``
+        with an ``NCCL`` object, as Caffe's multi-GPU ``train.py`` does: accepted; the solver the
+        object joined already averages the gradients in every iteration."""
+        if on_gradients is None and getattr(on_start, "is_caffe_compat_nccl", False):
+            if on_start.solver is not self:
+                raise SolverError(f"{self.source}: add_callback(nccl): that NCCL object belongs to another solver")
+            return
+        if not callable(on_start) or not callable(on_gradients):
+            raise SolverError(
+                f"{self.source}: add_callback(on_start, on_gradients) takes two functions of no "
+                f"argument (or one NCCL object); got {on_start!r}, {on_gradients!r}"
+            )
+        self._callbacks.append((on_start, on_gradients))
+
+    def join_process_group(self, broadcast: bool = True) -> None:
+        """Train with the other processes of the initialized ``torch.distributed`` group from
+        now on, as a solver built while the group exists does (pycaffe's ``NCCL(solver, uid)``
+        calls it): this rank's share of the data, gradients averaged before every update, only
+        rank 0 logs, tests and snapshots; ``broadcast``: rank 0's weights to every rank now.
+        Every rank must call it (collective)."""
+        if self._sync is not None:
+            return
+        from caffe_compat.solvers import distributed as dist_mod
+
+        if not dist_mod.is_distributed():
+            raise SolverError(
+                f"{self.source}: join_process_group(): no torch.distributed process group of more than one "
+                "process is initialized"
+            )
+        self.rank, self.world_size = dist_mod.get_rank(), dist_mod.get_world_size()
+        self._init_distributed(dist_mod.agree_seed(int(self.param.random_seed)), broadcast=broadcast)
+
+    def _init_distributed(self, seed: int, broadcast: bool = True) -> None:
         from caffe_compat.solvers import distributed as dist_mod
 
         logger.info("Training on %d processes (this is rank %d)", self.world_size, self.rank)
@@ -517,7 +555,8 @@ class Solver:
                 )
         # Caffe's layer_wise_reduce (default true): reduce during the last backward pass
         self._sync = dist_mod.DistributedSync(self.net.learnable_params, overlap=self.param.layer_wise_reduce)
-        self._sync.broadcast(self.net.learnable_params)
+        if broadcast:
+            self._sync.broadcast(self.net.learnable_params)
         if seed >= 0:  # Dropout & co. draw differently on each rank from here on
             torch.manual_seed(int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
 
@@ -822,6 +861,8 @@ class Solver:
                     self._agree_early_exit()
                     if self.requested_early_exit:
                         break
+                for on_start, _ in self._callbacks:
+                    on_start()
                 display = bool(p.display) and self.iter % p.display == 0
                 passes = []
                 for k in range(p.iter_size):
@@ -842,6 +883,8 @@ class Solver:
                 if display:
                     logger.info("Iteration %d, loss = %s", self.iter, fmt(self._smoothed))
                     self._log_outputs(self.net, "Train", {o: self.net.blobs[o].data for o in self.net.outputs})
+                for _, on_gradients in self._callbacks:
+                    on_gradients()
                 self.apply_update()
                 self.iter += 1
                 if bar is not None:

@@ -49,6 +49,7 @@ import importlib
 import logging
 import os
 import signal
+import tempfile
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -61,6 +62,8 @@ import torch.distributed as dist
 from caffe_compat.blob import own_diff
 
 __all__ = [
+    "NCCL",
+    "has_nccl",
     "BUCKET_BYTES",
     "DEFAULT_TIMEOUT",
     "DistributedSync",
@@ -450,3 +453,89 @@ def launch(
             signal.signal(s, h)
         del store
     return 0
+
+
+# -- pycaffe's multi-process API (Caffe's python/train.py) --------------------------------------
+
+
+def has_nccl() -> bool:
+    """pycaffe's ``has_nccl()``: whether several GPUs can train together here (torch has NCCL and
+    sees a CUDA device). CPU processes train together through gloo whatever this says."""
+    return bool(dist.is_available() and dist.is_nccl_available() and torch.cuda.is_available())
+
+
+class NCCL:
+    """pycaffe's ``caffe.NCCL``: joins a solver to the others of a multi-process run, as Caffe's
+    ``python/train.py`` does it::
+
+        uid = caffe.NCCL.new_uid()                    # in the parent, passed to each process
+        # in process `rank` of N:
+        caffe.set_mode_gpu(); caffe.set_device(gpus[rank])   # or stay on the CPU (gloo)
+        caffe.set_solver_count(N); caffe.set_solver_rank(rank); caffe.set_multiprocess(True)
+        solver = caffe.SGDSolver("solver.prototxt")
+        nccl = caffe.NCCL(solver, uid)
+        nccl.bcast()                                  # rank 0's weights to everyone
+        solver.add_callback(nccl)
+        if solver.param.layer_wise_reduce:
+            solver.net.after_backward(nccl)
+        solver.step(solver.param.max_iter)
+
+    The processes join one ``torch.distributed`` group (NCCL when the solver's net is on a GPU,
+    gloo on the CPU) through ``uid``, a ``file://`` rendezvous on this machine (Caffe's NCCL
+    also trains on one machine). From then on the solver has Caffe's multi-GPU semantics (see
+    this module's docstring): its share of the data, gradients averaged before every update,
+    logging, tests and snapshots on rank 0. ``add_callback(nccl)`` and
+    ``net.after_backward(nccl)`` are accepted for the scripts' sake: the averaging (overlapping
+    the backward pass when ``layer_wise_reduce``) is already the solver's, from the moment the
+    object exists. A group the script started itself (``init_process_group``) is used as is.
+    """
+
+    is_caffe_compat_nccl = True
+
+    def __init__(self, solver, uid: str):
+        from caffe_compat import mode
+        from caffe_compat.errors import SolverError
+
+        count, rank = mode.solver_count(), mode.solver_rank()
+        if not dist.is_initialized():
+            if count < 2:
+                raise SolverError(
+                    "NCCL(solver, uid): call caffe.set_solver_count(N) with the number of processes (N > 1) "
+                    "and caffe.set_solver_rank(rank) in each process first"
+                )
+            if rank >= count:
+                raise SolverError(f"NCCL(solver, uid): solver rank {rank} is not below the solver count {count}")
+            if not isinstance(uid, str) or "://" not in uid:
+                raise SolverError(f"NCCL(solver, uid): uid must come from caffe.NCCL.new_uid(), got {uid!r}")
+            params = list(solver.net.learnable_params)
+            device = params[0].device if params else mode.current_device()
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            init_process_group(
+                backend, rank, count, init_method=uid, device_id=device.index if device.type == "cuda" else None
+            )
+        elif count > 1 and (dist.get_world_size() != count or dist.get_rank() != rank):
+            raise SolverError(
+                f"NCCL(solver, uid): the process group has {dist.get_world_size()} processes and this is rank "
+                f"{dist.get_rank()}, but solver_count() is {count} and solver_rank() is {rank}"
+            )
+        self.solver = solver
+        solver.join_process_group(broadcast=False)
+
+    @staticmethod
+    def new_uid() -> str:
+        """A fresh rendezvous for ``NCCL(solver, uid)``: a ``file://`` URL of a file that does not
+        exist yet, in this machine's temporary folder (the processes share it)."""
+        fd, path = tempfile.mkstemp(prefix="caffe_compat_nccl_")
+        os.close(fd)
+        os.unlink(path)
+        return "file://" + path
+
+    def bcast(self) -> None:
+        """Rank 0's learnable parameters to every process (Caffe's NCCL::Broadcast)."""
+        self.solver._sync.broadcast(self.solver.net.learnable_params)
+
+    def on_start(self) -> None:
+        """A solver callback's start hook: nothing to do (the solver averages by itself)."""
+
+    def on_gradients_ready(self) -> None:
+        """A solver callback's gradient hook: nothing to do (the solver averages by itself)."""
