@@ -31,12 +31,12 @@ def test_unknown_layer_type_names_layer_and_known_types(tmp_path):
     p = tmp_path / "net.prototxt"
     p.write_text(
         'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }\n'
-        'layer { name: "spp1" type: "SPP" bottom: "data" top: "out" }\n'
+        'layer { name: "spp1" type: "SPPX" bottom: "data" top: "out" }\n'
     )
     with pytest.raises(LayerError) as e:
         caffe.Net(str(p), caffe.TEST)
     msg = str(e.value)
-    assert "'SPP'" in msg and "'spp1'" in msg and "Convolution" in msg
+    assert "'SPPX'" in msg and "'spp1'" in msg and "Convolution" in msg
 
 
 def test_blob_list_indexing_matches_parameter_list():

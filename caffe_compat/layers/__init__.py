@@ -9,6 +9,7 @@ from caffe_compat.layers import (  # noqa: F401  (importing registers the layers
     norm,
     pooling,
     python,
+    recurrent,
 )
 from caffe_compat.layers.base import LAYER_REGISTRY, Layer, layer_class, register_layer, registered_types
 

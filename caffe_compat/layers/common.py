@@ -1,5 +1,5 @@
 """Caffe's common layers: InnerProduct, blob plumbing (Concat, Slice, Split, Flatten, Reshape,
-Crop, Tile, Silence), elementwise combinations (Eltwise, Scale, Bias), reductions (Reduction,
+Crop, Tile, Silence), batch selection (Filter, BatchReindex), elementwise combinations (Eltwise, Scale, Bias), reductions (Reduction,
 ArgMax, Softmax), Embed, and the layers that make blobs without bottoms (Parameter, Input,
 DummyData).
 
@@ -37,6 +37,8 @@ __all__ = [
     "ParameterLayer",
     "InputLayer",
     "DummyDataLayer",
+    "FilterLayer",
+    "BatchReindexLayer",
     "canonical_axis",
 ]
 
@@ -1017,3 +1019,117 @@ class DummyDataLayer(_SourceLayer):
             t = fill(torch.empty(shape, dtype=torch.float32), fp)
             tops.append(t.to(dtype=self._like.dtype, device=self._like.device))
         return tuple(tops)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch selection
+
+
+@register_layer("Filter")
+class FilterLayer(Layer):
+    """Caffe's Filter: keep the items (first-axis entries) whose selector value is non-zero.
+
+    Bottoms: ``K ≥ 1`` data blobs ``(N, ...)`` then the selector ``(N,)`` or ``(N, 1, ..., 1)``
+    (every axis after the first must be 1). Tops: ``K``, top ``t`` = bottom ``t``'s selected items
+    in increasing item order: ``y_t = x_t[{i : sel[i] ≠ 0}]``, shape ``(S, ...)`` with ``S`` the
+    number of selected items (``(0, ...)`` when none is). No parameters.
+
+    Backward: each selected item gets its top's gradient, every other item 0; the selector gets
+    no gradient.
+
+    Shapes: ``S`` depends on the selector's values, so ``top_shapes`` (the net's set-up and
+    ``reshape``) gives Caffe's first-reshape shape, all ``N`` items; each forward gives the
+    tops their real ``(S, ...)`` shapes (Caffe reshapes from the selector's data each forward).
+
+    Differences from Caffe: where Caffe aborts, the selector is simply given no gradient (a net
+    whose backward reaches the selector) and a backward with no item selected gives zeros (Caffe
+    divides by the top's zero item count).
+    """
+
+    min_bottom = 2
+    min_top = 1
+
+    def setup(self, bottom_shapes):
+        if len(self.param.top) != len(bottom_shapes) - 1:
+            raise self.error(
+                f"needs one top per data bottom (the bottoms but the last, the selector): "
+                f"{len(bottom_shapes)} bottoms, so {len(bottom_shapes) - 1} tops; got {len(self.param.top)}"
+            )
+        self._check_shapes(bottom_shapes)
+
+    def _check_shapes(self, shapes) -> None:
+        sel = tuple(shapes[-1])
+        si = len(shapes) - 1
+        if not sel or any(d != 1 for d in sel[1:]):
+            raise self.error(
+                f"the selector (bottom {si}) must have shape (N,) or (N, 1, ..., 1), one value per item; "
+                f"got {_shape_str(sel)}"
+            )
+        for i, s in enumerate(shapes[:-1]):
+            if not s or s[0] != sel[0]:
+                raise self.error(
+                    f"bottom {i} has shape {_shape_str(s)}: its first axis must equal the selector's "
+                    f"({sel[0]} items, bottom {si})"
+                )
+
+    def top_shapes(self, bottom_shapes):
+        self._check_shapes(bottom_shapes)
+        return [tuple(s) for s in bottom_shapes[:-1]]
+
+    def forward(self, *bottoms):
+        self._check_shapes([tuple(t.shape) for t in bottoms])
+        sel = bottoms[-1].detach()
+        keep = (sel.reshape(sel.shape[0]) != 0).nonzero().flatten()
+        return tuple(x.index_select(0, keep) for x in bottoms[:-1])
+
+
+@register_layer("BatchReindex")
+class BatchReindexLayer(Layer):
+    """Caffe's BatchReindex: select, reorder or repeat the items of a batch by index.
+
+    ``y[m] = x[int(permut[m])]`` for ``m < M`` (the index value truncated toward zero, as C's
+    cast does). Bottoms: data ``(N, ...)`` and ``permut`` ``(M,)`` (exactly one axis; every
+    value in ``[0, N)``, checked each forward). Top: ``(M, ...)``. No parameters.
+
+    Backward: ``dx[n] = Σ_{m : int(permut[m]) = n} dy[m]`` (repeated indices add, items never
+    picked get 0); ``permut`` gets no gradient.
+
+    Differences from Caffe: where Caffe aborts because a backward reaches ``permut``, it is simply
+    given no gradient.
+    """
+
+    exact_num_bottom = 2
+    exact_num_top = 1
+
+    def setup(self, bottom_shapes):
+        self._check_shapes(bottom_shapes)
+
+    def _bottom(self, i: int) -> str:
+        return f"bottom {i} ({self.param.bottom[i]!r})" if i < len(self.param.bottom) else f"bottom {i}"
+
+    def _check_shapes(self, shapes) -> None:
+        data, perm = tuple(shapes[0]), tuple(shapes[1])
+        if len(perm) != 1:
+            raise self.error(
+                f"{self._bottom(1)}, the indices, must have exactly one axis (M,), got shape {_shape_str(perm)}"
+            )
+        if not data:
+            raise self.error(f"{self._bottom(0)} needs a first axis to index, got a scalar")
+
+    def top_shapes(self, bottom_shapes):
+        self._check_shapes(bottom_shapes)
+        return [(bottom_shapes[1][0], *bottom_shapes[0][1:])]
+
+    def forward(self, x, permut):
+        self._check_shapes([tuple(x.shape), tuple(permut.shape)])
+        p = permut.detach()
+        n = x.shape[0]
+        if p.device.type != "meta" and p.numel():
+            ok = (p >= 0) & (p < n)  # false for NaN too, as Caffe's CHECK_GE/CHECK_LT
+            if not bool(ok.all()):
+                j = int((~ok).nonzero()[0, 0])
+                raise self.error(
+                    f"{self._bottom(1)} holds index {float(p[j])!r} at position {j}: indices must lie "
+                    f"in [0, {n}), the first axis of {self._bottom(0)}"
+                )
+        return (x.index_select(0, p.long()),)

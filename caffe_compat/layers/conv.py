@@ -1,13 +1,16 @@
 """Convolution and Deconvolution (BVLC/caffe src/caffe/layers/base_conv_layer.cpp, conv_layer.cpp,
-deconv_layer.cpp), on torch's ``conv{1,2,3}d`` / ``conv_transpose{1,2,3}d``."""
+deconv_layer.cpp), on torch's ``conv{1,2,3}d`` / ``conv_transpose{1,2,3}d``; Im2col
+(im2col_layer.cpp, src/caffe/util/im2col.cpp) on strided views."""
 
 from __future__ import annotations
+
+import math
 
 import torch.nn.functional as F
 
 from caffe_compat.layers.base import Layer, register_layer
 
-__all__ = ["ConvolutionLayer", "DeconvolutionLayer"]
+__all__ = ["ConvolutionLayer", "DeconvolutionLayer", "Im2colLayer"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -213,3 +216,117 @@ class DeconvolutionLayer(_BaseConvolution):
 
     def forward(self, *bottoms):
         return self._run(_DECONV[self.num_spatial], bottoms)
+
+
+def _c_div(a: int, b: int) -> int:
+    """C's integer division (truncation toward zero), as Caffe's int arithmetic does it."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b > 0) else -q
+
+
+@register_layer("Im2col")
+class Im2colLayer(Layer):
+    """Caffe's Im2col: every kernel window of the bottom laid out as a column, as Convolution does
+    internally before its matrix product.
+
+    ``y[n, (c·K + k), o_1, ..., o_m] = x[n, c, o_1·s_1 − p_1 + k_1·d_1, ..., o_m·s_m − p_m + k_m·d_m]``
+    (0 where that position falls outside the bottom), with ``(k_1, ..., k_m)`` the kernel offset,
+    ``k`` its row-major flat index (the last spatial axis fastest) and ``K = Π kernel``: the top's
+    channel index runs over the bottom channels slowest, then the kernel offsets.
+
+    Parameters (``convolution_param``): ``kernel_size`` (required; once or once per spatial axis,
+    or ``kernel_h`` + ``kernel_w`` for 2-D), ``stride`` 1, ``pad`` 0, ``dilation`` 1 (same
+    repetition rules; ``stride_h/_w``, ``pad_h/_w`` for 2-D), ``axis`` 1 (the channel axis:
+    earlier axes are batch axes, every later one is spatial, any number of them).
+    ``force_nd_im2col`` (false) picks Caffe's N-D code path for 2-D bottoms, which gives the same
+    values; ``num_output``, ``group``, ``bias_term``, the fillers and ``engine`` are not used by
+    Im2col (nor by Caffe's).
+
+    Bottom ``(N..., C, S_1, ..., S_m)``; top ``(N..., C·Π k_i, O_1, ..., O_m)`` with
+    ``O_i = (S_i + 2p_i − (d_i(k_i − 1) + 1)) / s_i + 1`` in C's integer division (truncated
+    toward zero: a kernel extent that overhangs the padded bottom by less than a stride still
+    gives one window, of zeros where it overhangs). Backward: Caffe's col2im, each column entry
+    added back to the bottom position it came from (overlapping windows accumulate, padding
+    positions are dropped).
+
+    Differences from Caffe: an output size ≤ 0 and a dilation of 0 raise (Caffe makes an empty
+    top or aborts, resp. reads the same pixel for every kernel offset).
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom_shapes):
+        cp = self.param.convolution_param
+        shape = bottom_shapes[0]
+        ndim = len(shape)
+        if not -ndim <= cp.axis < ndim:
+            raise self.error(
+                f"convolution_param.axis {cp.axis} is out of range for a {ndim}-D bottom {shape} "
+                f"(valid: {-ndim} to {ndim - 1})"
+            )
+        self.axis = cp.axis + ndim if cp.axis < 0 else cp.axis
+        self.num_spatial = ndim - self.axis - 1
+        if self.num_spatial < 1:
+            raise self.error(
+                f"bottom {shape} has no spatial axis after the channel axis {self.axis} "
+                "(set convolution_param.axis to the channel axis)"
+            )
+        self._ndim = ndim
+        # Caffe reads a missing stride_h/stride_w as 0 (a division by zero); our Convolution's
+        # helper would give it 1, so refuse it here
+        if cp.HasField("stride_h") != cp.HasField("stride_w"):
+            raise self.error("give both convolution_param.stride_h and stride_w, not only one")
+        # the parsing rules are Convolution's (Caffe's Im2col and BaseConvolution share them)
+        spatial = _BaseConvolution._spatial
+        self.kernel = spatial(self, cp, "kernel_size", "kernel_h", "kernel_w", None)
+        self.stride = spatial(self, cp, "stride", "stride_h", "stride_w", 1)
+        self.pad = spatial(self, cp, "pad", "pad_h", "pad_w", 0)
+        nsp = self.num_spatial
+        if len(cp.dilation) not in (0, 1, nsp):
+            raise self.error(
+                f"dilation must be given once, or once per spatial axis ({nsp}); got {len(cp.dilation)} values"
+            )
+        self.dilation = tuple(cp.dilation[i if len(cp.dilation) > 1 else 0] if cp.dilation else 1 for i in range(nsp))
+        for name, vals in (("kernel_size", self.kernel), ("stride", self.stride), ("dilation", self.dilation)):
+            if any(v <= 0 for v in vals):
+                raise self.error(f"convolution_param.{name} must be > 0, got {list(vals)}")
+        self.top_shapes(bottom_shapes)
+
+    def _out_sizes(self, shape) -> tuple[int, ...]:
+        if len(shape) != self._ndim:
+            raise self.error(f"the bottom must have {self._ndim} axes as at setup, got shape {tuple(shape)}")
+        out = []
+        for i, n in enumerate(shape[self.axis + 1 :]):
+            k, s, p, d = self.kernel[i], self.stride[i], self.pad[i], self.dilation[i]
+            o = _c_div(n + 2 * p - (d * (k - 1) + 1), s) + 1
+            if o <= 0:
+                raise self.error(
+                    f"spatial axis {i} of size {n} gives an output of size {o} with kernel {k}, stride {s}, "
+                    f"pad {p}, dilation {d}"
+                )
+            out.append(o)
+        return tuple(out)
+
+    def top_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        out = self._out_sizes(shape)
+        return [(*shape[: self.axis], shape[self.axis] * math.prod(self.kernel), *out)]
+
+    def forward(self, x):
+        out = self._out_sizes(x.shape)
+        axis, nsp = self.axis, self.num_spatial
+        lead, C, sizes = tuple(x.shape[:axis]), x.shape[axis], tuple(x.shape[axis + 1 :])
+        x = x.reshape(math.prod(lead), C, *sizes)
+        pads = []
+        for i in reversed(range(nsp)):  # F.pad lists the last axis first
+            ext = self.dilation[i] * (self.kernel[i] - 1) + 1
+            # left: the pad; right: the pad, or more where the last (truncated) window overhangs
+            pads += [self.pad[i], max(self.pad[i], (out[i] - 1) * self.stride[i] + ext - self.pad[i] - sizes[i])]
+        x = F.pad(x, pads)
+        for i in range(nsp):  # (B, C, O_1..O_m, E_1..E_m): windows of extent E = d(k − 1) + 1
+            ext = self.dilation[i] * (self.kernel[i] - 1) + 1
+            x = x.unfold(2 + i, ext, self.stride[i]).narrow(2 + i, 0, out[i])
+        x = x[(Ellipsis, *(slice(None, None, d) for d in self.dilation))]  # the dilated taps
+        x = x.permute(0, 1, *range(2 + nsp, 2 + 2 * nsp), *range(2, 2 + nsp))  # (B, C, k_1..k_m, O_1..O_m)
+        return (x.reshape(*lead, C * math.prod(self.kernel), *out),)

@@ -1,4 +1,5 @@
-"""Pooling (BVLC/caffe src/caffe/layers/pooling_layer.cpp), with Caffe's output-size rule."""
+"""Pooling (BVLC/caffe src/caffe/layers/pooling_layer.cpp), with Caffe's output-size rule, and spatial
+pyramid pooling (spp_layer.cpp) built from it."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from caffe_compat.errors import LayerError
 from caffe_compat.layers.base import Layer, register_layer
 from caffe_compat.proto import caffe_pb2
 
-__all__ = ["PoolingLayer", "caffe_pooled_size"]
+__all__ = ["PoolingLayer", "SPPLayer", "caffe_pooled_size", "spp_level_geometry"]
 
 _PP = caffe_pb2.PoolingParameter
+_SPP = caffe_pb2.SPPParameter
 _FLT_MAX = 3.4028234663852886e38
 
 
@@ -231,3 +234,116 @@ class PoolingLayer(Layer):
             spans[1], dtype=x.dtype, device=x.device
         )
         return (total / div,)
+
+
+# ---------------------------------------------------------------------------------------------
+# SPP
+
+
+def spp_level_geometry(size: int, bins: int) -> tuple[int, int]:
+    """Kernel (which is also the stride) and pad of one SPP pyramid level along one axis.
+
+    ``kernel = ceil(size / bins)``; the ``kernel·bins − size`` cells the windows overhang the
+    axis are covered by padding ``pad = (kernel·bins − size + 1) // 2`` on each side.
+    """
+    kernel = -(-size // bins)
+    pad = (kernel * bins - size + 1) // 2
+    return kernel, pad
+
+
+@register_layer("SPP")
+class SPPLayer(Layer):
+    """Caffe's SPP (spatial pyramid pooling): pooling over 1×1, 2×2, 4×4, ... grids of bins.
+
+    Level ``l`` (``0 ≤ l < pyramid_height``) has ``b = 2^l`` bins per axis and pools the bottom
+    with a Caffe Pooling of ``kernel = stride = ceil(H / b)`` and ``pad = (kernel·b − H + 1) // 2``
+    (the same along W with W), so its output is ``b × b`` for every bottom size Caffe accepts
+    (``spp_level_geometry``). Each level is our ``PoolingLayer``, hence Caffe's ceil output size,
+    window clipping and AVE divisor (pad cells counted) exactly.
+
+    Parameters (``spp_param``): ``pyramid_height`` (required, ≥ 1), ``pool`` MAX (default) | AVE
+    | STOCHASTIC; ``engine`` (DEFAULT) does not change the result (Caffe's SPP builds its
+    Pooling layers directly, whatever the engine).
+
+    Bottom ``(N, C, H, W)``. Top:
+
+    - ``pyramid_height == 1``: the single level's pooling, ``(N, C, 1, 1)``.
+    - otherwise ``(N, C·Σ_l 4^l)``: each level flattened per item (channel, then row, then
+      column) and the levels concatenated in order, level 0 (the global pooling) first.
+
+    The levels are recomputed when the bottom's H×W changes (Caffe reshapes per forward).
+    A level whose pad is not smaller than its kernel (a bottom smaller than the level's bins,
+    e.g. H = 5 at 4 bins: kernel 2, pad 2) is refused, as Caffe's Pooling CHECK refuses it.
+
+    Differences from Caffe: STOCHASTIC raises, as our Pooling does (Caffe's CPU build aborts
+    with NOT_IMPLEMENTED; its GPU training pass samples with cuRAND).
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+    #: How many bottom sizes keep their pyramid levels cached.
+    _MAX_CACHED_SIZES = 64
+
+    def setup(self, bottom_shapes):
+        sp = self.param.spp_param
+        if sp.pool == _SPP.STOCHASTIC:
+            raise self.error(
+                "spp_param.pool: STOCHASTIC is not supported: Caffe implements stochastic pooling "
+                "only in its GPU kernels (its CPU build aborts with NOT_IMPLEMENTED), with a cuRAND "
+                "sampling that cannot be reproduced; use MAX or AVE"
+            )
+        if sp.pool not in (_SPP.MAX, _SPP.AVE):
+            raise self.error(f"spp_param.pool {sp.pool} is not one of MAX, AVE")
+        if sp.pyramid_height < 1:
+            raise self.error("spp_param.pyramid_height is required and must be >= 1 (the number of pyramid levels)")
+        self.pyramid_height = int(sp.pyramid_height)
+        self._pool = _PP.MAX if sp.pool == _SPP.MAX else _PP.AVE
+        self._levels: dict[tuple[int, int], list[PoolingLayer]] = {}
+        self._levels_for(bottom_shapes[0])
+
+    def _levels_for(self, shape) -> list[PoolingLayer]:
+        """The Pooling layer of every level for a bottom of this shape (cached per H×W)."""
+        if len(shape) != 4:
+            raise self.error(f"the bottom must have 4 axes (num, channels, height, width), got shape {tuple(shape)}")
+        H, W = int(shape[2]), int(shape[3])
+        levels = self._levels.get((H, W))
+        if levels is not None:
+            return levels
+        if H <= 0 or W <= 0:
+            raise self.error(f"the bottom's height and width must be > 0, got shape {tuple(shape)}")
+        levels = []
+        for level in range(self.pyramid_height):
+            bins = 2**level
+            (kh, ph), (kw, pw) = spp_level_geometry(H, bins), spp_level_geometry(W, bins)
+            lp = caffe_pb2.LayerParameter(name=f"{self.name}/level{level}", type="Pooling", top=["pool"])
+            pp = lp.pooling_param
+            pp.pool = self._pool
+            pp.kernel_h, pp.kernel_w = kh, kw
+            pp.stride_h, pp.stride_w = kh, kw
+            pp.pad_h, pp.pad_w = ph, pw
+            try:
+                levels.append(PoolingLayer(lp, [(int(shape[0]), int(shape[1]), H, W)], self.phase))
+            except LayerError as e:
+                raise self.error(
+                    f"pyramid level {level} ({bins}×{bins} bins) of a {H}×{W} bottom needs kernel "
+                    f"({kh}, {kw}), stride ({kh}, {kw}), pad ({ph}, {pw}), which Caffe's Pooling refuses "
+                    f"({e}); the bottom is too small for pyramid_height {self.pyramid_height}"
+                ) from None
+        if len(self._levels) >= self._MAX_CACHED_SIZES:
+            self._levels.clear()
+        self._levels[(H, W)] = levels
+        return levels
+
+    def top_shapes(self, bottom_shapes):
+        shape = bottom_shapes[0]
+        levels = self._levels_for(shape)
+        shapes = [lvl.top_shapes([tuple(shape)])[0] for lvl in levels]
+        if self.pyramid_height == 1:
+            return [shapes[0]]
+        return [(shape[0], sum(math.prod(s[1:]) for s in shapes))]
+
+    def forward(self, x):
+        levels = self._levels_for(x.shape)
+        if self.pyramid_height == 1:
+            return levels[0].forward(x)
+        return (torch.cat([lvl.forward(x)[0].flatten(1) for lvl in levels], dim=1),)
