@@ -160,6 +160,9 @@ LAYER_CASES = {
     "bias_term: false } }",
     "conv_depthwise": 'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
     "convolution_param { num_output: 4 kernel_size: 3 group: 4 pad: 1 } }",
+    # W: (8 + 2 - 11) / 4 truncates to 0 -> one output, the kernel overhanging by one zero column
+    "conv_kernel_overhang": 'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+    "convolution_param { num_output: 3 kernel_size: 11 stride: 4 pad: 1 } }",
     "deconv_group_stride": 'layer { name: "d" type: "Deconvolution" bottom: "data" top: "d" '
     "convolution_param { num_output: 4 kernel_size: 4 stride: 2 pad: 1 group: 4 } }",
     "deconv_dense": 'layer { name: "d" type: "Deconvolution" bottom: "data" top: "d" '

@@ -89,10 +89,14 @@ def np_conv2d(x, w, b, stride, pad, dil, group):
     sh, sw = stride
     ph, pw = pad
     dh, dw = dil
-    xp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=np.float64)
+    # Caffe's int arithmetic: the division truncates toward zero (a kernel overhanging the padded
+    # input by less than a stride still gives one output, reading zeros)
+    ho = int((h + 2 * ph - (dh * (kh - 1) + 1)) / sh) + 1
+    wo = int((wd + 2 * pw - (dw * (kw - 1) + 1)) / sw) + 1
+    xp = np.zeros(
+        (n, c, max(h + 2 * ph, (ho - 1) * sh + dh * (kh - 1) + 1), max(wd + 2 * pw, (wo - 1) * sw + dw * (kw - 1) + 1))
+    )
     xp[:, :, ph : ph + h, pw : pw + wd] = x
-    ho = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-    wo = (wd + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
     y = np.zeros((n, o, ho, wo))
     og = o // group
     for oc in range(o):
@@ -201,6 +205,9 @@ CONV_CASES = [
         1,
     ),
     ((1, 6, 5, 5), "num_output: 3 kernel_size: 3 group: 3 bias_term: false", (1, 1), (0, 0), (1, 1), 3),
+    # the kernel overhangs the input by less than a stride: Caffe still gives one output per axis
+    ((2, 3, 3, 8), "num_output: 2 kernel_size: 5 stride: 4", (4, 4), (0, 0), (1, 1), 1),
+    ((1, 3, 8, 8), "num_output: 4 kernel_size: 11 stride: 4 pad: 1", (4, 4), (1, 1), (1, 1), 1),
 ]
 
 
@@ -305,6 +312,7 @@ GRAD_CASES = [
     ("Convolution", (1, 4, 5, 5), "num_output: 4 kernel_size: 3 stride: 2 pad: 1 group: 2 dilation: 1"),
     ("Convolution", (1, 2, 7, 7), "num_output: 3 kernel_h: 3 kernel_w: 2 dilation: 2 stride_h: 2 stride_w: 1"),
     ("Convolution", (1, 2, 3, 4, 4), "num_output: 2 kernel_size: 2 pad: 1 stride: 2"),
+    ("Convolution", (1, 2, 3, 6), "num_output: 2 kernel_size: 5 stride: 3"),  # overhang: tail zeros
     ("Deconvolution", (1, 4, 3, 3), "num_output: 2 kernel_size: 4 stride: 2 pad: 1 group: 2"),
     ("Deconvolution", (1, 2, 2, 3), "num_output: 2 kernel_size: 3 dilation: 2 stride: 3"),
 ]

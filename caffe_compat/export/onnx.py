@@ -193,6 +193,10 @@ def _convolution(g, layer, xs, bshapes, tops):
     w = g.param(layer.blobs[0], "weight")
     ins = [w] + ([g.param(layer.blobs[1], "bias")] if layer.bias_term else [])
     op = "ConvTranspose" if layer.type == "Deconvolution" else "Conv"
+    pads = list(layer.pad) * 2
+    if op == "Conv":  # Caffe's truncating output size: extra zeros after an axis the kernel overhangs
+        extra = layer.tail_pads(tuple(bshapes[0][2:]))
+        pads = list(layer.pad) + [p + e for p, e in zip(layer.pad, extra)]
     outs = []
     for x, top in zip(xs, tops):
         outs.append(
@@ -202,7 +206,7 @@ def _convolution(g, layer, xs, bshapes, tops):
                 top,
                 kernel_shape=list(layer.kernel),
                 strides=list(layer.stride),
-                pads=list(layer.pad) * 2,
+                pads=pads,
                 dilations=list(layer.dilation),
                 group=layer.group,
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 
 from caffe_compat.layers.base import Layer, register_layer
@@ -184,15 +185,41 @@ class ConvolutionLayer(_BaseConvolution):
     Blobs: weight ``(O, C/g, k...)``, bias ``(O,)`` when ``bias_term``.
 
     Bottoms/tops: one or more bottoms ``(N, C, S1[, S2[, S3]])`` of one shape, each giving the top
-    of the same index ``(N, O, S1'...)`` with ``S' = floor((S + 2p − (d(k−1)+1)) / s) + 1``.
+    of the same index ``(N, O, S1'...)`` with ``S' = (S + 2p − (d(k−1)+1)) / s + 1`` in C's
+    integer division (truncation toward zero): a kernel extent that overhangs the padded bottom by
+    less than a stride still gives one output, the overhang read as zeros (Caffe's im2col skips
+    positions outside the bottom), e.g. AlexNet's 11×11 stride-4 ``conv1`` on an 8×8 input gives
+    1×1 (a floor division would give none).
 
     Differences from Caffe: 1 to 3 spatial axes only (Caffe's im2col takes any number).
     """
 
+    _tail_plan: tuple | None = None
+
     def _out_size(self, size, k, s, p, d):
-        return (size + 2 * p - (d * (k - 1) + 1)) // s + 1
+        return _c_div(size + 2 * p - (d * (k - 1) + 1), s) + 1
+
+    def tail_pads(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        """Zeros to add after each spatial axis of a bottom of these sizes so that a floor-mode
+        convolution gives Caffe's output size (0 unless the kernel extent overhangs the padded
+        axis, where Caffe's truncating division still counts one output)."""
+        pads = []
+        for n, k, s, p, d in zip(spatial, self.kernel, self.stride, self.pad, self.dilation):
+            short = (d * (k - 1) + 1) - (n + 2 * p)
+            pads.append(short if 0 < short < s else 0)
+        return tuple(pads)
 
     def forward(self, *bottoms):
+        shape = bottoms[0].shape
+        plan = self._tail_plan
+        if plan is None or plan[0] != shape:
+            plan = (shape, self.tail_pads(tuple(shape[self.axis + 1 :])))
+            if not torch.compiler.is_compiling():
+                self._tail_plan = plan
+        if any(plan[1]):
+            # F.pad lists the last axis first: (before, after) per axis
+            widths = [w for extra in reversed(plan[1]) for w in (0, extra)]
+            bottoms = tuple(F.pad(b, widths) for b in bottoms)
         return self._run(_CONV[self.num_spatial], bottoms)
 
 
