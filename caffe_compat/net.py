@@ -1209,7 +1209,11 @@ class Net(nn.Module):
     def _copy_from_hdf5(self, path: str) -> None:
         import h5py
 
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise NetError(f"{path}: cannot be read as Caffe HDF5 weights ({e})") from None
+        with f:
             if "data" not in f:
                 raise NetError(f"{path}: not a Caffe HDF5 weights file (no 'data' group)")
             g = f["data"]
@@ -1258,6 +1262,62 @@ class Net(nn.Module):
             for n, layer in zip(self._layer_names, self.layers)
             if len(layer.blobs)
         )
+
+    def share_with(self, other: Net) -> None:
+        """pycaffe's ``Net.share_with``: use ``other``'s trained parameters for the layers of the
+        same name (``share_trained_layers_with``)."""
+        self.share_trained_layers_with(other)
+
+    def load_hdf5(self, path) -> None:
+        """pycaffe's ``Net.load_hdf5``: copy weights from Caffe's HDF5 format (``save_hdf5``),
+        whatever the file's extension (Caffe's CopyTrainedLayersFromHDF5)."""
+        self._copy_from_hdf5(os.fspath(path))
+
+    # -- pycaffe's index-based internals (scripts written against _caffe use them) -------------
+
+    @property
+    def _blob_names(self) -> list[str]:
+        return list(self.blobs)
+
+    @property
+    def _blob_loss_weights(self) -> list[float]:
+        return [self.blobs[b].loss_weight for b in self.blobs]
+
+    @property
+    def _inputs(self) -> list[int]:
+        names = self._blob_names
+        return [names.index(b) for b in self.inputs]
+
+    @property
+    def _outputs(self) -> list[int]:
+        names = self._blob_names
+        return [names.index(b) for b in self.outputs]
+
+    def _bottom_ids(self, i: int) -> list[int]:
+        names = self._blob_names
+        return [names.index(b) for b in self._bottoms[i]]
+
+    def _top_ids(self, i: int) -> list[int]:
+        names = self._blob_names
+        return [names.index(b) for b in self._tops[i]]
+
+    def _forward(self, start: int, end: int) -> float:
+        """Caffe's ForwardFromTo(start, end) by layer index; returns the loss of those layers."""
+        self.forward(start=self._layer_names[start], end=self._layer_names[end])
+        loss = 0.0
+        for li in range(start, end + 1):
+            for b in self._tops[li]:
+                weight = self.blobs[b].loss_weight
+                if weight:
+                    loss += weight * float(np.sum(self.blobs[b].data))
+        return loss
+
+    def _backward(self, start: int, end: int) -> None:
+        """Caffe's BackwardFromTo(start, end) by layer index (``start`` >= ``end``)."""
+        self.backward(start=self._layer_names[start], end=self._layer_names[end])
+
+    def _set_input_arrays(self, data, labels) -> None:
+        self.set_input_arrays(data, labels)
 
     def to_proto(self, write_diff: bool = False):
         """The net as Caffe's Net::ToProto writes it: every layer (splits and inputs included)

@@ -195,3 +195,43 @@ def test_timer_measures_milliseconds():
     t.start()
     time.sleep(0.01)
     assert t.ms >= 5.0 and not t.running  # reading a running timer stops it
+
+
+def test_pycaffe_index_internals_share_with_and_load_hdf5(tmp_path):
+    solver = _solver(_case(tmp_path, "internals", 1))
+    net = solver.net
+    names = net._blob_names
+    assert names == list(net.blobs)
+    assert [names[i] for i in net._outputs] == list(net.outputs)
+    assert [names[i] for i in net._inputs] == list(net.inputs)
+    for i in range(len(net.layers)):
+        assert [names[j] for j in net._bottom_ids(i)] == net.bottom_names[net._layer_names[i]]
+        assert [names[j] for j in net._top_ids(i)] == net.top_names[net._layer_names[i]]
+    assert net._blob_loss_weights == [net.blob_loss_weights[b] for b in names]
+    # _forward over every layer: the loss the net reports; _backward fills the parameter diffs
+    loss = net._forward(0, len(net.layers) - 1)
+    assert loss == pytest.approx(float(net.blobs["loss"].data), rel=1e-6)
+    net._backward(len(net.layers) - 1, 0)
+    assert any(np.abs(p.diff).sum() > 0 for ps in net.params.values() for p in ps)
+
+    # a second net sharing the solver's weights sees its updates (Solver.share_weights)
+    other = caffe.Net("train.prototxt", caffe.TEST)
+    solver.share_weights(other)
+    solver.step(2)
+    for name, ps in net.params.items():
+        for a, b in zip(ps, other.params[name]):
+            np.testing.assert_array_equal(a.data, b.data)
+    # load_hdf5 reads save_hdf5's file whatever its extension; a non-HDF5 file is a clear error
+    net.save_hdf5(str(tmp_path / "w.weights"))
+    fresh = caffe.Net("train.prototxt", caffe.TEST)
+    fresh.load_hdf5(str(tmp_path / "w.weights"))
+    for name, ps in net.params.items():
+        for a, b in zip(ps, fresh.params[name]):
+            np.testing.assert_array_equal(a.data, b.data)
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(NetError, match="cannot be read as Caffe HDF5"):
+        fresh.load_hdf5(str(tmp_path / "junk.h5"))
+    other.share_with(fresh)  # pycaffe's name for share_trained_layers_with: the same storage
+    first = next(iter(fresh.params))
+    fresh.params[first][0].data[...] = 7.0
+    assert np.all(other.params[first][0].data == 7.0)

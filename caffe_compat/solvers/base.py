@@ -191,7 +191,7 @@ class Solver:
 
     ``Solver(path_or_SolverParameter)``; pycaffe API: ``net``, ``test_nets``, ``iter``,
     ``param``, ``step(n)``, ``solve(resume_file=None)``, ``snapshot()``, ``restore(path)``,
-    ``apply_update()``.
+    ``apply_update()``, ``share_weights(net)``, ``add_callback(on_start, on_gradients)``.
 
     ``net=`` / ``test_nets=`` train nets the caller built (any object with the Net contract:
     ``learnable_params``, ``params_lr``, ``params_weight_decay``, ``forward_backward``,
@@ -520,6 +520,11 @@ class Solver:
                 f"argument (or one NCCL object); got {on_start!r}, {on_gradients!r}"
             )
         self._callbacks.append((on_start, on_gradients))
+
+    def share_weights(self, net) -> None:
+        """pycaffe's ``Solver.share_weights``: ``net`` uses this solver's training weights for its
+        layers of the same name (Net.share_with), so that it sees every update."""
+        net.share_trained_layers_with(self.net)
 
     def join_process_group(self, broadcast: bool = True) -> None:
         """Train with the other processes of the initialized ``torch.distributed`` group from
