@@ -360,7 +360,9 @@ def test_data_errors(tmp_path, monkeypatch):
         ],
     )
     base = 'name: "d" type: "Data" top: "x" top: "y" data_param {{ source: "{src}" batch_size: 1 {extra} }}'
-    with pytest.raises(DataError, match=r"LEVELDB .*convert_imageset.*add `backend: LMDB`"):
+    with pytest.raises(
+        DataError, match=r"'db' is an LMDB .*backend is LEVELDB \(the default when unset\): add `backend: LMDB`"
+    ):
         make_layer(base.format(src="db", extra=""))
     with pytest.raises(DataError, match="'nodb' is not an LMDB directory"):
         make_layer(base.format(src="nodb", extra="backend: LMDB"))

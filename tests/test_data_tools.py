@@ -201,7 +201,7 @@ def test_convert_errors(work, capsys, caplog):
     assert convert_imageset.main(["images/", "nolist.txt", "db"]) == 1
     _one_line_error(capsys, "convert_imageset", "LISTFILE 'nolist.txt' not found")
     assert convert_imageset.main(["--backend", "leveldb", "images/", "list.txt", "db"]) == 1
-    _one_line_error(capsys, "convert_imageset", "LevelDB is not supported")
+    _one_line_error(capsys, "convert_imageset", "writing LevelDB is not supported", "--backend lmdb")
     (work / "db").mkdir()
     assert convert_imageset.main(["images/", "list.txt", "db"]) == 1
     _one_line_error(capsys, "convert_imageset", "'db' already exists")

@@ -1,6 +1,9 @@
-"""Compute the mean image of an LMDB of Datum records, as Caffe's compute_image_mean.
+"""Compute the mean image of an LMDB or a LevelDB of Datum records, as Caffe's compute_image_mean.
 
-    python tools/compute_image_mean.py [--backend lmdb] INPUT_DB [OUTPUT_FILE] [--text_output FILE]
+    python tools/compute_image_mean.py [--backend lmdb|leveldb] INPUT_DB [OUTPUT_FILE] [--text_output FILE]
+
+``--backend`` defaults to lmdb, as in Caffe; LevelDBs are read by the pure-Python
+:class:`~caffe_compat.data.leveldb_db.LevelDBReader`.
 
 Every record (raw uint8 ``data``, ``float_data``, or encoded, decoded with its native channels)
 must have the first record's size. The sum is accumulated in float32 record by record and
@@ -23,7 +26,8 @@ try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first
 except ImportError:  # imported as the package (console scripts, tests)
     from tools._common import ArgumentParser, report_error
 
-from caffe_compat.data.lmdb_db import LEVELDB_HELP, LMDBReader
+from caffe_compat.data.leveldb_db import LevelDBReader
+from caffe_compat.data.lmdb_db import LMDBReader
 from caffe_compat.data.transformer import datum_to_array
 from caffe_compat.errors import CaffeError, DataError
 from caffe_compat.proto import caffe_pb2
@@ -33,9 +37,14 @@ __all__ = ["compute_mean", "main"]
 log = logging.getLogger("compute_image_mean")
 
 
-def compute_mean(db_path: str) -> np.ndarray:
-    """The float32 C×H×W mean of every Datum in the LMDB ``db_path``."""
-    reader = LMDBReader(db_path, what="INPUT_DB")
+_BACKENDS = {"lmdb": LMDBReader, "leveldb": LevelDBReader}
+
+
+def compute_mean(db_path: str, backend: str = "lmdb") -> np.ndarray:
+    """The float32 C×H×W mean of every Datum in the database ``db_path`` (``backend``: lmdb or leveldb)."""
+    if backend not in _BACKENDS:
+        raise DataError(f"backend {backend!r} is unknown; use lmdb or leveldb")
+    reader = _BACKENDS[backend](db_path, what="INPUT_DB")
     try:
         total = None
         count = 0
@@ -68,12 +77,12 @@ def compute_mean(db_path: str) -> np.ndarray:
 def _parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="compute_image_mean",
-        description="Compute the mean image of an LMDB of Datum records.",
+        description="Compute the mean image of an LMDB or a LevelDB of Datum records.",
         allow_abbrev=False,
     )
-    p.add_argument("input_db", metavar="INPUT_DB", help="LMDB directory")
+    p.add_argument("input_db", metavar="INPUT_DB", help="LMDB or LevelDB directory")
     p.add_argument("output_file", metavar="OUTPUT_FILE", nargs="?", help="mean .binaryproto to write")
-    p.add_argument("--backend", "-backend", default="lmdb", help="lmdb (leveldb is not supported)")
+    p.add_argument("--backend", "-backend", default="lmdb", help="lmdb (default) or leveldb")
     p.add_argument("--text_output", default=None, help="also write the mean as a text-format BlobProto")
     return p
 
@@ -82,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args = _parser().parse_args(argv)
-        if args.backend.lower() != "lmdb":
-            raise CaffeError(f"--backend {args.backend}: {LEVELDB_HELP}")
-        mean = compute_mean(args.input_db)
+        backend = args.backend.lower()
+        if backend not in _BACKENDS:
+            raise CaffeError(f"--backend {args.backend!r} is unknown; use lmdb or leveldb")
+        mean = compute_mean(args.input_db, backend)
         c, h, w = mean.shape
         blob = caffe_pb2.BlobProto(num=1, channels=c, height=h, width=w)
         blob.data.extend(mean.ravel().tolist())

@@ -90,7 +90,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("db_name", metavar="DB_NAME", help="the LMDB directory to create (must not exist)")
     p.add_argument("--gray", "-gray", action="store_true", help="read images as grayscale")
     p.add_argument("--shuffle", "-shuffle", action="store_true", help="shuffle the lines")
-    p.add_argument("--backend", "-backend", default="lmdb", help="lmdb (leveldb is not supported)")
+    p.add_argument("--backend", "-backend", default="lmdb", help="lmdb (writing leveldb is not supported)")
     p.add_argument("--resize_width", "-resize_width", type=int, default=0, help="width to resize to (0: none)")
     p.add_argument("--resize_height", "-resize_height", type=int, default=0, help="height to resize to (0: none)")
     p.add_argument("--check_size", "-check_size", action="store_true", help="check all raw records have one size")

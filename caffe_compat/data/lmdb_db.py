@@ -3,7 +3,10 @@
 An LMDB is a directory holding ``data.mdb`` (and ``lock.mdb``). Records are read in key order;
 the Data layer's cursor wraps to the first record at the end ("Restarting data prefetching from
 start"). Writers commit every 1000 puts as Caffe's tools do, growing the map when it fills.
-LevelDB, Caffe's other backend (and ``DataParameter.backend``'s default), is not supported.
+
+LevelDB, Caffe's other backend (and ``DataParameter.backend``'s default), is read by
+:class:`~caffe_compat.data.leveldb_db.LevelDBReader`; :func:`open_reader` picks the reader for a
+``DataParameter.backend`` as Caffe's ``db::GetDB``. Writing LevelDB is not supported.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 
+from caffe_compat.data.leveldb_db import LevelDBReader, is_leveldb
 from caffe_compat.errors import DataError
 
 
@@ -25,11 +29,13 @@ def _lmdb():
     return lmdb
 
 
-__all__ = ["LMDBReader", "LMDBWriter", "check_backend", "LEVELDB_HELP"]
+__all__ = ["LMDBReader", "LMDBWriter", "check_backend", "open_reader", "LEVELDB_HELP"]
 
+# What the writing tools say to `--backend leveldb`.
 LEVELDB_HELP = (
-    "LevelDB is not supported; convert the data to LMDB (tools/convert_imageset.py --backend lmdb "
-    "ROOTFOLDER LISTFILE DB_NAME, or Caffe's convert_imageset -backend lmdb) and set `backend: LMDB`"
+    "writing LevelDB is not supported (existing LevelDBs can be read: the Data layer with `backend: LEVELDB`, "
+    "compute_image_mean --backend leveldb); write an LMDB instead (--backend lmdb) and set `backend: LMDB` "
+    "in data_param"
 )
 
 
@@ -49,15 +55,35 @@ def _open_readonly(path: str):
 
 
 def check_backend(backend: int, source: str, *, what: str = "data_param") -> None:
-    """Refuse LevelDB (``backend`` is a ``DataParameter.DB`` value) with a message saying what to do."""
+    """Refuse a ``backend`` (a ``DataParameter.DB`` value) that does not match what the directory
+    ``source`` holds (an LMDB's ``data.mdb`` or a LevelDB's ``CURRENT``), saying what to set."""
     from caffe_compat.proto import caffe_pb2
 
-    if backend == caffe_pb2.DataParameter.LMDB:
-        return
-    hint = ""
-    if os.path.isfile(os.path.join(source, "data.mdb")):
-        hint = f" ({source!r} looks like an LMDB: add `backend: LMDB` to {what})"
-    raise DataError(f"{what}.backend is LEVELDB (the default when unset): {LEVELDB_HELP}{hint}")
+    if backend not in (caffe_pb2.DataParameter.LEVELDB, caffe_pb2.DataParameter.LMDB):
+        raise DataError(f"{what}.backend {backend} is unknown: use LMDB or LEVELDB")
+    is_lmdb = os.path.isfile(os.path.join(source, "data.mdb"))
+    if backend == caffe_pb2.DataParameter.LEVELDB and is_lmdb and not is_leveldb(source):
+        raise DataError(
+            f"{what}.source {source!r} is an LMDB (it holds data.mdb) but {what}.backend is LEVELDB "
+            f"(the default when unset): add `backend: LMDB` to {what}"
+        )
+    if backend == caffe_pb2.DataParameter.LMDB and is_leveldb(source) and not is_lmdb:
+        raise DataError(
+            f"{what}.source {source!r} is a LevelDB (it holds CURRENT) but {what}.backend is LMDB: "
+            f"set `backend: LEVELDB` in {what} (or remove `backend`: LEVELDB is the default)"
+        )
+
+
+def open_reader(backend: int, source: str, *, what: str = "data_param") -> LMDBReader | LevelDBReader:
+    """The reader of ``source`` for ``backend`` (a ``DataParameter.DB`` value): an
+    :class:`LMDBReader` or a :class:`~caffe_compat.data.leveldb_db.LevelDBReader` (Caffe's
+    ``db::GetDB``), after :func:`check_backend`."""
+    from caffe_compat.proto import caffe_pb2
+
+    check_backend(backend, source, what=what)
+    if backend == caffe_pb2.DataParameter.LEVELDB:
+        return LevelDBReader(source, what=f"{what}.source")
+    return LMDBReader(source, what=f"{what}.source")
 
 
 class LMDBReader:
@@ -72,12 +98,16 @@ class LMDBReader:
     def __init__(self, path: str, *, what: str = "data_param.source"):
         self.path = path
         if not os.path.isdir(path):
-            hint = " (a LevelDB or a single file?)" if os.path.exists(path) else ""
+            hint = " (a single file?)" if os.path.exists(path) else ""
             raise DataError(
                 f"{what} {path!r} is not an LMDB directory{hint} (relative paths are read from {os.getcwd()!r})"
             )
         if not os.path.isfile(os.path.join(path, "data.mdb")):
-            raise DataError(f"{what} {path!r} has no data.mdb: not an LMDB ({LEVELDB_HELP})")
+            if os.path.isfile(os.path.join(path, "CURRENT")):
+                hint = "it holds CURRENT: it is a LevelDB, read it with the LevelDB backend"
+            else:
+                hint = "an LMDB directory holds data.mdb"
+            raise DataError(f"{what} {path!r} has no data.mdb: not an LMDB ({hint})")
         try:
             self.env = _open_readonly(path)
         except _lmdb().Error as e:

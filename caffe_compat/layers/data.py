@@ -1,4 +1,4 @@
-"""Caffe's data layers: Data (LMDB), ImageData, HDF5Data, MemoryData and HDF5Output.
+"""Caffe's data layers: Data (LMDB or LevelDB), ImageData, HDF5Data, MemoryData and HDF5Output.
 
 Data layers have no bottoms; ``forward()`` returns the next batch as float32 tensors and the net
 calls it once per net forward. They override ``top_shapes`` (the shapes Caffe gives the tops at
@@ -39,7 +39,8 @@ import torch
 
 from caffe_compat.data.hdf5 import append_hdf5, create_hdf5, load_hdf5_file, read_hdf5_source
 from caffe_compat.data.image_list import read_image, read_image_list
-from caffe_compat.data.lmdb_db import LMDBReader, check_backend
+from caffe_compat.data.leveldb_db import LevelDBReader
+from caffe_compat.data.lmdb_db import LMDBReader, open_reader
 from caffe_compat.data.prefetch import Prefetcher
 from caffe_compat.data.transformer import DataTransformer
 from caffe_compat.data.workers import Failed, map_in_order
@@ -335,13 +336,15 @@ class ImageDataLayer(_PrefetchingDataLayer):
         self._start_prefetch(src, self.param.data_param.prefetch)
 
 
-# -- Data (LMDB) -----------------------------------------------------------------------------
+# -- Data (LMDB, LevelDB) --------------------------------------------------------------------
 
 
 class _DatumSource:
-    """Produces Data-layer batches from an LMDB of Datum records, cycling through the keys."""
+    """Produces Data-layer batches from an LMDB or a LevelDB of Datum records, cycling through the keys."""
 
-    def __init__(self, reader: LMDBReader, skip: int, batch_size: int, transformer, output_labels: bool):
+    def __init__(
+        self, reader: LMDBReader | LevelDBReader, skip: int, batch_size: int, transformer, output_labels: bool
+    ):
         self.reader, self.skip_records, self.batch_size = reader, skip, batch_size
         self.transformer, self.output_labels = transformer, output_labels
         self._records = None
@@ -396,11 +399,12 @@ class _DatumSource:
 
 @register_layer("Data")
 class DataLayer(_PrefetchingDataLayer):
-    """Caffe's DataLayer reading Datum records from an LMDB.
+    """Caffe's DataLayer reading Datum records from an LMDB or a LevelDB.
 
-    ``data_param``: ``source`` (the LMDB directory), ``backend`` (must be LMDB; the proto default
-    LEVELDB is refused with instructions to convert), ``batch_size`` (required), ``rand_skip`` 0
-    (skip a random number in [0, rand_skip) of records at the start), ``prefetch`` 4.
+    ``data_param``: ``source`` (the database directory), ``backend`` (LEVELDB, the proto default,
+    read by :class:`~caffe_compat.data.leveldb_db.LevelDBReader`, or LMDB; a source holding the
+    other kind of database is refused, naming the backend to set), ``batch_size`` (required),
+    ``rand_skip`` 0 (skip a random number in [0, rand_skip) of records at the start), ``prefetch`` 4.
     Records: raw (uint8 ``data`` or ``float_data``, C×H×W) or ``encoded`` (decoded with OpenCV,
     BGR, natively or forced by ``transform_param.force_color``/``force_gray``). Keys are read in
     order and wrap around at the end. ``transform_param`` as :class:`DataTransformer`.
@@ -408,8 +412,8 @@ class DataLayer(_PrefetchingDataLayer):
     Tops: data (batch_size, C, H, W) float32, shaped by the first record of each batch;
     optional label (batch_size,) float32 (``Datum.label``).
 
-    Differences from Caffe: LevelDB is not supported; ``rand_skip`` is honoured as older Caffe
-    did (Caffe 1.0's cursor-based DataLayer ignores it).
+    Differences from Caffe: ``rand_skip`` is honoured as older Caffe did (Caffe 1.0's cursor-based
+    DataLayer ignores it).
     """
 
     min_top = 1
@@ -420,11 +424,10 @@ class DataLayer(_PrefetchingDataLayer):
         if p.batch_size <= 0:
             raise self.error("data_param.batch_size is required and must be positive")
         if not p.HasField("source"):
-            raise self.error("data_param.source (the LMDB directory) is required")
+            raise self.error("data_param.source (the LMDB or LevelDB directory) is required")
         transform_rng, _, skip_rng = self._rngs()
         try:
-            check_backend(p.backend, p.source)
-            reader = LMDBReader(p.source)
+            reader = open_reader(p.backend, p.source)
             tp = self._transform_param(p)
             if p.force_encoded_color:
                 tp.force_color = True
