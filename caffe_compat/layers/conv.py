@@ -17,6 +17,49 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def _spatial(layer, cp, name, name_h, name_w, default):
+    """Caffe's rule: ``<name>`` repeated (once or once per spatial axis) or ``<name>_h/_w``."""
+    nsp = layer.num_spatial
+    vals = list(getattr(cp, name))
+    has_h, has_w = cp.HasField(name_h), cp.HasField(name_w)
+    if has_h or has_w:
+        if nsp != 2:
+            raise layer.error(f"{name_h} & {name_w} can only be used for 2-D convolution")
+        if vals:
+            raise layer.error(f"give either {name} or {name_h}/{name_w}, not both")
+        if default is None and not (has_h and has_w):
+            raise layer.error(f"for a non-square kernel both {name_h} and {name_w} are required")
+        return (
+            getattr(cp, name_h) if has_h else default,
+            getattr(cp, name_w) if has_w else default,
+        )
+    if not vals:
+        if default is None:
+            raise layer.error(f"convolution_param.{name} (or {name_h} and {name_w}) is required")
+        return (default,) * nsp
+    if len(vals) not in (1, nsp):
+        raise layer.error(f"{name} must be given once, or once per spatial axis ({nsp}); got {len(vals)} values")
+    return tuple(vals[i if len(vals) > 1 else 0] for i in range(nsp))
+
+
+def _geometry(layer, cp) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """kernel, stride, pad, dilation per spatial axis from ``convolution_param``, validated
+    (Convolution, Deconvolution and Im2col read them alike; ``layer.num_spatial`` is set)."""
+    nsp = layer.num_spatial
+    kernel = _spatial(layer, cp, "kernel_size", "kernel_h", "kernel_w", None)
+    stride = _spatial(layer, cp, "stride", "stride_h", "stride_w", 1)
+    pad = _spatial(layer, cp, "pad", "pad_h", "pad_w", 0)
+    if len(cp.dilation) not in (0, 1, nsp):
+        raise layer.error(
+            f"dilation must be given once, or once per spatial axis ({nsp}); got {len(cp.dilation)} values"
+        )
+    dilation = tuple(cp.dilation[i if len(cp.dilation) > 1 else 0] if cp.dilation else 1 for i in range(nsp))
+    for name, vals in (("kernel_size", kernel), ("stride", stride), ("dilation", dilation)):
+        if any(v <= 0 for v in vals):
+            raise layer.error(f"convolution_param.{name} must be > 0, got {list(vals)}")
+    return kernel, stride, pad, dilation
+
+
 class _BaseConvolution(Layer):
     """What Convolution and Deconvolution share: parameter parsing, checks and blobs.
 
@@ -56,17 +99,7 @@ class _BaseConvolution(Layer):
             )
         self.num_spatial = nsp
 
-        self.kernel = self._spatial(cp, "kernel_size", "kernel_h", "kernel_w", None)
-        self.stride = self._spatial(cp, "stride", "stride_h", "stride_w", 1)
-        self.pad = self._spatial(cp, "pad", "pad_h", "pad_w", 0)
-        if len(cp.dilation) not in (0, 1, nsp):
-            raise self.error(
-                f"dilation must be given once, or once per spatial axis ({nsp}); got {len(cp.dilation)} values"
-            )
-        self.dilation = tuple(cp.dilation[i if len(cp.dilation) > 1 else 0] if cp.dilation else 1 for i in range(nsp))
-        for name, vals in (("kernel_size", self.kernel), ("stride", self.stride), ("dilation", self.dilation)):
-            if any(v <= 0 for v in vals):
-                raise self.error(f"convolution_param.{name} must be > 0, got {list(vals)}")
+        self.kernel, self.stride, self.pad, self.dilation = _geometry(self, cp)
 
         if not cp.HasField("num_output") or cp.num_output == 0:
             raise self.error("convolution_param.num_output is required and must be > 0")
@@ -93,30 +126,6 @@ class _BaseConvolution(Layer):
         if self.bias_term:
             self.add_blob((self.num_output,), cp.bias_filler)
         self._check_output(shape0)
-
-    def _spatial(self, cp, name, name_h, name_w, default):
-        """Caffe's rule: ``<name>`` repeated (once or once per spatial axis) or ``<name>_h/_w``."""
-        nsp = self.num_spatial
-        vals = list(getattr(cp, name))
-        has_h, has_w = cp.HasField(name_h), cp.HasField(name_w)
-        if has_h or has_w:
-            if nsp != 2:
-                raise self.error(f"{name_h} & {name_w} can only be used for 2-D convolution")
-            if vals:
-                raise self.error(f"give either {name} or {name_h}/{name_w}, not both")
-            if default is None and not (has_h and has_w):
-                raise self.error(f"for a non-square kernel both {name_h} and {name_w} are required")
-            return (
-                getattr(cp, name_h) if has_h else default,
-                getattr(cp, name_w) if has_w else default,
-            )
-        if not vals:
-            if default is None:
-                raise self.error(f"convolution_param.{name} (or {name_h} and {name_w}) is required")
-            return (default,) * nsp
-        if len(vals) not in (1, nsp):
-            raise self.error(f"{name} must be given once, or once per spatial axis ({nsp}); got {len(vals)} values")
-        return tuple(vals[i if len(vals) > 1 else 0] for i in range(nsp))
 
     def _out_size(self, size, k, s, p, d):
         raise NotImplementedError
@@ -305,19 +314,7 @@ class Im2colLayer(Layer):
         if cp.HasField("stride_h") != cp.HasField("stride_w"):
             raise self.error("give both convolution_param.stride_h and stride_w, not only one")
         # the parsing rules are Convolution's (Caffe's Im2col and BaseConvolution share them)
-        spatial = _BaseConvolution._spatial
-        self.kernel = spatial(self, cp, "kernel_size", "kernel_h", "kernel_w", None)
-        self.stride = spatial(self, cp, "stride", "stride_h", "stride_w", 1)
-        self.pad = spatial(self, cp, "pad", "pad_h", "pad_w", 0)
-        nsp = self.num_spatial
-        if len(cp.dilation) not in (0, 1, nsp):
-            raise self.error(
-                f"dilation must be given once, or once per spatial axis ({nsp}); got {len(cp.dilation)} values"
-            )
-        self.dilation = tuple(cp.dilation[i if len(cp.dilation) > 1 else 0] if cp.dilation else 1 for i in range(nsp))
-        for name, vals in (("kernel_size", self.kernel), ("stride", self.stride), ("dilation", self.dilation)):
-            if any(v <= 0 for v in vals):
-                raise self.error(f"convolution_param.{name} must be > 0, got {list(vals)}")
+        self.kernel, self.stride, self.pad, self.dilation = _geometry(self, cp)
         self.top_shapes(bottom_shapes)
 
     def _out_sizes(self, shape) -> tuple[int, ...]:
