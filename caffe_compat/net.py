@@ -214,6 +214,22 @@ class PendingLoss:
         return self._value
 
 
+def fmt(x) -> str:
+    """A number as Caffe's log prints it (caffe_compat.solvers.log.fmt; imported late: the
+    solvers package imports this module)."""
+    from caffe_compat.solvers.log import fmt as _fmt
+
+    return _fmt(x)
+
+
+def _abs_mean(t) -> np.float32:
+    """Caffe's ``asum / count`` of a blob's data or diff, in float32."""
+    if t is None or t.numel() == 0:
+        return np.float32(0)
+    t = t.detach()
+    return np.float32(np.float32(t.abs().sum(dtype=torch.float32).item()) / np.float32(t.numel()))
+
+
 class Net(nn.Module):
     """A Caffe net. pycaffe's API plus ``torch.nn.Module``.
 
@@ -234,6 +250,11 @@ class Net(nn.Module):
     #: every path here that writes into a diff or hands it out calls ``blob.own_diff`` first.
     supports_diff_alias = True
     _layer_callbacks: tuple[list, list] | None = None
+    #: Caffe's debug_info: log every layer's mean |data| after its forward and mean |diff| after
+    #: its backward (``NetParameter.debug_info``; a solver sets it at display iterations when its
+    #: own ``debug_info`` is true). Bottoms seen by the last forward, for the backward's log.
+    debug_info: bool = False
+    _debug_bottoms: dict | None = None
 
     def __init__(
         self,
@@ -281,6 +302,7 @@ class Net(nn.Module):
         self._compiled_fn = None
         #: pycaffe's per-layer forward callbacks: (before, after) lists of fn(layer index), or None
         self._layer_callbacks: tuple[list, list] | None = None
+        self.debug_info = bool(self.net_param.debug_info)
         on, options = compile_enabled()
         if on:
             self.compile(**options)
@@ -474,6 +496,7 @@ class Net(nn.Module):
 
         self._layer_need_backward = layer_need_backward
         self._bottom_need_backward = bottom_need_backward
+        self._param_need_backward = layer_param_need_bw
         self._needs_grad_bottom = [
             [need and lnb for need in bneed] for bneed, lnb in zip(bottom_need_backward, layer_need_backward)
         ]
@@ -604,12 +627,17 @@ class Net(nn.Module):
         dev, dtype = self._device, self._dtype
         overwrote = False  # set on self once, after the loop (Module.__setattr__ is slow)
         callbacks = self._layer_callbacks
+        debug = self.debug_info
+        if debug:
+            self._debug_bottoms = {}
         for li in range(start, end + 1):
             plan = self._run_plan[li]
             if callbacks is not None:
                 for fn in callbacks[0]:
                     fn(li)
             if plan[7]:  # a net input: set by the caller
+                if debug:
+                    self._forward_debug_info(li)
                 if callbacks is not None:
                     for fn in callbacks[1]:
                         fn(li)
@@ -669,6 +697,9 @@ class Net(nn.Module):
                         fresh.add(tnames[j])
                     else:
                         fresh.discard(tnames[j])
+            if debug:
+                self._debug_bottoms[li] = bottoms
+                self._forward_debug_info(li)
             if callbacks is not None:
                 for fn in callbacks[1]:
                     fn(li)
@@ -730,6 +761,7 @@ class Net(nn.Module):
         if (
             self._compile_options is not None
             and self._layer_callbacks is None  # per-layer callbacks need the layer-by-layer pass
+            and not self.debug_info
             and not torch.is_grad_enabled()
             and start is None
             and end is None
@@ -810,11 +842,91 @@ class Net(nn.Module):
     def _forward_loss(self) -> torch.Tensor | float:
         self._prepare_inputs()
         self._overwritten = False
-        if self._compile_options is None or self._layer_callbacks is not None:
-            self._run_layers(0, len(self.layers) - 1, overwrite=True)
+        if self._compile_options is None or self._layer_callbacks is not None or self.debug_info:
+            # debug_info logs each layer's bottom diff: every layer keeps its own bottom tensor
+            self._run_layers(0, len(self.layers) - 1, overwrite=not self.debug_info)
         else:
             self._run_compiled()
         return self._loss()
+
+    # -- Caffe's debug_info ------------------------------------------------------------------------
+
+    def set_debug_info(self, on: bool) -> None:
+        """Caffe's Net::set_debug_info (what a solver does at each iteration)."""
+        self.debug_info = bool(on)
+
+    def _param_display_name(self, li: int, k: int) -> str:
+        specs = self.layers[li].param.param
+        return specs[k].name if k < len(specs) and specs[k].name else str(k)
+
+    def _forward_debug_info(self, li: int) -> None:
+        """Caffe's ForwardDebugInfo: mean |value| of each top, then of each parameter blob."""
+        name = self._layer_names[li]
+        for b in self._tops[li]:
+            log.info("    [Forward] Layer %s, top blob %s data: %s", name, b, fmt(_abs_mean(self.blobs[b]._data)))
+        for k, p in enumerate(self.layers[li].blobs):
+            log.info(
+                "    [Forward] Layer %s, param blob %s data: %s",
+                name,
+                self._param_display_name(li, k),
+                fmt(_abs_mean(p)),
+            )
+
+    def _backward_with_debug_info(self, loss: torch.Tensor, params: list) -> None:
+        """The backward of a training pass, logging Caffe's BackwardDebugInfo for each layer from
+        the last to the first: the mean |diff| of every bottom it backpropagates to (the gradient
+        of the tensor that layer read, so in-place chains show each step) and of each parameter
+        it learns. The parameter gradients go to the diffs as in the plain backward."""
+        bottoms, where = [], []
+        for li, ts in self._debug_bottoms.items():
+            for j, t in enumerate(ts):
+                if self._layer_need_backward[li] and self._bottom_need_backward[li][j] and t.requires_grad:
+                    where.append((li, j, len(bottoms)))
+                    bottoms.append(t)
+        grads = torch.autograd.grad([loss], bottoms + params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads[len(bottoms) :]):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+        diff_of = {(li, j): grads[i] for li, j, i in where}
+        for li in range(len(self.layers) - 1, -1, -1):
+            if not self._layer_need_backward[li] or li not in self._debug_bottoms:
+                continue
+            name, layer = self._layer_names[li], self.layers[li]
+            for j, b in enumerate(self._bottoms[li]):
+                if not self._bottom_need_backward[li][j]:
+                    continue
+                g = diff_of.get((li, j))
+                mean = _abs_mean(g) if g is not None else 0.0
+                log.info("    [Backward] Layer %s, bottom blob %s diff: %s", name, b, fmt(mean))
+            for k, p in enumerate(layer.blobs):
+                if not (layer.blobs_have_gradient and self._param_need_backward[li][k]):
+                    continue
+                mean = _abs_mean(p.grad) if p.grad is not None else 0.0
+                log.info("    [Backward] Layer %s, param blob %d diff: %s", name, k, fmt(mean))
+
+    def _all_params_debug_info(self) -> None:
+        """Caffe's Backward(): L1 and L2 norms of all learnable parameters' data and diffs."""
+        f32 = np.float32
+        asum_data = asum_diff = sumsq_data = sumsq_diff = f32(0)
+        for p in self.learnable_params:
+            d = p.detach().float()
+            g = p.grad.detach().float() if p.grad is not None else torch.zeros_like(d)
+            asum_data = f32(asum_data + f32(d.abs().sum().item()))
+            asum_diff = f32(asum_diff + f32(g.abs().sum().item()))
+            sumsq_data = f32(sumsq_data + f32((d * d).sum().item()))
+            sumsq_diff = f32(sumsq_diff + f32((g * g).sum().item()))
+        log.error(
+            "    [Backward] All net params (data, diff): L1 norm = (%s, %s); L2 norm = (%s, %s)",
+            fmt(asum_data),
+            fmt(asum_diff),
+            fmt(np.sqrt(sumsq_data)),
+            fmt(np.sqrt(sumsq_diff)),
+        )
 
     # -- pycaffe's per-layer callbacks -----------------------------------------------------------
 
@@ -1073,8 +1185,14 @@ class Net(nn.Module):
                         p.grad = None
                     else:  # autograd adds into the diffs in place
                         _blob.own_diff(p)
-                torch.autograd.backward([loss * loss_scale if loss_scale != 1.0 else loss], inputs=params)
+                scaled = loss * loss_scale if loss_scale != 1.0 else loss
+                if self.debug_info and self._debug_bottoms is not None:
+                    self._backward_with_debug_info(scaled, params)
+                else:
+                    torch.autograd.backward([scaled], inputs=params)
         self._fill_missing_diffs()
+        if self.debug_info:
+            self._all_params_debug_info()
         self._diffs_cleared = False
         if checks is None:  # the compiled path: the ranges its graph computed
             checks, self._compiled_checks = getattr(self, "_compiled_checks", []), []

@@ -869,6 +869,8 @@ class Solver:
                 for on_start, _ in self._callbacks:
                     on_start()
                 display = bool(p.display) and self.iter % p.display == 0
+                if hasattr(self.net, "set_debug_info"):  # Caffe: the net logs per layer at displays
+                    self.net.set_debug_info(display and p.debug_info)
                 passes = []
                 for k in range(p.iter_size):
                     if self._sync is not None and k == p.iter_size - 1:
