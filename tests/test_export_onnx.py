@@ -163,6 +163,10 @@ LAYER_CASES = {
     # W: (8 + 2 - 11) / 4 truncates to 0 -> one output, the kernel overhanging by one zero column
     "conv_kernel_overhang": 'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
     "convolution_param { num_output: 3 kernel_size: 11 stride: 4 pad: 1 } }",
+    "spp_max": 'layer { name: "s" type: "SPP" bottom: "data" top: "s" spp_param { pyramid_height: 3 } }',
+    "spp_ave_one_level": 'layer { name: "s" type: "SPP" bottom: "data" top: "s" '
+    "spp_param { pyramid_height: 1 pool: AVE } }",
+    "spp_ave": 'layer { name: "s" type: "SPP" bottom: "data" top: "s" spp_param { pyramid_height: 2 pool: AVE } }',
     "deconv_group_stride": 'layer { name: "d" type: "Deconvolution" bottom: "data" top: "d" '
     "convolution_param { num_output: 4 kernel_size: 4 stride: 2 pad: 1 group: 4 } }",
     "deconv_dense": 'layer { name: "d" type: "Deconvolution" bottom: "data" top: "d" '
@@ -273,6 +277,17 @@ def test_deconvolution_and_crop_fcn_style():
     net.params["up"][0].data[...] = bilinear
     assert net.blobs["crop"].shape == (1, 5, 7, 7)
     _assert_exports(net)
+
+
+def test_batch_reindex_is_a_gather():
+    net = _net(
+        _input("data", (3, 4, 5, 2))
+        + _input("permut", (5,))
+        + 'layer { name: "r" type: "BatchReindex" bottom: "data" bottom: "permut" top: "r" }'
+    )
+    inputs = ox.random_inputs(net, 0)
+    inputs["permut"] = np.array([2, 0, 0, 1, 2], np.float32)  # repeated and out of order
+    _assert_exports(net, inputs=inputs)
 
 
 def test_shared_parameters_become_one_initializer():

@@ -266,6 +266,26 @@ def _pooling(g, layer, xs, bshapes, tops):
     return [y]
 
 
+@register_converter("SPP")
+def _spp(g, layer, xs, bshapes, tops):
+    # each pyramid level is one of our Pooling layers: the Pooling converter's exact shapes
+    levels = layer.levels_for(tuple(bshapes[0]))
+    if layer.pyramid_height == 1:
+        return _pooling(g, levels[0], xs, bshapes, tops)
+    flat = []
+    for i, level in enumerate(levels):
+        (y,) = _pooling(g, level, xs, bshapes, [g.fresh(f"{g.layer_name}/level{i}")])
+        flat.append(g.node("Flatten", [y], axis=1))
+    return [g.node("Concat", flat, tops[0], axis=1)]
+
+
+@register_converter("BatchReindex")
+def _batch_reindex(g, layer, xs, bshapes, tops):
+    # top = data[permut]: the indices arrive as floats (a Caffe blob); Caffe truncates them
+    idx = g.node("Cast", [xs[1]], to=TensorProto.INT64)
+    return [g.node("Gather", [xs[0], idx], tops[0], axis=0)]
+
+
 @register_converter("LRN")
 def _lrn(g, layer, xs, bshapes, tops):
     if layer.region == caffe_pb2.LRNParameter.ACROSS_CHANNELS:

@@ -299,9 +299,9 @@ class SPPLayer(Layer):
         self.pyramid_height = int(sp.pyramid_height)
         self._pool = _PP.MAX if sp.pool == _SPP.MAX else _PP.AVE
         self._levels: dict[tuple[int, int], list[PoolingLayer]] = {}
-        self._levels_for(bottom_shapes[0])
+        self.levels_for(bottom_shapes[0])
 
-    def _levels_for(self, shape) -> list[PoolingLayer]:
+    def levels_for(self, shape) -> list[PoolingLayer]:
         """The Pooling layer of every level for a bottom of this shape (cached per H×W)."""
         if len(shape) != 4:
             raise self.error(f"the bottom must have 4 axes (num, channels, height, width), got shape {tuple(shape)}")
@@ -336,14 +336,14 @@ class SPPLayer(Layer):
 
     def top_shapes(self, bottom_shapes):
         shape = bottom_shapes[0]
-        levels = self._levels_for(shape)
+        levels = self.levels_for(shape)
         shapes = [lvl.top_shapes([tuple(shape)])[0] for lvl in levels]
         if self.pyramid_height == 1:
             return [shapes[0]]
         return [(shape[0], sum(math.prod(s[1:]) for s in shapes))]
 
     def forward(self, x):
-        levels = self._levels_for(x.shape)
+        levels = self.levels_for(x.shape)
         if self.pyramid_height == 1:
             return levels[0].forward(x)
         return (torch.cat([lvl.forward(x)[0].flatten(1) for lvl in levels], dim=1),)
