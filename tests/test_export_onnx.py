@@ -290,6 +290,17 @@ def test_batch_reindex_is_a_gather():
     _assert_exports(net, inputs=inputs)
 
 
+def test_stochastic_pooling_is_refused_naming_the_layer():
+    net = _net(
+        _one_layer(
+            'layer { name: "sto" type: "Pooling" bottom: "data" top: "p" '
+            "pooling_param { pool: STOCHASTIC kernel_size: 2 stride: 2 } }"
+        )
+    )
+    with pytest.raises(ox.OnnxExportError, match="'sto'.*STOCHASTIC"):
+        ox.export_onnx(net)
+
+
 def test_shared_parameters_become_one_initializer():
     text = _one_layer(
         'layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" param { name: "w" } param { name: "b" } '

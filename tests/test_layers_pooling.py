@@ -230,7 +230,7 @@ def test_mask_is_a_float_constant():
 @pytest.mark.parametrize(
     "pp,tops,shape,message",
     [
-        ("pool: STOCHASTIC kernel_size: 2", 1, (1, 1, 4, 4), "STOCHASTIC is not supported.*CPU"),
+        ("pool: STOCHASTIC kernel_size: 2 pad: 1", 1, (1, 1, 4, 4), "STOCHASTIC with pad .* ignore the padding"),
         ("pool: AVE kernel_size: 2", 2, (1, 1, 4, 4), "only produced by pool: MAX"),
         ("global_pooling: true kernel_size: 2", 1, (1, 1, 4, 4), "global_pooling"),
         ("global_pooling: true stride: 2", 1, (1, 1, 4, 4), "pad = 0 and stride = 1"),
@@ -250,3 +250,62 @@ def test_invalid_parameters_name_the_field(pp, tops, shape, message):
     with pytest.raises(LayerError, match=message) as err:
         layer_from_text(_pool_text(pp, tops), [shape])
     assert "'pool'" in str(err.value)
+
+
+# -- STOCHASTIC (Caffe's GPU kernels StoPoolForwardTrain / StoPoolForwardTest) -------------------
+
+
+def _np_windows(x, k, s):
+    """Caffe's stochastic windows (no padding, clipped at the edge), for each output position."""
+    n, c, H, W = x.shape
+    Ho = math.ceil((H - k) / s) + 1
+    Wo = math.ceil((W - k) / s) + 1
+    return (
+        Ho,
+        Wo,
+        [[x[:, :, i * s : min(i * s + k, H), j * s : min(j * s + k, W)] for j in range(Wo)] for i in range(Ho)],
+    )
+
+
+@pytest.mark.parametrize("shape,k,s", [((2, 3, 7, 6), 3, 2), ((1, 2, 5, 5), 2, 2), ((1, 1, 4, 4), 4, 1)])
+def test_stochastic_test_phase_is_the_weighted_mean(shape, k, s):
+    x = np.random.default_rng(0).uniform(0, 2, size=shape).astype(np.float32)
+    x[0, 0, :2, :2] = 0.0  # an all-zero window gives 0 (the sum starts at FLT_MIN)
+    layer = layer_from_text(_pool_text(f"pool: STOCHASTIC kernel_size: {k} stride: {s}"), [shape])
+    y = layer(torch.from_numpy(x))[0].numpy()
+    Ho, Wo, wins = _np_windows(x.astype(np.float64), k, s)
+    ref = np.zeros((shape[0], shape[1], Ho, Wo))
+    for i in range(Ho):
+        for j in range(Wo):
+            w = wins[i][j]
+            ref[:, :, i, j] = (w * w).sum(axis=(2, 3)) / (np.finfo(np.float32).tiny + w.sum(axis=(2, 3)))
+    assert y.shape == ref.shape == layer.top_shapes([shape])[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_stochastic_train_draws_in_proportion_and_backpropagates_to_the_draw():
+    import caffe_compat as caffe
+    from caffe_compat.proto import caffe_pb2
+
+    layer = layer_from_text(_pool_text("pool: STOCHASTIC kernel_size: 2 stride: 2"), [(1, 1, 2, 4)], caffe_pb2.TRAIN)
+    # window 0: values 1, 2, 3, 4 (p = 0.1, 0.2, 0.3, 0.4); window 1: a single non-zero value
+    x = torch.tensor([[[[1.0, 2.0, 0.0, 5.0], [3.0, 4.0, 0.0, 0.0]]]])
+    caffe.set_random_seed(1)
+    counts = {v: 0 for v in (1.0, 2.0, 3.0, 4.0)}
+    draws = 4000
+    for _ in range(draws):
+        y = layer(x)[0]
+        counts[float(y[0, 0, 0, 0])] += 1
+        assert float(y[0, 0, 0, 1]) == 5.0  # the only non-zero value is always drawn
+    for v, c in counts.items():
+        assert abs(c / draws - v / 10.0) < 0.03, counts
+    # the gradient goes to the drawn position only; the same seed draws the same
+    caffe.set_random_seed(7)
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)[0]
+    y.sum().backward()
+    picked = xg.grad[0, 0]
+    assert float(picked.sum()) == 2.0 and float(picked[0, 3]) == 1.0
+    assert float((picked[:, :2] * x[0, 0, :, :2]).sum()) == float(y[0, 0, 0, 0])
+    caffe.set_random_seed(7)
+    assert torch.equal(layer(x)[0], y.detach())

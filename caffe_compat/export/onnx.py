@@ -219,6 +219,8 @@ def _pooling(g, layer, xs, bshapes, tops):
     PP = caffe_pb2.PoolingParameter
     if len(tops) == 2:
         raise g.error("the argmax top (pooling's second top) has no ONNX equivalent here; use one top")
+    if layer.pool == PP.STOCHASTIC:
+        raise g.error("pool: STOCHASTIC has no converter (its TEST output is sum(x^2) / sum(x) per window)")
     x = xs[0]
     n, c, H, W = bshapes[0]
     is_max = layer.pool == PP.MAX

@@ -17,6 +17,7 @@ __all__ = ["PoolingLayer", "SPPLayer", "caffe_pooled_size", "spp_level_geometry"
 _PP = caffe_pb2.PoolingParameter
 _SPP = caffe_pb2.SPPParameter
 _FLT_MAX = 3.4028234663852886e38
+_FLT_MIN_F32 = 1.1754943508222875e-38  # C's FLT_MIN: Caffe's stochastic TEST pooling starts its sum there
 
 
 class _MaxPoolChannelsLast(torch.autograd.Function):
@@ -79,9 +80,28 @@ def _torch_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool
     return out
 
 
+def _stochastic_pool(x: torch.Tensor, k, s, out: tuple[int, int], train: bool) -> torch.Tensor:
+    """Caffe's StoPoolForwardTrain / StoPoolForwardTest (pooling_layer.cu) on every window."""
+    n, c, H, W = x.shape
+    Ho, Wo = out
+    need_h, need_w = (Ho - 1) * s[0] + k[0], (Wo - 1) * s[1] + k[1]
+    # windows clipped at the bottom/right edge: zeros change no sum and are never drawn first
+    xp = F.pad(x, (0, max(0, need_w - W), 0, max(0, need_h - H)))[:, :, :need_h, :need_w]
+    win = F.unfold(xp, k, stride=s).view(n, c, k[0] * k[1], Ho * Wo)
+    if not train:
+        y = (win * win).sum(2) / (win.sum(2) + _FLT_MIN_F32)
+    else:
+        with torch.no_grad():
+            running = win.detach().cumsum(2)
+            u = 1.0 - torch.rand((n, c, 1, Ho * Wo), dtype=x.dtype, device=x.device)  # (0, 1], as cuRAND
+            picked = (running >= u * running[:, :, -1:, :]).to(torch.uint8).argmax(2, keepdim=True)
+        y = win.gather(2, picked).squeeze(2)
+    return y.view(n, c, Ho, Wo)
+
+
 @register_layer("Pooling")
 class PoolingLayer(Layer):
-    """Caffe's Pooling: MAX or AVE over ``kernel`` windows of each channel of a 4-D bottom.
+    """Caffe's Pooling: MAX, AVE or STOCHASTIC over ``kernel`` windows of each channel of a 4-D bottom.
 
     Parameters (``pooling_param``): ``pool`` MAX (default) | AVE | STOCHASTIC; ``kernel_size``
     or ``kernel_h`` + ``kernel_w`` (required unless ``global_pooling``); ``pad`` 0 or
@@ -108,9 +128,17 @@ class PoolingLayer(Layer):
     and, without padding, when ``k < s`` leaves a last window starting past the image (torch drops
     it, Caffe keeps an empty window).
 
-    Differences from Caffe: STOCHASTIC raises (Caffe's CPU build does not implement it either; its
-    GPU training pass samples with cuRAND). A NaN input wins a MAX window here (torch), where
-    Caffe's ``>`` comparison skips it.
+    - STOCHASTIC (Zeiler & Fergus; Caffe's GPU kernels, its CPU build has none): windows without
+      padding (``pad`` must be 0), rows ``[ph·s, min(ph·s + k, H))``. TRAIN draws one position
+      per window with probability ``x_i / Σ x`` (``u`` uniform in (0, 1], the first position whose
+      running sum reaches ``u·Σ x``) and outputs its value; the gradient goes to that position.
+      TEST outputs the probability-weighted mean ``Σ x_i² / (FLT_MIN + Σ x_i)``.
+
+    Differences from Caffe: STOCHASTIC's draws come from torch's generator (seeded by
+    ``set_random_seed``): Caffe's distribution, not its cuRAND stream; in TEST phase its
+    backward is the gradient of the weighted mean (Caffe's TEST backward reads indices no TEST
+    forward wrote). A NaN input wins a MAX window here (torch), where Caffe's ``>`` comparison
+    skips it.
     """
 
     exact_num_bottom = 1
@@ -119,12 +147,6 @@ class PoolingLayer(Layer):
 
     def setup(self, bottom_shapes):
         pp = self.param.pooling_param
-        if pp.pool == _PP.STOCHASTIC:
-            raise self.error(
-                "pool: STOCHASTIC is not supported: Caffe implements it only in its GPU kernels "
-                "(its CPU build aborts with NOT_IMPLEMENTED), with a cuRAND sampling that cannot "
-                "be reproduced; use MAX or AVE"
-            )
         if len(self.param.top) == 2 and pp.pool != _PP.MAX:
             raise self.error("a second top (the argmax mask) is only produced by pool: MAX")
         if len(bottom_shapes[0]) != 4:
@@ -159,6 +181,11 @@ class PoolingLayer(Layer):
         if self.global_pooling and (self.pad != (0, 0) or self.stride != (1, 1)):
             raise self.error("with global_pooling: true only pad = 0 and stride = 1 are allowed")
         if self.pad != (0, 0) and not self.global_pooling:
+            if self.pool == _PP.STOCHASTIC:
+                raise self.error(
+                    f"pool: STOCHASTIC with pad {self.pad}: Caffe's stochastic kernels ignore the padding "
+                    "while its output size counts it; set pad to 0"
+                )
             if self.pad[0] >= self.kernel[0] or self.pad[1] >= self.kernel[1]:
                 raise self.error(f"pad {self.pad} must be smaller than kernel {self.kernel}")
         self._plans: dict[tuple[int, int], tuple] = {}
@@ -225,6 +252,8 @@ class PoolingLayer(Layer):
             h, w = idx // Wp - p[0], idx % Wp - p[1]
             mask = torch.where(empty, torch.full_like(idx, -1), h * W + w)
             return y, mask.to(x.dtype)
+        if self.pool == _PP.STOCHASTIC:
+            return (_stochastic_pool(x, k, s, (Ho, Wo), self.phase == caffe_pb2.TRAIN),)
         # AVE
         if direct:
             return (F.avg_pool2d(x, k, s, p, ceil_mode=self.ceil, count_include_pad=True),)
@@ -275,8 +304,9 @@ class SPPLayer(Layer):
     A level whose pad is not smaller than its kernel (a bottom smaller than the level's bins,
     e.g. H = 5 at 4 bins: kernel 2, pad 2) is refused, as Caffe's Pooling CHECK refuses it.
 
-    Differences from Caffe: STOCHASTIC raises, as our Pooling does (Caffe's CPU build aborts
-    with NOT_IMPLEMENTED; its GPU training pass samples with cuRAND).
+    Differences from Caffe: STOCHASTIC raises: the levels pad the bottom, which Caffe's
+    stochastic kernels ignore while its output size counts it (its CPU build has no stochastic
+    pooling at all).
     """
 
     exact_num_bottom = 1
@@ -288,9 +318,8 @@ class SPPLayer(Layer):
         sp = self.param.spp_param
         if sp.pool == _SPP.STOCHASTIC:
             raise self.error(
-                "spp_param.pool: STOCHASTIC is not supported: Caffe implements stochastic pooling "
-                "only in its GPU kernels (its CPU build aborts with NOT_IMPLEMENTED), with a cuRAND "
-                "sampling that cannot be reproduced; use MAX or AVE"
+                "spp_param.pool: STOCHASTIC is not supported: the pyramid levels pad the bottom, and Caffe's "
+                "stochastic pooling kernels ignore padding while its output size counts it; use MAX or AVE"
             )
         if sp.pool not in (_SPP.MAX, _SPP.AVE):
             raise self.error(f"spp_param.pool {sp.pool} is not one of MAX, AVE")
