@@ -301,6 +301,32 @@ def test_stochastic_pooling_is_refused_naming_the_layer():
         ox.export_onnx(net)
 
 
+@pytest.mark.parametrize(
+    "cp",
+    [
+        "kernel_size: 3 stride: 2 pad: 1",
+        "kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 pad_h: 0 pad_w: 1 dilation: 2",
+        "kernel_size: 11 stride: 4 pad: 1",  # Caffe's truncating size: the window overhangs by one
+    ],
+)
+def test_im2col_is_a_one_hot_depthwise_conv(cp):
+    net = _net(
+        _one_layer(f'layer {{ name: "col" type: "Im2col" bottom: "data" top: "col" convolution_param {{ {cp} }} }}')
+    )
+    _assert_exports(net, seed=3)
+
+
+def test_filter_is_a_compress():
+    net = _net(
+        _input("data", (4, 3, 2, 2))
+        + _input("sel", (4, 1))
+        + 'layer { name: "f" type: "Filter" bottom: "data" bottom: "sel" top: "f" }'
+    )
+    inputs = ox.random_inputs(net, 0)
+    inputs["sel"] = np.array([[1.0], [0.0], [float("nan")], [-2.0]], np.float32)  # non-zero selects
+    _assert_exports(net, inputs=inputs)
+
+
 def test_shared_parameters_become_one_initializer():
     text = _one_layer(
         'layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" param { name: "w" } param { name: "b" } '

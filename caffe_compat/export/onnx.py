@@ -288,6 +288,45 @@ def _batch_reindex(g, layer, xs, bshapes, tops):
     return [g.node("Gather", [xs[0], idx], tops[0], axis=0)]
 
 
+@register_converter("Im2col")
+def _im2col(g, layer, xs, bshapes, tops):
+    # a depthwise convolution with one-hot filters: output channel c·K + k copies tap k of channel
+    # c (products by 1 and sums of zeros: exact for finite inputs)
+    if layer.axis != 1 or layer.num_spatial != 2:
+        raise g.error("only a 2-D Im2col with convolution_param.axis 1 can be exported")
+    n, c, H, W = bshapes[0]
+    kh, kw = layer.kernel
+    out = layer._out_sizes(tuple(bshapes[0]))
+    ends = []
+    for i, size in enumerate((H, W)):
+        ext = layer.dilation[i] * (layer.kernel[i] - 1) + 1
+        ends.append(max(layer.pad[i], (out[i] - 1) * layer.stride[i] + ext - layer.pad[i] - size))
+    weight = np.zeros((c * kh * kw, 1, kh, kw), np.float32)
+    for ch in range(c):
+        for k in range(kh * kw):
+            weight[ch * kh * kw + k, 0, k // kw, k % kw] = 1.0
+    return [
+        g.node(
+            "Conv",
+            [xs[0], g.const(weight, "taps")],
+            tops[0],
+            kernel_shape=[kh, kw],
+            strides=list(layer.stride),
+            pads=list(layer.pad) + ends,
+            dilations=list(layer.dilation),
+            group=c,
+        )
+    ]
+
+
+@register_converter("Filter")
+def _filter(g, layer, xs, bshapes, tops):
+    # Caffe keeps the items whose selector is non-zero (NaN included): Compress along axis 0
+    sel = g.node("Reshape", [xs[-1], g.ints([-1])])
+    keep = g.node("Not", [g.node("Equal", [sel, g.scalar(0.0, "zero")])])
+    return [g.node("Compress", [x, keep], top, axis=0) for x, top in zip(xs[:-1], tops)]
+
+
 @register_converter("LRN")
 def _lrn(g, layer, xs, bshapes, tops):
     if layer.region == caffe_pb2.LRNParameter.ACROSS_CHANNELS:
