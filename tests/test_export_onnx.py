@@ -327,6 +327,36 @@ def test_filter_is_a_compress():
     _assert_exports(net, inputs=inputs)
 
 
+def _recurrent_net(kind: str, static: bool, expose: bool) -> str:
+    text = _input("x", (3, 2, 4)) + _input("cont", (3, 2))
+    bottoms = ' bottom: "x" bottom: "cont"'
+    if static:
+        text += _input("xs", (2, 5))
+        bottoms += ' bottom: "xs"'
+    states = ("h_0", "c_0") if kind == "LSTM" else ("h_0",)
+    tops = ' top: "out"'
+    if expose:
+        for st in states:
+            text += _input(st, (1, 2, 6))
+            bottoms += f' bottom: "{st}"'
+        tops += "".join(f' top: "{st[0]}_T"' for st in states)
+    param = "recurrent_param { num_output: 6 weight_filler { type: 'gaussian' std: 0.4 } "
+    param += "bias_filler { type: 'constant' value: 0.1 } " + ("expose_hidden: true " if expose else "") + "}"
+    return text + f'layer {{ name: "rec" type: "{kind}"{bottoms}{tops} {param} }}'
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("static,expose", [(False, False), (True, False), (False, True), (True, True)])
+def test_recurrent_layers_export_unrolled(kind, static, expose):
+    net = _net(_recurrent_net(kind, static, expose))
+    ox.randomize_params(net, seed=1)
+    inputs = ox.random_inputs(net, 2)
+    # a new sequence in every stream at step 0 and in stream 1 at step 2: without expose_hidden the
+    # exported model starts from zeros, which Caffe's carried state equals after cont = 0
+    inputs["cont"] = np.array([[0, 0], [1, 1], [1, 0]], np.float32)
+    _assert_exports(net, inputs=inputs)
+
+
 def test_shared_parameters_become_one_initializer():
     text = _one_layer(
         'layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" param { name: "w" } param { name: "b" } '

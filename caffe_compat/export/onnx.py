@@ -327,6 +327,88 @@ def _filter(g, layer, xs, bshapes, tops):
     return [g.node("Compress", [x, keep], top, axis=0) for x, top in zip(xs[:-1], tops)]
 
 
+def _recurrent_common(g, layer, xs):
+    """What RNN and LSTM exports share: the input transform of every timestep at once
+    ``(T, N, G)``, the static transform ``(1, N, G)`` or None, ``cont`` as ``(T, N)``, the index of
+    the first recurrent blob, and the initial states (the exposed bottoms, or zeros)."""
+    T, K, G, H = layer.T, layer.K, layer.blobs[0].shape[0], layer.num_output
+    x2 = g.node("Reshape", [xs[0], g.ints([-1, K])])
+    xw = g.node("Gemm", [x2, g.param(layer.blobs[0], "W_x"), g.param(layer.blobs[1], "b")], transB=1)
+    xw = g.node("Reshape", [xw, g.ints([T, -1, G])])
+    k, static = 2, None
+    if layer.static_input:
+        xs2 = g.node("Reshape", [xs[2], g.ints([-1, layer.K_static])])
+        static = g.node("Gemm", [xs2, g.param(layer.blobs[2], "W_x_static")], transB=1)
+        static = g.node("Reshape", [static, g.ints([1, -1, G])])
+        k = 3
+    n_states = len(layer.state_input_names)
+    if layer.expose_hidden:
+        states = list(xs[-n_states:])
+    else:  # Caffe carries the last call's state; the exported model starts every call from zeros
+        n = g.slice(g.node("Shape", [xs[1]]), [1], [2], [0])
+        shape = g.node("Concat", [g.ints([1]), n, g.ints([H])], axis=0)
+        zero = g.node("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+        states = [zero] * n_states
+    return xw, static, xs[1], k, states
+
+
+def _step_input(g, xw, cont, t):
+    """Timestep ``t`` of the transformed input ``(1, N, G)`` and of ``cont`` as ``(1, N, 1)``."""
+    x_t = g.node("Gather", [xw, g.ints([t])], axis=0)
+    cont_t = g.node("Reshape", [g.node("Gather", [cont, g.ints([t])], axis=0), g.ints([1, -1, 1])])
+    return x_t, cont_t
+
+
+def _transposed(g, p, base):
+    return g.const(p.detach().cpu().numpy().astype(np.float32).T, base)
+
+
+@register_converter("LSTM")
+def _lstm(g, layer, xs, bshapes, tops):
+    # Caffe's unrolled net, step by step; without expose_hidden the model starts from a zero
+    # state (Caffe carries the previous call's: equal when each call's cont starts with 0)
+    H = layer.num_output
+    xw, static, cont, k, (h, c) = _recurrent_common(g, layer, xs)
+    w_hc = _transposed(g, layer.blobs[k], "W_hc_T")
+    hs = []
+    for t in range(layer.T):
+        x_t, cont_t = _step_input(g, xw, cont, t)
+        gate = g.node("Add", [g.node("MatMul", [g.node("Mul", [h, cont_t]), w_hc]), x_t])
+        if static is not None:
+            gate = g.node("Add", [gate, static])
+        i, f, o, gg = (g.slice(gate, [j * H], [(j + 1) * H], [2]) for j in range(4))
+        i, o = g.node("Sigmoid", [i]), g.node("Sigmoid", [o])
+        f = g.node("Mul", [cont_t, g.node("Sigmoid", [f])])
+        c = g.node("Add", [g.node("Mul", [f, c]), g.node("Mul", [i, g.node("Tanh", [gg])])])
+        h = g.node("Mul", [o, g.node("Tanh", [c])])
+        hs.append(h)
+    outs = [g.node("Concat", hs, tops[0], axis=0)]
+    if layer.expose_hidden:
+        outs += [g.node("Identity", [h], tops[1]), g.node("Identity", [c], tops[2])]
+    return outs
+
+
+@register_converter("RNN")
+def _rnn(g, layer, xs, bshapes, tops):
+    xw, static, cont, k, (h,) = _recurrent_common(g, layer, xs)
+    w_hh = _transposed(g, layer.blobs[k], "W_hh_T")
+    hs = []
+    for t in range(layer.T):
+        x_t, cont_t = _step_input(g, xw, cont, t)
+        pre = g.node("Add", [g.node("MatMul", [g.node("Mul", [h, cont_t]), w_hh]), x_t])
+        if static is not None:
+            pre = g.node("Add", [pre, static])
+        h = g.node("Tanh", [pre])
+        hs.append(h)
+    hidden = g.node("Concat", hs, axis=0)
+    w_ho = _transposed(g, layer.blobs[k + 1], "W_ho_T")
+    o = g.node("Tanh", [g.node("Add", [g.node("MatMul", [hidden, w_ho]), g.param(layer.blobs[k + 2], "b_o")])], tops[0])
+    outs = [o]
+    if layer.expose_hidden:
+        outs.append(g.node("Identity", [h], tops[1]))
+    return outs
+
+
 @register_converter("LRN")
 def _lrn(g, layer, xs, bshapes, tops):
     if layer.region == caffe_pb2.LRNParameter.ACROSS_CHANNELS:
