@@ -35,6 +35,7 @@ compares every blob to find the first layer that differs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -47,6 +48,8 @@ from onnx import TensorProto, helper, numpy_helper
 from caffe_compat.errors import CaffeError
 from caffe_compat.layers.pooling import caffe_pooled_size
 from caffe_compat.proto import caffe_pb2
+
+log = logging.getLogger("caffe_compat")
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -345,6 +348,12 @@ def _recurrent_common(g, layer, xs):
     if layer.expose_hidden:
         states = list(xs[-n_states:])
     else:  # Caffe carries the last call's state; the exported model starts every call from zeros
+        log.warning(
+            "layer %r (%s): the ONNX model starts every call from a zero state, where Caffe carries the "
+            "previous call's (the same when each call's cont starts with 0); set expose_hidden to pass the state",
+            g.layer_name,
+            layer.type,
+        )
         n = g.slice(g.node("Shape", [xs[1]]), [1], [2], [0])
         shape = g.node("Concat", [g.ints([1]), n, g.ints([H])], axis=0)
         zero = g.node("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
