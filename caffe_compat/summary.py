@@ -11,8 +11,10 @@ FLOPs are for one forward pass at the net's current input shapes:
 - Others are estimates, one FLOP per elementary operation: Pooling ``top_count · kh · kw``;
   LRN ``count · (local_size + 3)`` (WITHIN_CHANNEL ``count · (local_size² + 3)``); BatchNorm
   ``2 · count``; Scale ``count`` (+ ``count`` with a bias); Eltwise ``(bottoms − 1) · count``
-  (+ ``count`` per coefficient ≠ 1); Softmax ``3 · count``; neuron layers ``count``; blob
-  plumbing (Split, Concat, Slice, Reshape, Flatten, Crop, TEST Dropout, Input) 0.
+  (+ ``count`` per coefficient ≠ 1); Softmax ``3 · count``; neuron layers ``count``; LSTM / RNN
+  their products (input, recurrent, RNN's output transform) plus ~10·H (LSTM) per row; SPP one
+  read of the bottom per level; blob plumbing (Split, Concat, Slice, Reshape, Flatten, Crop,
+  TEST Dropout, Input, Im2col, Filter, BatchReindex) 0.
 
 Parameters are counted once per blob: a blob shared through ``ParamSpec.name`` counts at its
 first owner only.
@@ -81,6 +83,20 @@ def _flops(layer, bshapes: list[tuple[int, ...]], tshapes: list[tuple[int, ...]]
     if t == "Eltwise":
         extra = sum(1 for c in getattr(layer, "coeff", []) if c != 1)
         return (len(bshapes) - 1 + extra) * top
+    if t in ("LSTM", "RNN"):
+        # T·N rows: the input transform 2·K·G, the recurrent product 2·H·G, the step's
+        # element-wise work (LSTM ~10·H: 3 sigmoids, 2 tanh, 5 products and sums; RNN the tanh),
+        # RNN also its output transform 2·H·H + tanh; plus the static transform once per stream
+        T, n, H = bshapes[0][0], bshapes[0][1], layer.num_output
+        G = layer.blobs[0].shape[0]
+        per_row = 2 * layer.K * G + 2 * H * G + (10 * H if t == "LSTM" else H + 2 * H * H + H)
+        return T * n * per_row + (2 * layer.K_static * G * n if layer.static_input else 0)
+    if t == "LSTMUnit":
+        return 10 * _count(tshapes[0])
+    if t == "SPP":
+        return len(layer.levels_for(tuple(bshapes[0]))) * bottom  # each level reads every pixel once
+    if t in ("Im2col", "Filter", "BatchReindex"):
+        return 0  # copies
     if t == "Softmax":
         return 3 * top
     if t == "Dropout":

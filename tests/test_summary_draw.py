@@ -83,6 +83,27 @@ def test_summary_deconvolution_shared_params_and_splits():
     assert [r.type for r in with_splits].count("Split") == 1
 
 
+def test_summary_recurrent_and_spp_layers():
+    text = """
+    layer { name: "x" type: "Input" top: "x" top: "cont" top: "xs"
+            input_param { shape { dim: 5 dim: 2 dim: 8 } shape { dim: 5 dim: 2 } shape { dim: 2 dim: 3 } } }
+    layer { name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" bottom: "xs" top: "h"
+            recurrent_param { num_output: 16 } }
+    layer { name: "rnn" type: "RNN" bottom: "x" bottom: "cont" top: "o" recurrent_param { num_output: 4 } }
+    layer { name: "r" type: "Reshape" bottom: "h" top: "h4" reshape_param { shape { dim: 5 dim: 2 dim: 4 dim: 4 } } }
+    layer { name: "spp" type: "SPP" bottom: "h4" top: "spp" spp_param { pyramid_height: 3 } }
+    """
+    net = caffe.Net(cio.read_net_text(text), caffe.TEST)
+    by = {r.name: r for r in summary.summarize(net)}
+    # LSTM: W_xc 64x8, b_c 64, W_xc_static 64x3, W_hc 64x16
+    assert by["lstm"].params == 64 * 8 + 64 + 64 * 3 + 64 * 16
+    assert by["lstm"].flops == 5 * 2 * (2 * 8 * 64 + 2 * 16 * 64 + 10 * 16) + 2 * 3 * 64 * 2
+    # RNN: W_xh 4x8, b_h 4, W_hh 4x4, W_ho 4x4, b_o 4
+    assert by["rnn"].params == 32 + 4 + 16 + 16 + 4
+    assert by["rnn"].flops == 5 * 2 * (2 * 8 * 4 + 2 * 4 * 4 + 4 + 2 * 4 * 4 + 4)
+    assert by["spp"].top_shapes == [(5, 2 * (1 + 4 + 16))] and by["spp"].flops == 3 * 5 * 2 * 4 * 4
+
+
 # ---------------------------------------------------------------------------------------------
 # drawing
 
