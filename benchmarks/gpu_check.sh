@@ -13,6 +13,7 @@
 #   2. tools/train.py --gpu 0 on the `caffe train` fixture (float32, then --channels_last), its
 #      snapshot against Caffe's;
 #   3. the AlexNet benchmark in float32 (IEEE, TF32 off) with the peak CUDA allocation, the
+#      probe of the training step captured in one CUDA graph (cuda_graph_probe.py, session 7), the
 #      iteration with the solver's loss read at once (before session 6), the interpreter's
 #      per-call overhead on a tiny AlexNet (bench_overhead.py; host time by Python function in
 #      $OUT/host_profile.log; ablate_overhead.py: one layer kind at a time replaced by torch's
@@ -87,6 +88,8 @@ done
 
 say "== 3a. AlexNet float32, peak CUDA allocation [${SECONDS}s]"
 bench 150 --batches 1,10,64,128 --reps 5 --iters 20 --memory
+say "== 3a1. probe: the training step captured in one CUDA graph, against eager and the hand-written model's graph [${SECONDS}s]"
+timeout "$(limit 90)" python3 benchmarks/cuda_graph_probe.py --batches 1,10 --iters 30 --reps 3 2>&1 | grep -v '^USDT' | tee -a "$LOG"
 say "== 3a2. the iteration with the loss read at once (the host waits for the device each iteration; compare with 3a) [${SECONDS}s]"
 bench 60 --batches 1,10,64 --reps 5 --iters 20 --what iter --loss_read now
 say "== 3b. per-call overhead, tiny AlexNet (loss read late, then at once; host time by function) [${SECONDS}s]"
