@@ -8,6 +8,7 @@ record against the fixture's HDF5 data and a separate forward of the net.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -162,3 +163,36 @@ def test_extract_features_errors(tmp_path, monkeypatch, capsys, args, message):
     os.mkdir("existing")
     assert extract_features.main(["init.caffemodel", "train.prototxt", *args]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_glog_log_dir_files_and_parse_log(tmp_path, monkeypatch, capsys):
+    """With GLOG_log_dir, tools/train.py writes glog's per-level files and the caffe.INFO link,
+    which parse_log reads like Caffe's own."""
+    d = tmp_path / "cli"
+    shutil.copytree(CLI, d)
+    logs = tmp_path / "logs"
+    monkeypatch.chdir(d)
+    monkeypatch.setenv("GLOG_log_dir", str(logs))
+    try:
+        assert train.main(["--solver", "solver.prototxt", "--weights", "init.caffemodel"]) == 0
+        logging.getLogger("caffe_compat").warning("a warning line")
+        logging.getLogger("caffe_compat").error("an error line")
+    finally:
+        monkeypatch.delenv("GLOG_log_dir")
+        from caffe_compat.solvers.log import setup_logging
+
+        setup_logging()  # close the files
+    capsys.readouterr()
+    info = (logs / "caffe.INFO").resolve()
+    assert os.path.islink(logs / "caffe.INFO") and info.name.startswith("caffe.") and ".log.INFO." in info.name
+    text = info.read_text()
+    assert text.startswith("Log file created at: ") and "Log line format: [IWEF]mmdd" in text
+    assert "Solving solver_case" in text and "a warning line" in text and "an error line" in text
+    warning = (logs / "caffe.WARNING").read_text()
+    assert "a warning line" in warning and "an error line" in warning and "Solving" not in warning
+    error = (logs / "caffe.ERROR").read_text()
+    assert "an error line" in error and "a warning line" not in error
+    train_rows, test_rows = parse_log(str(logs / "caffe.INFO"))
+    theirs = parse_log(str(CAFFE_LOG))
+    assert [r["NumIters"] for r in train_rows] == [r["NumIters"] for r in theirs[0]]
+    assert [r["NumIters"] for r in test_rows] == [r["NumIters"] for r in theirs[1]]

@@ -129,7 +129,7 @@ def _extract(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    setup_logging(program="extract_features")
     try:
         return _extract(build_parser().parse_args(argv))
     except (CaffeError, OSError) as e:

@@ -40,7 +40,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        setup_logging()
+        setup_logging(program="parse_log")
         if not os.path.isfile(args.logfile_path):
             raise UsageError(f"{args.logfile_path}: no such log file")
         if not os.path.isdir(args.output_dir):

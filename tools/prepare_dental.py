@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    setup_logging(program="prepare_dental")
     args = build_parser().parse_args(argv)
     try:
         data = args.data

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    setup_logging(program="reproduce_paper")
     args = build_parser().parse_args(argv)
     try:
         gpus = parse_gpus(args.gpu)

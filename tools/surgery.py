@@ -76,7 +76,7 @@ def _run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    setup_logging(program="surgery")
     try:
         return _run(build_parser().parse_args(argv))
     except (CaffeError, OSError, ValueError) as e:

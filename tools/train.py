@@ -24,7 +24,9 @@ of the data, gradients are averaged, rank 0 logs, tests and snapshots. ``--cpu-p
 torchrun's group: with ``--gpu`` (or ``solver_mode: GPU`` and CUDA) rank uses GPU
 ``ids[LOCAL_RANK]`` (``--gpu all``: GPU ``LOCAL_RANK``) with NCCL, otherwise the CPU with gloo.
 
-The log is Caffe's, in glog's format, on stderr. Errors print one line and exit with status 1.
+The log is Caffe's, in glog's format, on stderr; with ``GLOG_log_dir`` set also in glog's files
+there (``caffe.INFO`` links to the newest, as Caffe's; ``tools/parse_log.py`` reads it).
+``GLOG_minloglevel`` filters as glog's. Errors print one line and exit with status 1.
 """
 
 from __future__ import annotations

@@ -70,23 +70,75 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(stream=None) -> logging.Handler:
+def setup_logging(stream=None, program: str = "caffe") -> logging.Handler:
     """Send the ``caffe_compat`` logger to ``stream`` (stderr) in glog's format; returns the handler.
 
-    Replaces a handler installed by an earlier call, so tools called repeatedly in one process
+    With ``GLOG_log_dir`` set (as for Caffe's tools, which log to files and to stderr), the lines
+    also go to glog's files in that folder: ``<program>.<host>.<user>.log.<LEVEL>.<yyyymmdd-hhmmss>.<pid>``
+    for INFO (every line), WARNING and ERROR (those levels and above), each starting with glog's
+    header, and the links ``<program>.INFO`` / ``.WARNING`` / ``.ERROR`` to the newest ones (the
+    ``caffe.INFO`` that scripts and ``tools/parse_log.py`` read). Caffe's default of writing them
+    to /tmp when the variable is unset is not followed: no files without it.
+
+    Replaces the handlers installed by an earlier call, so tools called repeatedly in one process
     (tests) do not print each line several times.
     """
     level = _GLOG_LEVELS.get(int(os.environ.get("GLOG_minloglevel", "0") or 0), logging.INFO)
     for h in list(logger.handlers):
         if getattr(h, "_caffe_compat_glog", False):
             logger.removeHandler(h)
+            if isinstance(h, logging.FileHandler):
+                h.close()
     handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(GlogFormatter())
     handler._caffe_compat_glog = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
+    log_dir = os.environ.get("GLOG_log_dir", "")
+    if log_dir:
+        for f in _glog_files(log_dir, program):
+            logger.addHandler(f)
     logger.setLevel(level)
     logger.propagate = False
     return handler
+
+
+def _glog_files(log_dir: str, program: str) -> list[logging.Handler]:
+    """glog's per-level log files in ``log_dir`` (see ``setup_logging``)."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name: glog writes "invalid-user"
+        user = "invalid-user"
+    host = socket.gethostname() or "localhost"
+    now = time.localtime()
+    stamp = time.strftime("%Y%m%d-%H%M%S", now)
+    os.makedirs(log_dir, exist_ok=True)
+    handlers = []
+    for name, level in (("INFO", logging.INFO), ("WARNING", logging.WARNING), ("ERROR", logging.ERROR)):
+        base = f"{program}.{host}.{user}.log.{name}.{stamp}.{os.getpid()}"
+        path = os.path.join(log_dir, base)
+        h = logging.FileHandler(path, encoding="utf-8")
+        h.stream.write(
+            f"Log file created at: {time.strftime('%Y/%m/%d %H:%M:%S', now)}\n"
+            f"Running on machine: {host}\n"
+            "Log line format: [IWEF]mmdd hh:mm:ss.uuuuuu threadid file:line] msg\n"
+        )
+        h.setLevel(level)
+        h.setFormatter(GlogFormatter())
+        h._caffe_compat_glog = True  # type: ignore[attr-defined]
+        handlers.append(h)
+        link = os.path.join(log_dir, f"{program}.{name}")
+        tmp = f"{link}.{os.getpid()}.tmp"
+        try:  # replace the link atomically, as glog points it at the newest file
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            os.symlink(base, tmp)
+            os.replace(tmp, link)
+        except OSError:  # no symlinks here (some file systems): the dated files are still there
+            pass
+    return handlers
 
 
 @contextlib.contextmanager
