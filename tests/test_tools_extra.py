@@ -17,6 +17,7 @@ import h5py
 import lmdb
 import numpy as np
 import pytest
+import torch
 
 from caffe_compat.net import TEST, Net
 from caffe_compat.proto import caffe_pb2
@@ -196,3 +197,30 @@ def test_glog_log_dir_files_and_parse_log(tmp_path, monkeypatch, capsys):
     theirs = parse_log(str(CAFFE_LOG))
     assert [r["NumIters"] for r in train_rows] == [r["NumIters"] for r in theirs[0]]
     assert [r["NumIters"] for r in test_rows] == [r["NumIters"] for r in theirs[1]]
+
+
+def test_caffe_command_line_dispatches_like_the_caffe_binary(tmp_path, monkeypatch, capsys):
+    from tools import caffe_cli
+
+    d = tmp_path / "cli"
+    shutil.copytree(CLI, d)
+    monkeypatch.chdir(d)
+    # gflags' one-dash flags, as in shell scripts written for Caffe
+    assert caffe_cli.main(["train", "-solver", "solver.prototxt", "-weights", "init.caffemodel"]) == 0
+    err = capsys.readouterr().err
+    assert "Solving solver_case" in err and "Optimization Done." in err
+    assert (d / "snap_iter_8.caffemodel").is_file()
+    assert (
+        caffe_cli.main(["test", "-model", "train.prototxt", "-weights", "snap_iter_8.caffemodel", "-iterations", "2"])
+        == 0
+    )
+    assert "Loss: " in capsys.readouterr().err
+    assert caffe_cli.main(["frobnicate"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown action: frobnicate" in err and "device_query" in err
+    assert caffe_cli.main([]) == 1 and "usage: caffe <command> <args>" in capsys.readouterr().err
+    status = caffe_cli.main(["device_query"])
+    assert status == 1 and "Need a device ID" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert caffe_cli.main(["device_query", "-gpu", "0"]) == 1
+        assert "no CUDA device" in capsys.readouterr().err
