@@ -6,6 +6,8 @@ interprets nets layer by layer with Caffe's numerics, and trains with Caffe's so
 
 from __future__ import annotations
 
+import sys as _sys
+
 __version__ = "0.1.0"
 
 from caffe_compat import (
@@ -59,6 +61,39 @@ def init_log(*args, **kwargs) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
+_CAFFE_SUBMODULES = ("io", "proto", "draw", "net_spec", "coord_map", "classifier", "detector")
+
+
+def install_as_caffe() -> bool:
+    """Make ``import caffe`` give caffe_compat, for code written for pycaffe that cannot be edited
+    (a Python layer's module, a third-party helper): ``caffe`` and ``caffe.io``, ``caffe.proto``
+    (with ``caffe.proto.caffe_pb2``), ``caffe.draw``, ``caffe.net_spec``, ``caffe.coord_map``,
+    ``caffe.classifier``, ``caffe.detector`` and ``caffe.pycaffe`` are registered in
+    ``sys.modules``. Does nothing, and returns False, when a real ``caffe`` module is importable
+    (it is never shadowed); returns True when ``import caffe`` gives caffe_compat. The Python
+    layer does it before importing the user's module."""
+    import importlib
+    import importlib.util
+
+    this = _sys.modules[__name__]
+    current = _sys.modules.get("caffe")
+    if current is this:
+        return True
+    if current is not None:
+        return False
+    try:
+        if importlib.util.find_spec("caffe") is not None:
+            return False
+    except (ImportError, ValueError):
+        pass
+    _sys.modules["caffe"] = this
+    _sys.modules["caffe.pycaffe"] = this
+    for sub in _CAFFE_SUBMODULES:
+        _sys.modules[f"caffe.{sub}"] = importlib.import_module(f"{__name__}.{sub}")
+    _sys.modules["caffe.proto.caffe_pb2"] = caffe_pb2
+    return True
+
+
 def log(message: str) -> None:
     """pycaffe's ``caffe.log``: one INFO line in caffe_compat's log."""
     import logging
@@ -96,6 +131,7 @@ __all__ = [
     "caffe_pb2",
     "current_device",
     "init_log",
+    "install_as_caffe",
     "log",
     "NCCL",
     "has_nccl",

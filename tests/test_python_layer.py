@@ -193,3 +193,43 @@ def test_tools_refuse_python_layers_without_the_flag(tmp_path, capsys):
         assert os.environ.get(ENV) == "1"  # passed on to worker processes
     finally:
         os.environ.pop(ENV, None)
+
+
+@pytest.fixture
+def _no_caffe_module(monkeypatch):
+    """Take any ``caffe`` module out of sys.modules for the test; restore afterwards."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "caffe" or m.startswith("caffe.")]:
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in [m for m in sys.modules if m == "caffe" or m.startswith("caffe.")]:
+        del sys.modules[name]
+
+
+def test_python_layer_module_written_with_import_caffe_runs(_no_caffe_module):
+    import sys
+
+    caffe.allow_python_layers(True)
+    n = net_spec.NetSpec()
+    n.x = L.Input(shape=dict(dim=[2, 3]))
+    n.y = L.Python(n.x, python_param=dict(module="pycaffe_import_caffe", layer="TwiceLayer"))
+    net = caffe.Net(n.to_proto(), caffe.TEST)
+    net.blobs["x"].data[...] = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(net.forward()["y"], 2 * np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert sys.modules["caffe"] is caffe and sys.modules["caffe.proto.caffe_pb2"] is caffe_pb2
+    assert net.layers[1].user.phase_name == "TEST"
+    import importlib
+
+    assert importlib.import_module("caffe.io") is caffe.io  # the submodules resolve too
+
+
+def test_install_as_caffe_never_shadows_a_real_caffe(_no_caffe_module, tmp_path, monkeypatch):
+    real = tmp_path / "caffe"
+    real.mkdir()
+    (real / "__init__.py").write_text("REAL = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert caffe.install_as_caffe() is False
+    import importlib
+
+    assert importlib.import_module("caffe").REAL is True

@@ -172,6 +172,9 @@ class PythonLayer(Layer):
 
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
+        import caffe_compat
+
+        caffe_compat.install_as_caffe()  # the user's module was written for pycaffe: `import caffe`
         try:
             mod = importlib.import_module(pp.module)
         except ImportError as e:
