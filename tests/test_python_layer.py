@@ -233,3 +233,36 @@ def test_install_as_caffe_never_shadows_a_real_caffe(_no_caffe_module, tmp_path,
     import importlib
 
     assert importlib.import_module("caffe").REAL is True
+
+
+def test_python_m_caffe_compat_run_runs_a_pycaffe_script_unchanged(_no_caffe_module, tmp_path, monkeypatch, capsys):
+    from caffe_compat.__main__ import main
+
+    script = tmp_path / "classify.py"
+    script.write_text(
+        "import sys\n"
+        "import caffe\n"
+        "from caffe.proto import caffe_pb2\n"
+        "p = caffe_pb2.NetParameter()\n"
+        "p.layer.add(name='x', type='Input', top=['x']).input_param.shape.add().dim.extend([1, 2])\n"
+        "net = caffe.Net(p, caffe.TEST)\n"
+        "print('ran on', caffe.__name__, list(net.blobs), sys.argv[1:], __name__)\n"
+    )
+    monkeypatch.setattr("sys.argv", ["python -m caffe_compat"])
+    assert main(["run", str(script), "--flag", "v"]) == 0
+    assert "ran on caffe_compat ['x'] ['--flag', 'v'] __main__" in capsys.readouterr().out
+    assert main(["run", str(tmp_path / "missing.py")]) == 1
+    assert "no such script" in capsys.readouterr().err
+
+
+def test_python_m_caffe_compat_run_refuses_over_a_real_caffe(_no_caffe_module, tmp_path, monkeypatch, capsys):
+    from caffe_compat.__main__ import main
+
+    (tmp_path / "caffe").mkdir()
+    (tmp_path / "caffe" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    script = tmp_path / "s.py"
+    script.write_text("print('should not run')\n")
+    assert main(["run", str(script)]) == 1
+    err = capsys.readouterr().err
+    assert "a real Caffe is importable" in err
