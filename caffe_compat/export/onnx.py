@@ -361,11 +361,13 @@ def _recurrent_common(g, layer, xs):
     return xw, static, xs[1], k, states
 
 
-def _step_input(g, xw, cont, t):
-    """Timestep ``t`` of the transformed input ``(1, N, G)`` and of ``cont`` as ``(1, N, 1)``."""
+def _step_sum(g, w_rec, h, cont, xw, static, t):
+    """Step ``t``'s ``W_rec (cont_t · h) + xw_t [+ static]`` ``(1, N, G)`` (Caffe's order of the
+    sums), and ``cont_t`` as ``(1, N, 1)``."""
     x_t = g.node("Gather", [xw, g.ints([t])], axis=0)
     cont_t = g.node("Reshape", [g.node("Gather", [cont, g.ints([t])], axis=0), g.ints([1, -1, 1])])
-    return x_t, cont_t
+    total = g.node("Add", [g.node("MatMul", [g.node("Mul", [h, cont_t]), w_rec]), x_t])
+    return (total if static is None else g.node("Add", [total, static])), cont_t
 
 
 def _transposed(g, p, base):
@@ -381,10 +383,7 @@ def _lstm(g, layer, xs, bshapes, tops):
     w_hc = _transposed(g, layer.blobs[k], "W_hc_T")
     hs = []
     for t in range(layer.T):
-        x_t, cont_t = _step_input(g, xw, cont, t)
-        gate = g.node("Add", [g.node("MatMul", [g.node("Mul", [h, cont_t]), w_hc]), x_t])
-        if static is not None:
-            gate = g.node("Add", [gate, static])
+        gate, cont_t = _step_sum(g, w_hc, h, cont, xw, static, t)
         i, f, o, gg = (g.slice(gate, [j * H], [(j + 1) * H], [2]) for j in range(4))
         i, o = g.node("Sigmoid", [i]), g.node("Sigmoid", [o])
         f = g.node("Mul", [cont_t, g.node("Sigmoid", [f])])
@@ -403,11 +402,7 @@ def _rnn(g, layer, xs, bshapes, tops):
     w_hh = _transposed(g, layer.blobs[k], "W_hh_T")
     hs = []
     for t in range(layer.T):
-        x_t, cont_t = _step_input(g, xw, cont, t)
-        pre = g.node("Add", [g.node("MatMul", [g.node("Mul", [h, cont_t]), w_hh]), x_t])
-        if static is not None:
-            pre = g.node("Add", [pre, static])
-        h = g.node("Tanh", [pre])
+        h = g.node("Tanh", [_step_sum(g, w_hh, h, cont, xw, static, t)[0]])
         hs.append(h)
     hidden = g.node("Concat", hs, axis=0)
     w_ho = _transposed(g, layer.blobs[k + 1], "W_ho_T")

@@ -330,6 +330,21 @@ class RecurrentLayer(Layer):
     def unroll(self, x, cont, x_static, states):  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def _input_transforms(self, x, x_static):
+        """Blob 0 and 1's transform of every timestep at once ``(T, N, G)``, blob 2's of
+        ``x_static`` ``(1, N, G)`` (or None), and the index of the first recurrent blob."""
+        xw = F.linear(x, self.blobs[0], self.blobs[1])
+        if x_static is None:
+            return xw, None, 2
+        return xw, F.linear(x_static, self.blobs[2]).unsqueeze(0), 3
+
+    @staticmethod
+    def _step_sum(w_rec, h, cont, xw, static, t: int):
+        """Step ``t``'s input to its nonlinearity: ``W_rec (cont_t · h) + xw_t [+ static]``, summed
+        in that order as Caffe's unrolled net's Eltwise does."""
+        total = F.linear(h * cont[t : t + 1].unsqueeze(-1), w_rec) + xw[t : t + 1]
+        return total if static is None else total + static
+
 
 @register_layer("LSTM")
 class LSTMLayer(RecurrentLayer):
@@ -371,20 +386,12 @@ class LSTMLayer(RecurrentLayer):
 
     def unroll(self, x, cont, x_static, states):
         h, c = states
-        w_xc_x = F.linear(x, self.blobs[0], self.blobs[1])
-        k = 2
-        static = None
-        if x_static is not None:
-            static = F.linear(x_static, self.blobs[2]).unsqueeze(0)
-            k = 3
+        w_xc_x, static, k = self._input_transforms(x, x_static)
         w_hc = self.blobs[k]
         hs = []
         for t in range(x.shape[0]):
-            cont_t = cont[t : t + 1]
-            gate = F.linear(h * cont_t.unsqueeze(-1), w_hc) + w_xc_x[t : t + 1]
-            if static is not None:
-                gate = gate + static
-            c, h = _LSTMUnitFunction.apply(c, gate, cont_t)
+            gate = self._step_sum(w_hc, h, cont, w_xc_x, static, t)
+            c, h = _LSTMUnitFunction.apply(c, gate, cont[t : t + 1])
             hs.append(h)
         return torch.cat(hs, 0), [h, c]
 
@@ -424,19 +431,11 @@ class RNNLayer(RecurrentLayer):
 
     def unroll(self, x, cont, x_static, states):
         (h,) = states
-        w_xh_x = F.linear(x, self.blobs[0], self.blobs[1])
-        k = 2
-        static = None
-        if x_static is not None:
-            static = F.linear(x_static, self.blobs[2]).unsqueeze(0)
-            k = 3
+        w_xh_x, static, k = self._input_transforms(x, x_static)
         w_hh, w_ho, b_o = self.blobs[k], self.blobs[k + 1], self.blobs[k + 2]
         hs = []
         for t in range(x.shape[0]):
-            pre = F.linear(h * cont[t : t + 1].unsqueeze(-1), w_hh) + w_xh_x[t : t + 1]
-            if static is not None:
-                pre = pre + static
-            h = torch.tanh(pre)
+            h = torch.tanh(self._step_sum(w_hh, h, cont, w_xh_x, static, t))
             hs.append(h)
         o = torch.tanh(F.linear(torch.cat(hs, 0), w_ho, b_o))
         return o, [h]
