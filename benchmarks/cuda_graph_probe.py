@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_alexnet import NUM_CLASSES, TorchAlexNet, alexnet_param  # noqa: E402
+from bench_overhead import mean_call_us  # noqa: E402
 
 from caffe_compat import mode  # noqa: E402
 from caffe_compat.layers import loss as loss_layers  # noqa: E402
@@ -89,18 +89,8 @@ def _capture(step, clear, device: torch.device, warmup: int = 3):
 
 
 def _median_ms(fn, device: torch.device, iters: int, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) / iters * 1e3)
-    return statistics.median(times)
+    """Median over ``reps`` rounds of the mean milliseconds per call (bench_overhead's timing)."""
+    return statistics.median(mean_call_us(fn, iters, device) for _ in range(reps)) / 1e3
 
 
 def _snapshot(net, solver):
