@@ -431,8 +431,8 @@ class SoftmaxWithLossLayer(Layer):
 
     def _plan(self, x: Tensor, label: Tensor) -> tuple:
         """(outer, channels, inner, (normalizer, whether it is the number of positions) or None
-        when the mask decides it),
-        kept per input shape, dtype and device (per-call host time counts on a GPU)."""
+        when the mask decides it), kept per input shape, dtype and device (per-call host time
+        counts on a GPU)."""
         key = (x.shape, label.numel(), x.dtype, x.device)
         plan = self.__dict__.get("_shape_plan")
         if plan is not None and plan[0] == key:
@@ -441,14 +441,14 @@ class SoftmaxWithLossLayer(Layer):
         fixed = None
         if not self.has_ignore_label:
             n = _normalizer_count(self.normalization, outer, inner)
-            fixed = (_normalizer(self.normalization, outer, inner, None, x), n == outer * inner)
+            fixed = (scalar_tensor(n, x.dtype, x.device), n == outer * inner)
         if not torch.compiler.is_compiling():
             self._shape_plan = (key, (outer, channels, inner, fixed))
         return outer, channels, inner, fixed
 
     def forward(self, x: Tensor, label: Tensor) -> tuple[Tensor, ...]:
         outer, channels, inner, fixed = self._plan(x, label)
-        labels = _as_labels(label).reshape(outer, inner, 1) if inner > 1 else _as_labels(label).reshape(outer)
+        labels = _as_labels(label).reshape((outer, inner, 1) if inner > 1 else (outer,))
         valid = labels != self.ignore_label if self.has_ignore_label else None  # None: no mask
         labels = _check_label_range(self, labels, valid, channels, raw=label)
         if inner > 1:
