@@ -249,6 +249,7 @@ class Net(nn.Module):
     #: A solver may leave a parameter's diff as an alias of its history (``blob.alias_diff``):
     #: every path here that writes into a diff or hands it out calls ``blob.own_diff`` first.
     supports_diff_alias = True
+    #: pycaffe's per-layer forward callbacks: (before, after) lists of fn(layer index), or None
     _layer_callbacks: tuple[list, list] | None = None
     #: Caffe's debug_info: log every layer's mean |data| after its forward and mean |diff| after
     #: its backward (``NetParameter.debug_info``; a solver sets it at display iterations when its
@@ -300,8 +301,6 @@ class Net(nn.Module):
             self.copy_from(weights)
         self._compile_options: dict | None = None
         self._compiled_fn = None
-        #: pycaffe's per-layer forward callbacks: (before, after) lists of fn(layer index), or None
-        self._layer_callbacks: tuple[list, list] | None = None
         self.debug_info = bool(self.net_param.debug_info)
         on, options = compile_enabled()
         if on:
@@ -1401,23 +1400,23 @@ class Net(nn.Module):
     def _blob_loss_weights(self) -> list[float]:
         return [self.blobs[b].loss_weight for b in self.blobs]
 
+    def _blob_ids(self, names) -> list[int]:
+        index = {b: i for i, b in enumerate(self.blobs)}
+        return [index[b] for b in names]
+
     @property
     def _inputs(self) -> list[int]:
-        names = self._blob_names
-        return [names.index(b) for b in self.inputs]
+        return self._blob_ids(self.inputs)
 
     @property
     def _outputs(self) -> list[int]:
-        names = self._blob_names
-        return [names.index(b) for b in self.outputs]
+        return self._blob_ids(self.outputs)
 
     def _bottom_ids(self, i: int) -> list[int]:
-        names = self._blob_names
-        return [names.index(b) for b in self._bottoms[i]]
+        return self._blob_ids(self._bottoms[i])
 
     def _top_ids(self, i: int) -> list[int]:
-        names = self._blob_names
-        return [names.index(b) for b in self._tops[i]]
+        return self._blob_ids(self._tops[i])
 
     def _forward(self, start: int, end: int) -> float:
         """Caffe's ForwardFromTo(start, end) by layer index; returns the loss of those layers."""
