@@ -852,7 +852,9 @@ class Net(nn.Module):
 
     def set_debug_info(self, on: bool) -> None:
         """Caffe's Net::set_debug_info (what a solver does at each iteration)."""
-        self.debug_info = bool(on)
+        on = bool(on)
+        if self.debug_info is not on:  # a solver calls it every iteration: no Module.__setattr__ then
+            self.debug_info = on
 
     def _param_display_name(self, li: int, k: int) -> str:
         specs = self.layers[li].param.param

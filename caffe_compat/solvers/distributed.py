@@ -533,9 +533,3 @@ class NCCL:
     def bcast(self) -> None:
         """Rank 0's learnable parameters to every process (Caffe's NCCL::Broadcast)."""
         self.solver._sync.broadcast(self.solver.net.learnable_params)
-
-    def on_start(self) -> None:
-        """A solver callback's start hook: nothing to do (the solver averages by itself)."""
-
-    def on_gradients_ready(self) -> None:
-        """A solver callback's gradient hook: nothing to do (the solver averages by itself)."""
