@@ -52,9 +52,10 @@ def device_query(argv: list[str]) -> int:
     import torch
 
     setup_logging()
-    for gpu in parse_gpus(args.gpu):
+    gpus = parse_gpus(args.gpu)
+    log.info("Querying GPUs %s", args.gpu)
+    for gpu in gpus:
         props = torch.cuda.get_device_properties(gpu)
-        log.info("Querying GPUs %s", args.gpu)
         rows = [
             ("Device id", gpu),
             ("Major revision number", props.major),

@@ -31,7 +31,7 @@ from caffe_compat.errors import CaffeError
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers.log import setup_logging
 
-__all__ = ["main", "build_parser", "legacy_shape", "extract_features"]
+__all__ = ["main", "build_parser", "extract_features"]
 
 log = logging.getLogger("caffe_compat")
 
@@ -53,14 +53,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def legacy_shape(shape: tuple[int, ...], blob: str) -> tuple[int, int, int, int]:
-    """Caffe's legacy (num, channels, height, width) of a blob of at most 4 axes (missing ones 1)."""
-    if len(shape) > 4:
-        raise UsageError(f"blob {blob!r} has {len(shape)} axes {tuple(shape)}; Datum records hold at most 4")
-    padded = tuple(shape) + (1,) * (4 - len(shape))
-    return padded[0], padded[1], padded[2], padded[3]
-
-
 def extract_features(net, blob_names: list[str], writers: list[LMDBWriter], num_mini_batches: int) -> list[int]:
     """Run ``num_mini_batches`` forwards of ``net``; put every item of ``blob_names[i]`` into
     ``writers[i]`` as a Datum. Returns the number of records written per blob."""
@@ -70,9 +62,14 @@ def extract_features(net, blob_names: list[str], writers: list[LMDBWriter], num_
         for _ in range(num_mini_batches):
             net.forward()
             for i, name in enumerate(blob_names):
-                values = np.asarray(net.blobs[name].data, dtype=np.float32)
-                num, channels, height, width = legacy_shape(values.shape, name)
-                items = values.reshape(num, -1)
+                blob = net.blobs[name]
+                if len(blob.shape) > 4:
+                    raise UsageError(
+                        f"blob {name!r} has {len(blob.shape)} axes {tuple(blob.shape)}; Datum records hold at most 4"
+                    )
+                # Caffe's legacy (num, channels, height, width): the blob's own accessors
+                num, channels, height, width = blob.num, blob.channels, blob.height, blob.width
+                items = np.asarray(blob.data, dtype=np.float32).reshape(num, -1)
                 for n in range(num):
                     datum.Clear()
                     datum.channels, datum.height, datum.width = channels, height, width
