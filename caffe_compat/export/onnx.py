@@ -46,6 +46,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from caffe_compat.errors import CaffeError
+from caffe_compat.layers.conv import end_pads
 from caffe_compat.layers.pooling import caffe_pooled_size
 from caffe_compat.proto import caffe_pb2
 
@@ -299,11 +300,7 @@ def _im2col(g, layer, xs, bshapes, tops):
         raise g.error("only a 2-D Im2col with convolution_param.axis 1 can be exported")
     n, c, H, W = bshapes[0]
     kh, kw = layer.kernel
-    out = layer._out_sizes(tuple(bshapes[0]))
-    ends = []
-    for i, size in enumerate((H, W)):
-        ext = layer.dilation[i] * (layer.kernel[i] - 1) + 1
-        ends.append(max(layer.pad[i], (out[i] - 1) * layer.stride[i] + ext - layer.pad[i] - size))
+    ends = end_pads(layer, (H, W), layer._out_sizes(tuple(bshapes[0])))
     weight = np.zeros((c * kh * kw, 1, kh, kw), np.float32)
     for ch in range(c):
         for k in range(kh * kw):
@@ -315,7 +312,7 @@ def _im2col(g, layer, xs, bshapes, tops):
             tops[0],
             kernel_shape=[kh, kw],
             strides=list(layer.stride),
-            pads=list(layer.pad) + ends,
+            pads=[*layer.pad, *ends],
             dilations=list(layer.dilation),
             group=c,
         )

@@ -60,6 +60,16 @@ def _geometry(layer, cp) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, .
     return kernel, stride, pad, dilation
 
 
+def end_pads(layer, sizes, out) -> tuple[int, ...]:
+    """Padding after each spatial axis (of ``sizes``) for which floor-mode windows give Caffe's
+    ``out`` windows per axis: the pad, or more where Caffe's truncating output size counts a last
+    window that overhangs the padded axis (Convolution, Im2col, their ONNX exports)."""
+    return tuple(
+        max(p, (o - 1) * s + d * (k - 1) + 1 - p - n)
+        for n, o, k, s, p, d in zip(sizes, out, layer.kernel, layer.stride, layer.pad, layer.dilation)
+    )
+
+
 class _BaseConvolution(Layer):
     """What Convolution and Deconvolution share: parameter parsing, checks and blobs.
 
@@ -212,11 +222,11 @@ class ConvolutionLayer(_BaseConvolution):
         """Zeros to add after each spatial axis of a bottom of these sizes so that a floor-mode
         convolution gives Caffe's output size (0 unless the kernel extent overhangs the padded
         axis, where Caffe's truncating division still counts one output)."""
-        pads = []
-        for n, k, s, p, d in zip(spatial, self.kernel, self.stride, self.pad, self.dilation):
-            short = (d * (k - 1) + 1) - (n + 2 * p)
-            pads.append(short if 0 < short < s else 0)
-        return tuple(pads)
+        out = [
+            self._out_size(n, k, s, p, d)
+            for n, k, s, p, d in zip(spatial, self.kernel, self.stride, self.pad, self.dilation)
+        ]
+        return tuple(e - p for e, p in zip(end_pads(self, spatial, out), self.pad))
 
     def forward(self, *bottoms):
         shape = bottoms[0].shape
@@ -342,12 +352,9 @@ class Im2colLayer(Layer):
         axis, nsp = self.axis, self.num_spatial
         lead, C, sizes = tuple(x.shape[:axis]), x.shape[axis], tuple(x.shape[axis + 1 :])
         x = x.reshape(math.prod(lead), C, *sizes)
-        pads = []
-        for i in reversed(range(nsp)):  # F.pad lists the last axis first
-            ext = self.dilation[i] * (self.kernel[i] - 1) + 1
-            # left: the pad; right: the pad, or more where the last (truncated) window overhangs
-            pads += [self.pad[i], max(self.pad[i], (out[i] - 1) * self.stride[i] + ext - self.pad[i] - sizes[i])]
-        x = F.pad(x, pads)
+        ends = end_pads(self, sizes, out)
+        # F.pad lists the last axis first: (before, after) per axis
+        x = F.pad(x, [w for i in reversed(range(nsp)) for w in (self.pad[i], ends[i])])
         for i in range(nsp):  # (B, C, O_1..O_m, E_1..E_m): windows of extent E = d(k − 1) + 1
             ext = self.dilation[i] * (self.kernel[i] - 1) + 1
             x = x.unfold(2 + i, ext, self.stride[i]).narrow(2 + i, 0, out[i])
