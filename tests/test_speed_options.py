@@ -203,6 +203,61 @@ def test_fused_update_is_bit_identical(tmp_path, stype, extra):
     assert any(float(h.abs().sum()) > 0 for h in runs[0][2])
 
 
+@pytest.mark.parametrize(
+    "extra,kernel_used",
+    [
+        ("", True),
+        ("iter_size: 2", True),
+        ('lr_policy: "step" stepsize: 1 gamma: 0.3', True),  # a new rate every iteration
+        ("momentum: 0", False),  # the kernel keeps no history at momentum 0: chunked
+        ('regularization_type: "L1"', False),
+    ],
+)
+def test_sgd_fused_kernel_is_bit_identical(tmp_path, monkeypatch, extra, kernel_used):
+    """SGD's CPU update through torch._fused_sgd_ (vector part) plus the chunked operations
+    (each parameter's last numel % 16 elements) gives the chunked path's values bit for bit."""
+    from caffe_compat.solvers import sgd
+
+    assert sgd._fused_sgd_matches()  # this machine's torch: the kernel reproduces the chunked operations
+    calls = []
+    real = sgd._fused_sgd
+    monkeypatch.setattr(sgd, "_fused_sgd", lambda *a: calls.append(len(a[0])) or real(*a))
+    from google.protobuf import text_format
+
+    runs = []
+    for kernel in (True, False):
+        solver = _solver(tmp_path, "SGD", chunk=37)
+        text_format.Merge(extra, solver.param)  # over the helper's fixed policy and momentum
+        solver.fused_kernel = kernel
+        solver.step(3)
+        runs.append(
+            [p.detach().clone() for p in solver.net.learnable_params]
+            + [p.grad.clone() for p in solver.net.learnable_params]
+            + [h.clone() for h in solver.history]
+        )
+        if kernel:
+            assert bool(calls) == kernel_used
+            # the diff is the history, as after the chunked update
+            assert all(p.grad is solver.history[i] for i, p in enumerate(solver.net.learnable_params))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert any(float(h.abs().sum()) > 0 for h in runs[0][-6:])
+
+
+def test_sgd_fused_kernel_falls_back_when_it_differs(tmp_path, monkeypatch):
+    from caffe_compat.solvers import sgd
+
+    monkeypatch.setattr(sgd, "_FUSED_SGD_MATCHES", [False])
+    monkeypatch.setattr(sgd, "_fused_sgd", lambda *a: pytest.fail("the kernel was used"))
+    solver = _solver(tmp_path, "SGD", chunk=37)
+    solver.step(2)
+    ref = _solver(tmp_path, "SGD", chunk=37)
+    ref.fused_kernel = False
+    ref.step(2)
+    for a, b in zip(solver.net.learnable_params, ref.net.learnable_params):
+        assert torch.equal(a.detach(), b.detach())
+
+
 def test_fused_update_leaves_update_in_diff(tmp_path):
     solver = _solver(tmp_path, "SGD", chunk=1 << 15)
     w0 = [p.detach().clone() for p in solver.net.learnable_params]

@@ -225,6 +225,10 @@ class Solver:
     #: that the per-operation cost is small (AlexNet's SGD update on 2 cores: 32 ms with 1 MB
     #: chunks, 27 ms with 4 MB ones; see docs/benchmarks.md).
     update_chunk: int = 1 << 20
+    #: With ``fused_update``: solver types that have one run their CPU update through torch's
+    #: one-pass fused kernel (SGD: ``torch._fused_sgd_``, the same float32 values as the chunked
+    #: operations: see ``SGDSolver``); False: the chunked operations.
+    fused_kernel: bool = True
     #: Opt-in (SGD with L2 or no weight decay): regularize, update and ``W -= update`` as one
     #: ``torch.compile``'d kernel per parameter (one pass over W, diff and history instead of
     #: five operations). May differ from Caffe's float32 results in the last bit (the compiler
@@ -634,6 +638,10 @@ class Solver:
                     if self._foreach_step(whole, rate):
                         done = set(whole)
                         todo = [i for i in todo if i not in done]
+            if alias and self.fused_update and self.fused_kernel and not self.compiled_update:
+                done = self._fused_kernel_step([i for i in todo if params[i].device.type == "cpu"], rate)
+                if done:
+                    todo = [i for i in todo if i not in done]
             for i in todo:
                 if self.compiled_update and self._compiled_step(i, rate):
                     continue
@@ -674,6 +682,12 @@ class Solver:
         diffs are left as aliases of the history. False when this solver type or setting has
         none (the caller updates parameter by parameter)."""
         return False
+
+    def _fused_kernel_step(self, indices: list[int], rate: float) -> set[int]:
+        """Update the CPU parameters ``indices`` through the solver type's one-pass kernel,
+        leaving their diffs as aliases of the history; returns the positions it updated (the
+        caller updates the others). The base class has no kernel."""
+        return set()
 
     def _flat_views(self, i: int):
         """1-d views of parameter i's data, diff and history in memory order (None if they do not

@@ -56,6 +56,51 @@ class SGDSolver(Solver):
             alias_diff(params[i], h)
         return True
 
+    def _fused_kernel_step(self, indices: list[int], rate: float) -> set[int]:
+        """``torch._fused_sgd_`` in Caffe's form: with lr 1 and dampening ``1 − local_rate`` its
+        ``buf = momentum·buf + (1 − dampening)·g'``, ``W −= buf`` (``g' = g + decay·W``, not written
+        back) is Caffe's ``V = momentum·V + local_rate·g'``, ``W −= V``: one pass over W, the diff
+        and V instead of four. Its vector loop computes what the chunked operations compute, bit for
+        bit (checked once per process on this machine, ``_fused_sgd_matches``); its scalar tail does
+        not, so the last ``numel % 16`` elements of each parameter take the chunked operations.
+        float32, L2 or no weight decay, momentum ≠ 0 (with momentum 0 the kernel keeps no history,
+        Caffe's diff); one call per (decay, local rate) group."""
+        momentum = float(self.param.momentum)
+        if not indices or self.param.regularization_type != "L2" or not momentum or not _fused_sgd_matches():
+            return set()
+        groups: dict[tuple[float, float], list] = {}
+        for i in indices:
+            flat = self._flat_views(i)
+            if flat is None or flat[0].dtype != torch.float32 or flat[0].numel() < _VEC:
+                continue
+            local_rate = self.local_rate(i, rate)
+            if 1.0 - (1.0 - local_rate) != local_rate:  # the kernel's 1 − dampening would round
+                continue
+            groups.setdefault((self.local_decay(i), local_rate), []).append((i, flat))
+        params = self.net.learnable_params
+        norm = self.normalize_factor() if self.param.iter_size != 1 else None
+        done: set[int] = set()
+        for (decay, local_rate), members in groups.items():
+            heads, tails = ([], [], []), []
+            for _, (w, g, (h,)) in members:
+                if norm is not None:  # diff *= 1 / iter_size: the chunked path's first operation
+                    g.mul_(norm)
+                n = w.numel() - w.numel() % _VEC
+                for dst, t in zip(heads, (w, g, h)):
+                    dst.append(t[:n])
+                if n < w.numel():
+                    tails.append((w[n:], g[n:], h[n:]))
+            _fused_sgd(*heads, decay, momentum, local_rate)
+            for w, g, h in tails:  # the chunked path's operations
+                if decay:
+                    g.add_(w, alpha=decay)
+                h.mul_(momentum).add_(g, alpha=local_rate)
+                w.sub_(h)
+            for i, _ in members:
+                alias_diff(params[i], self.history[i])
+                done.add(i)
+        return done
+
     def _foreach_groups(self, indices: list[int], rate: float) -> tuple[list, list]:
         """The (nonzero decay, positions) and (local rate, positions) groups of ``indices``,
         computed again only when the rate, the multipliers or the weight decay change."""
@@ -99,6 +144,52 @@ class SGDSolver(Solver):
             self.compiled_update = False
             return False  # nothing was written: the eager update follows
         return True
+
+
+#: float32 elements per vector of torch's widest CPU kernels (AVX-512); the fused SGD kernel's
+#: work units are multiples of it, so a multiple of it never reaches the kernel's scalar tail.
+_VEC = 16
+_FUSED_SGD_MATCHES: list[bool] = []
+
+
+def _fused_sgd(ws, gs, hs, decay: float, momentum: float, local_rate: float) -> None:
+    torch._fused_sgd_(
+        ws,
+        gs,
+        hs,
+        weight_decay=decay,
+        momentum=momentum,
+        lr=1.0,
+        dampening=1.0 - local_rate,
+        nesterov=False,
+        maximize=False,
+        is_first_step=False,
+    )
+
+
+def _fused_sgd_matches() -> bool:
+    """Whether ``torch._fused_sgd_`` (vector loop) gives the chunked SGD operations' float32
+    values on this machine and torch build, bit for bit; checked once per process on random data
+    (the two differ only if torch's kernels were compiled with other floating-point contraction)."""
+    if not _FUSED_SGD_MATCHES:
+        ok = hasattr(torch, "_fused_sgd_")
+        if ok:
+            gen = torch.Generator().manual_seed(0)
+            w, g, h = (torch.randn(64 * _VEC, generator=gen) * s for s in (1e-1, 1e-2, 1e-3))
+            for decay, momentum, rate in (
+                (0.0005000000237487257, 0.8999999761581421, 0.009999999776482582),
+                (0.009999999776482582, 0.949999988079071, 0.0010000000474974513),
+            ):
+                a, b = (w.clone(), g.clone(), h.clone()), (w.clone(), g.clone(), h.clone())
+                a[1].add_(a[0], alpha=decay)
+                a[2].mul_(momentum).add_(a[1], alpha=rate)
+                a[0].sub_(a[2])
+                _fused_sgd([b[0]], [b[1]], [b[2]], decay, momentum, rate)
+                ok = ok and torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+            if not ok:
+                logger.debug("torch._fused_sgd_ differs from the chunked SGD update here; using the chunked one")
+        _FUSED_SGD_MATCHES.append(ok)
+    return _FUSED_SGD_MATCHES[0]
 
 
 def _by_value(values: list[float]) -> dict[float, list[int]]:
