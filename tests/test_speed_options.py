@@ -163,7 +163,7 @@ SOLVER_TYPES = {
 }
 
 
-def _solver(tmp_path, stype, extra="", fused=True, chunk=37, foreach=False):
+def _solver(tmp_path, stype, extra="", fused=True, chunk=37, foreach=False, device=None):
     from google.protobuf import text_format
 
     from caffe_compat.proto import caffe_pb2
@@ -174,7 +174,9 @@ def _solver(tmp_path, stype, extra="", fused=True, chunk=37, foreach=False):
         f'base_lr: 0.05 lr_policy: "fixed" weight_decay: 0.01 type: "{stype}" {SOLVER_TYPES[stype]} {extra}',
         caffe_pb2.SolverParameter(),
     )
-    solver = solver_class(stype)(sp, source="<test>", net=net)
+    if device is not None:
+        net.to(device)
+    solver = solver_class(stype)(sp, source="<test>", net=net, **({} if device is None else {"device": device}))
     solver.fused_update = fused
     solver.update_chunk = chunk
     solver.foreach_update = foreach
@@ -218,7 +220,8 @@ def test_sgd_fused_kernel_is_bit_identical(tmp_path, monkeypatch, extra, kernel_
     (each parameter's last numel % 16 elements) gives the chunked path's values bit for bit."""
     from caffe_compat.solvers import sgd
 
-    assert sgd._fused_sgd_matches()  # this machine's torch: the kernel reproduces the chunked operations
+    # this machine's torch: the kernel's vector loop reproduces the chunked operations
+    assert sgd._fused_sgd_matches(torch.device("cpu"), whole=False)
     calls = []
     real = sgd._fused_sgd
     monkeypatch.setattr(sgd, "_fused_sgd", lambda *a: calls.append(len(a[0])) or real(*a))
@@ -247,7 +250,7 @@ def test_sgd_fused_kernel_is_bit_identical(tmp_path, monkeypatch, extra, kernel_
 def test_sgd_fused_kernel_falls_back_when_it_differs(tmp_path, monkeypatch):
     from caffe_compat.solvers import sgd
 
-    monkeypatch.setattr(sgd, "_FUSED_SGD_MATCHES", [False])
+    monkeypatch.setattr(sgd, "_FUSED_SGD_MATCHES", {("cpu", None, False): False})
     monkeypatch.setattr(sgd, "_fused_sgd", lambda *a: pytest.fail("the kernel was used"))
     solver = _solver(tmp_path, "SGD", chunk=37)
     solver.step(2)
@@ -256,6 +259,58 @@ def test_sgd_fused_kernel_falls_back_when_it_differs(tmp_path, monkeypatch):
     ref.step(2)
     for a, b in zip(solver.net.learnable_params, ref.net.learnable_params):
         assert torch.equal(a.detach(), b.detach())
+
+
+def _sgd_whole_kernel_runs(tmp_path, monkeypatch, device, extra=""):
+    """SGD through the foreach path twice on ``device``: with the whole-tensor fused kernel
+    (taken whether or not the probe agrees) and with the foreach operations."""
+    from google.protobuf import text_format
+
+    from caffe_compat.solvers import sgd
+
+    calls = []
+    real = sgd._fused_sgd
+    monkeypatch.setattr(sgd, "_fused_sgd", lambda *a: calls.append(len(a[0])) or real(*a))
+    runs = []
+    for kernel in (True, False):
+        monkeypatch.setitem(sgd._FUSED_SGD_MATCHES, (device.type, device.index, True), kernel)
+        solver = _solver(tmp_path, "SGD", fused=False, foreach=True, device=device)
+        text_format.Merge(extra, solver.param)
+        solver.fused_kernel = kernel
+        solver.step(3)
+        params = solver.net.learnable_params
+        assert all(p.grad is solver.history[i] for i, p in enumerate(params))
+        runs.append([p.detach().cpu() for p in params] + [h.cpu() for h in solver.history])
+    # per step 2 groups: (decay 0.01, rate 0.05) and ip1's bias (lr_mult 2, decay_mult 0)
+    assert len(calls) == 2 * 3
+    return runs
+
+
+@pytest.mark.parametrize("extra", ["", "iter_size: 2"])
+def test_sgd_whole_tensor_kernel_on_cpu_is_close(tmp_path, monkeypatch, extra):
+    """The GPU's update path (foreach) through torch._fused_sgd_ on whole tensors, forced on the
+    CPU, where the kernel's scalar tail rounds differently (so the probe keeps it off here): the
+    same update to the last bits."""
+    a, b = _sgd_whole_kernel_runs(tmp_path, monkeypatch, torch.device("cpu"), extra)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+    assert any(not torch.equal(x, y) for x, y in zip(a, b))  # the tails: this path was really taken
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sgd_whole_tensor_kernel_on_cuda(tmp_path, monkeypatch):
+    """On a GPU the whole-tensor kernel is used only where the probe finds it bit-identical to the
+    foreach operations; then a training run through it equals one through them, bit for bit."""
+    from caffe_compat.solvers import sgd
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    matches = sgd._fused_sgd_matches(device, whole=True)
+    print(f"torch._fused_sgd_ bit-identical to the foreach operations on {device}: {matches}")
+    if not matches:
+        pytest.skip("the kernel rounds differently on this GPU: the solver keeps the foreach operations")
+    a, b = _sgd_whole_kernel_runs(tmp_path, monkeypatch, device)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
 
 
 def test_fused_update_leaves_update_in_diff(tmp_path):

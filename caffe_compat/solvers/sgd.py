@@ -41,6 +41,8 @@ class SGDSolver(Solver):
         ws = [params[i].data for i in indices]
         gs = [params[i].grad for i in indices]
         hs = [self.history[i] for i in indices]  # history set 0
+        if self._whole_kernel_step(indices, rate, ws, gs, hs):
+            return True
         # the per-parameter path's operations on each tensor, in its order (normalize,
         # regularize, update); one call per distinct scalar where the scalar differs (decay, rate)
         if self.param.iter_size != 1:
@@ -56,6 +58,42 @@ class SGDSolver(Solver):
             alias_diff(params[i], h)
         return True
 
+    def _whole_kernel_step(self, indices: list[int], rate: float, ws: list, gs: list, hs: list) -> bool:
+        """The foreach path's update through ``torch._fused_sgd_`` on whole tensors (one call per
+        (decay, local rate) group instead of five multi-tensor operations), where the kernel gives
+        the same values as the operations on this device (``_fused_sgd_matches``, checked once per
+        device) and every parameter, diff and history share one dense layout."""
+        momentum = float(self.param.momentum)
+        if not (self.fused_kernel and momentum) or ws[0].dtype != torch.float32:
+            return False
+        for w, g, h in zip(ws, gs, hs):
+            if g is None or not (w.stride() == g.stride() == h.stride()) or not _dense(w):
+                return False
+        groups = self._kernel_groups(indices, rate)
+        if groups is None or not _fused_sgd_matches(ws[0].device, whole=True):
+            return False
+        if self.param.iter_size != 1:
+            torch._foreach_mul_(gs, self.normalize_factor())
+        for decay, local_rate, sel in groups:
+            _fused_sgd([ws[j] for j in sel], [gs[j] for j in sel], [hs[j] for j in sel], decay, momentum, local_rate)
+        params = self.net.learnable_params
+        for i, h in zip(indices, hs):
+            alias_diff(params[i], h)
+        return True
+
+    def _kernel_groups(self, indices: list[int], rate: float) -> list | None:
+        """``[(decay, local rate, positions)]`` of ``indices`` for the fused kernel (None if some
+        local rate does not survive the kernel's ``1 − dampening``), cached as ``_foreach_groups``."""
+        net = self.net
+        key = (rate, self.param.weight_decay, tuple(indices), tuple(net.params_lr), tuple(net.params_weight_decay))
+        cached = self.__dict__.get("_kgroups")
+        if cached is None or cached[0] != key:
+            pairs = [(self.local_decay(i), self.local_rate(i, rate)) for i in indices]
+            ok = all(1.0 - (1.0 - r) == r for _, r in pairs)
+            groups = [(d, r, sel) for (d, r), sel in _by_value(pairs).items()] if ok else None
+            cached = self._kgroups = (key, groups)
+        return cached[1]
+
     def _fused_kernel_step(self, indices: list[int], rate: float) -> set[int]:
         """``torch._fused_sgd_`` in Caffe's form: with lr 1 and dampening ``1 − local_rate`` its
         ``buf = momentum·buf + (1 − dampening)·g'``, ``W −= buf`` (``g' = g + decay·W``, not written
@@ -66,7 +104,9 @@ class SGDSolver(Solver):
         float32, L2 or no weight decay, momentum ≠ 0 (with momentum 0 the kernel keeps no history,
         Caffe's diff); one call per (decay, local rate) group."""
         momentum = float(self.param.momentum)
-        if not indices or self.param.regularization_type != "L2" or not momentum or not _fused_sgd_matches():
+        if not indices or self.param.regularization_type != "L2" or not momentum:
+            return set()
+        if not _fused_sgd_matches(torch.device("cpu"), whole=False):
             return set()
         groups: dict[tuple[float, float], list] = {}
         for i in indices:
@@ -149,7 +189,7 @@ class SGDSolver(Solver):
 #: float32 elements per vector of torch's widest CPU kernels (AVX-512); the fused SGD kernel's
 #: work units are multiples of it, so a multiple of it never reaches the kernel's scalar tail.
 _VEC = 16
-_FUSED_SGD_MATCHES: list[bool] = []
+_FUSED_SGD_MATCHES: dict[tuple, bool] = {}
 
 
 def _fused_sgd(ws, gs, hs, decay: float, momentum: float, local_rate: float) -> None:
@@ -167,29 +207,40 @@ def _fused_sgd(ws, gs, hs, decay: float, momentum: float, local_rate: float) -> 
     )
 
 
-def _fused_sgd_matches() -> bool:
-    """Whether ``torch._fused_sgd_`` (vector loop) gives the chunked SGD operations' float32
-    values on this machine and torch build, bit for bit; checked once per process on random data
-    (the two differ only if torch's kernels were compiled with other floating-point contraction)."""
-    if not _FUSED_SGD_MATCHES:
+def _fused_sgd_matches(device: torch.device, whole: bool) -> bool:
+    """Whether ``torch._fused_sgd_`` gives the SGD operations' float32 values on ``device``, bit
+    for bit: on whole tensors (``whole``), or on their first ``numel − numel % 16`` elements (the
+    CPU kernel's vector loop; its scalar tail rounds differently). Checked once per process and
+    device on random data, lengths with and without a tail (the results depend only on how
+    torch's kernels were compiled: floating-point contraction)."""
+    key = (device.type, device.index, whole)
+    if key not in _FUSED_SGD_MATCHES:
         ok = hasattr(torch, "_fused_sgd_")
-        if ok:
-            gen = torch.Generator().manual_seed(0)
-            w, g, h = (torch.randn(64 * _VEC, generator=gen) * s for s in (1e-1, 1e-2, 1e-3))
+        gen = torch.Generator().manual_seed(0)
+        for n in (64 * _VEC, 64 * _VEC + 7) if whole else (64 * _VEC,):
+            if not ok:
+                break
+            w, g, h = ((torch.randn(n, generator=gen) * s).to(device) for s in (1e-1, 1e-2, 1e-3))
             for decay, momentum, rate in (
                 (0.0005000000237487257, 0.8999999761581421, 0.009999999776482582),
                 (0.009999999776482582, 0.949999988079071, 0.0010000000474974513),
+                (0.0, 0.8999999761581421, 0.019999999552965164),
             ):
                 a, b = (w.clone(), g.clone(), h.clone()), (w.clone(), g.clone(), h.clone())
-                a[1].add_(a[0], alpha=decay)
+                if decay:
+                    a[1].add_(a[0], alpha=decay)
                 a[2].mul_(momentum).add_(a[1], alpha=rate)
                 a[0].sub_(a[2])
                 _fused_sgd([b[0]], [b[1]], [b[2]], decay, momentum, rate)
                 ok = ok and torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
-            if not ok:
-                logger.debug("torch._fused_sgd_ differs from the chunked SGD update here; using the chunked one")
-        _FUSED_SGD_MATCHES.append(ok)
-    return _FUSED_SGD_MATCHES[0]
+        if not ok:
+            logger.debug("torch._fused_sgd_ differs from the SGD operations on %s; not using it", device)
+        _FUSED_SGD_MATCHES[key] = ok
+    return _FUSED_SGD_MATCHES[key]
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _by_value(values: list[float]) -> dict[float, list[int]]:
