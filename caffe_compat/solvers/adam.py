@@ -38,7 +38,8 @@ class AdamSolver(Solver):
         # Caffe: double arithmetic from float betas, rounded to float once
         correction = np.float32(math.sqrt(1.0 - math.pow(float(beta2), t)) / (1.0 - math.pow(float(beta1), t)))
         m.mul_(float(beta1)).add_(g, alpha=float(np.float32(1) - beta1))
-        v.mul_(float(beta2)).add_(g * g, alpha=float(np.float32(1) - beta2))
-        update = torch.sqrt(v).add_(float(self.param.delta))
-        torch.div(m, update, out=update)
-        g.copy_(update).mul_(float(np.float32(local_rate) * correction))
+        tmp = torch.mul(g, g)
+        v.mul_(float(beta2)).add_(tmp, alpha=float(np.float32(1) - beta2))
+        torch.sqrt(v, out=tmp).add_(float(self.param.delta))
+        # the update value straight into the diff (no copy): m / (sqrt(v) + delta) * rate
+        torch.div(m, tmp, out=g).mul_(float(np.float32(local_rate) * correction))
