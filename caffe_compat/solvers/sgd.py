@@ -81,15 +81,19 @@ class SGDSolver(Solver):
             alias_diff(params[i], h)
         return True
 
+    def _groups_key(self, indices: list[int], rate: float) -> tuple:
+        """What the update's groups by decay and rate depend on (they are cached under it)."""
+        net = self.net
+        return (rate, self.param.weight_decay, tuple(indices), tuple(net.params_lr), tuple(net.params_weight_decay))
+
     def _kernel_groups(self, indices: list[int], rate: float) -> list | None:
         """``[(decay, local rate, positions)]`` of ``indices`` for the fused kernel (None if some
         local rate does not survive the kernel's ``1 − dampening``), cached as ``_foreach_groups``."""
-        net = self.net
-        key = (rate, self.param.weight_decay, tuple(indices), tuple(net.params_lr), tuple(net.params_weight_decay))
+        key = self._groups_key(indices, rate)
         cached = self.__dict__.get("_kgroups")
         if cached is None or cached[0] != key:
             pairs = [(self.local_decay(i), self.local_rate(i, rate)) for i in indices]
-            ok = all(1.0 - (1.0 - r) == r for _, r in pairs)
+            ok = all(_kernel_takes(r) for _, r in pairs)
             groups = [(d, r, sel) for (d, r), sel in _by_value(pairs).items()] if ok else None
             cached = self._kgroups = (key, groups)
         return cached[1]
@@ -114,7 +118,7 @@ class SGDSolver(Solver):
             if flat is None or flat[0].dtype != torch.float32 or flat[0].numel() < _VEC:
                 continue
             local_rate = self.local_rate(i, rate)
-            if 1.0 - (1.0 - local_rate) != local_rate:  # the kernel's 1 − dampening would round
+            if not _kernel_takes(local_rate):
                 continue
             groups.setdefault((self.local_decay(i), local_rate), []).append((i, flat))
         params = self.net.learnable_params
@@ -122,19 +126,18 @@ class SGDSolver(Solver):
         done: set[int] = set()
         for (decay, local_rate), members in groups.items():
             heads, tails = ([], [], []), []
-            for _, (w, g, (h,)) in members:
+            for i, (w, g, (h,)) in members:
                 if norm is not None:  # diff *= 1 / iter_size: the chunked path's first operation
                     g.mul_(norm)
                 n = w.numel() - w.numel() % _VEC
                 for dst, t in zip(heads, (w, g, h)):
                     dst.append(t[:n])
                 if n < w.numel():
-                    tails.append((w[n:], g[n:], h[n:]))
+                    tails.append((i, w[n:], g[n:], h[n:]))
             _fused_sgd(*heads, decay, momentum, local_rate)
-            for w, g, h in tails:  # the chunked path's operations
-                if decay:
-                    g.add_(w, alpha=decay)
-                h.mul_(momentum).add_(g, alpha=local_rate)
+            for i, w, g, h in tails:  # the chunked path's operations
+                self._regularize(i, w, g)
+                self.update_history(i, g, [h], local_rate)
                 w.sub_(h)
             for i, _ in members:
                 alias_diff(params[i], self.history[i])
@@ -144,8 +147,7 @@ class SGDSolver(Solver):
     def _foreach_groups(self, indices: list[int], rate: float) -> tuple[list, list]:
         """The (nonzero decay, positions) and (local rate, positions) groups of ``indices``,
         computed again only when the rate, the multipliers or the weight decay change."""
-        net = self.net
-        key = (rate, self.param.weight_decay, tuple(indices), tuple(net.params_lr), tuple(net.params_weight_decay))
+        key = self._groups_key(indices, rate)
         cached = self.__dict__.get("_groups")
         if cached is None or cached[0] != key:
             decays = [(d, sel) for d, sel in _by_value([self.local_decay(i) for i in indices]).items() if d]
@@ -237,6 +239,12 @@ def _fused_sgd_matches(device: torch.device, whole: bool) -> bool:
             logger.debug("torch._fused_sgd_ differs from the SGD operations on %s; not using it", device)
         _FUSED_SGD_MATCHES[key] = ok
     return _FUSED_SGD_MATCHES[key]
+
+
+def _kernel_takes(local_rate: float) -> bool:
+    """Whether the kernel's ``1 − dampening`` (``dampening = 1 − local_rate``, in double) gives
+    ``local_rate`` back exactly (not for rates below ~2⁻²⁹, whose low bits ``1 − rate`` drops)."""
+    return 1.0 - (1.0 - local_rate) == local_rate
 
 
 def _dense(t: torch.Tensor) -> bool:
