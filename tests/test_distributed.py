@@ -325,6 +325,42 @@ def test_two_gloo_processes_equal_iter_size_2(tmp_path, mode, gpu_mode):
     ]
 
 
+def _kernel_worker(rank: int, world_size: int, d: str, out: str) -> int:
+    """Rank 1 behaves as if torch's fused SGD kernel differed from the operations on its device."""
+    import logging
+
+    from caffe_compat.solvers import sgd
+
+    logging.getLogger("caffe_compat").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    sgd._FUSED_SGD_MATCHES[("cpu", None, False)] = rank == 0
+    _, params, solver = _train_in(Path(d), 3, rank)
+    arrays = {f"p{i}": p for i, p in enumerate(params)}
+    np.savez(os.path.join(out, f"kernel{rank}.npz"), fused_kernel=np.array(solver.fused_kernel), **arrays)
+    return 0
+
+
+def test_processes_agree_on_the_fused_update_kernel(tmp_path):
+    """Where one process cannot use SGD's fused kernel bit-identically, none does: every rank
+    updates its weights through the same operations, and they stay equal."""
+    d = _prepare_case(tmp_path, "sgd_fixed", 1)
+    status = launch(
+        _kernel_worker,
+        2,
+        (str(d), str(tmp_path)),
+        backend="gloo",
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+        wall_timeout=TIMEOUT_S,
+    )
+    assert status == 0
+    ranks = [np.load(tmp_path / f"kernel{r}.npz") for r in range(2)]
+    assert [bool(r["fused_kernel"]) for r in ranks] == [False, False]
+    arrays = [k for k in ranks[0].files if k.startswith("p")]
+    assert arrays
+    for k in arrays:
+        assert np.array_equal(ranks[0][k], ranks[1][k])
+
+
 # ---------------------------------------------------------------------------------------------
 # tools/train.py
 

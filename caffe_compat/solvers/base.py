@@ -566,6 +566,9 @@ class Solver:
         self._sync = dist_mod.DistributedSync(self.net.learnable_params, overlap=self.param.layer_wise_reduce)
         if broadcast:
             self._sync.broadcast(self.net.learnable_params)
+        # every rank must update its copy of the weights through the same operations
+        if self.fused_kernel and self._sync.any(not self._fused_kernel_usable()):
+            self.fused_kernel = False
         if seed >= 0:  # Dropout & co. draw differently on each rank from here on
             torch.manual_seed(int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
 
@@ -681,6 +684,11 @@ class Solver:
         operations, a few kernel launches for all of them instead of a few per parameter; the
         diffs are left as aliases of the history. False when this solver type or setting has
         none (the caller updates parameter by parameter)."""
+        return False
+
+    def _fused_kernel_usable(self) -> bool:
+        """Whether this process would update through the solver type's fused kernel (processes
+        training together agree on it: see ``_init_distributed``)."""
         return False
 
     def _fused_kernel_step(self, indices: list[int], rate: float) -> set[int]:

@@ -58,6 +58,13 @@ class SGDSolver(Solver):
             alias_diff(params[i], h)
         return True
 
+    def _fused_kernel_usable(self) -> bool:
+        params = self.net.learnable_params
+        if not params:
+            return False
+        device = params[0].device
+        return _fused_sgd_matches(device, whole=device.type != "cpu")
+
     def _whole_kernel_step(self, indices: list[int], rate: float, ws: list, gs: list, hs: list) -> bool:
         """The foreach path's update through ``torch._fused_sgd_`` on whole tensors (one call per
         (decay, local rate) group instead of five multi-tensor operations), where the kernel gives
