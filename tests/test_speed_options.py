@@ -248,6 +248,31 @@ def test_sgd_fused_kernel_is_bit_identical(tmp_path, monkeypatch, extra, kernel_
     assert any(float(h.abs().sum()) > 0 for h in runs[0][-6:])
 
 
+def test_sgd_fused_kernel_in_channels_last_is_bit_identical(tmp_path, monkeypatch):
+    """channels_last weights, diffs and histories go to the kernel as their memory order."""
+    from caffe_compat.solvers import sgd
+
+    calls = []
+    real = sgd._fused_sgd
+    monkeypatch.setattr(sgd, "_fused_sgd", lambda *a: calls.append(len(a[0])) or real(*a))
+    runs = []
+    for kernel in (True, False):
+        solver = _solver(tmp_path, "SGD", chunk=37)
+        solver.net.to(memory_format=torch.channels_last)
+        solver.history = [
+            h.contiguous(memory_format=torch.channels_last) if h.dim() == 4 else h for h in solver.history
+        ]
+        solver.fused_kernel = kernel
+        solver.step(3)
+        params = solver.net.learnable_params
+        assert params[0].is_contiguous(memory_format=torch.channels_last) and not params[0].is_contiguous()
+        assert solver._flat_views(0) is not None  # the conv weight is one dense piece of memory: kernel-able
+        runs.append([p.detach().clone() for p in params] + [h.clone() for h in solver.history])
+    assert calls
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_sgd_fused_kernel_falls_back_when_it_differs(tmp_path, monkeypatch):
     from caffe_compat.solvers import sgd
 
