@@ -273,6 +273,17 @@ def test_sgd_fused_kernel_in_channels_last_is_bit_identical(tmp_path, monkeypatc
         assert torch.equal(a, b)
 
 
+def test_sgd_fused_kernel_probe_survives_a_kernel_that_raises(monkeypatch):
+    from caffe_compat.solvers import sgd
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such kernel for this device")
+
+    monkeypatch.setattr(sgd, "_FUSED_SGD_MATCHES", {})
+    monkeypatch.setattr(torch, "_fused_sgd_", broken)
+    assert sgd._fused_sgd_matches(torch.device("cpu"), whole=False) is False
+
+
 def test_sgd_fused_kernel_falls_back_when_it_differs(tmp_path, monkeypatch):
     from caffe_compat.solvers import sgd
 

@@ -246,7 +246,11 @@ def _fused_sgd_matches(device: torch.device, whole: bool) -> bool:
                     a[1].add_(a[0], alpha=decay)
                 a[2].mul_(momentum).add_(a[1], alpha=rate)
                 a[0].sub_(a[2])
-                _fused_sgd([b[0]], [b[1]], [b[2]], decay, momentum, rate)
+                try:
+                    _fused_sgd([b[0]], [b[1]], [b[2]], decay, momentum, rate)
+                except (RuntimeError, TypeError, NotImplementedError):  # another torch, another device type
+                    ok = False
+                    break
                 ok = ok and torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
         if not ok:
             logger.debug("torch._fused_sgd_ differs from the SGD operations on %s; not using it", device)
