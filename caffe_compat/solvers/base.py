@@ -566,8 +566,9 @@ class Solver:
         self._sync = dist_mod.DistributedSync(self.net.learnable_params, overlap=self.param.layer_wise_reduce)
         if broadcast:
             self._sync.broadcast(self.net.learnable_params)
-        # every rank must update its copy of the weights through the same operations
-        if self.fused_kernel and self._sync.any(not self._fused_kernel_usable()):
+        # every rank must update its copy of the weights through the same operations (every rank
+        # takes part in this reduction, whatever its own answer)
+        if self._sync.any(not (self.fused_kernel and self._fused_kernel_usable())):
             self.fused_kernel = False
         if seed >= 0:  # Dropout & co. draw differently on each rank from here on
             torch.manual_seed(int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
