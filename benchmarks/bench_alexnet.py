@@ -2,7 +2,7 @@
 
     python benchmarks/bench_alexnet.py [--batches 1,2,4,10,16,32,64] [--reps 3] [--device cpu|cuda]
                                        [--threads N] [--channels_last] [--baseline_channels_last]
-                                       [--compile] [--precision fp32|bf16|fp16] [--fused_update on|off]
+                                       [--compile] [--precision fp32|bf16|fp16] [--fused_update on|chunked|off|compile]
                                        [--baseline_same] [--fwd_api forward|run] [--profile] [--memory]
                                        [--no_label_check] [--lrn_window auto|slices|reduction]
                                        [--loss_read late|now]
@@ -33,7 +33,8 @@ that the baseline could use too (channels_last) are reported for the baseline as
 Opt-ins on our side (docs/benchmarks.md): ``--compile`` (``Net.compile()``; ``--compile_mode``
 e.g. ``reduce-overhead`` for CUDA graphs; the first call's compile time is printed), ``--precision bf16|fp16`` (``caffe_compat.mode.set_precision``: autocast
 with fp32 master weights; fp16 adds loss scaling), ``--channels_last``, ``--fused_update off``
-(the whole-tensor update instead of the chunked one), ``--fused_update compile`` (the opt-in
+(the whole-tensor update instead of the chunked one), ``--fused_update chunked`` (SGD's chunked
+operations instead of its fused kernel: the default before session 8), ``--fused_update compile`` (the opt-in
 ``torch.compile``'d SGD update). ``--baseline_same`` gives the baseline the
 same compile / autocast / channels_last treatment (``torch.compile(model)``, ``torch.autocast``);
 by default it stays the plain float32 eager model the issue's targets are measured against.
@@ -187,6 +188,7 @@ class Ours:
             self.solver.lag_loss_read = getattr(opts, "loss_read", "late") == "late"
             self.solver.fused_update = opts.fused_update != "off"
             self.solver.compiled_update = opts.fused_update == "compile"
+            self.solver.fused_kernel = opts.fused_update == "on"
         self.fwd_api = getattr(opts, "fwd_api", "forward") if opts is not None else "forward"
         self.x = x.to(device)
         # inputs written once (a data layer would write them each iteration on both sides)
@@ -353,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fused_update",
         default="on",
-        choices=["on", "off", "compile"],
-        help="our solver's update: chunked (on), whole tensors (off), torch.compile'd",
+        choices=["on", "chunked", "off", "compile"],
+        help="our solver's update: default (on: SGD's fused kernel, else chunked), chunked operations only "
+        "(chunked, the default before session 8), whole tensors (off), torch.compile'd",
     )
     p.add_argument(
         "--baseline_same", action="store_true", help="baseline too: torch.compile / autocast / channels_last"

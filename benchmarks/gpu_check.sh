@@ -97,6 +97,8 @@ say "== 3a1. probe: the training step captured in one CUDA graph, against eager 
 timeout "$(limit 90)" python3 benchmarks/cuda_graph_probe.py --batches 1,10 --iters 30 --reps 3 2>&1 | grep -v '^USDT' | tee -a "$LOG"
 say "== 3a2. the iteration with the loss read at once (the host waits for the device each iteration; compare with 3a) [${SECONDS}s]"
 bench 60 --batches 1,10,64 --reps 5 --iters 20 --what iter --loss_read now
+say "== 3a3. the update through foreach operations, not SGD's fused kernel (before session 8; compare with 3a) [${SECONDS}s]"
+bench 45 --batches 1,10 --reps 5 --iters 20 --what iter --fused_update chunked
 say "== 3b. per-call overhead, tiny AlexNet (loss read late, then at once; host time by function) [${SECONDS}s]"
 timeout "$(limit 40)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 5 2>&1 | grep -v '^USDT' | tee -a "$LOG"
 timeout "$(limit 40)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 5 --loss_read now 2>&1 | grep -v '^USDT' | tee -a "$LOG"
