@@ -90,6 +90,22 @@ def test_layer_case_matches_caffe(case):
     assert not fails, f"{case}: {len(fails)} arrays differ from real Caffe: {fails[:8]}"
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("deconv")])
+def test_deconv_case_matches_caffe_by_phases(case, monkeypatch):
+    """Deconvolution's phase path (one convolution + pixel shuffle), forced at the cases' small
+    sizes, stays within real Caffe's tolerance, forward and backward."""
+    from caffe_compat.layers import conv
+
+    used = []
+    real = conv.deconv2d_by_phases
+    monkeypatch.setattr(conv, "PHASES_MIN_TOP", 0)
+    monkeypatch.setattr(conv, "deconv2d_by_phases", lambda *a, **k: used.append(1) or real(*a, **k))
+    net, ref, backward = replay_case(case)
+    assert used
+    fails = mismatches(case, net, ref, backward)
+    assert not fails, f"{case} (by phases): {len(fails)} arrays differ from real Caffe: {fails[:8]}"
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_layer_case_matches_caffe_in_channels_last(case):
     """The channels_last opt-in keeps every case within real Caffe's tolerance."""

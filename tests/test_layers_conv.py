@@ -10,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from google.protobuf import text_format
 
+import caffe_compat as caffe
 from caffe_compat.errors import LayerError
 from caffe_compat.layers import layer_class
 from caffe_compat.proto import caffe_pb2
@@ -384,3 +386,78 @@ def test_invalid_parameters_name_the_field(cp, shape, message):
 def test_deconvolution_validates_like_convolution():
     with pytest.raises(LayerError, match="num_output"):
         layer_from_text(_conv_text("Deconvolution", "kernel_size: 2"), [(1, 2, 3, 3)])
+
+
+# -- Deconvolution by phases ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n,c,h,w,og,k,s,p,g,bias",
+    [
+        (2, 4, 5, 5, 3, (4, 4), (2, 2), (1, 1), 1, True),  # the conformance case's geometry
+        (2, 6, 7, 5, 2, (12, 12), (4, 4), (0, 0), 1, True),  # an auto-encoder's reconstruction
+        (1, 4, 6, 6, 1, (4, 4), (2, 2), (1, 1), 4, False),  # depthwise bilinear upsampling
+        (1, 3, 4, 5, 3, (16, 16), (8, 8), (4, 4), 1, False),  # FCN-style
+        (2, 4, 5, 6, 2, (6, 4), (3, 2), (2, 1), 2, True),  # non-square, grouped, padded
+        (2, 3, 4, 4, 2, (5, 3), (2, 2), (1, 0), 1, True),  # kernels not a multiple of the stride
+        (1, 2, 3, 3, 1, (3, 3), (1, 1), (1, 1), 1, True),  # stride 1
+    ],
+)
+def test_deconv_by_phases_equals_conv_transpose(n, c, h, w, og, k, s, p, g, bias):
+    from caffe_compat.layers.conv import deconv2d_by_phases
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(c, og, *k, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(og * g, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    ref = F.conv_transpose2d(x, wt, b, s, p, 0, g)
+    got = deconv2d_by_phases(x, wt, b, s, p, (1, 1), g)
+    assert got.shape == ref.shape and got.is_contiguous()
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    grads_ref = torch.autograd.grad(ref, [x, wt] + ([b] if bias else []), gy)
+    grads = torch.autograd.grad(got, [x, wt] + ([b] if bias else []), gy)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def _deconv_layer_takes_phases(conv_param: str, shape) -> bool:
+    layer = layer_from_text(
+        f'name: "up" type: "Deconvolution" bottom: "x" top: "up" convolution_param {{ {conv_param} }}', [shape]
+    )
+    return layer._by_phases(torch.empty(shape))
+
+
+@pytest.mark.parametrize(
+    "conv_param,shape,expected",
+    [
+        ("num_output: 3 kernel_size: 12 stride: 4", (16, 48, 30, 30), True),  # the CAE's last layer
+        ("num_output: 21 kernel_size: 64 stride: 32 bias_term: false", (1, 21, 16, 16), True),  # FCN-32s
+        ("num_output: 64 kernel_size: 4 stride: 2", (16, 64, 32, 32), False),  # many outputs: oneDNN's is faster
+        ("num_output: 3 kernel_size: 3 stride: 2", (16, 48, 30, 30), False),  # 3 % 2: zero taps
+        ("num_output: 3 kernel_size: 4 stride: 2 dilation: 2", (16, 48, 30, 30), False),
+        ("num_output: 3 kernel_size: 4 stride: 2", (1, 4, 5, 5), False),  # too small to pay
+        ("num_output: 3 kernel_size: 3 stride: 1 pad: 1", (16, 48, 30, 30), False),
+    ],
+)
+def test_deconv_layer_runs_by_phases_where_it_pays(conv_param, shape, expected):
+    assert _deconv_layer_takes_phases(conv_param, shape) is expected
+
+
+def test_deconv_layer_by_phases_matches_transposed_conv(monkeypatch):
+    """The layer through the phase path against the same layer through conv_transpose2d."""
+    from caffe_compat.layers import conv
+
+    text = (
+        'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 16 dim: 8 dim: 17 dim: 17 } } }\n'
+        'layer { name: "up" type: "Deconvolution" bottom: "x" top: "up" convolution_param { num_output: 3 '
+        'kernel_size: 8 stride: 4 pad: 2 weight_filler { type: "gaussian" std: 0.1 } bias_filler { type: "gaussian" } } }'
+    )
+    caffe.set_random_seed(0)
+    net = caffe.Net(text_format.Parse(text, caffe_pb2.NetParameter()), caffe.TEST)
+    net.blobs["x"].data[...] = np.random.default_rng(0).standard_normal((16, 8, 17, 17))
+    assert net.layers[1]._by_phases(net.blobs["x"].tensor)
+    a = net.forward()["up"].copy()
+    monkeypatch.setattr(conv, "PHASES_MIN_TOP", 1 << 40)  # now through torch's transposed convolution
+    b = net.forward()["up"]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # other summation order: not equal bits

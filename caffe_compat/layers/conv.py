@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from caffe_compat.layers.base import Layer, register_layer
 
-__all__ = ["ConvolutionLayer", "DeconvolutionLayer", "Im2colLayer"]
+__all__ = ["ConvolutionLayer", "DeconvolutionLayer", "Im2colLayer", "deconv2d_by_phases"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -261,7 +261,90 @@ class DeconvolutionLayer(_BaseConvolution):
         return s * (size - 1) + d * (k - 1) + 1 - 2 * p
 
     def forward(self, *bottoms):
+        x = bottoms[0]
+        if self._by_phases(x):
+            return self._run(deconv2d_by_phases, bottoms)
         return self._run(_DECONV[self.num_spatial], bottoms)
+
+    _phases_plan: tuple | None = None
+
+    def _by_phases(self, x: torch.Tensor) -> bool:
+        """Whether this layer runs as one convolution over the stride's output phases
+        (``deconv2d_by_phases``), decided once per input shape: on the CPU, 2-D, no dilation,
+        each kernel size a multiple of its stride ≥ 2 (every phase has the same taps: no
+        multiplications by padding zeros), and where oneDNN's transposed convolution is slow: few
+        output channels per group (≤ 4, e.g. an auto-encoder's reconstruction of an image) or a
+        large upsampling factor (s_h·s_w ≥ 64, e.g. FCN's ``upscore``), on a top of at least
+        ``PHASES_MIN_TOP`` values. Not inside torch.compile (its graph keeps the transposed
+        convolution)."""
+        if torch.compiler.is_compiling():
+            return False
+        key = (x.shape, x.device.type, x.dtype, PHASES_MIN_TOP)
+        plan = self._phases_plan
+        if plan is None or plan[0] != key:
+            plan = self._phases_plan = (key, self._phases_pay(x))
+        return plan[1]
+
+    def _phases_pay(self, x: torch.Tensor) -> bool:
+        if (
+            x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64)
+            or self.num_spatial != 2
+            or tuple(self.dilation) != (1, 1)
+            or x.dim() != 4
+        ):
+            return False
+        (sh, sw), (kh, kw), (ph, pw) = self.stride, self.kernel, self.pad
+        if sh < 2 or sw < 2 or kh % sh or kw % sw:
+            return False
+        if self.num_output // self.group > 4 and sh * sw < 64:
+            return False
+        ho, wo = self._out_size(x.shape[2], kh, sh, ph, 1), self._out_size(x.shape[3], kw, sw, pw, 1)
+        return x.shape[0] * self.num_output * ho * wo >= PHASES_MIN_TOP
+
+
+#: The smallest top (values) a Deconvolution runs by phases at (below it torch's transposed
+#: convolution is as fast, or faster: the phase path has more operations).
+PHASES_MIN_TOP = 1 << 16
+
+
+def deconv2d_by_phases(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """``F.conv_transpose2d`` (no output padding, no dilation) computed as one ordinary
+    convolution over the stride's phases, then ``pixel_shuffle``: the output pixel ``(Y·s + r)``
+    of the uncropped transposed convolution gets ``Σ_t x[Y − t] · w[r + s·t]``, i.e. phase ``r``
+    is a correlation of x with the taps ``w[r::s]`` reversed, padded by T − 1 (``T = ceil(k / s)``
+    taps; kernels shorter than ``T·s`` are padded with zeros). The s_h·s_w phases of each output
+    channel are the channels of one convolution, which oneDNN runs far faster than its
+    transposed convolution when there are few output channels. The same sums in another order
+    (float32 results differ in the last bits)."""
+    if tuple(dilation) != (1, 1):
+        raise ValueError("deconv2d_by_phases: dilation must be 1")
+    (sh, sw), (ph, pw) = tuple(stride), tuple(padding)
+    n, c, h, w_ = x.shape
+    cin, og, kh, kw = weight.shape
+    th, tw = -(-kh // sh), -(-kw // sw)
+    wp = weight
+    if th * sh != kh or tw * sw != kw:
+        wp = F.pad(weight, (0, tw * sw - kw, 0, th * sh - kh))
+    # (cin, og, t, r, u, q) -> taps reversed -> (cin, og, r, q, t, u): phase (r, q) of channel o
+    wp = wp.reshape(cin, og, th, sh, tw, sw).flip(2, 4).permute(0, 1, 3, 5, 2, 4)
+    cg = cin // groups
+    wc = wp.reshape(groups, cg, og * sh * sw, th, tw).transpose(1, 2).reshape(groups * og * sh * sw, cg, th, tw)
+    y = F.conv2d(x, wc, None, 1, (th - 1, tw - 1), 1, groups)
+    if sh == sw:
+        y = F.pixel_shuffle(y, sh)
+    else:
+        m, _, yh, yw = y.shape
+        y = (
+            y.reshape(m, groups * og, sh, sw, yh, yw)
+            .permute(0, 1, 4, 2, 5, 3)
+            .reshape(m, groups * og, yh * sh, yw * sw)
+        )
+    ho, wo = (h - 1) * sh - 2 * ph + kh, (w_ - 1) * sw - 2 * pw + kw
+    y = y[:, :, ph : ph + ho, pw : pw + wo]
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y.contiguous()
 
 
 def _c_div(a: int, b: int) -> int:
