@@ -205,6 +205,16 @@ def test_fused_update_is_bit_identical(tmp_path, stype, extra):
     assert any(float(h.abs().sum()) > 0 for h in runs[0][2])
 
 
+def _count_kernel_calls(monkeypatch) -> list[int]:
+    """SGD's fused-kernel calls from now on (the size of each call's group), recorded in a list."""
+    from caffe_compat.solvers import sgd
+
+    calls: list[int] = []
+    real = sgd._fused_sgd
+    monkeypatch.setattr(sgd, "_fused_sgd", lambda *a: calls.append(len(a[0])) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize(
     "extra,kernel_used",
     [
@@ -223,9 +233,7 @@ def test_sgd_fused_kernel_is_bit_identical(tmp_path, monkeypatch, extra, kernel_
 
     # this machine's torch: the kernel's vector loop reproduces the chunked operations
     assert sgd._fused_sgd_matches(torch.device("cpu"), whole=False)
-    calls = []
-    real = sgd._fused_sgd
-    monkeypatch.setattr(sgd, "_fused_sgd", lambda *a: calls.append(len(a[0])) or real(*a))
+    calls = _count_kernel_calls(monkeypatch)
     from google.protobuf import text_format
 
     runs = []
@@ -250,11 +258,8 @@ def test_sgd_fused_kernel_is_bit_identical(tmp_path, monkeypatch, extra, kernel_
 
 def test_sgd_fused_kernel_in_channels_last_is_bit_identical(tmp_path, monkeypatch):
     """channels_last weights, diffs and histories go to the kernel as their memory order."""
-    from caffe_compat.solvers import sgd
 
-    calls = []
-    real = sgd._fused_sgd
-    monkeypatch.setattr(sgd, "_fused_sgd", lambda *a: calls.append(len(a[0])) or real(*a))
+    calls = _count_kernel_calls(monkeypatch)
     runs = []
     for kernel in (True, False):
         solver = _solver(tmp_path, "SGD", chunk=37)
@@ -305,9 +310,7 @@ def _sgd_whole_kernel_runs(tmp_path, monkeypatch, device, extra=""):
 
     from caffe_compat.solvers import sgd
 
-    calls = []
-    real = sgd._fused_sgd
-    monkeypatch.setattr(sgd, "_fused_sgd", lambda *a: calls.append(len(a[0])) or real(*a))
+    calls = _count_kernel_calls(monkeypatch)
     runs = []
     for kernel in (True, False):
         monkeypatch.setitem(sgd._FUSED_SGD_MATCHES, (device.type, device.index, True), kernel)
