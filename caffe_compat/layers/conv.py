@@ -320,7 +320,7 @@ def deconv2d_by_phases(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dila
     if tuple(dilation) != (1, 1):
         raise ValueError("deconv2d_by_phases: dilation must be 1")
     (sh, sw), (ph, pw) = tuple(stride), tuple(padding)
-    n, c, h, w_ = x.shape
+    h, w_ = x.shape[-2:]
     cin, og, kh, kw = weight.shape
     th, tw = -(-kh // sh), -(-kw // sw)
     wp = weight
