@@ -92,13 +92,13 @@ def test_layer_case_matches_caffe(case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith("deconv")])
 def test_deconv_case_matches_caffe_by_phases(case, monkeypatch):
-    """Deconvolution's phase path (one convolution + pixel shuffle), forced at the cases' small
-    sizes, stays within real Caffe's tolerance, forward and backward."""
+    """Deconvolution's phase path (one convolution + pixel shuffle), forced (the cases are small,
+    one is depthwise), stays within real Caffe's tolerance, forward and backward."""
     from caffe_compat.layers import conv
 
     used = []
     real = conv.deconv2d_by_phases
-    monkeypatch.setattr(conv, "PHASES_MIN_TOP", 0)
+    monkeypatch.setattr(conv.DeconvolutionLayer, "_phases_pay", lambda self, x: True)
     monkeypatch.setattr(conv, "deconv2d_by_phases", lambda *a, **k: used.append(1) or real(*a, **k))
     net, ref, backward = replay_case(case)
     assert used

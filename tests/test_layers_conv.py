@@ -438,6 +438,8 @@ def _deconv_layer_takes_phases(conv_param: str, shape) -> bool:
         ("num_output: 3 kernel_size: 4 stride: 2 dilation: 2", (16, 48, 30, 30), False),
         ("num_output: 3 kernel_size: 4 stride: 2", (1, 4, 5, 5), False),  # too small to pay
         ("num_output: 3 kernel_size: 3 stride: 1 pad: 1", (16, 48, 30, 30), False),
+        ("num_output: 64 group: 64 kernel_size: 4 stride: 2 pad: 1", (8, 64, 32, 32), False),  # depthwise x2
+        ("num_output: 21 group: 21 kernel_size: 16 stride: 8", (1, 21, 70, 70), True),  # depthwise x8 (FCN)
     ],
 )
 def test_deconv_layer_runs_by_phases_where_it_pays(conv_param, shape, expected):

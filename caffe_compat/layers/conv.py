@@ -272,8 +272,9 @@ class DeconvolutionLayer(_BaseConvolution):
         """Whether this layer runs as one convolution over the stride's output phases
         (``deconv2d_by_phases``), decided once per input shape: on the CPU, 2-D, no dilation,
         each kernel size a multiple of its stride ≥ 2 (every phase has the same taps: no
-        multiplications by padding zeros), and where oneDNN's transposed convolution is slow: few
-        output channels per group (≤ 4, e.g. an auto-encoder's reconstruction of an image) or a
+        multiplications by padding zeros), and where oneDNN's transposed convolution is slow
+        (``benchmarks/bench_deconv.py``): few output channels without groups (≤ 4, e.g. an
+        auto-encoder's reconstruction of an image; a depthwise ×2 upsampling is not faster) or a
         large upsampling factor (s_h·s_w ≥ 64, e.g. FCN's ``upscore``), on a top of at least
         ``PHASES_MIN_TOP`` values. Not inside torch.compile (its graph keeps the transposed
         convolution)."""
@@ -297,7 +298,7 @@ class DeconvolutionLayer(_BaseConvolution):
         (sh, sw), (kh, kw), (ph, pw) = self.stride, self.kernel, self.pad
         if sh < 2 or sw < 2 or kh % sh or kw % sw:
             return False
-        if self.num_output // self.group > 4 and sh * sw < 64:
+        if sh * sw < 64 and (self.group != 1 or self.num_output > 4):
             return False
         ho, wo = self._out_size(x.shape[2], kh, sh, ph, 1), self._out_size(x.shape[3], kw, sw, pw, 1)
         return x.shape[0] * self.num_output * ho * wo >= PHASES_MIN_TOP
