@@ -3,7 +3,7 @@
     python benchmarks/bench_deconv.py [--reps 7] [--calls 5] [--threads N]
 
 For each geometry, the same Deconvolution computed by ``deconv2d_by_phases`` (one ordinary
-convolution over the stride's output phases + ``pixel_shuffle``, what the layer runs where it
+convolution over the stride's output phases, interleaved, what the layer runs where it
 pays: ``DeconvolutionLayer._by_phases``) and by ``F.conv_transpose2d`` (oneDNN's transposed
 convolution), alternating in one process: forward (no autograd) and forward+backward (gradients
 for the input, the weights and the bias). Prints the median over ``--reps`` rounds of the mean

@@ -181,6 +181,18 @@ class Layer(nn.Module):
         """An error naming this layer, to ``raise``."""
         return LayerError(f"layer {self.name!r} ({self.type}): {message}")
 
+    def per_shape(self, name: str, key, compute):
+        """``compute()``, computed again only when ``key`` (e.g. the bottom's shape) changes:
+        kept on the layer as ``name`` (per-call host time counts on a GPU). While torch.compile
+        traces, nothing is stored (a graph must not set attributes)."""
+        plan = self.__dict__.get(name)
+        if plan is not None and plan[0] == key:
+            return plan[1]
+        value = compute()
+        if not torch.compiler.is_compiling():
+            setattr(self, name, (key, value))
+        return value
+
     def _check_counts(self, nb: int, nt: int) -> None:
         for what, n, exact, lo, hi in (
             ("bottom", nb, self.exact_num_bottom, self.min_bottom, self.max_bottom),

@@ -433,18 +433,16 @@ class SoftmaxWithLossLayer(Layer):
         """(outer, channels, inner, (normalizer, whether it is the number of positions) or None
         when the mask decides it), kept per input shape, dtype and device (per-call host time
         counts on a GPU)."""
-        key = (x.shape, label.numel(), x.dtype, x.device)
-        plan = self.__dict__.get("_shape_plan")
-        if plan is not None and plan[0] == key:
-            return plan[1]
-        _, outer, channels, inner = self._dims(tuple(x.shape), label.numel())
-        fixed = None
-        if not self.has_ignore_label:
-            n = _normalizer_count(self.normalization, outer, inner)
-            fixed = (scalar_tensor(n, x.dtype, x.device), n == outer * inner)
-        if not torch.compiler.is_compiling():
-            self._shape_plan = (key, (outer, channels, inner, fixed))
-        return outer, channels, inner, fixed
+
+        def plan() -> tuple:
+            _, outer, channels, inner = self._dims(tuple(x.shape), label.numel())
+            fixed = None
+            if not self.has_ignore_label:
+                n = _normalizer_count(self.normalization, outer, inner)
+                fixed = (scalar_tensor(n, x.dtype, x.device), n == outer * inner)
+            return outer, channels, inner, fixed
+
+        return self.per_shape("_shape_plan", (x.shape, label.numel(), x.dtype, x.device), plan)
 
     def forward(self, x: Tensor, label: Tensor) -> tuple[Tensor, ...]:
         outer, channels, inner, fixed = self._plan(x, label)
