@@ -47,19 +47,18 @@ class SGDSolver(Solver):
         ws = [params[i].data for i in indices]
         gs = [params[i].grad for i in indices]
         hs = [self.history[i] for i in indices]  # history set 0
-        if self._whole_kernel_step(indices, rate, ws, gs, hs):
-            return True
         # the per-parameter path's operations on each tensor, in its order (normalize,
         # regularize, update); one call per distinct scalar where the scalar differs (decay, rate)
         if self.param.iter_size != 1:
             torch._foreach_mul_(gs, self.normalize_factor())
-        decays, rates = self._foreach_groups(indices, rate)
-        for decay, sel in decays:
-            torch._foreach_add_([gs[j] for j in sel], [ws[j] for j in sel], alpha=decay)
-        torch._foreach_mul_(hs, float(self.param.momentum))
-        for local_rate, sel in rates:
-            torch._foreach_add_([hs[j] for j in sel], [gs[j] for j in sel], alpha=local_rate)
-        torch._foreach_sub_(ws, hs)
+        if not self._whole_kernel_step(indices, rate, ws, gs, hs):
+            decays, rates = self._foreach_groups(indices, rate)
+            for decay, sel in decays:
+                torch._foreach_add_([gs[j] for j in sel], [ws[j] for j in sel], alpha=decay)
+            torch._foreach_mul_(hs, float(self.param.momentum))
+            for local_rate, sel in rates:
+                torch._foreach_add_([hs[j] for j in sel], [gs[j] for j in sel], alpha=local_rate)
+            torch._foreach_sub_(ws, hs)
         for i, h in zip(indices, hs):
             alias_diff(params[i], h)
         return True
@@ -72,10 +71,11 @@ class SGDSolver(Solver):
         return _fused_sgd_matches(device, whole=device.type != "cpu")
 
     def _whole_kernel_step(self, indices: list[int], rate: float, ws: list, gs: list, hs: list) -> bool:
-        """The foreach path's update through ``torch._fused_sgd_`` on whole tensors (one call per
-        (decay, local rate) group instead of five multi-tensor operations), where the kernel gives
-        the same values as the operations on this device (``_fused_sgd_matches``, checked once per
-        device) and every parameter, diff and history share one dense layout."""
+        """The foreach path's regularization and update (after the normalization) through
+        ``torch._fused_sgd_`` on whole tensors (one call per (decay, local rate) group instead of
+        four multi-tensor operations), where the kernel gives the same values as the operations
+        on this device (``_fused_sgd_matches``, checked once per device) and every parameter,
+        diff and history share one dense layout; False (nothing done) otherwise."""
         momentum = float(self.param.momentum)
         if not (self.fused_kernel and momentum) or ws[0].dtype != torch.float32:
             return False
@@ -85,13 +85,8 @@ class SGDSolver(Solver):
         groups = self._kernel_groups(indices, rate)
         if groups is None or not _fused_sgd_matches(ws[0].device, whole=True):
             return False
-        if self.param.iter_size != 1:
-            torch._foreach_mul_(gs, self.normalize_factor())
         for decay, local_rate, sel in groups:
             _fused_sgd([ws[j] for j in sel], [gs[j] for j in sel], [hs[j] for j in sel], decay, momentum, local_rate)
-        params = self.net.learnable_params
-        for i, h in zip(indices, hs):
-            alias_diff(params[i], h)
         return True
 
     def _groups_key(self, indices: list[int], rate: float) -> tuple:
