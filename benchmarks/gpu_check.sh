@@ -58,7 +58,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
     2>&1 | tee -a "$LOG"
 
 say "== 1. conformance in GPU mode (layers, solver trajectories, CUDA-only tests) [${SECONDS}s]"
-CAFFE_COMPAT_TEST_GPU=1 timeout "$(limit 200)" python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+CAFFE_COMPAT_TEST_GPU=1 timeout "$(limit 240)" python3 -m pytest -q -p no:cacheprovider -rf --tb=short --durations=12 \
     tests/test_conformance_layers.py tests/test_layers_loss.py tests/test_host_mirror.py tests/test_solvers.py \
     tests/test_distributed.py tests/test_speed_options.py tests/test_layers_cuda.py > "$OUT/gpu_conformance.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/gpu_conformance.log"
