@@ -5,7 +5,7 @@
                                        [--compile] [--precision fp32|bf16|fp16] [--fused_update on|chunked|off|compile]
                                        [--baseline_same] [--fwd_api forward|run] [--profile] [--memory]
                                        [--no_label_check] [--lrn_window auto|slices|reduction]
-                                       [--loss_read late|now]
+                                       [--loss_read late|now] [--host_reads pycaffe|both|none]
 
 Both models have BVLC AlexNet's topology (``prototxt/alexnet_deploy.prototxt``: grouped convs,
 LRN, ceil-mode max pooling, dropout) and are timed in one process, alternating, on the same
@@ -25,6 +25,21 @@ input; the figure is the median over ``--reps`` alternating rounds of the mean o
   backward, ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4).step()``). On a GPU our solver
   reads each iteration's loss once the next one is queued (``--loss_read now``: at once, i.e. the
   host waits for the device every iteration, as before session 6).
+
+What each side reads back to the host per call (``--host_reads``; it matters on a GPU, where a
+read waits for the device and stops the host from queuing the next call ahead of it):
+
+- ``pycaffe`` (default, the measurement before session 9): ours through the APIs above, which read
+  the outputs (``forward()``) or the loss (``forward_backward()``; the solver, late), the baseline
+  reads nothing;
+- ``both``: the baseline reads what ours reads: ``softmax(...).cpu().numpy()`` and
+  ``loss.item()`` after the backward (``iter``: ours with ``--loss_read now``, the baseline's
+  ``loss.item()`` every iteration);
+- ``none``: neither side reads: ours ``net.run(data=x)`` (tensors out) and
+  ``net.forward_backward_pending()`` (the loss left unread); ``iter`` as ``pycaffe`` (Caffe's solver
+  reads every iteration's loss, ours late).
+
+The two symmetric settings time the same work on both sides, i.e. the interpreter's overhead.
 
 Ratios are ours / baseline (below 1: we are faster). The baseline is idiomatic PyTorch
 (``nn.Conv2d(groups=2)``, ``nn.LocalResponseNorm``, ``nn.MaxPool2d(ceil_mode=True)``,
@@ -186,10 +201,15 @@ class Ours:
         self.solver = SGDSolver(sp, source="<bench>", net=self.train_net, device=device)
         if opts is not None:
             self.solver.lag_loss_read = getattr(opts, "loss_read", "late") == "late"
+            if getattr(opts, "host_reads", "pycaffe") == "both":
+                self.solver.lag_loss_read = False
             self.solver.fused_update = opts.fused_update != "off"
             self.solver.compiled_update = opts.fused_update == "compile"
             self.solver.fused_kernel = opts.fused_update == "on"
         self.fwd_api = getattr(opts, "fwd_api", "forward") if opts is not None else "forward"
+        self.reads = getattr(opts, "host_reads", "pycaffe") if opts is not None else "pycaffe"
+        if self.reads == "none":
+            self.fwd_api = "run"
         self.x = x.to(device)
         # inputs written once (a data layer would write them each iteration on both sides)
         if test:
@@ -206,7 +226,10 @@ class Ours:
 
     def fwd_bwd(self) -> None:
         self.train_net.clear_param_diffs()
-        self.train_net.forward_backward()
+        if self.reads == "none":  # the loss left unread, as the baseline leaves its own
+            self.train_net.forward_backward_pending()
+        else:
+            self.train_net.forward_backward()
 
     def iter(self) -> None:
         self.solver.step(1)
@@ -224,6 +247,7 @@ class Baseline:
         compile: bool = False,
         amp: torch.dtype | None = None,
         compile_mode: str = "",
+        reads: bool = False,
     ):
         self.model = TorchAlexNet().to(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -235,6 +259,7 @@ class Baseline:
             torch.compile(self.model, **({"mode": compile_mode} if compile_mode else {})) if compile else self.model
         )
         self.device, self.amp = device, amp
+        self.reads = reads  # read the outputs / the loss on the host, as ours does (--host_reads both)
 
     def _loss(self) -> torch.Tensor:
         if self.amp is None:
@@ -245,17 +270,25 @@ class Baseline:
     def fwd(self) -> None:
         self.model.eval()
         with torch.no_grad():  # the deploy net ends with Softmax ("prob"): the same work here
-            torch.softmax(self.call(self.x), dim=1)
+            prob = torch.softmax(self.call(self.x), dim=1)
+            if self.reads:
+                prob.cpu().numpy()
 
     def fwd_bwd(self) -> None:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        self._loss().backward()
+        loss = self._loss()
+        loss.backward()
+        if self.reads:
+            loss.item()
 
     def iter(self) -> None:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        self._loss().backward()
+        loss = self._loss()
+        loss.backward()
+        if self.reads:
+            loss.item()
         self.opt.step()
 
 
@@ -386,6 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=["late", "now"],
         help="our solver on a GPU: read an iteration's loss once the next is queued (late), or at once",
     )
+    p.add_argument(
+        "--host_reads",
+        default="pycaffe",
+        choices=["pycaffe", "both", "none"],
+        help="host reads per call: ours through pycaffe's APIs, the baseline none (pycaffe); the same on both "
+        "sides (both: outputs / loss read each call; none: nothing read, ours through net.run and "
+        "forward_backward_pending)",
+    )
     p.add_argument("--memory", action="store_true", help="peak memory of a training step (CPU: RSS)")
     p.add_argument("--_memchild", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -433,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# ours: precision {args.precision}, compile {args.compile}, channels_last {args.channels_last}, "
         f"fused_update {args.fused_update}; baseline: precision {args.precision if amp else 'fp32'}, "
-        f"compile {base_compile}"
+        f"compile {base_compile}; host reads {args.host_reads}"
     )
     header = (
         f"{'batch':>5} {'what':>8} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} {'ours img/s':>10} {'torch img/s':>11}"
@@ -445,7 +486,16 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(batch, 3, 227, 227)
         y = torch.randint(0, NUM_CLASSES, (batch,))
         ours = Ours(batch, device, x, y, opts=args)
-        base = Baseline(device, x, y, base_cl, compile=base_compile, amp=amp, compile_mode=args.compile_mode)
+        base = Baseline(
+            device,
+            x,
+            y,
+            base_cl,
+            compile=base_compile,
+            amp=amp,
+            compile_mode=args.compile_mode,
+            reads=args.host_reads == "both",
+        )
         iters = args.iters or max(2, min(10, 40 // batch))
         if args.compile:  # the first calls compile (forward, forward+backward): time them once
             for name, runner in (("ours", ours), ("torch", base)):

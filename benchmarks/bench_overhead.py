@@ -1,7 +1,7 @@
 """The interpreter's per-call overhead: a tiny AlexNet, ours against the hand-written model.
 
     python benchmarks/bench_overhead.py [--device cpu|cuda] [--reps 5] [--calls 200] [--cpu_paths]
-                                        [--loss_read late|now] [--cprofile N]
+                                        [--loss_read late|now] [--host_reads pycaffe|both|none] [--cprofile N]
 
 BVLC AlexNet's topology (grouped convs, LRN, ceil-mode pooling, dropout, SoftmaxWithLoss) with
 every layer made tiny (widths 8/16/24/24/16, fc 64/64/10, a 67x67 input, batch 1), so that the
@@ -11,6 +11,10 @@ a hand-written model (docs/benchmarks.md: ratio ~1.6 at batches 1-10 on an H200)
 measured on a CPU: by default the CPU run takes the code paths a GPU takes (no oneDNN
 InnerProduct, no channels_last max pooling, the LRN over the whole batch, the SGD update through
 foreach operations, host copies behind ``.data``/``.diff``), ``--cpu_paths`` keeps the CPU's own. One thread unless ``--threads``.
+
+``--host_reads`` as in bench_alexnet.py: ``pycaffe`` (default) ours reads its outputs / loss
+through pycaffe's APIs and the baseline nothing; ``both``: the baseline reads them too; ``none``:
+neither (ours through ``net.run`` and ``forward_backward_pending``; ``iter`` unchanged).
 
 Prints, for ``fwd`` / ``fwd_bwd`` / ``iter`` (as in bench_alexnet.py), the median over ``--reps``
 alternating rounds of the mean time of ``--calls`` calls, ours and the baseline's, and the ratio.
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--loss_read", default="late", choices=["late", "now"], help="our solver on a GPU: loss read late or at once"
     )
+    p.add_argument("--host_reads", default="pycaffe", choices=["pycaffe", "both", "none"])
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     solver = SGDSolver(sp, source="<bench>", net=train_net, device=device)
     solver.fused_update = not gpu_paths
-    solver.lag_loss_read = args.loss_read == "late"
+    solver.lag_loss_read = args.loss_read == "late" and args.host_reads != "both"
     solver.foreach_update = gpu_paths  # on CUDA the default; on the CPU forced to take the GPU path
 
     model = TorchAlexNet(NUM_CLASSES, WIDTHS, pool5_size=1).to(device)  # the same tiny net, hand-written
@@ -130,23 +135,36 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=foreach)
     xd, yd = x.to(device), y.to(device).long()
 
+    reads, xin = args.host_reads, x.to(device)
+
     def ours_fwd():
         with torch.no_grad():
-            test_net.forward()
+            if reads == "none":
+                test_net.run(data=xin)
+            else:
+                test_net.forward()
 
     def ours_fwd_bwd():
         train_net.clear_param_diffs()
-        train_net.forward_backward()
+        if reads == "none":
+            train_net.forward_backward_pending()
+        else:
+            train_net.forward_backward()
 
     def torch_fwd():
         model.eval()
         with torch.no_grad():  # our TEST net ends with Softmax ("prob"): the same work here
-            torch.softmax(model(xd), dim=1)
+            prob = torch.softmax(model(xd), dim=1)
+            if reads == "both":
+                prob.cpu().numpy()
 
     def torch_fwd_bwd():
         model.train()
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xd), yd).backward()
+        loss = F.cross_entropy(model(xd), yd)
+        loss.backward()
+        if reads == "both":
+            loss.item()
 
     def torch_iter():
         torch_fwd_bwd()
@@ -156,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         return mean_call_us(fn, args.calls, device)
 
     paths = "GPU paths" if gpu_paths else "CPU paths"
-    print(f"# tiny AlexNet, batch 1, {SIZE}x{SIZE}, device {device} ({paths}), {torch.get_num_threads()} thread(s)")
+    print(
+        f"# tiny AlexNet, batch 1, {SIZE}x{SIZE}, device {device} ({paths}), {torch.get_num_threads()} thread(s), "
+        f"host reads {reads}"
+    )
     print(f"{'what':>8} {'ours us':>9} {'torch us':>9} {'ratio':>6}")
     pairs = (
         ("fwd", ours_fwd, torch_fwd),

@@ -49,16 +49,21 @@ def host_copies_out() -> bool:
     return len(_outstanding) > 0
 
 
-def sync_host_copies(blob_part: str | None, params: bool = True) -> None:
+def sync_host_copies(blob_part: str | None, params: bool = True, recomputed=()) -> None:
     """Send every outstanding host copy back to its device (any net's: an earlier write-back of
     what was written there anyway): the parameters' data and diffs (``params``) and the blobs'
-    ``blob_part`` ("data", "diff", or None for neither)."""
+    ``blob_part`` ("data", "diff", or None for neither). The ``blob_part`` copies of the blobs in
+    ``recomputed`` (a pass about to replace their tensors before anything reads them) are dropped
+    instead: copying them back would be work, and on a GPU a wait, for values nothing reads."""
     for holder in list(_outstanding):
         if isinstance(holder, ParamBlob):
             if params:
                 holder.sync_to_device()
         elif blob_part is not None:
-            holder.sync_to_device(blob_part)
+            if holder in recomputed:
+                holder._drop_host_copy(blob_part)
+            else:
+                holder.sync_to_device(blob_part)
 
 
 def _view(t: torch.Tensor) -> np.ndarray:
@@ -87,6 +92,11 @@ class _HostSynced:
     def _drop_host_copies(self) -> None:
         self._host_cache.clear()
         _outstanding.discard(self)
+
+    def _drop_host_copy(self, which: str) -> None:
+        self._host_cache.pop(which, None)
+        if not self._host_cache:
+            _outstanding.discard(self)
 
     def sync_to_device(self, which: str | None = None) -> None:
         """Copy the host copies handed out since the last sync back to the device, and drop them."""

@@ -529,6 +529,18 @@ class Net(nn.Module):
         self._diffs_cleared = False
         self._overwritten = False
 
+        # blobs a whole pass replaces before anything reads them: their first use is as the top
+        # of a computing layer (a host copy handed out of them need not go back before that pass)
+        used: set[str] = set()
+        recomputed = []
+        for li, layer in enumerate(self.layers):
+            used.update(self._bottoms[li])
+            for t in self._tops[li]:
+                if t not in used and not getattr(layer, "is_net_input", False):
+                    recomputed.append(self.blobs[t])
+                used.add(t)
+        self._recomputed = frozenset(recomputed)
+
         self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
         self.params: OrderedDict[str, list[ParamBlob]] = OrderedDict(
             (n, [ParamBlob(p) for p in layer.blobs])
@@ -705,11 +717,13 @@ class Net(nn.Module):
         if overwrote:
             self._overwritten = True
 
-    def _prepare_inputs(self) -> None:
+    def _prepare_inputs(self, whole: bool = True) -> None:
+        """Before a pass: host copies back to the device, the inputs' autograd flags set.
+        ``whole``: the pass runs every layer (the blobs it computes need no copy back)."""
         self._sync_mode()
         grad_on = torch.is_grad_enabled()
         if _blob.uses_host_mirror(self._device) and _blob.host_copies_out():
-            _blob.sync_host_copies("data")
+            _blob.sync_host_copies("data", recomputed=self._recomputed if whole else ())
         for b in self.inputs:
             blob = self.blobs[b]
             t = blob.tensor
@@ -755,7 +769,7 @@ class Net(nn.Module):
             blob.data[...] = arr
         s = self._layer_index(start, 0)
         e = self._layer_index(end, len(self.layers) - 1)
-        self._prepare_inputs()
+        self._prepare_inputs(whole=s == 0 and e == len(self.layers) - 1)
         self._overwritten = False
         if (
             self._compile_options is not None

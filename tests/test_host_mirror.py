@@ -57,3 +57,33 @@ def test_numpy_writes_reach_the_device_copy(mirrored, tmp_path):
     np.testing.assert_allclose(y, x.sum(1, keepdims=True) + 0.5 + np.zeros((2, 2)), rtol=1e-6)
     # the device tensor itself holds the written weights
     assert float(net.layer_dict["ip"].blobs[0].detach().sum()) == pytest.approx(6.0)
+
+
+def test_a_whole_pass_drops_host_copies_of_the_blobs_it_recomputes(mirrored, tmp_path):
+    """A host copy of a computed blob is not sent back before a pass that replaces the blob (on
+    a GPU a copy and a wait for nothing); a partial pass that reads the blob still gets it."""
+    p = tmp_path / "n.prototxt"
+    p.write_text(
+        'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 2 } }\n'
+        'layer { name: "relu" type: "ReLU" bottom: "y" top: "y" }\n'
+        'layer { name: "scale" type: "Power" bottom: "y" top: "z" power_param { scale: 2 } }\n'
+    )
+    net = caffe.Net(str(p), caffe.TEST)
+    net.params["ip"][0].data[...] = 1.0
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    net.blobs["x"].data[...] = x
+    net.forward()
+    handed_out = net.blobs["y"]._data
+    net.blobs["y"].data[...] = -7.0  # written into the host copy of a blob the next pass computes
+    net.blobs["x"].data[...] = x + 1  # an input: must reach the device
+    out = net.forward()
+    np.testing.assert_allclose(out["z"], 2 * np.maximum((x + 1).sum(1, keepdims=True) + np.zeros((2, 2)), 0))
+    assert float(handed_out.min()) != -7.0, "the host copy of a recomputed blob was copied back"
+    assert not blob_mod.host_copies_out() or net.blobs["y"] not in blob_mod._outstanding
+    # a pass from the ReLU on reads "y": the written copy goes back first
+    net.blobs["y"].data[...] = -3.0
+    out = net.forward(start="relu")
+    np.testing.assert_allclose(out["z"], np.zeros((2, 2)))
+    net.blobs["y"].data[...] = 3.0
+    np.testing.assert_allclose(net.forward(start="scale")["z"], np.full((2, 2), 6.0))

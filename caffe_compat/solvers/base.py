@@ -399,7 +399,9 @@ class Solver:
                 f"{self.source}: snapshot is {p.snapshot} but snapshot_prefix is not set; "
                 'set snapshot_prefix: "path/prefix"'
             )
-        probe = self._snapshot_filename(".tempfile")
+        # Caffe's probe file, made unique to this process: processes of one training (several
+        # GPUs, pycaffe's NCCL) build their solvers in the same directory at the same time
+        probe = f"{self._snapshot_filename('.tempfile')}.{os.getpid()}"
         try:
             with open(probe, "wb"):
                 pass

@@ -79,11 +79,13 @@ class SGDSolver(Solver):
         momentum = float(self.param.momentum)
         if not (self.fused_kernel and momentum) or ws[0].dtype != torch.float32:
             return False
+        if not _fused_sgd_matches(ws[0].device, whole=True):  # cached: first, before the per-tensor checks
+            return False
         for w, g, h in zip(ws, gs, hs):
             if g is None or not (w.stride() == g.stride() == h.stride()) or not _dense(w):
                 return False
         groups = self._kernel_groups(indices, rate)
-        if groups is None or not _fused_sgd_matches(ws[0].device, whole=True):
+        if groups is None:
             return False
         for decay, local_rate, sel in groups:
             _fused_sgd([ws[j] for j in sel], [gs[j] for j in sel], [hs[j] for j in sel], decay, momentum, local_rate)
