@@ -25,6 +25,7 @@ import argparse
 import os
 import statistics
 import sys
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +137,24 @@ def check_replay(batch: int, device: torch.device, x, y, k: int = 3, graphs: boo
     return _max_rel_diff([p.detach() for p in net.learnable_params], eager)
 
 
+def _torch_capture_works(device: torch.device, x, y) -> str:
+    """Whether the hand-written model's training step captures (in a fresh CUDA context state)."""
+    try:
+        model = TorchAlexNet().to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        xd, yd = x.to(device), y.to(device)
+
+        def step() -> None:
+            F.cross_entropy(model(xd), yd).backward()
+            opt.step()
+
+        _capture(step, lambda: opt.zero_grad(set_to_none=True), device).replay()
+        torch.cuda.synchronize(device)
+        return "captures"
+    except Exception as e:  # noqa: BLE001
+        return f"fails too ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+
+
 def _probe_batch(batch: int, device: torch.device, iters: int, reps: int) -> str:
     """One row of the table (or the reason the capture failed)."""
     torch.manual_seed(0)
@@ -143,7 +162,13 @@ def _probe_batch(batch: int, device: torch.device, iters: int, reps: int) -> str
     try:
         diff = check_replay(batch, device, x, y)
     except Exception as e:  # noqa: BLE001 - the probe reports what failed
-        return f"{batch:5d}  FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        # where (our frames last), and whether the hand-written model's step captures at this batch
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "caffe_compat" in f.filename][-4:]
+        where = "; ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames)
+        return (
+            f"{batch:5d}  FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n#   at {where or '?'}\n"
+            f"#   the hand-written model's step at this batch: {_torch_capture_works(device, x, y)}"
+        )
     net, solver = _ours(batch, device, x, y)
     eager_ms = _median_ms(lambda: solver.step(1), device, iters, reps)
     graph = _capture(lambda: _our_step(net, solver), lambda: _clear_grads(net), device)
