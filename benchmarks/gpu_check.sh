@@ -12,7 +12,8 @@
 #      the CUDA-only tests;
 #   2. tools/train.py --gpu 0 on the `caffe train` fixture (float32, then --channels_last), its
 #      snapshot against Caffe's;
-#   3. the AlexNet benchmark in float32 (IEEE, TF32 off) with the peak CUDA allocation, the
+#   3. the AlexNet benchmark in float32 (IEEE, TF32 off) with the peak CUDA allocation, then at
+#      batches 1-10 with the same host reads on both sides (--host_reads both, session 9), the
 #      probe of the training step captured in one CUDA graph (cuda_graph_probe.py, session 7), the
 #      iteration with the solver's loss read at once (before session 6), the interpreter's
 #      per-call overhead on a tiny AlexNet (bench_overhead.py; host time by Python function in
@@ -93,6 +94,8 @@ print('torch._fused_sgd_ bit-identical to the foreach SGD update on this GPU (us
 sgd._fused_sgd_matches(torch.device('$DEVICE', 0) if '$DEVICE' == 'cuda' else torch.device('cpu'), whole=True))" \
     2>&1 | tee -a "$LOG"
 bench 150 --batches 1,10,64,128 --reps 5 --iters 20 --memory
+say "== 3a0. batches 1-10, both sides reading the same results back (--host_reads both; session 9) [${SECONDS}s]"
+bench 60 --batches 1,4,10 --reps 7 --iters 30 --host_reads both
 say "== 3a1. probe: the training step captured in one CUDA graph, against eager and the hand-written model's graph [${SECONDS}s]"
 timeout "$(limit 90)" python3 benchmarks/cuda_graph_probe.py --batches 1,10 --iters 30 --reps 3 2>&1 | grep -v '^USDT' | tee -a "$LOG"
 say "== 3a2. the iteration with the loss read at once (the host waits for the device each iteration; compare with 3a) [${SECONDS}s]"
