@@ -123,8 +123,8 @@ timeout "$(limit 90)" python3 benchmarks/bench_alexnet.py --device "$DEVICE" --b
     --what fwd_bwd,iter --profile > "$OUT/profile.log" 2>&1
 grep -E '^# (ours|torch) [a-z_]+: |^#   cuda' "$OUT/profile.log" | tee -a "$LOG"
 
-say "== 3g. opt-in torch.compile (CUDA graphs) at small batches, both sides (one graph per pass since session 6) [${SECONDS}s]"
-bench 150 --batches 1,10 --reps 3 --what fwd_bwd,iter --compile --compile_mode reduce-overhead --baseline_same
+say "== 3g. opt-in torch.compile (CUDA graphs) at small batches, both sides, the same host reads (session 9) [${SECONDS}s]"
+bench 150 --batches 1,10 --reps 3 --what fwd_bwd,iter --compile --compile_mode reduce-overhead --baseline_same --host_reads both
 
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$NGPU" -ge 2 ]; then
