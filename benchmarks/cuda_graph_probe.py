@@ -137,18 +137,24 @@ def check_replay(batch: int, device: torch.device, x, y, k: int = 3, graphs: boo
     return _max_rel_diff([p.detach() for p in net.learnable_params], eager)
 
 
+def _torch_side(device: torch.device, x, y):
+    """The hand-written model's training step (forward, backward, SGD) and its gradient reset."""
+    model = TorchAlexNet().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    xd, yd = x.to(device), y.to(device)
+
+    def step() -> None:
+        F.cross_entropy(model(xd), yd).backward()
+        opt.step()
+
+    return step, lambda: opt.zero_grad(set_to_none=True)
+
+
 def _torch_capture_works(device: torch.device, x, y) -> str:
     """Whether the hand-written model's training step captures (in a fresh CUDA context state)."""
     try:
-        model = TorchAlexNet().to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        xd, yd = x.to(device), y.to(device)
-
-        def step() -> None:
-            F.cross_entropy(model(xd), yd).backward()
-            opt.step()
-
-        _capture(step, lambda: opt.zero_grad(set_to_none=True), device).replay()
+        step, clear = _torch_side(device, x, y)
+        _capture(step, clear, device).replay()
         torch.cuda.synchronize(device)
         return "captures"
     except Exception as e:  # noqa: BLE001
@@ -174,20 +180,14 @@ def _probe_batch(batch: int, device: torch.device, iters: int, reps: int) -> str
     graph = _capture(lambda: _our_step(net, solver), lambda: _clear_grads(net), device)
     graph_ms = _median_ms(graph.replay, device, iters, reps)
 
-    model = TorchAlexNet().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    xd, yd = x.to(device), y.to(device)
-
-    def torch_step() -> None:
-        F.cross_entropy(model(xd), yd).backward()
-        opt.step()
+    torch_step, torch_clear = _torch_side(device, x, y)
 
     def torch_eager() -> None:
-        opt.zero_grad(set_to_none=True)
+        torch_clear()
         torch_step()
 
     torch_ms = _median_ms(torch_eager, device, iters, reps)
-    tgraph = _capture(torch_step, lambda: opt.zero_grad(set_to_none=True), device)
+    tgraph = _capture(torch_step, torch_clear, device)
     tgraph_ms = _median_ms(tgraph.replay, device, iters, reps)
     return (
         f"{batch:5d}  {'ok':>7}  {diff:12.2e}  {eager_ms:13.2f}  {graph_ms:13.2f}  {torch_ms:14.2f}  "
