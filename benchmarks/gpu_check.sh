@@ -95,7 +95,7 @@ sgd._fused_sgd_matches(torch.device('$DEVICE', 0) if '$DEVICE' == 'cuda' else to
     2>&1 | tee -a "$LOG"
 bench 150 --batches 1,10,64,128 --reps 5 --iters 20 --memory
 say "== 3a0. batches 1-10, both sides reading the same results back (--host_reads both; session 9) [${SECONDS}s]"
-bench 60 --batches 1,4,10 --reps 7 --iters 30 --host_reads both
+bench 75 --batches 1,4,10 --reps 9 --iters 30 --host_reads both
 say "== 3a1. probe: the training step captured in one CUDA graph, against eager and the hand-written model's graph [${SECONDS}s]"
 timeout "$(limit 90)" python3 benchmarks/cuda_graph_probe.py --batches 1,10 --iters 30 --reps 3 2>&1 | grep -v '^USDT' | tee -a "$LOG"
 say "== 3a2. the iteration with the loss read at once (the host waits for the device each iteration; compare with 3a) [${SECONDS}s]"
