@@ -214,7 +214,7 @@ class ConvolutionLayer(_BaseConvolution):
     """
 
     def _out_size(self, size, k, s, p, d):
-        return _c_div(size + 2 * p - (d * (k - 1) + 1), s) + 1
+        return conv_out_size(size, k, s, p, d)
 
     def tail_pads(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         """Zeros to add after each spatial axis of a bottom of these sizes so that a floor-mode
@@ -338,6 +338,12 @@ def _c_div(a: int, b: int) -> int:
     return q if (a >= 0) == (b > 0) else -q
 
 
+def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    """Caffe's convolution (and im2col) output size along one axis, in C's integer division:
+    ``(size + 2p − (d(k − 1) + 1)) / s + 1``."""
+    return _c_div(size + 2 * p - (d * (k - 1) + 1), s) + 1
+
+
 @register_layer("Im2col")
 class Im2colLayer(Layer):
     """Caffe's Im2col: every kernel window of the bottom laid out as a column, as Convolution does
@@ -401,7 +407,7 @@ class Im2colLayer(Layer):
         out = []
         for i, n in enumerate(shape[self.axis + 1 :]):
             k, s, p, d = self.kernel[i], self.stride[i], self.pad[i], self.dilation[i]
-            o = _c_div(n + 2 * p - (d * (k - 1) + 1), s) + 1
+            o = conv_out_size(n, k, s, p, d)
             if o <= 0:
                 raise self.error(
                     f"spatial axis {i} of size {n} gives an output of size {o} with kernel {k}, stride {s}, "

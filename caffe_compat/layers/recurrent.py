@@ -20,12 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from caffe_compat.layers.base import Layer, register_layer
+from caffe_compat.layers.common import _shape_str
 
 __all__ = ["RecurrentLayer", "LSTMLayer", "RNNLayer", "LSTMUnitLayer", "lstm_unit"]
-
-
-def _shape_str(shape) -> str:
-    return "(" + ", ".join(str(int(d)) for d in shape) + ")"
 
 
 # ---------------------------------------------------------------------------------------------
