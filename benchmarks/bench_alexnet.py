@@ -6,6 +6,7 @@
                                        [--baseline_same] [--fwd_api forward|run] [--profile] [--memory]
                                        [--no_label_check] [--lrn_window auto|slices|reduction]
                                        [--loss_read late|now] [--host_reads pycaffe|both|none]
+                                       [--cuda_graph]
 
 Both models have BVLC AlexNet's topology (``prototxt/alexnet_deploy.prototxt``: grouped convs,
 LRN, ceil-mode max pooling, dropout) and are timed in one process, alternating, on the same
@@ -25,6 +26,11 @@ input; the figure is the median over ``--reps`` alternating rounds of the mean o
   backward, ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4).step()``). On a GPU our solver
   reads each iteration's loss once the next one is queued (``--loss_read now``: at once, i.e. the
   host waits for the device every iteration, as before session 6).
+
+``--cuda_graph`` (a GPU): our training passes (``fwd_bwd``, and in ``iter`` the solver's pass; the
+update stays eager) replay one CUDA graph (``Net.use_cuda_graph``); with ``--baseline_same`` the
+hand-written ``fwd_bwd`` and ``iter`` are captured too (torch's whole-network recipe, the optimizer
+step inside the graph), else the baseline stays eager.
 
 What each side reads back to the host per call (``--host_reads``; it matters on a GPU, where a
 read waits for the device and stops the host from queuing the next call ahead of it):
@@ -206,6 +212,9 @@ class Ours:
             self.solver.fused_update = opts.fused_update != "off"
             self.solver.compiled_update = opts.fused_update == "compile"
             self.solver.fused_kernel = opts.fused_update == "on"
+            if getattr(opts, "cuda_graph", False):  # forward_backward and the solver's passes: one graph
+                self.solver.cuda_graph = True
+                self.solver._use_cuda_graph(True)
         self.fwd_api = getattr(opts, "fwd_api", "forward") if opts is not None else "forward"
         self.reads = getattr(opts, "host_reads", "pycaffe") if opts is not None else "pycaffe"
         if self.reads == "none":
@@ -248,6 +257,7 @@ class Baseline:
         amp: torch.dtype | None = None,
         compile_mode: str = "",
         reads: bool = False,
+        graph: bool = False,
     ):
         self.model = TorchAlexNet().to(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -260,6 +270,39 @@ class Baseline:
         )
         self.device, self.amp = device, amp
         self.reads = reads  # read the outputs / the loss on the host, as ours does (--host_reads both)
+        # --cuda_graph --baseline_same: the training calls replayed from graphs (torch's recipe)
+        self.graphs = {"fwd_bwd": None, "iter": None} if graph else None
+
+    def _graphed(self, what: str) -> None:
+        """Replay ``what``'s CUDA graph, capturing it at the first call (after warm-up calls on
+        the capture's side stream); the loss is a static tensor, read like the eager one."""
+        g = self.graphs[what]
+        if g is None:
+            step = what == "iter"
+
+            def body() -> torch.Tensor:
+                loss = self._loss()
+                loss.backward()
+                if step:
+                    self.opt.step()
+                return loss
+
+            self.model.train()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.opt.zero_grad(set_to_none=True)
+                    body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.opt.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loss = body()
+            g = self.graphs[what] = (graph, loss)
+        g[0].replay()
+        if self.reads:
+            g[1].item()
 
     def _loss(self) -> torch.Tensor:
         if self.amp is None:
@@ -275,6 +318,8 @@ class Baseline:
                 prob.cpu().numpy()
 
     def fwd_bwd(self) -> None:
+        if self.graphs is not None:
+            return self._graphed("fwd_bwd")
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         loss = self._loss()
@@ -283,6 +328,8 @@ class Baseline:
             loss.item()
 
     def iter(self) -> None:
+        if self.graphs is not None:
+            return self._graphed("iter")
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         loss = self._loss()
@@ -427,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
         "sides (both: outputs / loss read each call; none: nothing read, ours through net.run and "
         "forward_backward_pending)",
     )
+    p.add_argument(
+        "--cuda_graph",
+        action="store_true",
+        help="ours: training passes replayed from a CUDA graph (Net.use_cuda_graph); with --baseline_same the "
+        "hand-written training calls too (torch's whole-network capture)",
+    )
     p.add_argument("--memory", action="store_true", help="peak memory of a training step (CPU: RSS)")
     p.add_argument("--_memchild", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -473,8 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"# ours: precision {args.precision}, compile {args.compile}, channels_last {args.channels_last}, "
-        f"fused_update {args.fused_update}; baseline: precision {args.precision if amp else 'fp32'}, "
-        f"compile {base_compile}; host reads {args.host_reads}"
+        f"fused_update {args.fused_update}, cuda_graph {args.cuda_graph}; baseline: precision "
+        f"{args.precision if amp else 'fp32'}, compile {base_compile}, cuda_graph {args.cuda_graph and args.baseline_same}; "
+        f"host reads {args.host_reads}"
     )
     header = (
         f"{'batch':>5} {'what':>8} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} {'ours img/s':>10} {'torch img/s':>11}"
@@ -495,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             amp=amp,
             compile_mode=args.compile_mode,
             reads=args.host_reads == "both",
+            graph=args.cuda_graph and args.baseline_same,
         )
         iters = args.iters or max(2, min(10, 40 // batch))
         if args.compile:  # the first calls compile (forward, forward+backward): time them once

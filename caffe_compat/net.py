@@ -251,6 +251,8 @@ class Net(nn.Module):
     supports_diff_alias = True
     #: pycaffe's per-layer forward callbacks: (before, after) lists of fn(layer index), or None
     _layer_callbacks: tuple[list, list] | None = None
+    #: ``use_cuda_graph``'s runner (caffe_compat.cuda_graph.GraphedPass), or None: eager passes
+    _graphed = None
     #: Caffe's debug_info: log every layer's mean |data| after its forward and mean |diff| after
     #: its backward (``NetParameter.debug_info``; a solver sets it at display iterations when its
     #: own ``debug_info`` is true). Bottoms seen by the last forward, for the backward's log.
@@ -1007,6 +1009,24 @@ class Net(nn.Module):
         self._compiled_fn = None
         return self
 
+    def use_cuda_graph(self, enable: bool = True, warmup: int = 2, graph_factory=None) -> Net:
+        """Opt-in, on a GPU: ``forward_backward`` (and a solver's training passes) replayed from
+        one CUDA graph, recorded once, instead of running each layer's Python every pass. At
+        small batches the host's Python bounds a pass on a GPU; the graph removes it. The first
+        ``warmup`` passes run eagerly, the next one captures; a new input shape or parameter
+        storage captures again. The kernels are the eager pass's (the same float32 values),
+        except Dropout's masks (the graph's own random offsets). Conditions and details:
+        ``caffe_compat.cuda_graph``; a layer the graph cannot replay raises ``NetError`` here.
+        ``graph_factory``: a stand-in for ``torch.cuda.CUDAGraph`` (the CPU tests). Returns the net.
+        """
+        if enable:
+            from caffe_compat.cuda_graph import GraphedPass
+
+            self._graphed = GraphedPass(self, warmup, graph_factory)
+        else:
+            self._graphed = None
+        return self
+
     def _first_compiled_layer(self) -> int:
         k = 0
         while k < len(self.layers) and not self._bottoms[k]:
@@ -1176,7 +1196,16 @@ class Net(nn.Module):
         """``forward_backward`` whose loss is read later: on a GPU the pass is only queued, and
         the loss value (with the loss layers' deferred label checks) is copied to the host
         asynchronously; ``.value()`` waits for that copy alone, not for work queued after the
-        pass. A solver reads it one iteration late, so the GPU never waits for the host."""
+        pass. A solver reads it one iteration late, so the GPU never waits for the host.
+        After ``use_cuda_graph()`` the pass is replayed from a CUDA graph."""
+        graphed = self._graphed
+        if graphed is not None:
+            graphed.check_call(loss_scale)
+            if not graphed.runs_eagerly():
+                return graphed.forward_backward(lambda: self._eager_forward_backward(loss_scale))
+        return self._eager_forward_backward(loss_scale)
+
+    def _eager_forward_backward(self, loss_scale: float) -> PendingLoss:
         low = autocast_dtype()
         # on a GPU the loss layers' label checks are read back with the loss (one synchronisation
         # per pass, at its end, made by PendingLoss.value()); the compiled path's graph computes

@@ -13,7 +13,9 @@ train and test nets; replaces the solver's ``weights``), ``--snapshot`` (resume 
 ``M`` instead of the solver's (``net: M``); speed opt-ins that depart from Caffe's float32 order
 of operations (docs/benchmarks.md): ``--precision bf16|fp16`` (autocast, float32 master weights;
 fp16 with loss scaling), ``--channels_last`` (the nets' 4-D tensors in NHWC), ``--compile``
-(``torch.compile`` of the nets; the first iterations compile). Without ``--gpu``, ``solver_mode: GPU`` in the solver
+(``torch.compile`` of the nets; the first iterations compile). ``--cuda_graph`` (one GPU, float32)
+replays each training pass from a CUDA graph: the same kernels, without the per-layer Python that
+bounds small batches on a GPU (``caffe_compat.cuda_graph``). Without ``--gpu``, ``solver_mode: GPU`` in the solver
 file uses GPU ``device_id`` when CUDA is available and the CPU otherwise (with a warning).
 
 Several GPUs (Caffe's multi-GPU training, see docs/multi_gpu.md): ``--gpu 0,1`` or ``--gpu all``
@@ -86,6 +88,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the nets (opt-in; the first iterations compile)"
     )
+    p.add_argument(
+        "--cuda_graph",
+        action="store_true",
+        help="one GPU: replay each training pass from a CUDA graph (the same kernels without the per-layer Python)",
+    )
     return p
 
 
@@ -136,6 +143,8 @@ def _run(args, param: caffe_pb2.SolverParameter) -> int:
             for net in [solver.net, *solver.test_nets]:
                 net.to(memory_format=torch.channels_last)
             log.info("Nets in channels_last memory format (--channels_last)")
+        if getattr(args, "cuda_graph", False):
+            solver.cuda_graph = True
         with SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
             solver.set_action_function(handler.action)
             if args.snapshot:

@@ -164,7 +164,10 @@ def _check_label_range(
             values = raw.detach()
         else:
             values, ignore = _counted_range(labels, valid), None
-        _deferred.records.append((layer, values.to("cpu", non_blocking=True, copy=True), num_classes, ignore))
+        if not (values.is_cuda and torch.cuda.is_current_stream_capturing()):
+            values = values.to("cpu", non_blocking=True, copy=True)
+        # else: a CUDA graph's capture (caffe_compat.cuda_graph), which copies them after each replay
+        _deferred.records.append((layer, values, num_classes, ignore))
         return labels.clamp(0, num_classes - 1)
     if valid is None:
         if labels.device.type == "cpu" and labels.numel() <= _RAW_LABEL_CHECK:

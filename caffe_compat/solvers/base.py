@@ -243,6 +243,11 @@ class Solver:
     #: On a GPU, read an iteration's loss after the next iteration is queued (see ``step``);
     #: False: read it at once (the host then waits for every pass; a measurement switch).
     lag_loss_read: bool = True
+    #: Opt-in (one CUDA device, float32): each training pass replayed from one CUDA graph
+    #: (``Net.use_cuda_graph``; ``tools/train.py --cuda_graph``): the same kernels without the
+    #: per-layer Python, which bounds small batches on a GPU. The update stays eager.
+    cuda_graph: bool = False
+    _cuda_graph_applied: bool = False
 
     def __init__(
         self,
@@ -791,10 +796,31 @@ class Solver:
         """One training pass; its loss as something with ``value()`` (a ``PendingLoss`` of the
         net, read later on a GPU)."""
         scale = 1.0 if self.loss_scaler is None else self.loss_scaler.scale
+        if self.cuda_graph != self._cuda_graph_applied:  # the switch changed since the last pass
+            self._use_cuda_graph(self.cuda_graph)
         pending = getattr(self.net, "forward_backward_pending", None)
         if pending is None:  # a net of another kind: read at once
             return _Ready(self.net.forward_backward() if scale == 1.0 else self.net.forward_backward(loss_scale=scale))
         return pending(scale)
+
+    def _use_cuda_graph(self, on: bool) -> None:
+        """Turn the train net's CUDA graph on or off (``cuda_graph``), checking what it needs."""
+        if on:
+            why = None
+            if not hasattr(self.net, "use_cuda_graph"):
+                why = "the train net is not a caffe_compat Net"
+            elif self.world_size > 1:
+                why = "training with several processes (their gradient exchange runs per pass in Python)"
+            elif self.loss_scaler is not None:
+                why = "fp16 loss scaling"
+            if why is not None:
+                raise SolverError(f"{self.source}: CUDA graphs are not supported with {why}; train without them")
+            warmup = 2
+            logger.info("Training passes replayed from a CUDA graph (captured after %d eager passes)", warmup)
+            self.net.use_cuda_graph(True, warmup=warmup)
+        elif hasattr(self.net, "use_cuda_graph"):
+            self.net.use_cuda_graph(False)
+        self._cuda_graph_applied = on
 
     @property
     def smoothed_loss(self) -> np.float32:

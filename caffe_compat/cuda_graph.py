@@ -1,0 +1,262 @@
+"""Opt-in: a net's training pass replayed from one CUDA graph (``Net.use_cuda_graph``).
+
+At batches 1-10 on a GPU the host's Python, not the device, bounds an eager training pass: every
+layer's Python and every kernel launch cost host microseconds while the kernels themselves take
+fewer (docs/benchmarks.md). A CUDA graph records the kernels of one pass once and then launches
+them all with one call, so the per-layer Python runs once instead of every iteration.
+
+What is captured: the net's layers after its leading bottomless ones (Input and data layers:
+their batches are produced on the host at every pass, as in an eager pass, and copied into the
+graph's input tensors), the loss and the backward into the parameters' diffs. The kernels are the
+ones the eager pass launches, so the values are the eager pass's (Dropout draws its masks from
+the graph's own offsets of the CUDA generator: other masks than an eager pass would draw). The
+loss layers' label checks stay: the graph leaves each pass's labels (or their range) on the
+device and they are read back with the loss, as in an eager pass on a GPU.
+
+The first ``warmup`` passes run eagerly (cuDNN, cuBLAS and the layers' per-shape state settle);
+the next one captures. A later pass captures again when an input's shape or dtype, or a
+parameter's storage, changed (``net.reshape``, ``restore``, ``net.to``). Passes that need the
+per-layer Python run eagerly: Caffe's ``debug_info`` and ``before_forward``/``after_forward``
+callbacks. Needs (else ``NetError`` saying what to change): the net on a CUDA device, float32
+(no bf16/fp16 autocast), no ``Net.compile``, a loss scale of 1, no bottomless layer after a
+computing one, no ``Python`` layer in the captured part (its code would run once, at the capture).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from caffe_compat import blob as _blob
+from caffe_compat.errors import NetError
+from caffe_compat.layers import loss as _loss_layers
+
+__all__ = ["GraphedPass"]
+
+
+class _CudaGraph:
+    """One ``torch.cuda.CUDAGraph`` captured on a side stream of the device."""
+
+    def __init__(self, device: torch.device):
+        self.graph = torch.cuda.CUDAGraph()
+        self.stream = torch.cuda.Stream(device)
+
+    def capture(self, body: Callable[[], tuple], collect: Callable[[tuple], list]) -> tuple:
+        # thread_local: other threads (a data layer's prefetching) may use CUDA meanwhile
+        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
+            return body()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class GraphedPass:
+    """``Net.forward_backward_pending`` of one net through a CUDA graph (see the module's doc).
+
+    ``graph_factory(device)`` makes the graph object: ``capture(body, collect)`` records
+    ``body()`` and returns its result, ``replay()`` runs it again writing into the same tensors
+    (``collect(result)`` lists the tensors the graph writes that are read after it; the CPU
+    tests' stand-in for a CUDA graph re-runs ``body`` and copies into those).
+    """
+
+    def __init__(self, net, warmup: int = 2, graph_factory: Callable[[torch.device], object] | None = None):
+        self.net = net
+        self.warmup = max(int(warmup), 1)
+        self.graph_factory = graph_factory or _CudaGraph
+        self.prefix = self._check_layers()
+        self.captures = 0  # how many times a graph was captured (tests, logs)
+        self._eager_passes = 0
+        self._graph = None
+        self._key = None
+
+    # -- eligibility --------------------------------------------------------------------------
+
+    def _check_layers(self) -> int:
+        """The number of leading bottomless layers (run eagerly at every pass); raises for a
+        layer the graph cannot replay."""
+        net = self.net
+        prefix = 0
+        while prefix < len(net.layers) and not net._bottoms[prefix]:
+            prefix += 1
+        for li in range(prefix, len(net.layers)):
+            layer, name = net.layers[li], net._layer_names[li]
+            if not net._bottoms[li]:
+                raise NetError(
+                    f"{net.source}: CUDA graphs: layer {name!r} ({layer.type}) has no bottoms but comes after "
+                    "computing layers; its output would be recorded once. Move it before the first layer with "
+                    "bottoms, or train without CUDA graphs"
+                )
+            if layer.type == "Python":
+                raise NetError(
+                    f"{net.source}: CUDA graphs: layer {name!r} is a Python layer, whose code would run once, at "
+                    "the capture, and never again; train without CUDA graphs"
+                )
+        return prefix
+
+    def check_call(self, loss_scale: float) -> None:
+        net = self.net
+        if net._device.type != "cuda" and self.graph_factory is _CudaGraph:
+            raise NetError(
+                f"{net.source}: CUDA graphs need the net on a CUDA device (it is on {net._device}); "
+                "caffe_compat.set_mode_gpu() or net.to('cuda') first"
+            )
+        if loss_scale != 1.0:
+            raise NetError(f"{net.source}: CUDA graphs: loss scale {loss_scale} (fp16 loss scaling) is not supported")
+        from caffe_compat.mode import autocast_dtype
+
+        if autocast_dtype() is not None:
+            raise NetError(f"{net.source}: CUDA graphs train in float32 only; set the precision back to fp32")
+        if net._compile_options is not None:
+            raise NetError(f"{net.source}: CUDA graphs and Net.compile exclude each other; use one of them")
+
+    def runs_eagerly(self) -> bool:
+        """Whether this pass needs the per-layer Python (debug_info, layer callbacks)."""
+        return bool(self.net.debug_info) or self.net._layer_callbacks is not None
+
+    # -- the pass -----------------------------------------------------------------------------
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.net.learnable_params if p.requires_grad]
+
+    def _shape_key(self) -> tuple:
+        """What a captured graph depends on: the inputs' shapes and dtypes, every parameter's
+        storage and which of them learn."""
+        net = self.net
+        inputs = tuple((tuple(net.blobs[t]._data.shape), net.blobs[t]._data.dtype) for _, t in self._input_blobs())
+        params = tuple((p.data_ptr(), p.requires_grad) for p in net.learnable_params)
+        return inputs, params, net._device
+
+    def _input_blobs(self):
+        net = self.net
+        for li in range(self.prefix):
+            for t in net._tops[li]:
+                yield li, t
+
+    def forward_backward(self, eager: Callable[[], object]):
+        """One pass: eager for the warm-up passes, else (captured if need be) from the graph.
+        ``eager()`` is the net's eager pass; returns its ``PendingLoss``."""
+        from caffe_compat.net import PendingLoss
+
+        net = self.net
+        if self._eager_passes < self.warmup:
+            self._eager_passes += 1
+            return self._eager_on_side_stream(eager)
+        net._prepare_inputs()
+        net._overwritten = False
+        if self.prefix:
+            net._run_layers(0, self.prefix - 1)  # the batches, produced on the host as in any pass
+        kept = None
+        if not net._diffs_cleared:  # this pass's gradients add into the diffs (autograd's rule)
+            ours = {g.data_ptr() for g in self._grads if g is not None} if self._graph is not None else set()
+            kept = {}
+            for p in net.learnable_params:
+                _blob.own_diff(p)
+                d = p.grad
+                if d is not None:  # a diff the graph writes is overwritten by the replay: keep a copy
+                    kept[p] = d.clone() if d.data_ptr() in ours else d
+        key = self._shape_key()
+        if self._graph is None or key != self._key:
+            self._capture(key)
+        for blob, static in self._statics:
+            t = blob._data
+            if t is not static:
+                static.copy_(t, non_blocking=True)
+                blob._data = static
+            blob._grad_tensor = static
+        params, grads = self._params_captured, self._grads
+        for p in params:  # the graph writes its own gradient tensors (and a re-run must not add)
+            p.grad = None
+        self._graph.replay()
+        for p, g in zip(params, grads):
+            d = kept.get(p) if kept is not None else None
+            if d is None:
+                p.grad = g
+            elif g is not None:
+                d.add_(g)
+                p.grad = d
+            else:
+                p.grad = d
+        for blob, data, grad_tensor in self._bound:  # an eager pass in between rebinds them
+            blob._data, blob._grad_tensor = data, grad_tensor
+        checks = [(layer, v.to("cpu", non_blocking=True, copy=True), n, ig) for layer, v, n, ig in self._records]
+        net._fill_missing_diffs()
+        net._diffs_cleared = False
+        loss = self._loss
+        if isinstance(loss, torch.Tensor) and not loss.is_cuda:  # (on a GPU PendingLoss copies it at once)
+            loss = loss.clone()  # the next replay overwrites the graph's loss tensor
+        return PendingLoss(net, loss, checks)
+
+    def _eager_on_side_stream(self, eager):
+        """A warm-up pass on the stream the capture will use (torch's capture recipe)."""
+        if self.net._device.type != "cuda":  # the CPU tests' stand-in graphs
+            return eager()
+        if getattr(self, "_side", None) is None:
+            self._side = torch.cuda.Stream(self.net._device)
+        main = torch.cuda.current_stream(self.net._device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            pending = eager()
+        main.wait_stream(self._side)
+        return pending
+
+    def _release_autograd_graph(self) -> None:
+        """Detach every blob from the previous pass's autograd graph: its nodes (and their
+        streams) must not outlive it into the capture."""
+        for b in self.net.blobs.values():
+            if b._data is not None and b._data.grad_fn is not None:
+                b._data = b._data.detach()
+            b._grad_tensor = None
+
+    def _capture(self, key) -> None:
+        net = self.net
+        self._graph = None
+        self._release_autograd_graph()
+        net._prepare_inputs()  # the inputs' tensors and autograd flags again, after the detach
+        self._statics = [(net.blobs[t], net.blobs[t]._data) for _, t in self._input_blobs()]
+        params = self._params()
+        for p in params:  # the graph hands its own gradient tensors over, as a cleared pass does
+            p.grad = None
+        prefix, last = self.prefix, len(net.layers) - 1
+
+        def body() -> tuple:
+            with torch.enable_grad(), _loss_layers.deferred_label_checks() as records:
+                net._run_layers(prefix, last, overwrite=True)
+                loss = net._loss()
+                if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
+                    torch.autograd.backward([loss], inputs=params)
+            return loss, [p.grad for p in params], list(records)
+
+        def collect(result: tuple) -> list[torch.Tensor]:
+            loss, grads, records = result
+            tensors = [loss] if isinstance(loss, torch.Tensor) else []
+            tensors += [g for g in grads if g is not None]
+            tensors += [r[1] for r in records]
+            tensors += [net.blobs[t]._data for t in self._captured_tops()]
+            return tensors
+
+        graph = self.graph_factory(net._device)
+        try:
+            loss, grads, records = graph.capture(body, collect)
+        except Exception as e:
+            self._graph = None
+            raise NetError(
+                f"{net.source}: capturing the training pass in a CUDA graph failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); train without CUDA graphs"
+            ) from e
+        self._graph, self._key = graph, key
+        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        self._params_captured, self._grads = params, grads
+        self._records = [(layer, v, n, ig) for layer, v, n, ig in records]
+        self._bound = [(net.blobs[t], net.blobs[t]._data, net.blobs[t]._grad_tensor) for t in self._captured_tops()]
+        self.captures += 1
+
+    def _captured_tops(self) -> list[str]:
+        net = self.net
+        seen, out = set(), []
+        for li in range(self.prefix, len(net.layers)):
+            for t in net._tops[li]:
+                if t not in seen:
+                    seen.add(t)
+                    out.append(t)
+        return out

@@ -1,0 +1,307 @@
+"""Training passes replayed from a CUDA graph (``Net.use_cuda_graph``, ``Solver.cuda_graph``).
+
+On the CPU a stand-in for ``torch.cuda.CUDAGraph`` re-runs the recorded pass and writes its
+results into the tensors of the capture, as a replay does: the bookkeeping around the graph
+(inputs copied into the graph's tensors, gradients handed over or added, the blobs bound to the
+graph's tensors, captures again) is checked against eager passes. The real graphs: the CUDA tests
+at the end (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import caffe_compat as caffe
+from caffe_compat import blob as blob_mod
+from caffe_compat import mode
+from caffe_compat.errors import NetError, SolverError
+from caffe_compat.proto import caffe_pb2
+from caffe_compat.solvers import SGDSolver
+from caffe_compat.solvers.base import LossScaler
+
+NET = """
+name: "g"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 4 dim: 3 dim: 9 dim: 9 } shape { dim: 4 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "uniform" min: 0 max: 2.99 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "norm" type: "LRN" bottom: "conv" top: "norm" lrn_param { local_size: 3 alpha: 0.1 beta: 0.75 } }
+layer { name: "pool" type: "Pooling" bottom: "norm" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+INPUT_NET = """
+name: "h"
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 5 } } }
+layer { name: "t" type: "Input" top: "t" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
+"""
+
+
+class ReplayingGraph:
+    """A CPU stand-in for a CUDA graph: the capture runs the pass once (the tensors it makes
+    become the graph's), a replay runs it again and copies its results into those tensors."""
+
+    instances: list[ReplayingGraph] = []
+
+    def __init__(self, device):
+        self.replays = 0
+        ReplayingGraph.instances.append(self)
+
+    def capture(self, body, collect):
+        self.body, self.collect = body, collect
+        result = body()
+        self.tensors = collect(result)
+        return result
+
+    def replay(self):
+        new = self.collect(self.body())
+        with torch.no_grad():
+            for old, t in zip(self.tensors, new):
+                if old is not t:
+                    old.copy_(t)
+        self.replays += 1
+
+
+def _solver(tmp_path, graphed: bool, iter_size: int = 1, seed: int = 5):
+    net_file = tmp_path / "net.prototxt"
+    net_file.write_text(NET)
+    sp = caffe_pb2.SolverParameter(
+        net=str(net_file), base_lr=0.05, lr_policy="step", gamma=0.5, stepsize=3, momentum=0.9,
+        weight_decay=1e-3, max_iter=100, display=0, iter_size=iter_size, random_seed=seed,
+    )  # fmt: skip
+    solver = SGDSolver(sp, source="<test>")
+    if graphed:
+        solver.net.use_cuda_graph(True, warmup=2, graph_factory=ReplayingGraph)
+    return solver
+
+
+def _state(solver):
+    return [p.detach().clone() for p in solver.net.learnable_params] + [h.clone() for h in solver.history]
+
+
+@pytest.mark.parametrize("iter_size", [1, 2])
+def test_graphed_training_equals_eager_bit_for_bit(tmp_path, iter_size):
+    losses = {}
+    states = {}
+    for graphed in (False, True):
+        solver = _solver(tmp_path, graphed, iter_size)
+        seen = []
+        solver.loss_observers.append(lambda it, loss, seen=seen: seen.append(loss))
+        solver.step(7)
+        losses[graphed], states[graphed] = seen, _state(solver)
+        if graphed:
+            g = solver.net._graphed
+            assert g.captures == 1
+            assert ReplayingGraph.instances[-1].replays == 7 * iter_size - 2  # after 2 eager passes
+            diffs = {n: [p.diff.copy() for p in ps] for n, ps in solver.net.params.items()}
+        else:
+            eager_diffs = {n: [p.diff.copy() for p in ps] for n, ps in solver.net.params.items()}
+    assert losses[True] == losses[False]
+    for a, b in zip(states[True], states[False]):
+        assert torch.equal(a, b)
+    for n in diffs:  # Caffe's diff after the update (the update value)
+        for a, b in zip(diffs[n], eager_diffs[n]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_blobs_after_a_graphed_pass_show_that_pass(tmp_path):
+    """The net's blobs are the graph's tensors after a replay, even after an eager pass
+    (debug_info runs eagerly) rebound them; the values equal an eager net's, pass for pass."""
+    seen = {}
+    for graphed in (False, True):
+        solver = _solver(tmp_path, graphed)
+        seen[graphed] = []
+        for it in range(6):
+            solver.net.set_debug_info(it == 4)
+            solver.net.clear_param_diffs()
+            solver.net.forward_backward()
+            seen[graphed].append({n: solver.net.blobs[n].data.copy() for n in ("data", "conv", "norm", "ip", "loss")})
+            if graphed and it == 4:
+                assert solver.net._graphed.captures == 1  # the eager pass did not capture
+    for it, (a, b) in enumerate(zip(seen[True], seen[False])):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"pass {it}, blob {name}")
+
+
+def test_inputs_written_through_host_copies_reach_the_graph(tmp_path, monkeypatch):
+    """Input blobs written through pycaffe's host copies (a GPU's ``.data``), a reshape that
+    captures again, and diffs that accumulate without a clear, as in eager passes."""
+    monkeypatch.setattr(blob_mod, "uses_host_mirror", lambda device: True)
+    p = tmp_path / "h.prototxt"
+    p.write_text(INPUT_NET)
+    rng = np.random.default_rng(0)
+    caffe.set_random_seed(3)
+    eager = caffe.Net(str(p), caffe.TRAIN)
+    caffe.set_random_seed(3)
+    graphed = caffe.Net(str(p), caffe.TRAIN).use_cuda_graph(True, warmup=1, graph_factory=ReplayingGraph)
+    for it in range(8):
+        if it == 5:
+            for n in (eager, graphed):
+                n.blobs["x"].reshape(3, 5)
+                n.blobs["t"].reshape(3, 3)
+                n.reshape()
+        shape = eager.blobs["x"].shape
+        x = rng.standard_normal(shape).astype(np.float32)
+        t = rng.standard_normal((shape[0], 3)).astype(np.float32)
+        losses = []
+        for n in (eager, graphed):
+            if it % 3 != 2:  # every third pass adds to the previous pass's diffs
+                n.clear_param_diffs()
+            n.blobs["x"].data[...] = x
+            n.blobs["t"].data[...] = t
+            losses.append(n.forward_backward())
+        assert losses[0] == losses[1]
+        for a, b in zip(eager.params["ip"], graphed.params["ip"]):
+            np.testing.assert_array_equal(a.diff, b.diff)
+        np.testing.assert_array_equal(eager.blobs["y"].data, graphed.blobs["y"].data)
+    assert graphed._graphed.captures == 2  # the reshape captured again
+
+
+def test_a_parameter_given_new_storage_captures_again(tmp_path):
+    states = {}
+    for graphed in (False, True):
+        s = _solver(tmp_path, graphed)
+        s.step(4)
+        w = s.net.layer_dict["ip"].blobs[0]
+        w.data = w.data.clone()  # new storage (as a restore or .to() can give)
+        s.step(3)
+        states[graphed] = _state(s)
+        if graphed:
+            assert s.net._graphed.captures == 2
+    for a, b in zip(states[True], states[False]):
+        assert torch.equal(a, b)
+
+
+def test_layers_a_graph_cannot_replay_are_refused(tmp_path):
+    late = tmp_path / "late.prototxt"
+    late.write_text(
+        INPUT_NET + 'layer { name: "late" type: "DummyData" top: "z" dummy_data_param { shape { dim: 1 } } }\n'
+    )
+    with pytest.raises(NetError, match=r"layer 'late' \(DummyData\) has no bottoms but comes after"):
+        caffe.Net(str(late), caffe.TRAIN).use_cuda_graph()
+    net_text = INPUT_NET.replace(
+        'layer { name: "loss"',
+        'layer { name: "py" type: "Python" bottom: "y" top: "y2" python_param { module: "m" layer: "L" } }\n'
+        'layer { name: "loss"',
+    )
+    param = caffe_pb2.NetParameter()
+    from google.protobuf import text_format
+
+    text_format.Merge(net_text, param)
+
+    class Fake:  # what _check_layers reads of a net
+        source = "py.prototxt"
+        layers = [type("L", (), {"type": t.type})() for t in param.layer]
+        _layer_names = [t.name for t in param.layer]
+        _bottoms = [list(t.bottom) for t in param.layer]
+
+    from caffe_compat.cuda_graph import GraphedPass
+
+    with pytest.raises(NetError, match="layer 'py' is a Python layer"):
+        GraphedPass(Fake())
+
+
+def test_what_a_graph_needs_is_checked_per_pass(tmp_path):
+    p = tmp_path / "h.prototxt"
+    p.write_text(INPUT_NET)
+    net = caffe.Net(str(p), caffe.TRAIN).use_cuda_graph()  # the real graphs: need a CUDA device
+    with pytest.raises(NetError, match="CUDA graphs need the net on a CUDA device"):
+        net.forward_backward()
+    net.use_cuda_graph(graph_factory=ReplayingGraph)
+    with pytest.raises(NetError, match="loss scale 8.0"):
+        net.forward_backward(loss_scale=8.0)
+    mode.set_precision("bf16")
+    try:
+        with pytest.raises(NetError, match="float32 only"):
+            net.forward_backward()
+    finally:
+        mode.set_precision("fp32")
+    net.compile()
+    with pytest.raises(NetError, match="Net.compile"):
+        net.forward_backward()
+
+
+def test_solver_refuses_a_graph_with_loss_scaling(tmp_path):
+    solver = _solver(tmp_path, False)
+    solver.loss_scaler = LossScaler()
+    solver.cuda_graph = True
+    with pytest.raises(SolverError, match="CUDA graphs are not supported with fp16 loss scaling"):
+        solver.step(1)
+
+
+def test_solver_switch_turns_the_graph_on_and_off(tmp_path):
+    solver = _solver(tmp_path, False)
+    solver.cuda_graph = True
+    solver.net.use_cuda_graph = lambda on, warmup=2, _net=solver.net: type(_net).use_cuda_graph(
+        _net, on, warmup, ReplayingGraph
+    )
+    solver.step(3)
+    assert solver.net._graphed is not None and solver.net._graphed.captures == 1
+    solver.cuda_graph = False
+    solver.step(1)
+    assert solver.net._graphed is None
+
+
+# -- the real CUDA graphs ----------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("iter_size", [1, 2])
+def test_cuda_graph_training_matches_eager(tmp_path, iter_size):
+    torch.backends.cudnn.deterministic = True
+    try:
+        states, losses = {}, {}
+        for graphed in (False, True):
+            caffe.set_mode_gpu()
+            solver = _solver(tmp_path, False, iter_size)
+            solver.cuda_graph = graphed
+            seen = []
+            solver.loss_observers.append(lambda it, loss, seen=seen: seen.append(loss))
+            solver.step(8)
+            solver.smoothed_loss  # noqa: B018 - reads the last loss
+            states[graphed], losses[graphed] = [t.cpu() for t in _state(solver)], seen
+            if graphed:
+                assert solver.net._graphed.captures == 1
+        np.testing.assert_allclose(losses[True], losses[False], rtol=1e-6)
+        for a, b in zip(states[True], states[False]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    finally:
+        torch.backends.cudnn.deterministic = False
+        caffe.set_mode_cpu()
+
+
+@cuda
+def test_cuda_graph_reports_a_bad_label(tmp_path):
+    p = tmp_path / "c.prototxt"
+    p.write_text(
+        'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 5 } } }\n'
+        'layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 2 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 3 } }\n'
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "y" bottom: "label" top: "loss" }\n'
+    )
+    caffe.set_mode_gpu()
+    try:
+        net = caffe.Net(str(p), caffe.TRAIN).use_cuda_graph(True, warmup=1)
+        net.blobs["x"].data[...] = 1.0
+        for _ in range(3):  # eager, captured, replayed
+            net.blobs["label"].data[...] = [0, 2]
+            assert np.isfinite(net.forward_backward())
+        assert net._graphed.captures == 1
+        net.blobs["label"].data[...] = [1, 7]
+        with pytest.raises(caffe.CaffeError, match="label value 7 in bottom 'label'"):
+            net.forward_backward()
+        net.blobs["label"].data[...] = [1, 2]  # good labels again: the same graph
+        assert np.isfinite(net.forward_backward())
+        assert net._graphed.captures == 1
+    finally:
+        caffe.set_mode_cpu()
