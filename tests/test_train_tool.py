@@ -100,6 +100,35 @@ def test_train_prints_caffes_log_and_writes_its_snapshots(cli_dir, capsys):
     assert not list(cli_dir.glob(".*.tmp")), "temporary snapshot files left behind"
 
 
+def test_train_with_cuda_graph_prints_caffes_log_and_snapshots(cli_dir, capsys, monkeypatch):
+    """``--cuda_graph``, here through the CPU stand-in for a CUDA graph (tests/test_cuda_graph.py):
+    the HDF5 batches produced eagerly each pass, the rest replayed; Caffe's log and snapshots."""
+    from caffe_compat.net import Net
+    from tests.test_cuda_graph import ReplayingGraph
+
+    real, graphed = Net.use_cuda_graph, []
+
+    def use(self, enable=True, warmup=2, graph_factory=None):
+        graphed.append(self)
+        return real(self, enable, warmup, ReplayingGraph)
+
+    monkeypatch.setattr(Net, "use_cuda_graph", use)
+    assert train.main(["--solver", "solver.prototxt", "--weights", "init.caffemodel", "--cuda_graph"]) == 0
+    ours = messages(capsys.readouterr().err)
+    note = "Training passes replayed from a CUDA graph (captured after 2 eager passes)"
+    assert note in ours
+    assert graphed and graphed[0]._graphed.captures == 1
+    ours = [m for m in ours if m != note]
+    ref = messages((CLI / "caffe_train.log").read_text())
+    ref_tail, ours_tail = ref[ref.index("Starting Optimization") :], ours[ours.index("Starting Optimization") :]
+    assert len(ours_tail) == len(ref_tail), "\n".join(ours_tail)
+    for o, r in zip(ours_tail, ref_tail):
+        assert same_line(o, r), f"ours: {o!r}\ncaffe: {r!r}"
+    for n in (4, 8):
+        assert_caffemodels_close(f"snap_iter_{n}.caffemodel", f"ref_snap_iter_{n}.caffemodel")
+        assert_states_close(f"snap_iter_{n}.solverstate", f"ref_snap_iter_{n}.solverstate")
+
+
 def test_resume_from_caffes_snapshot_ends_at_caffes_iteration_8(cli_dir, capsys):
     for suffix in ("caffemodel", "solverstate"):
         shutil.copy(f"ref_snap_iter_4.{suffix}", f"snap_iter_4.{suffix}")
