@@ -374,23 +374,31 @@ def _peak_rss_child(side: str, batch: int) -> None:
     print(json.dumps({"before_mb": before, "peak_mb": _vm_hwm_mb()}))
 
 
-def _make_side(side: str, batch: int, device: torch.device):
+def _make_side(side: str, batch: int, device: torch.device, opts: argparse.Namespace | None = None):
+    """One side for a memory measurement (``opts``: only ``--cuda_graph`` [with ``--baseline_same``])."""
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 227, 227)
     y = torch.randint(0, NUM_CLASSES, (batch,))
-    return Ours(batch, device, x, y, test=False) if side == "ours" else Baseline(device, x, y, False)
+    graph = opts is not None and opts.cuda_graph
+    if side == "ours":
+        ours = Ours(batch, device, x, y, test=False)
+        if graph:
+            ours.solver.cuda_graph = True
+        return ours
+    return Baseline(device, x, y, False, graph=graph and opts.baseline_same)
 
 
-def _peak_cuda(side: str, batch: int, device: torch.device) -> float:
-    """Peak CUDA allocation (MB) of two training steps, the model's parameters included."""
+def _peak_cuda(side: str, batch: int, device: torch.device, opts: argparse.Namespace | None = None) -> float:
+    """Peak CUDA allocation (MB) of two training steps (with ``--cuda_graph``: four, the graph
+    captured at the third), the model's parameters included."""
     import gc
 
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    runner = _make_side(side, batch, device)
-    for _ in range(2):
+    runner = _make_side(side, batch, device, opts)
+    for _ in range(4 if opts is not None and opts.cuda_graph else 2):
         runner.iter()
     torch.cuda.synchronize(device)
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
@@ -604,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                 mb = _peak_rss("torch", batch, torch.get_num_threads(), args.no_tune)
                 what = "peak RSS"
             else:
-                mo, mb = _peak_cuda("ours", batch, device), _peak_cuda("torch", batch, device)
+                mo, mb = _peak_cuda("ours", batch, device, args), _peak_cuda("torch", batch, device, args)
                 what = "peak CUDA allocation"
             print(
                 f"# {what} of a training step, batch {batch}: ours {mo:.0f} MB, torch {mb:.0f} MB, ratio {mo / mb:.3f}"

@@ -13,8 +13,9 @@
 #   2. tools/train.py --gpu 0 on the `caffe train` fixture (float32, then --channels_last), its
 #      snapshot against Caffe's;
 #   3. the AlexNet benchmark in float32 (IEEE, TF32 off) with the peak CUDA allocation, then at
-#      batches 1-10 with the same host reads on both sides (--host_reads both, session 9), the
-#      probe of the training step captured in one CUDA graph (cuda_graph_probe.py, session 7), the
+#      batches 1-10 with the same host reads on both sides (--host_reads both, session 9), AlexNet
+#      trained through CUDA graphs against eager (cuda_graph_probe.py) and their speed against the
+#      hand-written model eager and graphed (bench_alexnet.py --cuda_graph, session 10), the
 #      iteration with the solver's loss read at once (before session 6), the interpreter's
 #      per-call overhead on a tiny AlexNet (bench_overhead.py; host time by Python function in
 #      $OUT/host_profile.log; ablate_overhead.py: one layer kind at a time replaced by torch's
@@ -96,8 +97,10 @@ sgd._fused_sgd_matches(torch.device('$DEVICE', 0) if '$DEVICE' == 'cuda' else to
 bench 150 --batches 1,10,64,128 --reps 5 --iters 20 --memory
 say "== 3a0. batches 1-10, both sides reading the same results back (--host_reads both; session 9) [${SECONDS}s]"
 bench 75 --batches 1,4,10 --reps 9 --iters 30 --host_reads both
-say "== 3a1. probe: the training step captured in one CUDA graph, against eager and the hand-written model's graph [${SECONDS}s]"
-timeout "$(limit 90)" python3 benchmarks/cuda_graph_probe.py --batches 1,10 --iters 30 --reps 3 2>&1 | grep -v '^USDT' | tee -a "$LOG"
+say "== 3a1. CUDA graphs (session 10): AlexNet trained graphed against eager, then the speed at batches 1-10 [${SECONDS}s]"
+timeout "$(limit 90)" python3 benchmarks/cuda_graph_probe.py --batches 4,10 --iters 6 2>&1 | grep -v '^USDT' | tee -a "$LOG"
+bench 75 --batches 1,4,10 --reps 7 --iters 30 --what fwd_bwd,iter --host_reads both --cuda_graph
+bench 75 --batches 1,4,10 --reps 7 --iters 30 --what fwd_bwd,iter --host_reads both --cuda_graph --baseline_same
 say "== 3a2. the iteration with the loss read at once (the host waits for the device each iteration; compare with 3a) [${SECONDS}s]"
 bench 60 --batches 1,10,64 --reps 5 --iters 20 --what iter --loss_read now
 say "== 3a3. the update through foreach operations, not SGD's fused kernel (before session 8; compare with 3a) [${SECONDS}s]"
