@@ -210,7 +210,8 @@ class GraphedPass:
 
     def _capture(self, key) -> None:
         net = self.net
-        self._graph = None
+        # the previous graph's tensors go before the new capture allocates its own
+        self._graph = self._bound = self._grads = self._records = self._loss = None
         self._release_autograd_graph()
         net._prepare_inputs()  # the inputs' tensors and autograd flags again, after the detach
         self._statics = [(net.blobs[t], net.blobs[t]._data) for _, t in self._input_blobs()]

@@ -57,7 +57,8 @@ class ReplayingGraph:
 
     def capture(self, body, collect):
         self.body, self.collect = body, collect
-        result = body()
+        with torch.random.fork_rng(devices=[]):  # a capture draws no random numbers (Dropout's come at replays)
+            result = body()
         self.tensors = collect(result)
         return result
 

@@ -153,6 +153,33 @@ def test_cae_fc6_scale_match_touches_only_the_cae_regressors(smoke_run, tmp_path
         )
 
 
+def test_cuda_graph_training_gives_the_same_table(smoke_run, tmp_path, monkeypatch):
+    """``--cuda_graph`` (here through the CPU stand-in for CUDA graphs, tests/test_cuda_graph.py):
+    the CAE and the four regressors trained from replayed passes give the eager run's Table II to
+    the last digit (Dropout's masks included: the stand-in's capture draws none)."""
+    from caffe_compat.dental.pipeline import run_reproduction
+    from caffe_compat.net import Net
+    from tests.test_cuda_graph import ReplayingGraph
+    from tools import reproduce_paper
+
+    real, graphed = Net.use_cuda_graph, []
+
+    def use(self, enable=True, warmup=2, graph_factory=None):
+        if enable:
+            graphed.append(self)
+        return real(self, enable, warmup, ReplayingGraph)
+
+    monkeypatch.setattr(Net, "use_cuda_graph", use)
+    other = run_reproduction(str(tmp_path), "smoke", seed=0, cuda_graph=True)
+    assert len(graphed) == 5 and all(n._graphed.captures == 1 for n in graphed)  # the CAE, 4 regressors
+    _, run = smoke_run
+    with open(os.path.join(run, "summary.json"), encoding="utf-8") as f:
+        eager = json.load(f)["results"]
+    with open(os.path.join(other.run_dir, "summary.json"), encoding="utf-8") as f:
+        assert json.load(f)["results"] == eager
+    assert reproduce_paper.main(["--preset", "smoke", "--out", str(tmp_path), "--cuda_graph"]) == 1  # no --gpu
+
+
 def test_cae_stuck_at_the_mean_image_is_flagged(smoke_run, tmp_path, monkeypatch):
     from caffe_compat.dental import pipeline
     from tools import reproduce_paper

@@ -420,8 +420,11 @@ def run_reproduction(
     imagenet_weights: str | None = None,
     gpu: int | None = None,
     seed: int = 0,
+    cuda_graph: bool = False,
 ) -> RunResult:
-    """Run every step of the paper's experiment into a new folder under ``out_root``."""
+    """Run every step of the paper's experiment into a new folder under ``out_root``.
+    ``cuda_graph``: the CAE's and the regressors' training passes replayed from CUDA graphs
+    (``Solver.cuda_graph``; needs ``gpu``)."""
     from caffe_compat import mode
     from caffe_compat.net import TEST, Net
     from caffe_compat.solvers import get_solver
@@ -491,6 +494,7 @@ def run_reproduction(
 
         # 2. CAE
         solver = get_solver(paths["cae_solver"])
+        solver.cuda_graph = cuda_graph
         if imagenet_weights:
             rep = copy_layers(imagenet_weights, solver.net, IMAGENET_TO_CAE, strict=False)
             rep.save(os.path.join(run_dir, "cae", "surgery_from_imagenet.json"))
@@ -565,6 +569,7 @@ def run_reproduction(
             log.info("CAE fc6 scale match: x%.6g (CAE %.6g, no-CAE start %.6g)", fc6_scale, cae_rms, ref_rms)
         for key, (use_cae, fc6_ft, label) in evaluate.CONFIGS.items():
             solver = get_solver(paths["landmarks_solver" if fc6_ft else "landmarks_fc6_frozen_solver"])
+            solver.cuda_graph = cuda_graph
             source = cae_model if use_cae else imagenet_weights
             if source:
                 rep = copy_layers(source, solver.net, TRANSFERRED, strict=False)
