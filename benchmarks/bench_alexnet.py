@@ -310,7 +310,8 @@ class Baseline:
     def _loss(self) -> torch.Tensor:
         if self.amp is None:
             return F.cross_entropy(self.call(self.x), self.y)
-        with torch.autocast(self.device.type, dtype=self.amp):
+        # no cast cache under a CUDA graph (torch's rule for autocast in captures)
+        with torch.autocast(self.device.type, dtype=self.amp, cache_enabled=self.graphs is None):
             return F.cross_entropy(self.call(self.x).float(), self.y)
 
     def fwd(self) -> None:

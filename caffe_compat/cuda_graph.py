@@ -17,9 +17,11 @@ The first ``warmup`` passes run eagerly (cuDNN, cuBLAS and the layers' per-shape
 the next one captures. A later pass captures again when an input's shape or dtype, or a
 parameter's storage, changed (``net.reshape``, ``restore``, ``net.to``). Passes that need the
 per-layer Python run eagerly: Caffe's ``debug_info`` and ``before_forward``/``after_forward``
-callbacks. Needs (else ``NetError`` saying what to change): the net on a CUDA device, float32
-(no bf16/fp16 autocast), no ``Net.compile``, a loss scale of 1, no bottomless layer after a
-computing one, no ``Python`` layer in the captured part (its code would run once, at the capture).
+callbacks. Under ``caffe_compat.mode.set_precision("bf16"|"fp16")`` the captured pass runs in
+autocast as the eager one. Needs (else ``NetError`` saying what to change): the net on a CUDA
+device, no ``Net.compile``, a loss scale of 1 (no fp16 loss scaling: a solver's scale changes), no
+bottomless layer after a computing one, no ``Python`` layer in the captured part (its code would
+run once, at the capture).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from caffe_compat import blob as _blob
 from caffe_compat.errors import NetError
 from caffe_compat.layers import loss as _loss_layers
+from caffe_compat.mode import autocast_dtype
 
 __all__ = ["GraphedPass"]
 
@@ -103,10 +106,6 @@ class GraphedPass:
             )
         if loss_scale != 1.0:
             raise NetError(f"{net.source}: CUDA graphs: loss scale {loss_scale} (fp16 loss scaling) is not supported")
-        from caffe_compat.mode import autocast_dtype
-
-        if autocast_dtype() is not None:
-            raise NetError(f"{net.source}: CUDA graphs train in float32 only; set the precision back to fp32")
         if net._compile_options is not None:
             raise NetError(f"{net.source}: CUDA graphs and Net.compile exclude each other; use one of them")
 
@@ -125,7 +124,7 @@ class GraphedPass:
         net = self.net
         inputs = tuple((tuple(net.blobs[t]._data.shape), net.blobs[t]._data.dtype) for _, t in self._input_blobs())
         params = tuple((p.data_ptr(), p.requires_grad) for p in net.learnable_params)
-        return inputs, params, net._device
+        return inputs, params, net._device, autocast_dtype()
 
     def _input_blobs(self):
         net = self.net
@@ -219,11 +218,21 @@ class GraphedPass:
         for p in params:  # the graph hands its own gradient tensors over, as a cleared pass does
             p.grad = None
         prefix, last = self.prefix, len(net.layers) - 1
+        low = autocast_dtype()
 
         def body() -> tuple:
             with torch.enable_grad(), _loss_layers.deferred_label_checks() as records:
-                net._run_layers(prefix, last, overwrite=True)
-                loss = net._loss()
+                if low is None:
+                    net._run_layers(prefix, last, overwrite=True)
+                    loss = net._loss()
+                else:  # as the eager pass (Net._eager_forward_backward); no cast cache in a graph
+                    with torch.autocast(net._device.type, dtype=low, cache_enabled=False):
+                        net._run_layers(prefix, last, overwrite=True)
+                        loss = net._loss()
+                    for o in net.outputs:  # the outputs made float32 again, inside the graph
+                        b = net.blobs[o]
+                        if b._data is not None and b._data.dtype in (torch.float16, torch.bfloat16):
+                            b.set_tensor(b._data.float())
                 if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
                     torch.autograd.backward([loss], inputs=params)
             return loss, [p.grad for p in params], list(records)

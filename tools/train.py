@@ -13,7 +13,7 @@ train and test nets; replaces the solver's ``weights``), ``--snapshot`` (resume 
 ``M`` instead of the solver's (``net: M``); speed opt-ins that depart from Caffe's float32 order
 of operations (docs/benchmarks.md): ``--precision bf16|fp16`` (autocast, float32 master weights;
 fp16 with loss scaling), ``--channels_last`` (the nets' 4-D tensors in NHWC), ``--compile``
-(``torch.compile`` of the nets; the first iterations compile). ``--cuda_graph`` (one GPU, float32)
+(``torch.compile`` of the nets; the first iterations compile). ``--cuda_graph`` (one GPU)
 replays each training pass from a CUDA graph: the same kernels, without the per-layer Python that
 bounds small batches on a GPU (``caffe_compat.cuda_graph``). Without ``--gpu``, ``solver_mode: GPU`` in the solver
 file uses GPU ``device_id`` when CUDA is available and the CPU otherwise (with a warning).

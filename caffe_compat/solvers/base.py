@@ -243,7 +243,7 @@ class Solver:
     #: On a GPU, read an iteration's loss after the next iteration is queued (see ``step``);
     #: False: read it at once (the host then waits for every pass; a measurement switch).
     lag_loss_read: bool = True
-    #: Opt-in (one CUDA device, float32): each training pass replayed from one CUDA graph
+    #: Opt-in (one CUDA device): each training pass replayed from one CUDA graph
     #: (``Net.use_cuda_graph``; ``tools/train.py --cuda_graph``): the same kernels without the
     #: per-layer Python, which bounds small batches on a GPU. The update stays eager.
     cuda_graph: bool = False
