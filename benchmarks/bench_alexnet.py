@@ -27,10 +27,10 @@ input; the figure is the median over ``--reps`` alternating rounds of the mean o
   reads each iteration's loss once the next one is queued (``--loss_read now``: at once, i.e. the
   host waits for the device every iteration, as before session 6).
 
-``--cuda_graph`` (a GPU): our training passes (``fwd_bwd``, and in ``iter`` the solver's pass; the
-update stays eager) replay one CUDA graph (``Net.use_cuda_graph``); with ``--baseline_same`` the
-hand-written ``fwd_bwd`` and ``iter`` are captured too (torch's whole-network recipe, the optimizer
-step inside the graph), else the baseline stays eager.
+``--cuda_graph`` (a GPU): our passes (``fwd``, ``fwd_bwd``, and in ``iter`` the solver's pass; the
+update stays eager) replay CUDA graphs (``Net.use_cuda_graph``); with ``--baseline_same`` the
+hand-written calls are captured too (torch's whole-network recipe, the optimizer step inside the
+``iter`` graph), else the baseline stays eager.
 
 What each side reads back to the host per call (``--host_reads``; it matters on a GPU, where a
 read waits for the device and stops the host from queuing the next call ahead of it):
@@ -226,8 +226,12 @@ class Ours:
         self.train_net.blobs["data"].data[...] = x.cpu().numpy()
         self.train_net.blobs["label"].data[...] = y.cpu().numpy()
         if opts is not None and getattr(opts, "cuda_graph", False):
-            for _ in range(3):  # the eager warm-up passes and the capture, before any timing
+            if test:
+                self.test_net.use_cuda_graph(True)
+            for _ in range(3):  # the eager warm-up passes and the captures, before any timing
                 self.fwd_bwd()
+                if test:
+                    self.fwd()
 
     def fwd(self) -> None:
         with torch.no_grad():
@@ -274,7 +278,7 @@ class Baseline:
         self.device, self.amp = device, amp
         self.reads = reads  # read the outputs / the loss on the host, as ours does (--host_reads both)
         # --cuda_graph --baseline_same: the training calls replayed from graphs (torch's recipe)
-        self.graphs = {"fwd_bwd": None, "iter": None} if graph else None
+        self.graphs = {"fwd": None, "fwd_bwd": None, "iter": None} if graph else None
 
     def _graphed(self, what: str) -> None:
         """Replay ``what``'s CUDA graph, capturing it at the first call (after warm-up calls on
@@ -284,13 +288,16 @@ class Baseline:
             step = what == "iter"
 
             def body() -> torch.Tensor:
+                if what == "fwd":
+                    with torch.no_grad():
+                        return torch.softmax(self.call(self.x), dim=1)
                 loss = self._loss()
                 loss.backward()
                 if step:
                     self.opt.step()
                 return loss
 
-            self.model.train()
+            self.model.train(what != "fwd")
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -305,7 +312,7 @@ class Baseline:
             g = self.graphs[what] = (graph, loss)
         g[0].replay()
         if self.reads:
-            g[1].item()
+            g[1].cpu().numpy() if what == "fwd" else g[1].item()
 
     def _loss(self) -> torch.Tensor:
         if self.amp is None:
@@ -315,6 +322,8 @@ class Baseline:
             return F.cross_entropy(self.call(self.x).float(), self.y)
 
     def fwd(self) -> None:
+        if self.graphs is not None:
+            return self._graphed("fwd")
         self.model.eval()
         with torch.no_grad():  # the deploy net ends with Softmax ("prob"): the same work here
             prob = torch.softmax(self.call(self.x), dim=1)

@@ -68,10 +68,8 @@ class GraphedPass:
         self.warmup = max(int(warmup), 1)
         self.graph_factory = graph_factory or _CudaGraph
         self.prefix = self._check_layers()
-        self.captures = 0  # how many times a graph was captured (tests, logs)
-        self._eager_passes = 0
-        self._graph = None
-        self._key = None
+        self.captures = 0  # how many times a graph was captured, both kinds (tests, logs)
+        self._kinds = {"train": _Recording(), "forward": _Recording()}
 
     # -- eligibility --------------------------------------------------------------------------
 
@@ -133,13 +131,13 @@ class GraphedPass:
                 yield li, t
 
     def forward_backward(self, eager: Callable[[], object]):
-        """One pass: eager for the warm-up passes, else (captured if need be) from the graph.
-        ``eager()`` is the net's eager pass; returns its ``PendingLoss``."""
+        """A training pass: eager for the warm-up passes, else (captured if need be) from the
+        graph. ``eager()`` is the net's eager pass; returns its ``PendingLoss``."""
         from caffe_compat.net import PendingLoss
 
-        net = self.net
-        if self._eager_passes < self.warmup:
-            self._eager_passes += 1
+        net, rec = self.net, self._kinds["train"]
+        if rec.eager_passes < self.warmup:
+            rec.eager_passes += 1
             return self._eager_on_side_stream(eager)
         net._prepare_inputs()
         net._overwritten = False
@@ -147,27 +145,15 @@ class GraphedPass:
             net._run_layers(0, self.prefix - 1)  # the batches, produced on the host as in any pass
         kept = None
         if not net._diffs_cleared:  # this pass's gradients add into the diffs (autograd's rule)
-            ours = {g.data_ptr() for g in self._grads if g is not None} if self._graph is not None else set()
+            ours = {g.data_ptr() for g in rec.grads if g is not None} if rec.graph is not None else set()
             kept = {}
             for p in net.learnable_params:
                 _blob.own_diff(p)
                 d = p.grad
                 if d is not None:  # a diff the graph writes is overwritten by the replay: keep a copy
                     kept[p] = d.clone() if d.data_ptr() in ours else d
-        key = self._shape_key()
-        if self._graph is None or key != self._key:
-            self._capture(key)
-        for blob, static in self._statics:
-            t = blob._data
-            if t is not static:
-                static.copy_(t, non_blocking=True)
-                blob._data = static
-            blob._grad_tensor = static
-        params, grads = self._params_captured, self._grads
-        for p in params:  # the graph writes its own gradient tensors (and a re-run must not add)
-            p.grad = None
-        self._graph.replay()
-        for p, g in zip(params, grads):
+        self._replay(rec, "train")
+        for p, g in zip(rec.params, rec.grads):
             d = kept.get(p) if kept is not None else None
             if d is None:
                 p.grad = g
@@ -176,15 +162,52 @@ class GraphedPass:
                 p.grad = d
             else:
                 p.grad = d
-        for blob, data, grad_tensor in self._bound:  # an eager pass in between rebinds them
-            blob._data, blob._grad_tensor = data, grad_tensor
-        checks = [(layer, v.to("cpu", non_blocking=True, copy=True), n, ig) for layer, v, n, ig in self._records]
+        checks = [(layer, v.to("cpu", non_blocking=True, copy=True), n, ig) for layer, v, n, ig in rec.records]
         net._fill_missing_diffs()
         net._diffs_cleared = False
-        loss = self._loss
+        net._graph_forward = False
+        loss = rec.loss
         if isinstance(loss, torch.Tensor) and not loss.is_cuda:  # (on a GPU PendingLoss copies it at once)
             loss = loss.clone()  # the next replay overwrites the graph's loss tensor
         return PendingLoss(net, loss, checks)
+
+    def forward(self, eager: Callable[[], object]) -> None:
+        """A whole forward pass (pycaffe's ``forward()``): eager for the warm-up passes, else from
+        its own graph, which records no autograd graph (``backward()`` after it raises). The loss
+        layers' label checks are read back and verified before it returns."""
+        net, rec = self.net, self._kinds["forward"]
+        if rec.eager_passes < self.warmup:
+            rec.eager_passes += 1
+            self._eager_on_side_stream(eager)
+            return
+        net._prepare_inputs()
+        net._overwritten = False
+        if self.prefix:
+            net._run_layers(0, self.prefix - 1)
+        self._replay(rec, "forward")
+        if rec.records:
+            net._verify_labels([(layer, v.to("cpu"), n, ig) for layer, v, n, ig in rec.records])
+        net._graph_forward = True
+
+    def _replay(self, rec: _Recording, kind: str) -> None:
+        """Capture (again) if the inputs' shapes or the parameters changed, copy the inputs into
+        the graph's tensors, replay, and bind the blobs to the graph's tensors."""
+        key = self._shape_key()
+        if rec.graph is None or key != rec.key:
+            self._capture(rec, kind, key)
+        for blob, static in rec.statics:
+            t = blob._data
+            if t is not static:
+                static.copy_(t, non_blocking=True)
+                blob._data = static
+            blob._grad_tensor = static
+        for p in rec.params:  # the graph writes its own gradient tensors (and a re-run must not add)
+            p.grad = None
+        rec.graph.replay()
+        for blob, data, grad_tensor in rec.bound:  # an eager pass in between rebinds them
+            blob._data, blob._grad_tensor = data, grad_tensor
+        if rec.overwrote:
+            self.net._overwritten = True
 
     def _eager_on_side_stream(self, eager):
         """A warm-up pass on the stream the capture will use (torch's capture recipe)."""
@@ -195,9 +218,9 @@ class GraphedPass:
         main = torch.cuda.current_stream(self.net._device)
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side):
-            pending = eager()
+            result = eager()
         main.wait_stream(self._side)
-        return pending
+        return result
 
     def _release_autograd_graph(self) -> None:
         """Detach every blob from the previous pass's autograd graph: its nodes (and their
@@ -207,32 +230,37 @@ class GraphedPass:
                 b._data = b._data.detach()
             b._grad_tensor = None
 
-    def _capture(self, key) -> None:
+    def _capture(self, rec: _Recording, kind: str, key) -> None:
         net = self.net
-        # the previous graph's tensors go before the new capture allocates its own
-        self._graph = self._bound = self._grads = self._records = self._loss = None
+        train = kind == "train"
+        rec.clear()  # the previous graph's tensors go before the new capture allocates its own
         self._release_autograd_graph()
         net._prepare_inputs()  # the inputs' tensors and autograd flags again, after the detach
-        self._statics = [(net.blobs[t], net.blobs[t]._data) for _, t in self._input_blobs()]
-        params = self._params()
+        rec.statics = [(net.blobs[t], net.blobs[t]._data) for _, t in self._input_blobs()]
+        params = self._params() if train else []
         for p in params:  # the graph hands its own gradient tensors over, as a cleared pass does
             p.grad = None
         prefix, last = self.prefix, len(net.layers) - 1
         low = autocast_dtype()
 
+        def layers() -> torch.Tensor | float | None:
+            if low is None:
+                net._run_layers(prefix, last, overwrite=True)
+                return net._loss() if train else None
+            # as the eager pass (Net._eager_forward_backward); no cast cache in a graph
+            with torch.autocast(net._device.type, dtype=low, cache_enabled=False):
+                net._run_layers(prefix, last, overwrite=True)
+                loss = net._loss() if train else None
+            for o in net.outputs:  # the outputs made float32 again, inside the graph
+                b = net.blobs[o]
+                if b._data is not None and b._data.dtype in (torch.float16, torch.bfloat16):
+                    b.set_tensor(b._data.float())
+            return loss
+
         def body() -> tuple:
-            with torch.enable_grad(), _loss_layers.deferred_label_checks() as records:
-                if low is None:
-                    net._run_layers(prefix, last, overwrite=True)
-                    loss = net._loss()
-                else:  # as the eager pass (Net._eager_forward_backward); no cast cache in a graph
-                    with torch.autocast(net._device.type, dtype=low, cache_enabled=False):
-                        net._run_layers(prefix, last, overwrite=True)
-                        loss = net._loss()
-                    for o in net.outputs:  # the outputs made float32 again, inside the graph
-                        b = net.blobs[o]
-                        if b._data is not None and b._data.dtype in (torch.float16, torch.bfloat16):
-                            b.set_tensor(b._data.float())
+            grad = torch.enable_grad() if train else torch.no_grad()
+            with grad, _loss_layers.deferred_label_checks() as records:
+                loss = layers()
                 if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
                     torch.autograd.backward([loss], inputs=params)
             return loss, [p.grad for p in params], list(records)
@@ -249,16 +277,16 @@ class GraphedPass:
         try:
             loss, grads, records = graph.capture(body, collect)
         except Exception as e:
-            self._graph = None
             raise NetError(
-                f"{net.source}: capturing the training pass in a CUDA graph failed ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); train without CUDA graphs"
+                f"{net.source}: capturing the {'training' if train else 'forward'} pass in a CUDA graph failed "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run without CUDA graphs"
             ) from e
-        self._graph, self._key = graph, key
-        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
-        self._params_captured, self._grads = params, grads
-        self._records = [(layer, v, n, ig) for layer, v, n, ig in records]
-        self._bound = [(net.blobs[t], net.blobs[t]._data, net.blobs[t]._grad_tensor) for t in self._captured_tops()]
+        rec.graph, rec.key = graph, key
+        rec.loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        rec.params, rec.grads = params, grads
+        rec.records = records
+        rec.bound = [(net.blobs[t], net.blobs[t]._data, net.blobs[t]._grad_tensor) for t in self._captured_tops()]
+        rec.overwrote = bool(net._overwritten)  # in-place layers wrote over blobs (backward() then refuses)
         self.captures += 1
 
     def _captured_tops(self) -> list[str]:
@@ -270,3 +298,22 @@ class GraphedPass:
                     seen.add(t)
                     out.append(t)
         return out
+
+
+class _Recording:
+    """One kind of captured pass (training, or forward only): its graph and the tensors around it."""
+
+    def __init__(self):
+        self.eager_passes = 0
+        self.key = None
+        self.clear()
+
+    def clear(self) -> None:
+        self.graph = None
+        self.statics: list = []
+        self.bound: list = []
+        self.params: list = []
+        self.grads: list = []
+        self.records: list = []
+        self.loss = None
+        self.overwrote = False

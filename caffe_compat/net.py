@@ -253,6 +253,8 @@ class Net(nn.Module):
     _layer_callbacks: tuple[list, list] | None = None
     #: ``use_cuda_graph``'s runner (caffe_compat.cuda_graph.GraphedPass), or None: eager passes
     _graphed = None
+    #: the last pass was a forward replayed from a CUDA graph (no autograd graph for backward())
+    _graph_forward = False
     #: Caffe's debug_info: log every layer's mean |data| after its forward and mean |diff| after
     #: its backward (``NetParameter.debug_info``; a solver sets it at display iterations when its
     #: own ``debug_info`` is true). Bottoms seen by the last forward, for the backward's log.
@@ -736,6 +738,8 @@ class Net(nn.Module):
             if t.requires_grad != want:
                 t.requires_grad_(want)
             blob._grad_tensor = t
+        if self._graph_forward:
+            self._graph_forward = False
 
     def _loss(self) -> torch.Tensor | float:
         """Σ loss_weight · Σ(blob) over the blobs with a loss weight (0.0 if none); a single
@@ -771,6 +775,22 @@ class Net(nn.Module):
             blob.data[...] = arr
         s = self._layer_index(start, 0)
         e = self._layer_index(end, len(self.layers) - 1)
+        graphed, named = self._graphed, start is not None or end is not None
+        if graphed is not None and not named and not graphed.runs_eagerly():
+            graphed.check_call(1.0)
+            graphed.forward(lambda: self._eager_forward(s, e, named))
+        else:
+            self._eager_forward(s, e, named)
+        self._diffs_cleared = False
+        outs = list(self._tops[e]) if end is not None else list(self.outputs)
+        for b in blobs or ():
+            if b not in outs:
+                outs.append(b)
+        return {b: self.blobs[b].data for b in outs}
+
+    def _eager_forward(self, s: int, e: int, named: bool) -> None:
+        """``forward``'s pass over layers ``s``..``e``, layer by layer (or compiled when no
+        ``start``/``end`` was ``named``)."""
         self._prepare_inputs(whole=s == 0 and e == len(self.layers) - 1)
         self._overwritten = False
         if (
@@ -778,19 +798,12 @@ class Net(nn.Module):
             and self._layer_callbacks is None  # per-layer callbacks need the layer-by-layer pass
             and not self.debug_info
             and not torch.is_grad_enabled()
-            and start is None
-            and end is None
+            and not named
         ):
             self._run_compiled()
             self._verify_compiled_checks()
         else:
             self._run_layers(s, e)
-        self._diffs_cleared = False
-        outs = list(self._tops[e]) if end is not None else list(self.outputs)
-        for b in blobs or ():
-            if b not in outs:
-                outs.append(b)
-        return {b: self.blobs[b].data for b in outs}
 
     def _batch(self, inputs: dict[str, np.ndarray]):
         """Split ``{name: N x ...}`` into batches of the blobs' batch size, the last one padded
@@ -1112,6 +1125,11 @@ class Net(nn.Module):
         Blob diffs are set (not accumulated) as in Caffe; parameter diffs accumulate.
         Returns ``{blob: diff ndarray}`` for the inputs (or the bottoms of ``end``) and ``diffs``.
         """
+        if self._graph_forward:
+            raise NetError(
+                f"backward(): the last forward() of net {self.name!r} was replayed from a CUDA graph, which keeps "
+                "no autograd graph; net.use_cuda_graph(False) before forward() to backpropagate"
+            )
         if self._overwritten:
             raise NetError(
                 f"backward(): the last pass of net {self.name!r} was forward_backward(), which computes "

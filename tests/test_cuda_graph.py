@@ -188,6 +188,67 @@ def test_inputs_written_through_host_copies_reach_the_graph(tmp_path, monkeypatc
     assert graphed._graphed.captures == 2  # the reshape captured again
 
 
+DEPLOY = """
+name: "d"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 9 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "norm" type: "LRN" bottom: "conv" top: "norm" lrn_param { local_size: 3 alpha: 0.1 beta: 0.75 } }
+layer { name: "pool" type: "Pooling" bottom: "norm" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+"""
+
+
+def test_graphed_forward_equals_eager(tmp_path, monkeypatch):
+    """pycaffe's whole ``forward()`` replayed from its own graph (inputs through host copies, a
+    reshape capturing again); partial passes stay eager; ``backward()`` after a replayed forward
+    says why it cannot run."""
+    monkeypatch.setattr(blob_mod, "uses_host_mirror", lambda device: True)
+    p = tmp_path / "d.prototxt"
+    p.write_text(DEPLOY)
+    caffe.set_random_seed(2)
+    eager = caffe.Net(str(p), caffe.TEST)
+    caffe.set_random_seed(2)
+    graphed = caffe.Net(str(p), caffe.TEST).use_cuda_graph(True, warmup=1, graph_factory=ReplayingGraph)
+    rng = np.random.default_rng(1)
+    for it in range(6):
+        if it == 4:
+            for n in (eager, graphed):
+                n.blobs["data"].reshape(3, 3, 9, 9)
+        x = rng.standard_normal(eager.blobs["data"].shape).astype(np.float32)
+        a, b = eager.forward(data=x), graphed.forward(data=x)
+        np.testing.assert_array_equal(a["prob"], b["prob"])
+        np.testing.assert_array_equal(eager.blobs["pool"].data, graphed.blobs["pool"].data)
+    assert graphed._graphed.captures == 2
+    with pytest.raises(NetError, match="replayed from a CUDA graph, which keeps no autograd graph"):
+        graphed.backward()
+    captures = graphed._graphed.captures
+    out = graphed.forward(end="pool")  # a partial pass: eager, and backward() works after it
+    np.testing.assert_array_equal(out["pool"], eager.forward(end="pool")["pool"])
+    assert graphed._graphed.captures == captures
+    graphed.blobs["pool"].diff[...] = 1.0
+    assert set(graphed.backward(start="pool")) == {"data"}  # runs (a deploy net's diffs are all zero)
+
+
+def test_a_train_net_keeps_one_graph_per_kind_of_pass(tmp_path):
+    """``forward()`` and ``forward_backward()`` of one net: two graphs, each equal to eager."""
+    seen = {}
+    for graphed in (False, True):
+        solver = _solver(tmp_path, graphed)
+        net = solver.net
+        seen[graphed] = []
+        for _ in range(4):
+            net.clear_param_diffs()
+            seen[graphed].append(net.forward_backward())
+            seen[graphed].append(float(net.forward()["loss"]))
+        if graphed:
+            assert net._graphed.captures == 2
+    assert seen[True] == seen[False]
+
+
 def test_a_parameter_given_new_storage_captures_again(tmp_path):
     states = {}
     for graphed in (False, True):
@@ -322,5 +383,11 @@ def test_cuda_graph_reports_a_bad_label(tmp_path):
         net.blobs["label"].data[...] = [1, 2]  # good labels again: the same graph
         assert np.isfinite(net.forward_backward())
         assert net._graphed.captures == 1
+        for _ in range(3):  # the forward pass: its own graph, its checks read at once
+            assert np.isfinite(net.forward()["loss"])
+        net.blobs["label"].data[...] = [9, 0]
+        with pytest.raises(caffe.CaffeError, match="label value 9 in bottom 'label'"):
+            net.forward()
+        assert net._graphed.captures == 2
     finally:
         caffe.set_mode_cpu()
