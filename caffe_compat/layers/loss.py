@@ -262,7 +262,13 @@ class _SoftmaxLossFunction(torch.autograd.Function):
         nll = torch.ops.aten.nll_loss_backward if logp.dim() == 2 else torch.ops.aten.nll_loss2d_backward
         # -grad_loss / normalizer at each counted label: reduction "mean" over our normalizer
         picked = nll(grad_loss, logp, target, None, _REDUCTION_MEAN, ctx.ignore_index, normalizer)
-        return torch._log_softmax_backward_data(picked, logp, 1, ctx.x_dtype), None, None, None, None
+        if ctx.x_dtype != logp.dtype:
+            # autocast ran log_softmax in float32 on bf16/fp16 scores: the gradient in float32,
+            # then in the scores' dtype (CUDA's kernel takes a float16 input dtype, not bfloat16)
+            dx = torch._log_softmax_backward_data(picked, logp, 1, logp.dtype).to(ctx.x_dtype)
+        else:
+            dx = torch._log_softmax_backward_data(picked, logp, 1, ctx.x_dtype)
+        return dx, None, None, None, None
 
 
 class _SigmoidCrossEntropyFunction(torch.autograd.Function):
