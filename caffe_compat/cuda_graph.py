@@ -1,4 +1,5 @@
-"""Opt-in: a net's training pass replayed from one CUDA graph (``Net.use_cuda_graph``).
+"""Opt-in: a net's passes replayed from CUDA graphs (``Net.use_cuda_graph``): the training pass
+(``forward_backward``, a solver's passes) and pycaffe's whole ``forward()``, one graph each.
 
 At batches 1-10 on a GPU the host's Python, not the device, bounds an eager training pass: every
 layer's Python and every kernel launch cost host microseconds while the kernels themselves take
@@ -7,7 +8,8 @@ them all with one call, so the per-layer Python runs once instead of every itera
 
 What is captured: the net's layers after its leading bottomless ones (Input and data layers:
 their batches are produced on the host at every pass, as in an eager pass, and copied into the
-graph's input tensors), the loss and the backward into the parameters' diffs. The kernels are the
+graph's input tensors), the loss and the backward into the parameters' diffs (a forward's graph: the layers alone,
+without autograd's graph, so ``backward()`` after it refuses). The kernels are the
 ones the eager pass launches, so the values are the eager pass's (Dropout draws its masks from
 the graph's own offsets of the CUDA generator: other masks than an eager pass would draw). The
 loss layers' label checks stay: the graph leaves each pass's labels (or their range) on the
@@ -55,7 +57,8 @@ class _CudaGraph:
 
 
 class GraphedPass:
-    """``Net.forward_backward_pending`` of one net through a CUDA graph (see the module's doc).
+    """``Net.forward_backward_pending`` and whole ``Net.forward`` passes of one net through CUDA
+    graphs (see the module's doc).
 
     ``graph_factory(device)`` makes the graph object: ``capture(body, collect)`` records
     ``body()`` and returns its result, ``replay()`` runs it again writing into the same tensors

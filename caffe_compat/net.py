@@ -1023,8 +1023,9 @@ class Net(nn.Module):
         return self
 
     def use_cuda_graph(self, enable: bool = True, warmup: int = 2, graph_factory=None) -> Net:
-        """Opt-in, on a GPU: ``forward_backward`` (and a solver's training passes) replayed from
-        one CUDA graph, recorded once, instead of running each layer's Python every pass. At
+        """Opt-in, on a GPU: ``forward_backward`` (and a solver's training passes) and whole
+        ``forward()`` passes replayed from CUDA graphs, recorded once, instead of running each
+        layer's Python every pass (``backward()`` right after a replayed ``forward()`` raises). At
         small batches the host's Python bounds a pass on a GPU; the graph removes it. The first
         ``warmup`` passes run eagerly, the next one captures; a new input shape or parameter
         storage captures again. The kernels are the eager pass's (the same float32 values),

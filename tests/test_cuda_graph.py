@@ -328,6 +328,30 @@ def test_solver_switch_turns_the_graph_on_and_off(tmp_path):
     assert solver.net._graphed is None
 
 
+def test_a_test_net_the_graph_cannot_replay_stays_eager(tmp_path, caplog):
+    net_file = tmp_path / "net.prototxt"
+    net_file.write_text(NET)
+    sp = caffe_pb2.SolverParameter(
+        net=str(net_file), base_lr=0.01, lr_policy="fixed", max_iter=10, display=0, random_seed=1,
+        test_iter=[1], test_interval=2,
+    )  # fmt: skip
+    solver = SGDSolver(sp, source="<test>")
+    train_net, test_net = solver.net, solver.test_nets[0]
+    train_net.use_cuda_graph = lambda on, warmup=2: type(train_net).use_cuda_graph(
+        train_net, on, warmup, ReplayingGraph
+    )
+
+    def refuse(on, warmup=2):
+        raise NetError("layer 'py' is a Python layer")
+
+    test_net.use_cuda_graph = refuse
+    solver.cuda_graph = True
+    with caplog.at_level("INFO", logger="caffe_compat"):
+        solver.step(4)
+    assert "Test net #0 runs eagerly: layer 'py' is a Python layer" in caplog.text
+    assert train_net._graphed.captures == 1 and test_net._graphed is None
+
+
 # -- the real CUDA graphs ----------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -171,7 +171,8 @@ def test_cuda_graph_training_gives_the_same_table(smoke_run, tmp_path, monkeypat
 
     monkeypatch.setattr(Net, "use_cuda_graph", use)
     other = run_reproduction(str(tmp_path), "smoke", seed=0, cuda_graph=True)
-    assert len(graphed) == 5 and all(n._graphed.captures == 1 for n in graphed)  # the CAE, 4 regressors
+    # the CAE and 4 regressors: each solver's train net (one training graph) and its test net
+    assert len(graphed) == 10 and all(n._graphed.captures == 1 for n in graphed[0::2])
     _, run = smoke_run
     with open(os.path.join(run, "summary.json"), encoding="utf-8") as f:
         eager = json.load(f)["results"]

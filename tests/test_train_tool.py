@@ -117,7 +117,9 @@ def test_train_with_cuda_graph_prints_caffes_log_and_snapshots(cli_dir, capsys, 
     ours = messages(capsys.readouterr().err)
     note = "Training passes replayed from a CUDA graph (captured after 2 eager passes)"
     assert note in ours
-    assert graphed and graphed[0]._graphed.captures == 1
+    assert len(graphed) == 2  # the train net and the test net
+    assert graphed[0]._graphed.captures == 1  # training passes
+    assert graphed[1]._graphed.captures == 1  # the test net's forward passes (3 per test, 3 tests)
     ours = [m for m in ours if m != note]
     ref = messages((CLI / "caffe_train.log").read_text())
     ref_tail, ours_tail = ref[ref.index("Starting Optimization") :], ours[ours.index("Starting Optimization") :]

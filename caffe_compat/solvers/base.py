@@ -243,9 +243,10 @@ class Solver:
     #: On a GPU, read an iteration's loss after the next iteration is queued (see ``step``);
     #: False: read it at once (the host then waits for every pass; a measurement switch).
     lag_loss_read: bool = True
-    #: Opt-in (one CUDA device): each training pass replayed from one CUDA graph
-    #: (``Net.use_cuda_graph``; ``tools/train.py --cuda_graph``): the same kernels without the
-    #: per-layer Python, which bounds small batches on a GPU. The update stays eager.
+    #: Opt-in (one CUDA device): each training pass replayed from one CUDA graph, and the test
+    #: nets' forward passes from theirs (``Net.use_cuda_graph``; ``tools/train.py --cuda_graph``):
+    #: the same kernels without the per-layer Python, which bounds small batches on a GPU. The
+    #: update stays eager; a test net the graph cannot replay (a Python layer) stays eager too.
     cuda_graph: bool = False
     _cuda_graph_applied: bool = False
 
@@ -818,8 +819,15 @@ class Solver:
             warmup = 2
             logger.info("Training passes replayed from a CUDA graph (captured after %d eager passes)", warmup)
             self.net.use_cuda_graph(True, warmup=warmup)
-        elif hasattr(self.net, "use_cuda_graph"):
-            self.net.use_cuda_graph(False)
+            for i, net in enumerate(self.test_nets):  # their forward passes, where they can be
+                try:
+                    net.use_cuda_graph(True, warmup=warmup)
+                except CaffeError as e:
+                    logger.info("Test net #%d runs eagerly: %s", i, e)
+        else:
+            for net in [self.net, *self.test_nets]:
+                if hasattr(net, "use_cuda_graph"):
+                    net.use_cuda_graph(False)
         self._cuda_graph_applied = on
 
     @property
