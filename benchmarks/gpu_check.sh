@@ -116,6 +116,8 @@ bench 60 --batches 1,10,64 --reps 3 --what fwd_bwd --lrn_window slices
 if [ "${FULL:-0}" = 1 ]; then  # measured in session 4 (docs/gpu_runs/): FULL=1 to repeat
     say "== 3c. bf16 + channels_last, both sides [${SECONDS}s]"
     bench 90 --batches 64,128 --reps 3 --precision bf16 --channels_last --baseline_same --what fwd_bwd,iter
+    say "== 3c2. bf16 + channels_last, both sides in CUDA graphs (session 10) [${SECONDS}s]"
+    bench 90 --batches 1,10,64 --reps 3 --precision bf16 --channels_last --baseline_same --cuda_graph --what fwd_bwd,iter --host_reads both
     say "== 3d. inference through net.run (tensors out) [${SECONDS}s]"
     bench 60 --batches 1,10,64 --reps 3 --what fwd --fwd_api run
     say "== 3e. iteration without the label check's host sync [${SECONDS}s]"

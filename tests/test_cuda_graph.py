@@ -20,11 +20,9 @@ from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers import SGDSolver
 from caffe_compat.solvers.base import LossScaler
 
-NET = """
-name: "g"
-layer { name: "data" type: "DummyData" top: "data" top: "label"
-  dummy_data_param { shape { dim: 4 dim: 3 dim: 9 dim: 9 } shape { dim: 4 }
-    data_filler { type: "gaussian" std: 1 } data_filler { type: "uniform" min: 0 max: 2.99 } } }
+# conv, ReLU in place, LRN, max pooling, InnerProduct: between a data layer and a loss (NET) or
+# an Input and a Softmax (DEPLOY)
+LAYERS = """
 layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
   convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
 layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
@@ -32,8 +30,18 @@ layer { name: "norm" type: "LRN" bottom: "conv" top: "norm" lrn_param { local_si
 layer { name: "pool" type: "Pooling" bottom: "norm" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
 layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
   inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
 """
+
+NET = (
+    """
+name: "g"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 4 dim: 3 dim: 9 dim: 9 } shape { dim: 4 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "uniform" min: 0 max: 2.99 } } }
+"""
+    + LAYERS
+    + 'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n'
+)
 
 INPUT_NET = """
 name: "h"
@@ -188,18 +196,12 @@ def test_inputs_written_through_host_copies_reach_the_graph(tmp_path, monkeypatc
     assert graphed._graphed.captures == 2  # the reshape captured again
 
 
-DEPLOY = """
-name: "d"
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 9 } } }
-layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
-  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
-layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
-layer { name: "norm" type: "LRN" bottom: "conv" top: "norm" lrn_param { local_size: 3 alpha: 0.1 beta: 0.75 } }
-layer { name: "pool" type: "Pooling" bottom: "norm" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
-layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
-  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
-layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
-"""
+DEPLOY = (
+    'name: "d"\n'
+    'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 9 } } }\n'
+    + LAYERS
+    + 'layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }\n'
+)
 
 
 def test_graphed_forward_equals_eager(tmp_path, monkeypatch):
