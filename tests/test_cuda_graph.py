@@ -317,6 +317,14 @@ def test_solver_refuses_a_graph_with_loss_scaling(tmp_path):
         solver.step(1)
 
 
+def test_solver_refuses_a_graph_with_several_processes(tmp_path):
+    solver = _solver(tmp_path, False)
+    solver.world_size = 2  # as a rank of a 2-process training would have
+    solver.cuda_graph = True
+    with pytest.raises(SolverError, match="not supported with training with several processes"):
+        solver.step(1)
+
+
 def test_solver_switch_turns_the_graph_on_and_off(tmp_path):
     solver = _solver(tmp_path, False)
     solver.cuda_graph = True
