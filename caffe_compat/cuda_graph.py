@@ -40,6 +40,10 @@ from caffe_compat.mode import autocast_dtype
 __all__ = ["GraphedPass"]
 
 
+# Layer types whose forward does host work a replay would skip: what that work is.
+_HOST_SIDE = {"Python": "runs Python code of its own", "HDF5Output": "writes its bottoms to a file"}
+
+
 class _CudaGraph:
     """One ``torch.cuda.CUDAGraph`` captured on a side stream of the device."""
 
@@ -91,10 +95,10 @@ class GraphedPass:
                     "computing layers; its output would be recorded once. Move it before the first layer with "
                     "bottoms, or train without CUDA graphs"
                 )
-            if layer.type == "Python":
+            if layer.type in _HOST_SIDE:
                 raise NetError(
-                    f"{net.source}: CUDA graphs: layer {name!r} is a Python layer, whose code would run once, at "
-                    "the capture, and never again; train without CUDA graphs"
+                    f"{net.source}: CUDA graphs: layer {name!r} ({layer.type}) {_HOST_SIDE[layer.type]}, which "
+                    "would happen once, at the capture, and never again; run without CUDA graphs"
                 )
         return prefix
 

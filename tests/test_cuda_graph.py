@@ -291,8 +291,15 @@ def test_layers_a_graph_cannot_replay_are_refused(tmp_path):
 
     from caffe_compat.cuda_graph import GraphedPass
 
-    with pytest.raises(NetError, match="layer 'py' is a Python layer"):
+    with pytest.raises(NetError, match=r"layer 'py' \(Python\) runs Python code of its own, which would happen once"):
         GraphedPass(Fake())
+    out = tmp_path / "out.prototxt"
+    out.write_text(
+        INPUT_NET + 'layer { name: "save" type: "HDF5Output" bottom: "y" bottom: "t" '
+        f'hdf5_output_param {{ file_name: "{tmp_path / "o.h5"}" }} }}\n'
+    )
+    with pytest.raises(NetError, match=r"layer 'save' \(HDF5Output\) writes its bottoms to a file"):
+        caffe.Net(str(out), caffe.TRAIN).use_cuda_graph()
 
 
 def test_what_a_graph_needs_is_checked_per_pass(tmp_path):
