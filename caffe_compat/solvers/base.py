@@ -805,7 +805,8 @@ class Solver:
         return pending(scale)
 
     def _use_cuda_graph(self, on: bool) -> None:
-        """Turn the train net's CUDA graph on or off (``cuda_graph``), checking what it needs."""
+        """Turn the CUDA graphs of the train net (and of the test nets that allow them) on or off
+        (``cuda_graph``), checking what they need."""
         if on:
             why = None
             if not hasattr(self.net, "use_cuda_graph"):
