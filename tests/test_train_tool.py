@@ -257,6 +257,32 @@ def test_test_tool_scores_like_caffe(cli_dir, capsys):
     assert test_tool.main(["--model", "train.prototxt"]) == 1
 
 
+def test_test_tool_with_cuda_graph_scores_the_same(cli_dir, capsys, monkeypatch):
+    """``--cuda_graph`` (through the CPU stand-in for CUDA graphs): the same batch lines and means
+    as the eager run; without ``--gpu`` it is refused."""
+    from caffe_compat.net import Net
+    from tests.test_cuda_graph import ReplayingGraph
+
+    args = ["--model", "train.prototxt", "--weights", "ref_snap_iter_8.caffemodel", "--iterations", "5"]
+    assert test_tool.main(args) == 0
+    eager = [m for m in messages(capsys.readouterr().err) if m.startswith(("Batch", "Loss", "loss"))]
+    assert test_tool.main([*args, "--cuda_graph"]) == 1
+    assert "--cuda_graph needs --gpu" in capsys.readouterr().err
+    real, graphed = Net.use_cuda_graph, []
+
+    def use(self, enable=True, warmup=2, graph_factory=None):
+        graphed.append(self)
+        return real(self, enable, warmup, ReplayingGraph)
+
+    monkeypatch.setattr(Net, "use_cuda_graph", use)
+    monkeypatch.setattr(test_tool, "parse_gpus", lambda flag: [0])
+    monkeypatch.setattr(test_tool, "select_device", lambda gpus, log: None)  # stays on the CPU
+    assert test_tool.main([*args, "--gpu", "0", "--cuda_graph"]) == 0
+    ours = [m for m in messages(capsys.readouterr().err) if m.startswith(("Batch", "Loss", "loss"))]
+    assert ours == eager and len(ours) == 7
+    assert graphed[0]._graphed.captures == 1  # batches 2-4 from the graph
+
+
 def test_time_tool_reports_every_layer(cli_dir, capsys):
     assert time_tool.main(["--model", "train.prototxt", "--iterations", "2"]) == 0
     ours = messages(capsys.readouterr().err)

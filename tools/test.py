@@ -6,7 +6,8 @@ Builds the net in TEST phase (``--level``, ``--stage`` complete its NetState), l
 ``--weights``, runs ``--iterations`` (50) forward passes and logs, as Caffe,
 ``Batch i, <output> = v`` for every element of every output, ``Loss: <mean loss>`` and then
 ``<output> = <mean>`` (with `` (* w = w*mean loss)`` for loss outputs). ``--gpu 0`` runs on
-that GPU (an error without CUDA). Errors print one line and exit with status 1.
+that GPU (an error without CUDA); ``--cuda_graph`` with it replays the forward passes from a CUDA
+graph (``Net.use_cuda_graph``). Errors print one line and exit with status 1.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--gpu", default="", help="GPU id; CPU when omitted")
     p.add_argument("--level", type=int, default=0, help="NetState level")
     p.add_argument("--stage", default="", help="NetState stages, comma-separated")
+    p.add_argument(
+        "--cuda_graph",
+        action="store_true",
+        help="with --gpu: replay the forward passes from a CUDA graph (the same kernels, less host time)",
+    )
     return p
 
 
@@ -86,9 +92,15 @@ def _test(args) -> int:
         raise UsageError("Need model weights to score (--weights net.caffemodel)")
     if args.iterations < 1:
         raise UsageError(f"--iterations must be >= 1 (got {args.iterations})")
-    select_device(parse_gpus(args.gpu), log)
+    gpus = parse_gpus(args.gpu)
+    if args.cuda_graph and not gpus:
+        raise UsageError("--cuda_graph needs --gpu (CUDA graphs replay GPU work)")
+    select_device(gpus, log)
     net = Net(args.model, phase=TEST, level=args.level, stages=stages_from_flag(args.stage))
     net.copy_from(args.weights)
+    if args.cuda_graph:
+        net.use_cuda_graph()
+        log.info("Forward passes replayed from a CUDA graph (--cuda_graph)")
     log.info("Running for %d iterations.", args.iterations)
     score(net, args.iterations)
     return 0
