@@ -171,8 +171,7 @@ class GraphedPass:
                 p.grad = d
         checks = [(layer, v.to("cpu", non_blocking=True, copy=True), n, ig) for layer, v, n, ig in rec.records]
         net._fill_missing_diffs()
-        net._diffs_cleared = False
-        net._graph_forward = False
+        net._diffs_cleared = False  # (_prepare_inputs cleared _graph_forward)
         loss = rec.loss
         if isinstance(loss, torch.Tensor) and not loss.is_cuda:  # (on a GPU PendingLoss copies it at once)
             loss = loss.clone()  # the next replay overwrites the graph's loss tensor
