@@ -16,8 +16,10 @@ loss layers' label checks stay: the graph leaves each pass's labels (or their ra
 device and they are read back with the loss, as in an eager pass on a GPU.
 
 The first ``warmup`` passes run eagerly (cuDNN, cuBLAS and the layers' per-shape state settle);
-the next one captures. A later pass captures again when an input's shape or dtype, or a
-parameter's storage, changed (``net.reshape``, ``restore``, ``net.to``). Passes that need the
+the next one captures. When an input's shape or dtype, or a parameter's storage, changed
+(``net.reshape``, ``restore``, ``net.to``), the next pass runs eagerly (the layers' per-shape
+state, such as a constant copied to the device, is made outside a capture) and the one after it
+captures again. Passes that need the
 per-layer Python run eagerly: Caffe's ``debug_info`` and ``before_forward``/``after_forward``
 callbacks. Under ``caffe_compat.mode.set_precision("bf16"|"fp16")`` the captured pass runs in
 autocast as the eager one. Needs (else ``NetError`` saying what to change): the net on a CUDA
@@ -38,6 +40,12 @@ from caffe_compat.layers import loss as _loss_layers
 from caffe_compat.mode import autocast_dtype
 
 __all__ = ["GraphedPass"]
+
+
+def _host_copy(values: torch.Tensor) -> torch.Tensor:
+    """A label record's values on the host: copied behind the pass (a graph leaves them on the
+    device; an eager pass on a GPU has already started the copy)."""
+    return values.to("cpu", non_blocking=True, copy=True) if values.is_cuda else values
 
 
 # Layer types whose forward does host work a replay would skip: what that work is.
@@ -145,7 +153,9 @@ class GraphedPass:
         net, rec = self.net, self._kinds["train"]
         if rec.eager_passes < self.warmup:
             rec.eager_passes += 1
-            return self._eager_on_side_stream(eager)
+            pending = self._on_side_stream(eager)
+            rec.warm_key = self._shape_key()  # what the next pass may capture
+            return pending
         net._prepare_inputs()
         net._overwritten = False
         if self.prefix:
@@ -159,8 +169,8 @@ class GraphedPass:
                 d = p.grad
                 if d is not None:  # a diff the graph writes is overwritten by the replay: keep a copy
                     kept[p] = d.clone() if d.data_ptr() in ours else d
-        self._replay(rec, "train")
-        for p, g in zip(rec.params, rec.grads):
+        loss, grads, records, _ = self._replay(rec, "train")
+        for p, g in zip(self._params(), grads):
             d = kept.get(p) if kept is not None else None
             if d is None:
                 p.grad = g
@@ -169,10 +179,11 @@ class GraphedPass:
                 p.grad = d
             else:
                 p.grad = d
-        checks = [(layer, v.to("cpu", non_blocking=True, copy=True), n, ig) for layer, v, n, ig in rec.records]
+        checks = [(layer, _host_copy(v), n, ig) for layer, v, n, ig in records]
         net._fill_missing_diffs()
         net._diffs_cleared = False  # (_prepare_inputs cleared _graph_forward)
-        loss = rec.loss
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
         if isinstance(loss, torch.Tensor) and not loss.is_cuda:  # (on a GPU PendingLoss copies it at once)
             loss = loss.clone()  # the next replay overwrites the graph's loss tensor
         return PendingLoss(net, loss, checks)
@@ -184,22 +195,32 @@ class GraphedPass:
         net, rec = self.net, self._kinds["forward"]
         if rec.eager_passes < self.warmup:
             rec.eager_passes += 1
-            self._eager_on_side_stream(eager)
+            self._on_side_stream(eager)
+            rec.warm_key = self._shape_key()
             return
         net._prepare_inputs()
         net._overwritten = False
         if self.prefix:
             net._run_layers(0, self.prefix - 1)
-        self._replay(rec, "forward")
-        if rec.records:
-            net._verify_labels([(layer, v.to("cpu"), n, ig) for layer, v, n, ig in rec.records])
-        net._graph_forward = True
+        _, _, records, replayed = self._replay(rec, "forward")
+        if records:
+            if not replayed and net._device.type == "cuda":  # an eager pass started the copies
+                torch.cuda.current_stream(net._device).synchronize()
+            net._verify_labels([(layer, v.to("cpu"), n, ig) for layer, v, n, ig in records])
+        net._graph_forward = replayed
 
-    def _replay(self, rec: _Recording, kind: str) -> None:
-        """Capture (again) if the inputs' shapes or the parameters changed, copy the inputs into
-        the graph's tensors, replay, and bind the blobs to the graph's tensors."""
+    def _replay(self, rec: _Recording, kind: str) -> tuple:
+        """This pass's ``(loss, gradients, label records, whether the graph ran)``: from the graph, captured (again) if the
+        inputs' shapes or the parameters changed since it was recorded. A shape or parameter set
+        not seen before runs eagerly once first (the layers' per-shape state, e.g. a constant
+        copied to the device, must not be made inside a capture); the next pass with it captures.
+        After a replay the blobs are bound to the graph's tensors."""
         key = self._shape_key()
         if rec.graph is None or key != rec.key:
+            if rec.warm_key != key:
+                rec.warm_key = key
+                body = self._body(kind, self._params() if kind == "train" else [])
+                return (*self._on_side_stream(body), False)
             self._capture(rec, kind, key)
         for blob, static in rec.statics:
             t = blob._data
@@ -214,9 +235,11 @@ class GraphedPass:
             blob._data, blob._grad_tensor = data, grad_tensor
         if rec.overwrote:
             self.net._overwritten = True
+        return rec.loss, rec.grads, rec.records, True
 
-    def _eager_on_side_stream(self, eager):
-        """A warm-up pass on the stream the capture will use (torch's capture recipe)."""
+    def _on_side_stream(self, eager):
+        """``run()`` (an eager pass before a capture) on the stream the capture will use (torch's
+        capture recipe)."""
         if self.net._device.type != "cuda":  # the CPU tests' stand-in graphs
             return eager()
         if getattr(self, "_side", None) is None:
@@ -244,32 +267,7 @@ class GraphedPass:
         net._prepare_inputs()  # the inputs' tensors and autograd flags again, after the detach
         rec.statics = [(net.blobs[t], net.blobs[t]._data) for _, t in self._input_blobs()]
         params = self._params() if train else []
-        for p in params:  # the graph hands its own gradient tensors over, as a cleared pass does
-            p.grad = None
-        prefix, last = self.prefix, len(net.layers) - 1
-        low = autocast_dtype()
-
-        def layers() -> torch.Tensor | float | None:
-            if low is None:
-                net._run_layers(prefix, last, overwrite=True)
-                return net._loss() if train else None
-            # as the eager pass (Net._eager_forward_backward); no cast cache in a graph
-            with torch.autocast(net._device.type, dtype=low, cache_enabled=False):
-                net._run_layers(prefix, last, overwrite=True)
-                loss = net._loss() if train else None
-            for o in net.outputs:  # the outputs made float32 again, inside the graph
-                b = net.blobs[o]
-                if b._data is not None and b._data.dtype in (torch.float16, torch.bfloat16):
-                    b.set_tensor(b._data.float())
-            return loss
-
-        def body() -> tuple:
-            grad = torch.enable_grad() if train else torch.no_grad()
-            with grad, _loss_layers.deferred_label_checks() as records:
-                loss = layers()
-                if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
-                    torch.autograd.backward([loss], inputs=params)
-            return loss, [p.grad for p in params], list(records)
+        body = self._body(kind, params)
 
         def collect(result: tuple) -> list[torch.Tensor]:
             loss, grads, records = result
@@ -294,6 +292,42 @@ class GraphedPass:
         rec.bound = [(net.blobs[t], net.blobs[t]._data, net.blobs[t]._grad_tensor) for t in self._captured_tops()]
         rec.overwrote = bool(net._overwritten)  # in-place layers wrote over blobs (backward() then refuses)
         self.captures += 1
+
+    def _body(self, kind: str, params: list) -> Callable[[], tuple]:
+        """The pass a graph records (or that runs eagerly once for a new shape): the layers after
+        the leading bottomless ones, in autocast as the eager pass under bf16/fp16; for training
+        the loss and the backward into ``params``' diffs, which it hands over (set to None
+        first). Returns ``(loss or None, gradients, label records)``."""
+        net = self.net
+        train = kind == "train"
+        prefix, last = self.prefix, len(net.layers) - 1
+        low = autocast_dtype()
+
+        def layers() -> torch.Tensor | float | None:
+            if low is None:
+                net._run_layers(prefix, last, overwrite=True)
+                return net._loss() if train else None
+            # as the eager pass (Net._eager_forward_backward); no cast cache in a graph
+            with torch.autocast(net._device.type, dtype=low, cache_enabled=False):
+                net._run_layers(prefix, last, overwrite=True)
+                loss = net._loss() if train else None
+            for o in net.outputs:  # the outputs made float32 again
+                b = net.blobs[o]
+                if b._data is not None and b._data.dtype in (torch.float16, torch.bfloat16):
+                    b.set_tensor(b._data.float())
+            return loss
+
+        def body() -> tuple:
+            for p in params:  # autograd hands its gradient tensors over, as after a clear
+                p.grad = None
+            grad = torch.enable_grad() if train else torch.no_grad()
+            with grad, _loss_layers.deferred_label_checks() as records:
+                loss = layers()
+                if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
+                    torch.autograd.backward([loss], inputs=params)
+            return loss, [p.grad for p in params], list(records)
+
+        return body
 
     def _captured_tops(self) -> list[str]:
         net = self.net
@@ -323,3 +357,4 @@ class _Recording:
         self.records: list = []
         self.loss = None
         self.overwrote = False
+        self.warm_key = None  # the last key a pass ran eagerly with (captured at its next pass)

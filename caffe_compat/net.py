@@ -1027,8 +1027,8 @@ class Net(nn.Module):
         ``forward()`` passes replayed from CUDA graphs, recorded once, instead of running each
         layer's Python every pass (``backward()`` right after a replayed ``forward()`` raises). At
         small batches the host's Python bounds a pass on a GPU; the graph removes it. The first
-        ``warmup`` passes run eagerly, the next one captures; a new input shape or parameter
-        storage captures again. The kernels are the eager pass's (the same float32 values),
+        ``warmup`` passes run eagerly, the next one captures; after a new input shape or
+        parameter storage one pass runs eagerly and the next captures again. The kernels are the eager pass's (the same float32 values),
         except Dropout's masks (the graph's own random offsets). Conditions and details:
         ``caffe_compat.cuda_graph``; a layer the graph cannot replay raises ``NetError`` here.
         ``graph_factory``: a stand-in for ``torch.cuda.CUDAGraph`` (the CPU tests). Returns the net.
