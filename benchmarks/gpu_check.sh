@@ -9,7 +9,7 @@
 # so that a slow step cannot eat the others' time:
 #   1. every real-Caffe layer case in GPU mode (contiguous and channels_last), the 17 solver
 #      trajectories in GPU mode, 2 processes (gloo over CUDA tensors) = iter_size 2 in GPU mode,
-#      the CUDA-only tests;
+#      the CUDA-only tests (the CUDA-graph ones included);
 #   2. tools/train.py --gpu 0 on the `caffe train` fixture (float32, then --channels_last), its
 #      snapshot against Caffe's;
 #   3. the AlexNet benchmark in float32 (IEEE, TF32 off) with the peak CUDA allocation, then at
@@ -62,7 +62,8 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 say "== 1. conformance in GPU mode (layers, solver trajectories, CUDA-only tests) [${SECONDS}s]"
 CAFFE_COMPAT_TEST_GPU=1 timeout "$(limit 240)" python3 -m pytest -q -p no:cacheprovider -rf --tb=short --durations=12 \
     tests/test_conformance_layers.py tests/test_layers_loss.py tests/test_host_mirror.py tests/test_solvers.py \
-    tests/test_distributed.py tests/test_speed_options.py tests/test_layers_cuda.py > "$OUT/gpu_conformance.log" 2>&1
+    tests/test_distributed.py tests/test_speed_options.py tests/test_layers_cuda.py tests/test_cuda_graph.py \
+    > "$OUT/gpu_conformance.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/gpu_conformance.log"
 grep -E '^(FAILED|ERROR)' "$OUT/gpu_conformance.log" | head -20 | tee -a "$LOG"
 tail -2 "$OUT/gpu_conformance.log" | tee -a "$LOG"
