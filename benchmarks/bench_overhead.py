@@ -2,6 +2,7 @@
 
     python benchmarks/bench_overhead.py [--device cpu|cuda] [--reps 5] [--calls 200] [--cpu_paths]
                                         [--loss_read late|now] [--host_reads pycaffe|both|none] [--cprofile N]
+                                        [--cuda_graph]
 
 BVLC AlexNet's topology (grouped convs, LRN, ceil-mode pooling, dropout, SoftmaxWithLoss) with
 every layer made tiny (widths 8/16/24/24/16, fc 64/64/10, a 67x67 input, batch 1), so that the
@@ -12,7 +13,8 @@ measured on a CPU: by default the CPU run takes the code paths a GPU takes (no o
 InnerProduct, no channels_last max pooling, the LRN over the whole batch, the SGD update through
 foreach operations, host copies behind ``.data``/``.diff``), ``--cpu_paths`` keeps the CPU's own. One thread unless ``--threads``.
 
-``--host_reads`` as in bench_alexnet.py: ``pycaffe`` (default) ours reads its outputs / loss
+``--cuda_graph`` (a GPU): our passes replayed from CUDA graphs (``Net.use_cuda_graph``; what is
+left is the host work around a replay), the baseline eager. ``--host_reads`` as in bench_alexnet.py: ``pycaffe`` (default) ours reads its outputs / loss
 through pycaffe's APIs and the baseline nothing; ``both``: the baseline reads them too; ``none``:
 neither (ours through ``net.run`` and ``forward_backward_pending``; ``iter`` unchanged).
 
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "--loss_read", default="late", choices=["late", "now"], help="our solver on a GPU: loss read late or at once"
     )
     p.add_argument("--host_reads", default="pycaffe", choices=["pycaffe", "both", "none"])
+    p.add_argument("--cuda_graph", action="store_true", help="ours: passes replayed from CUDA graphs (a GPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -128,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     solver.fused_update = not gpu_paths
     solver.lag_loss_read = args.loss_read == "late" and args.host_reads != "both"
     solver.foreach_update = gpu_paths  # on CUDA the default; on the CPU forced to take the GPU path
+    if args.cuda_graph:  # the train net's passes (fwd_bwd and the solver's) and the test net's forward
+        solver.cuda_graph = True
+        solver._use_cuda_graph(True)
+        test_net.use_cuda_graph()
 
     model = TorchAlexNet(NUM_CLASSES, WIDTHS, pool5_size=1).to(device)  # the same tiny net, hand-written
     # torch's SGD takes multi-tensor (foreach) kernels on CUDA by default: the same on the CPU here

@@ -109,6 +109,7 @@ bench 45 --batches 1,10 --reps 5 --iters 20 --what iter --fused_update chunked
 say "== 3b. per-call overhead, tiny AlexNet (loss read late, then at once; host time by function) [${SECONDS}s]"
 timeout "$(limit 40)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 5 2>&1 | grep -v '^USDT' | tee -a "$LOG"
 timeout "$(limit 40)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 5 --loss_read now 2>&1 | grep -v '^USDT' | tee -a "$LOG"
+timeout "$(limit 40)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 5 --host_reads both --cuda_graph 2>&1 | grep -v '^USDT' | tee -a "$LOG"
 timeout "$(limit 60)" python3 benchmarks/bench_overhead.py --device "$DEVICE" --reps 1 --cprofile 30 > "$OUT/host_profile.log" 2>&1
 say "== 3b2. where the host time goes: our layers one at a time replaced by torch's own [${SECONDS}s]"
 timeout "$(limit 45)" python3 benchmarks/ablate_overhead.py --device "$DEVICE" --reps 3 --calls 100 2>&1 | grep -v '^USDT' | tee -a "$LOG"
