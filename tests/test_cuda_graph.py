@@ -237,6 +237,27 @@ def test_graphed_forward_equals_eager(tmp_path, monkeypatch):
     assert set(graphed.backward(start="pool")) == {"data"}  # runs (a deploy net's diffs are all zero)
 
 
+@pytest.mark.parametrize("name", ["cifar10_quick", "lenet", "mobilenet", "squeezenet11", "resnet50"])
+def test_real_world_deploy_nets_graph_their_forward(name):
+    """Real-world deploy nets (BatchNorm/Scale, depthwise convolutions, Concat, Split, in-place
+    layers): a replayed forward gives the eager outputs, bit for bit, for new inputs each pass."""
+    from tests.conftest import CAFFE_REF
+
+    deploy = str(CAFFE_REF / "realworld" / name / "deploy.prototxt")
+    nets = []
+    for graphed in (False, True):
+        caffe.set_random_seed(9)
+        net = caffe.Net(deploy, caffe.TEST)
+        nets.append(net.use_cuda_graph(True, warmup=1, graph_factory=ReplayingGraph) if graphed else net)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        inputs = {b: rng.standard_normal(nets[0].blobs[b].shape).astype(np.float32) for b in nets[0].inputs}
+        outs = [net.forward(**inputs) for net in nets]
+        for k in outs[0]:
+            np.testing.assert_array_equal(outs[1][k], outs[0][k], err_msg=f"{name}: {k}")
+    assert nets[1]._graphed.captures == 1
+
+
 def test_a_train_net_keeps_one_graph_per_kind_of_pass(tmp_path):
     """``forward()`` and ``forward_backward()`` of one net: two graphs, each equal to eager."""
     seen = {}
