@@ -177,6 +177,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sgd_solver(net: Net, device: torch.device, source: str = "<bench>") -> SGDSolver:
+    """Caffe's SGD as the benchmarks train: lr 0.01 (fixed), momentum 0.9, weight decay 5e-4 (the
+    hand-written model's ``torch.optim.SGD`` settings), no display, no end."""
+    sp = caffe_pb2.SolverParameter(
+        base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4, display=0, max_iter=10**9
+    )
+    return SGDSolver(sp, source=source, net=net, device=device)
+
+
 class Ours:
     """Our side: a TEST net for inference, a TRAIN net under Caffe's SGD solver for training."""
 
@@ -201,10 +210,7 @@ class Ours:
                     net.to(memory_format=torch.channels_last)
                 if opts.compile:
                     net.compile(**({"mode": opts.compile_mode} if opts.compile_mode else {}))
-        sp = caffe_pb2.SolverParameter(
-            base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4, display=0, max_iter=10**9
-        )
-        self.solver = SGDSolver(sp, source="<bench>", net=self.train_net, device=device)
+        self.solver = sgd_solver(self.train_net, device)
         if opts is not None:
             self.solver.lag_loss_read = getattr(opts, "loss_read", "late") == "late"
             if getattr(opts, "host_reads", "pycaffe") == "both":

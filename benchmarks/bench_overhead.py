@@ -36,11 +36,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_alexnet import TorchAlexNet, alexnet_param  # noqa: E402
+from bench_alexnet import TorchAlexNet, alexnet_param, sgd_solver  # noqa: E402
 
 from caffe_compat.net import TEST, TRAIN, Net  # noqa: E402
 from caffe_compat.proto import caffe_pb2  # noqa: E402
-from caffe_compat.solvers import SGDSolver  # noqa: E402
 
 WIDTHS = {"conv1": 8, "conv2": 16, "conv3": 24, "conv4": 24, "conv5": 16, "fc6": 64, "fc7": 64}
 NUM_CLASSES = 10
@@ -124,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         net.to(device)
         net.blobs["data"].data[...] = x.numpy()
     train_net.blobs["label"].data[...] = y.numpy()
-    sp = caffe_pb2.SolverParameter(
-        base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4, display=0, max_iter=10**9
-    )
-    solver = SGDSolver(sp, source="<bench>", net=train_net, device=device)
+    solver = sgd_solver(train_net, device)
     solver.fused_update = not gpu_paths
     solver.lag_loss_read = args.loss_read == "late" and args.host_reads != "both"
     solver.foreach_update = gpu_paths  # on CUDA the default; on the CPU forced to take the GPU path

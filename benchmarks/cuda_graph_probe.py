@@ -24,11 +24,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_alexnet import NUM_CLASSES, alexnet_param  # noqa: E402
+from bench_alexnet import NUM_CLASSES, alexnet_param, sgd_solver  # noqa: E402
 
 from caffe_compat import mode  # noqa: E402
 from caffe_compat.net import TRAIN, Net  # noqa: E402
-from caffe_compat.proto import caffe_pb2  # noqa: E402
 from caffe_compat.solvers import SGDSolver  # noqa: E402
 
 
@@ -43,10 +42,7 @@ def _solver(batch: int, device: torch.device, x, y, dropout: bool, graphed: bool
     net.to(device)
     net.blobs["data"].data[...] = x.numpy()
     net.blobs["label"].data[...] = y.numpy()
-    sp = caffe_pb2.SolverParameter(
-        base_lr=0.01, lr_policy="fixed", momentum=0.9, weight_decay=5e-4, display=0, max_iter=10**9
-    )
-    solver = SGDSolver(sp, source="<probe>", net=net, device=device)
+    solver = sgd_solver(net, device, "<probe>")
     if graphed and fake is not None:  # the CPU dry run: a stand-in for CUDA graphs
         net.use_cuda_graph(True, 2, fake)
     else:
