@@ -85,6 +85,7 @@ class GraphedPass:
         self.prefix = self._check_layers()
         self.captures = 0  # how many times a graph was captured, both kinds (tests, logs)
         self._kinds = {"train": _Recording(), "forward": _Recording()}
+        self._side = None  # the warm-up passes' stream (made at the first on a GPU)
 
     # -- eligibility --------------------------------------------------------------------------
 
@@ -151,15 +152,9 @@ class GraphedPass:
         from caffe_compat.net import PendingLoss
 
         net, rec = self.net, self._kinds["train"]
-        if rec.eager_passes < self.warmup:
-            rec.eager_passes += 1
-            pending = self._on_side_stream(eager)
-            rec.warm_key = self._shape_key()  # what the next pass may capture
+        warming, pending = self._begin(rec, eager)
+        if warming:
             return pending
-        net._prepare_inputs()
-        net._overwritten = False
-        if self.prefix:
-            net._run_layers(0, self.prefix - 1)  # the batches, produced on the host as in any pass
         kept = None
         if not net._diffs_cleared:  # this pass's gradients add into the diffs (autograd's rule)
             ours = {g.data_ptr() for g in rec.grads if g is not None} if rec.graph is not None else set()
@@ -182,8 +177,6 @@ class GraphedPass:
         checks = [(layer, _host_copy(v), n, ig) for layer, v, n, ig in records]
         net._fill_missing_diffs()
         net._diffs_cleared = False  # (_prepare_inputs cleared _graph_forward)
-        if isinstance(loss, torch.Tensor):
-            loss = loss.detach()
         if isinstance(loss, torch.Tensor) and not loss.is_cuda:  # (on a GPU PendingLoss copies it at once)
             loss = loss.clone()  # the next replay overwrites the graph's loss tensor
         return PendingLoss(net, loss, checks)
@@ -193,15 +186,8 @@ class GraphedPass:
         its own graph, which records no autograd graph (``backward()`` after it raises). The loss
         layers' label checks are read back and verified before it returns."""
         net, rec = self.net, self._kinds["forward"]
-        if rec.eager_passes < self.warmup:
-            rec.eager_passes += 1
-            self._on_side_stream(eager)
-            rec.warm_key = self._shape_key()
+        if self._begin(rec, eager)[0]:
             return
-        net._prepare_inputs()
-        net._overwritten = False
-        if self.prefix:
-            net._run_layers(0, self.prefix - 1)
         _, _, records, replayed = self._replay(rec, "forward")
         if records:
             if not replayed and net._device.type == "cuda":  # an eager pass started the copies
@@ -209,9 +195,25 @@ class GraphedPass:
             net._verify_labels([(layer, v.to("cpu"), n, ig) for layer, v, n, ig in records])
         net._graph_forward = replayed
 
+    def _begin(self, rec: _Recording, eager: Callable[[], object]) -> tuple[bool, object]:
+        """The start of a pass of ``rec``'s kind: ``(True, eager())`` while warm-up passes are
+        left (run on the capture's stream); else ``(False, None)`` with the inputs prepared and
+        the leading bottomless layers run (the batches, produced on the host as in any pass)."""
+        net = self.net
+        if rec.eager_passes < self.warmup:
+            rec.eager_passes += 1
+            result = self._on_side_stream(eager)
+            rec.warm_key = self._shape_key()  # what the next pass may capture
+            return True, result
+        net._prepare_inputs()
+        net._overwritten = False
+        if self.prefix:
+            net._run_layers(0, self.prefix - 1)
+        return False, None
+
     def _replay(self, rec: _Recording, kind: str) -> tuple:
-        """This pass's ``(loss, gradients, label records, whether the graph ran)``: from the graph, captured (again) if the
-        inputs' shapes or the parameters changed since it was recorded. A shape or parameter set
+        """This pass's ``(loss, gradients, label records, whether the graph ran)``: from the graph,
+        captured (again) if the inputs' shapes or the parameters changed since it was recorded. A shape or parameter set
         not seen before runs eagerly once first (the layers' per-shape state, e.g. a constant
         copied to the device, must not be made inside a capture); the next pass with it captures.
         After a replay the blobs are bound to the graph's tensors."""
@@ -237,17 +239,17 @@ class GraphedPass:
             self.net._overwritten = True
         return rec.loss, rec.grads, rec.records, True
 
-    def _on_side_stream(self, eager):
-        """``run()`` (an eager pass before a capture) on the stream the capture will use (torch's
-        capture recipe)."""
+    def _on_side_stream(self, run: Callable[[], object]):
+        """``run()`` (an eager pass before a capture) on a side stream, as torch's capture recipe
+        warms up."""
         if self.net._device.type != "cuda":  # the CPU tests' stand-in graphs
-            return eager()
-        if getattr(self, "_side", None) is None:
+            return run()
+        if self._side is None:
             self._side = torch.cuda.Stream(self.net._device)
         main = torch.cuda.current_stream(self.net._device)
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side):
-            result = eager()
+            result = run()
         main.wait_stream(self._side)
         return result
 
