@@ -16,6 +16,7 @@ import caffe_compat as caffe
 from caffe_compat import blob as blob_mod
 from caffe_compat import mode
 from caffe_compat.errors import NetError, SolverError
+from caffe_compat.net import Net
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers import SGDSolver
 from caffe_compat.solvers.base import LossScaler
@@ -77,6 +78,20 @@ class ReplayingGraph:
                 if old is not t:
                     old.copy_(t)
         self.replays += 1
+
+
+def stand_in_graphs(monkeypatch) -> list:
+    """Make ``Net.use_cuda_graph`` build its graphs with the ``ReplayingGraph`` stand-in (for the
+    tools and solvers that call it); returns the nets it turned graphs on for, in order."""
+    real, graphed = Net.use_cuda_graph, []
+
+    def use(self, enable=True, warmup=2, graph_factory=None):
+        if enable:
+            graphed.append(self)
+        return real(self, enable, warmup, ReplayingGraph)
+
+    monkeypatch.setattr(Net, "use_cuda_graph", use)
+    return graphed
 
 
 def _solver(tmp_path, graphed: bool, iter_size: int = 1, seed: int = 5):
@@ -355,12 +370,10 @@ def test_solver_refuses_a_graph_with_several_processes(tmp_path):
         solver.step(1)
 
 
-def test_solver_switch_turns_the_graph_on_and_off(tmp_path):
+def test_solver_switch_turns_the_graph_on_and_off(tmp_path, monkeypatch):
     solver = _solver(tmp_path, False)
     solver.cuda_graph = True
-    solver.net.use_cuda_graph = lambda on, warmup=2, _net=solver.net: type(_net).use_cuda_graph(
-        _net, on, warmup, ReplayingGraph
-    )
+    stand_in_graphs(monkeypatch)
     solver.step(3)
     assert solver.net._graphed is not None and solver.net._graphed.captures == 1
     solver.cuda_graph = False
@@ -368,7 +381,7 @@ def test_solver_switch_turns_the_graph_on_and_off(tmp_path):
     assert solver.net._graphed is None
 
 
-def test_a_test_net_the_graph_cannot_replay_stays_eager(tmp_path, caplog):
+def test_a_test_net_the_graph_cannot_replay_stays_eager(tmp_path, caplog, monkeypatch):
     net_file = tmp_path / "net.prototxt"
     net_file.write_text(NET)
     sp = caffe_pb2.SolverParameter(
@@ -377,9 +390,7 @@ def test_a_test_net_the_graph_cannot_replay_stays_eager(tmp_path, caplog):
     )  # fmt: skip
     solver = SGDSolver(sp, source="<test>")
     train_net, test_net = solver.net, solver.test_nets[0]
-    train_net.use_cuda_graph = lambda on, warmup=2: type(train_net).use_cuda_graph(
-        train_net, on, warmup, ReplayingGraph
-    )
+    stand_in_graphs(monkeypatch)
 
     def refuse(on, warmup=2):
         raise NetError("layer 'py' is a Python layer")

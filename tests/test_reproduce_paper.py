@@ -158,18 +158,10 @@ def test_cuda_graph_training_gives_the_same_table(smoke_run, tmp_path, monkeypat
     the CAE and the four regressors trained from replayed passes give the eager run's Table II to
     the last digit (Dropout's masks included: the stand-in's capture draws none)."""
     from caffe_compat.dental.pipeline import run_reproduction
-    from caffe_compat.net import Net
-    from tests.test_cuda_graph import ReplayingGraph
+    from tests.test_cuda_graph import stand_in_graphs
     from tools import reproduce_paper
 
-    real, graphed = Net.use_cuda_graph, []
-
-    def use(self, enable=True, warmup=2, graph_factory=None):
-        if enable:
-            graphed.append(self)
-        return real(self, enable, warmup, ReplayingGraph)
-
-    monkeypatch.setattr(Net, "use_cuda_graph", use)
+    graphed = stand_in_graphs(monkeypatch)
     other = run_reproduction(str(tmp_path), "smoke", seed=0, cuda_graph=True)
     # the CAE and 4 regressors: each solver's train net (one training graph) and its test net
     assert len(graphed) == 10 and all(n._graphed.captures == 1 for n in graphed[0::2])

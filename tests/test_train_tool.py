@@ -103,16 +103,9 @@ def test_train_prints_caffes_log_and_writes_its_snapshots(cli_dir, capsys):
 def test_train_with_cuda_graph_prints_caffes_log_and_snapshots(cli_dir, capsys, monkeypatch):
     """``--cuda_graph``, here through the CPU stand-in for a CUDA graph (tests/test_cuda_graph.py):
     the HDF5 batches produced eagerly each pass, the rest replayed; Caffe's log and snapshots."""
-    from caffe_compat.net import Net
-    from tests.test_cuda_graph import ReplayingGraph
+    from tests.test_cuda_graph import stand_in_graphs
 
-    real, graphed = Net.use_cuda_graph, []
-
-    def use(self, enable=True, warmup=2, graph_factory=None):
-        graphed.append(self)
-        return real(self, enable, warmup, ReplayingGraph)
-
-    monkeypatch.setattr(Net, "use_cuda_graph", use)
+    graphed = stand_in_graphs(monkeypatch)
     assert train.main(["--solver", "solver.prototxt", "--weights", "init.caffemodel", "--cuda_graph"]) == 0
     ours = messages(capsys.readouterr().err)
     note = "Training passes replayed from a CUDA graph (captured after 2 eager passes)"
@@ -260,21 +253,14 @@ def test_test_tool_scores_like_caffe(cli_dir, capsys):
 def test_test_tool_with_cuda_graph_scores_the_same(cli_dir, capsys, monkeypatch):
     """``--cuda_graph`` (through the CPU stand-in for CUDA graphs): the same batch lines and means
     as the eager run; without ``--gpu`` it is refused."""
-    from caffe_compat.net import Net
-    from tests.test_cuda_graph import ReplayingGraph
+    from tests.test_cuda_graph import stand_in_graphs
 
     args = ["--model", "train.prototxt", "--weights", "ref_snap_iter_8.caffemodel", "--iterations", "5"]
     assert test_tool.main(args) == 0
     eager = [m for m in messages(capsys.readouterr().err) if m.startswith(("Batch", "Loss", "loss"))]
     assert test_tool.main([*args, "--cuda_graph"]) == 1
     assert "--cuda_graph needs --gpu" in capsys.readouterr().err
-    real, graphed = Net.use_cuda_graph, []
-
-    def use(self, enable=True, warmup=2, graph_factory=None):
-        graphed.append(self)
-        return real(self, enable, warmup, ReplayingGraph)
-
-    monkeypatch.setattr(Net, "use_cuda_graph", use)
+    graphed = stand_in_graphs(monkeypatch)
     monkeypatch.setattr(test_tool, "parse_gpus", lambda flag: [0])
     monkeypatch.setattr(test_tool, "select_device", lambda gpus, log: None)  # stays on the CPU
     assert test_tool.main([*args, "--gpu", "0", "--cuda_graph"]) == 0
