@@ -1,10 +1,18 @@
 """pycaffe's Blob: a named N-D array with its diff, seen from Python as writable NumPy views.
 
-On the CPU ``blob.data`` and ``blob.diff`` are NumPy views of the torch tensors the net computes
-with: writing into them changes what the net sees, as in pycaffe. On a GPU they are host copies
-that the net copies back before the next forward/backward (Caffe's SyncedMemory, in small).
-A forward pass replaces the tensor of every computed blob, so fetch ``.data`` after ``forward``
-rather than keeping an older view (pycaffe reuses the same memory; caffe_compat does not).
+As in pycaffe, the blobs are the state. On the CPU ``blob.data`` and ``blob.diff`` are NumPy views
+of storage that lives as long as the blob (until a reshape): a forward pass writes each computed
+blob's new values into the storage a view was handed out of, and backward writes the diffs into
+theirs, so an array held across passes shows the new values, as a view of a Caffe blob does.
+Only blobs whose ``data`` was handed out pay that copy (``Blob.exported``); the others keep the
+tensor the layer made. On a GPU they are host copies that the net copies back before the next
+forward/backward (Caffe's SyncedMemory, in small).
+
+Parameter diffs follow one rule, owned here: a parameter's diff storage belongs to the parameter
+(``param.grad``). A solver may lend it its history instead of copying the update value into it
+(``alias_diff``) and whoever writes into or hands out the diff first takes it back (``own_diff``);
+once a NumPy view of a diff was handed out (``ParamBlob.diff``), that storage is kept: clearing
+zeroes it in place and an update value is copied into it.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import weakref
 import numpy as np
 import torch
 
-__all__ = ["Blob", "ParamBlob", "alias_diff", "own_diff", "uses_host_mirror"]
+__all__ = ["Blob", "ParamBlob", "alias_diff", "clear_diff", "diff_is_exported", "own_diff", "uses_host_mirror"]
 
 
 def uses_host_mirror(device: torch.device) -> bool:
@@ -25,9 +33,32 @@ def uses_host_mirror(device: torch.device) -> bool:
 def alias_diff(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     """Make ``value`` (e.g. SGD's momentum history, which equals the update value Caffe leaves in
     the diff) the parameter's diff without copying it; ``own_diff`` gives the parameter a copy of
-    its own before anything writes into or hands out the diff."""
+    its own before anything writes into or hands out the diff. A diff whose NumPy view was handed
+    out keeps its storage: ``value`` is copied into it."""
+    if param.__dict__.get("_caffe_diff_exported") and param.grad is not None and param.grad.shape == value.shape:
+        with torch.no_grad():
+            param.grad.copy_(value)
+        return
     param.grad = value
     param._caffe_diff_alias = value
+
+
+def diff_is_exported(param: torch.nn.Parameter) -> bool:
+    """Whether a NumPy view of the parameter's diff was handed out (its storage must be kept)."""
+    return bool(param.__dict__.get("_caffe_diff_exported"))
+
+
+def clear_diff(param: torch.nn.Parameter) -> bool:
+    """Zero the diff (Caffe's ClearParamDiffs): in place where a view of it was handed out, else
+    lazily (the diff is dropped; autograd's next gradient is taken as it is). Returns whether it
+    was dropped."""
+    if diff_is_exported(param) and param.grad is not None:
+        own_diff(param)
+        with torch.no_grad():
+            param.grad.zero_()
+        return False
+    param.grad = None
+    return True
 
 
 def own_diff(param: torch.nn.Parameter) -> None:
@@ -115,6 +146,9 @@ class _HostSynced:
 class Blob(_HostSynced):
     """A blob of the net: ``data``, ``diff``, ``shape``, ``count``, ``reshape``."""
 
+    #: the net's list of blobs whose data was handed out (it publishes them after each pass)
+    _exports: list | None = None
+
     def __init__(self, name: str, shape: tuple[int, ...], loss_weight: float = 0.0):
         self.name = name
         self._shape = tuple(int(d) for d in shape)
@@ -125,6 +159,48 @@ class Blob(_HostSynced):
         self._device = torch.device("cpu")
         self._dtype = torch.float32
         self._host_cache: dict = {}
+        #: the storage ``.data`` views were handed out of (CPU), or None; the tensor last
+        #: written into it (or adopted as it), so a pass's new tensor is copied in once
+        self._store: torch.Tensor | None = None
+        self._synced: torch.Tensor | None = None
+
+    # -- storage that outlives passes ----------------------------------------------------------
+
+    @property
+    def exported(self) -> bool:
+        """Whether a NumPy view of the data was handed out (the net keeps it current)."""
+        return self._store is not None
+
+    def publish(self) -> None:
+        """After a pass: copy the tensor it left into the handed-out storage (views see it)."""
+        t, store = self._data, self._store
+        if t is None or store is None or t is self._synced or t is store:
+            return
+        if t.shape == store.shape and t.device == store.device and t.dtype == store.dtype:
+            if t.data_ptr() != store.data_ptr():
+                with torch.no_grad():
+                    store.copy_(t.detach())
+        else:  # a new shape: views of the old storage end here (as Caffe's after a reshape)
+            self._store = t.detach()
+        self._synced = t
+
+    def current(self) -> torch.Tensor:
+        """What the blob holds now: the handed-out storage (which sees writes through its
+        views) where there is one, else the last tensor."""
+        store = self._store
+        if store is not None and store.shape == self._shape:
+            return store
+        return self.tensor
+
+    def written_since_pass(self) -> bool:
+        """Whether the values in the handed-out storage differ from the tensor the last pass left
+        (written through a view since): a cached autograd graph then no longer describes it."""
+        t, store = self._data, self._store
+        if store is None or t is None or t is store or t.shape != store.shape:
+            return False
+        if t.data_ptr() == store.data_ptr():
+            return False
+        return not torch.equal(t.detach(), store)
 
     # -- tensors -------------------------------------------------------------------------------
 
@@ -166,13 +242,26 @@ class Blob(_HostSynced):
         if self._diff is not None:
             self._diff = self._diff.to(self._device, self._dtype)
         self._grad_tensor = None
+        self._store = self._synced = None
         self._drop_host_copies()
 
     # -- pycaffe -------------------------------------------------------------------------------
 
     @property
     def data(self) -> np.ndarray:
-        return self._host("data", self.tensor)
+        t = self.tensor
+        if uses_host_mirror(t.device):
+            return self._host("data", t)
+        store = self._store
+        if store is None or store.shape != t.shape or store.dtype != t.dtype or store.device != t.device:
+            self._store = store = t.detach()  # adopt the tensor's storage: no copy
+            self._synced = t
+            exports = self._exports
+            if exports is not None and self not in exports:
+                exports.append(self)
+        elif t is not self._synced and t is not store:
+            self.publish()
+        return store.detach().numpy()
 
     @property
     def diff(self) -> np.ndarray:
@@ -208,6 +297,7 @@ class Blob(_HostSynced):
         self._shape = shape
         self._data = None
         self._diff = None
+        self._store = self._synced = None
         self._drop_host_copies()
 
     def __repr__(self) -> str:
@@ -231,6 +321,8 @@ class ParamBlob(_HostSynced):
         own_diff(p)
         if p.grad is None:
             p.grad = torch.zeros_like(p.data)
+        if not uses_host_mirror(p.grad.device):
+            p._caffe_diff_exported = True  # the view outlives passes: keep this storage
         return self._host("diff", p.grad)
 
     @property

@@ -37,8 +37,8 @@ from caffe_compat import layers as _layers  # noqa: F401  (registers every layer
 from caffe_compat.blob import Blob, ParamBlob
 from caffe_compat.errors import CaffeError, LayerError, NetError
 from caffe_compat.layers import loss as _loss_layers
-from caffe_compat.layers.base import layer_class
 from caffe_compat.mode import apply_float32_numerics, autocast_dtype, compile_enabled, current_device
+from caffe_compat.plan import build_plan
 from caffe_compat.proto import caffe_pb2
 
 __all__ = ["Net", "PendingLoss", "filter_net", "insert_splits", "state_meets_rule", "TRAIN", "TEST"]
@@ -314,268 +314,58 @@ class Net(nn.Module):
     # construction
 
     def _build(self) -> None:
-        src = self.source
-        self.layers = nn.ModuleList()
-        self._layer_names: list[str] = []
-        self.blobs: OrderedDict[str, Blob] = OrderedDict()
-        self._bottoms: list[list[str]] = []
-        self._tops: list[list[str]] = []
-        self._inplace: list[list[bool]] = []
-        self._top_loss_weights: list[list[float]] = []
-        self.inputs: list[str] = []
-        self._param_owner: dict[str, tuple[int, int]] = {}  # ParamSpec.name -> (layer, blob idx)
-        self._param_specs: list[list[tuple[float, float, bool, bool]]] = []
-        layer_param_need_bw: list[list[bool]] = []
-        blob_need_backward: dict[str, bool] = {}
-        bottom_need_backward: list[list[bool]] = []
-        layer_need_backward: list[bool] = []
-        available: set[str] = set()  # Caffe's available_blobs: produced, not yet consumed
-
-        for li, lp in enumerate(self.net_param.layer):
-            if not lp.HasField("phase"):
-                lp.phase = self.phase
-            lname = lp.name or f"layer{li}"
-            if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
-                raise NetError(
-                    f"{src}: layer {lname!r}: propagate_down must be given once per bottom "
-                    f"({len(lp.bottom)} bottoms, {len(lp.propagate_down)} propagate_down)"
-                )
-            bshapes = []
-            need_bw = False
-            bneed = []
-            for j, b in enumerate(lp.bottom):
-                if b not in self.blobs:
-                    raise NetError(f"{src}: Unknown bottom blob {b!r} (layer {lname!r}, bottom index {j})")
-                bshapes.append(self.blobs[b].shape)
-                nb = blob_need_backward[b]
-                if len(lp.propagate_down):
-                    nb = bool(lp.propagate_down[j])
-                bneed.append(nb)
-                need_bw |= blob_need_backward[b]
-                available.discard(b)
-            cls = layer_class(lp.type, lname)
-            try:
-                layer = cls(lp, bshapes, lp.phase)
-                tshapes = layer.top_shapes(bshapes)
-            except CaffeError as e:
-                raise type(e)(f"{src}: {self._readable(str(e))}") from None
-            except Exception as e:  # a layer's own failure on these shapes
-                raise LayerError(
-                    f"{src}: layer {lname!r} ({lp.type}): cannot set up with bottom shapes "
-                    f"{[list(s) for s in bshapes]}: {e}"
-                ) from e
-            if len(tshapes) != len(lp.top):
-                raise LayerError(
-                    f"{src}: layer {lname!r} ({lp.type}) produces {len(tshapes)} top(s), "
-                    f"the prototxt names {len(lp.top)}"
-                )
-
-            # loss weights (Layer::SetLossWeights; LossLayer adds loss_weight 1 when none given)
-            weights = list(lp.loss_weight)
-            if not weights and layer.is_loss:
-                weights = [1.0]
-            if weights and len(weights) != len(lp.top):
-                raise NetError(
-                    f"{src}: layer {lname!r}: loss_weight must be unspecified or given once per top "
-                    f"({len(lp.top)} tops, {len(weights)} loss_weight)"
-                )
-            weights = weights or [0.0] * len(lp.top)
-
-            # parameters: sharing, lr/decay multipliers
-            specs = []
-            pneed = []
-            own = layer.param  # a layer may complete its param specs (BatchNorm: lr_mult 0)
-            for k in range(len(layer.blobs)):
-                ps = own.param[k] if k < len(own.param) else caffe_pb2.ParamSpec()
-                lr = ps.lr_mult
-                dm = ps.decay_mult
-                has_lr, has_dm = ps.HasField("lr_mult"), ps.HasField("decay_mult")
-                if ps.name:
-                    if ps.name in self._param_owner:
-                        oli, ok = self._param_owner[ps.name]
-                        owner = self.layers[oli].blobs[ok]
-                        mine = layer.blobs[k]
-                        if ps.share_mode == caffe_pb2.ParamSpec.PERMISSIVE:
-                            if owner.numel() != mine.numel():
-                                raise NetError(
-                                    f"{src}: layer {lname!r} shares param {ps.name!r} (blob {k}) with "
-                                    f"layer {self._layer_names[oli]!r}, but the counts differ: "
-                                    f"{owner.numel()} vs {mine.numel()}"
-                                )
-                        elif tuple(owner.shape) != tuple(mine.shape):
-                            raise NetError(
-                                f"{src}: layer {lname!r} shares param {ps.name!r} (blob {k}) with "
-                                f"layer {self._layer_names[oli]!r}, but the shapes differ: "
-                                f"{list(owner.shape)} vs {list(mine.shape)} (share_mode STRICT)"
-                            )
-                        layer.blobs[k] = owner
-                        olr, odm, ohas_lr, ohas_dm = self._param_specs[oli][ok]
-                        if has_lr and ohas_lr and lr != olr:
-                            raise NetError(
-                                f"{src}: layer {lname!r}: shared param {ps.name!r} has lr_mult {lr}, its "
-                                f"owner {self._layer_names[oli]!r} has {olr}; they must be equal"
-                            )
-                        if has_dm and ohas_dm and dm != odm:
-                            raise NetError(
-                                f"{src}: layer {lname!r}: shared param {ps.name!r} has decay_mult {dm}, "
-                                f"its owner {self._layer_names[oli]!r} has {odm}; they must be equal"
-                            )
-                        if has_lr and not ohas_lr:
-                            self._param_specs[oli][ok] = (lr, odm, True, ohas_dm)
-                        if has_dm and not ohas_dm:
-                            olr2 = self._param_specs[oli][ok][0]
-                            self._param_specs[oli][ok] = (olr2, dm, self._param_specs[oli][ok][2], True)
-                    else:
-                        self._param_owner[ps.name] = (li, k)
-                specs.append((lr, dm, has_lr, has_dm))
-                need = lr != 0
-                pneed.append(need)
-                need_bw |= need
-            self._param_specs.append(specs)
-            layer_param_need_bw.append(pneed)
-
-            # tops
-            inplace = []
-            for j, t in enumerate(lp.top):
-                is_inplace = j < len(lp.bottom) and lp.bottom[j] == t
-                if t in self.blobs and not is_inplace:
-                    raise NetError(f"{src}: Top blob {t!r} produced by multiple sources (layer {lname!r})")
-                inplace.append(is_inplace)
-                if is_inplace:
-                    self.blobs[t]._shape = tuple(tshapes[j])
-                else:
-                    self.blobs[t] = Blob(t, tshapes[j])
-                if weights[j]:
-                    self.blobs[t].loss_weight = float(weights[j])
-                blob_need_backward[t] = need_bw
-                available.add(t)
-                if getattr(layer, "is_net_input", False):
-                    self.inputs.append(t)
-
-            self.layers.append(layer)
-            self._layer_names.append(lname)
-            self._bottoms.append(list(lp.bottom))
-            self._tops.append(list(lp.top))
-            self._inplace.append(inplace)
-            self._top_loss_weights.append(weights)
-            bottom_need_backward.append(bneed)
-            layer_need_backward.append(need_bw)
-
-        # what is left is the net's output, in Caffe's (std::set, so sorted) order
-        self.outputs = sorted(available)
-
-        # Caffe's backward pruning: layers not under a loss do not backpropagate.
-        under_loss: set[str] = set()
-        skip_bp: set[str] = set()
-        for li in range(len(self.layers) - 1, -1, -1):
-            contributes = False
-            skip = True
-            for j, t in enumerate(self._tops[li]):
-                if self._top_loss_weights[li][j] or t in under_loss:
-                    contributes = True
-                if t not in skip_bp:
-                    skip = False
-                if contributes and not skip:
-                    break
-            if layer_need_backward[li] and skip:
-                layer_need_backward[li] = False
-                bottom_need_backward[li] = [False] * len(bottom_need_backward[li])
-            if not contributes:
-                layer_need_backward[li] = False
-            for j, b in enumerate(self._bottoms[li]):
-                if contributes:
-                    under_loss.add(b)
-                else:
-                    bottom_need_backward[li][j] = False
-                if not bottom_need_backward[li][j]:
-                    skip_bp.add(b)
-
-        if self.force_backward:
-            for li, layer in enumerate(self.layers):
-                layer_need_backward[li] = True
-                for j in range(len(bottom_need_backward[li])):
-                    bottom_need_backward[li][j] = bottom_need_backward[li][j] or layer.allow_force_backward(j)
-                layer_param_need_bw[li] = [True] * len(layer_param_need_bw[li])
-
-        self._layer_need_backward = layer_need_backward
-        self._bottom_need_backward = bottom_need_backward
-        self._param_need_backward = layer_param_need_bw
-        self._needs_grad_bottom = [
-            [need and lnb for need in bneed] for bneed, lnb in zip(bottom_need_backward, layer_need_backward)
-        ]
-        # input tensors need a gradient when some consumer backpropagates into them
-        self._input_needs_grad = {b: False for b in self.inputs}
-        for li, bs in enumerate(self._bottoms):
-            for j, b in enumerate(bs):
-                if b in self._input_needs_grad and self._needs_grad_bottom[li][j]:
-                    self._input_needs_grad[b] = True
-
-        # learnable params: owners in order; requires_grad as Caffe's param_propagate_down
-        self.learnable_params: list[nn.Parameter] = []
-        self.params_lr: list[float] = []
-        self.params_weight_decay: list[float] = []
-        self._learnable_layer_of: list[tuple[str, int]] = []
-        seen: set[int] = set()
-        for li, layer in enumerate(self.layers):
-            for k, p in enumerate(layer.blobs):
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                want = layer.blobs_have_gradient and layer_param_need_bw[li][k] and layer_need_backward[li]
-                p.requires_grad_(bool(want))
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p.data)
-                lr, dm, _, _ = self._param_specs[li][k]
-                self.learnable_params.append(p)
-                self.params_lr.append(float(lr))
-                self.params_weight_decay.append(float(dm))
-                self._learnable_layer_of.append((self._layer_names[li], k))
+        """Build the plan (``caffe_compat.plan``) and expose it through pycaffe's names."""
+        plan = build_plan(self.net_param, self.source, self.phase, self.force_backward, self._split_source)
+        self.plan = plan
+        steps = plan.steps
+        self.add_module("layers", nn.ModuleList([s.layer for s in steps]))
+        self._layer_list = [s.layer for s in steps]
+        self._layer_names = [s.name for s in steps]
+        self.blobs: OrderedDict[str, Blob] = plan.blobs
+        self._exported_blobs: list[Blob] = []
+        for b in plan.blobs.values():
+            b._exports = self._exported_blobs
+        self._bottoms = [s.bottoms for s in steps]
+        self._tops = [s.tops for s in steps]
+        self.inputs = plan.inputs
+        self.outputs = plan.outputs
+        self._layer_need_backward = [s.need_backward for s in steps]
+        self._bottom_need_backward = [s.bottom_need_backward for s in steps]
+        self._param_need_backward = [[p.need_backward for p in s.params] for s in steps]
+        self._needs_grad_bottom = [s.grad_bottoms for s in steps]
+        self._input_needs_grad = plan.input_needs_grad
+        self.learnable_params: list[nn.Parameter] = [lp.param for lp in plan.learnable]
+        self.params_lr: list[float] = [lp.lr_mult for lp in plan.learnable]
+        self.params_weight_decay: list[float] = [lp.decay_mult for lp in plan.learnable]
+        self._learnable_layer_of = [(lp.layer_name, lp.index) for lp in plan.learnable]
         self._diffs_cleared = False
         self._overwritten = False
-
-        # blobs a whole pass replaces before anything reads them: their first use is as the top
-        # of a computing layer (a host copy handed out of them need not go back before that pass)
-        used: set[str] = set()
-        recomputed = []
-        for li, layer in enumerate(self.layers):
-            used.update(self._bottoms[li])
-            for t in self._tops[li]:
-                if t not in used and not getattr(layer, "is_net_input", False):
-                    recomputed.append(self.blobs[t])
-                used.add(t)
-        self._recomputed = frozenset(recomputed)
-
-        self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
-        self.params: OrderedDict[str, list[ParamBlob]] = OrderedDict(
-            (n, [ParamBlob(p) for p in layer.blobs])
-            for n, layer in zip(self._layer_names, self.layers)
-            if len(layer.blobs)
-        )
+        self._tape = False  # the blobs hold the autograd graph of a whole forward() (backward may use it)
+        self._inplace_inputs: dict[int, list] = {}  # in-place layers' bottoms as the last forward read them
+        self._recomputed = plan.recomputed
+        self.layer_dict = OrderedDict(zip(self._layer_names, self._layer_list))
+        self._param_blobs: dict[int, ParamBlob] = {}
+        self.params: OrderedDict[str, list[ParamBlob]] = self._make_params()
         self.blob_loss_weights = OrderedDict((n, b.loss_weight) for n, b in self.blobs.items())
         self.top_names = OrderedDict(zip(self._layer_names, self._tops))
         self.bottom_names = OrderedDict(zip(self._layer_names, self._bottoms))
         self._device = torch.device("cpu")
         self._dtype = torch.float32
-        # What _run_layers needs of each layer, looked up once (attribute look-ups on modules
-        # cost microseconds, which count on a GPU at small batches).
-        self._run_plan = [
-            (
-                layer,
-                self._bottoms[li],
-                [self.blobs[b] for b in self._bottoms[li]],
-                self._tops[li],
-                [self.blobs[t] for t in self._tops[li]],
-                self._needs_grad_bottom[li],
-                self._inplace[li],
-                bool(getattr(layer, "is_net_input", False)),
-                len(self._bottoms[li]) == 1
-                and bool(self._inplace[li])
-                and bool(self._inplace[li][0])
-                and hasattr(layer, "forward_inplace"),
-                bool(getattr(layer, "top_overwritable", False)),
-            )
-            for li, layer in enumerate(self.layers)
-        ]
+
+    def _make_params(self) -> OrderedDict:
+        """pycaffe's ``net.params``: one ParamBlob per parameter tensor (a shared one is the same
+        object under every layer that uses it)."""
+        out = OrderedDict()
+        for name, layer in zip(self._layer_names, self._layer_list):
+            if len(layer.blobs):
+                out[name] = [self._param_blob(p) for p in layer.blobs]
+        return out
+
+    def _param_blob(self, p: nn.Parameter) -> ParamBlob:
+        pb = self._param_blobs.get(id(p))
+        if pb is None or pb.param is not p:
+            pb = self._param_blobs[id(p)] = ParamBlob(p)
+        return pb
 
     # -----------------------------------------------------------------------------------------
     # devices
@@ -645,19 +435,33 @@ class Net(nn.Module):
         debug = self.debug_info
         if debug:
             self._debug_bottoms = {}
+        steps = self.plan.steps
+        keep_inplace = self._inplace_inputs
         for li in range(start, end + 1):
-            plan = self._run_plan[li]
+            step = steps[li]
             if callbacks is not None:
                 for fn in callbacks[0]:
                     fn(li)
-            if plan[7]:  # a net input: set by the caller
+            if step.is_input:  # a net input: set by the caller
                 if debug:
                     self._forward_debug_info(li)
                 if callbacks is not None:
                     for fn in callbacks[1]:
                         fn(li)
                 continue
-            layer, bnames, bblobs, tnames, tblobs, needs_grad, inplace_tops, _, can_inplace, overwritable = plan
+            layer, bnames, bblobs, tnames, tblobs = (
+                step.layer,
+                step.bottoms,
+                step.bottom_blobs,
+                step.tops,
+                step.top_blobs,
+            )
+            needs_grad, inplace_tops, can_inplace, overwritable = (
+                step.grad_bottoms,
+                step.inplace,
+                step.can_inplace,
+                step.overwritable,
+            )
             bottoms = []
             detached = False
             for j, blob in enumerate(bblobs):
@@ -675,6 +479,8 @@ class Net(nn.Module):
                         t = t.detach()
                         detached = True
                 bottoms.append(t)
+            if step.any_inplace:  # what Caffe's in-place layers keep of their bottom for backward
+                keep_inplace[li] = bottoms
             inplace = overwrite and can_inplace and not detached and bnames[0] in fresh
             overwritable = overwrite and overwritable
             try:
@@ -728,6 +534,12 @@ class Net(nn.Module):
         grad_on = torch.is_grad_enabled()
         if _blob.uses_host_mirror(self._device) and _blob.host_copies_out():
             _blob.sync_host_copies("data", recomputed=self._recomputed if whole else ())
+        self._tape = False
+        for blob in self._exported_blobs:  # what views wrote since the last pass is what layers read
+            store = blob._store
+            # (a tensor made since the store last mirrored it, e.g. by a data layer, is newer)
+            if store is not None and blob._data is blob._synced and store.shape == blob._shape:
+                blob._data = blob._synced = store
         for b in self.inputs:
             blob = self.blobs[b]
             t = blob.tensor
@@ -781,6 +593,7 @@ class Net(nn.Module):
             graphed.forward(lambda: self._eager_forward(s, e, named))
         else:
             self._eager_forward(s, e, named)
+        self._publish()
         self._diffs_cleared = False
         outs = list(self._tops[e]) if end is not None else list(self.outputs)
         for b in blobs or ():
@@ -804,6 +617,14 @@ class Net(nn.Module):
             self._verify_compiled_checks()
         else:
             self._run_layers(s, e)
+            # a whole pass with autograd: its graph serves backward() until a blob changes
+            if torch.is_grad_enabled() and s == 0 and e == len(self.layers) - 1:
+                self._tape = [(b, b._data, b._data._version) for b in self.blobs.values() if b._data is not None]
+
+    def _publish(self) -> None:
+        """After a pass: the blobs whose data views were handed out get the pass's values."""
+        for blob in self._exported_blobs:
+            blob.publish()
 
     def _batch(self, inputs: dict[str, np.ndarray]):
         """Split ``{name: N x ...}`` into batches of the blobs' batch size, the last one padded
@@ -1121,77 +942,32 @@ class Net(nn.Module):
             raise self._readable_error(e) from None
 
     def backward(self, diffs: list[str] | None = None, start: str | None = None, end: str | None = None, **kwargs):
-        """pycaffe's ``backward``: set output diffs from ``kwargs``, backpropagate.
+        """pycaffe's ``backward``: set output diffs from ``kwargs``, backpropagate from layer
+        ``start`` down to layer ``end`` (the whole net by default).
 
-        Blob diffs are set (not accumulated) as in Caffe; parameter diffs accumulate.
+        As in Caffe, it is a function of what the blobs hold now: each layer's backward reads its
+        bottoms' and tops' data and its tops' diffs, writes its bottoms' diffs (set, not
+        accumulated) and adds into its parameters' diffs. When the last ``forward()`` ran the
+        whole net under autograd and no blob was written since, its graph is used (one autograd
+        call); otherwise each layer's forward is recomputed from the blobs (``Layer.recompute``:
+        the last forward's Dropout masks and BatchNorm statistics) and differentiated.
         Returns ``{blob: diff ndarray}`` for the inputs (or the bottoms of ``end``) and ``diffs``.
         """
-        if self._graph_forward:
-            raise NetError(
-                f"backward(): the last forward() of net {self.name!r} was replayed from a CUDA graph, which keeps "
-                "no autograd graph; net.use_cuda_graph(False) before forward() to backpropagate"
-            )
-        if self._overwritten:
-            raise NetError(
-                f"backward(): the last pass of net {self.name!r} was forward_backward(), which computes "
-                "only parameter diffs (in-place layers overwrote the blobs); call forward() before backward()"
-            )
         for name, arr in kwargs.items():
             if name not in self.outputs:
                 raise NetError(f"backward(): {name!r} is not an output of net {self.name!r}")
             self.blobs[name].diff[...] = np.asarray(arr).reshape(self.blobs[name].shape)
         s = self._layer_index(start, len(self.layers) - 1)
         e = self._layer_index(end, 0)
-        if start is None:
-            root_names = [o for o in self.outputs if self.force_backward or self.blobs[o].loss_weight]
-            # loss-weighted tops consumed by later layers (rare: Split takes them otherwise)
-            root_names += [b for b, blob in self.blobs.items() if blob.loss_weight and b not in root_names]
-        else:
-            root_names = list(self._tops[s])
-        roots, grads = [], []
-        if _blob.uses_host_mirror(self._device) and _blob.host_copies_out():
+        mirrored = _blob.uses_host_mirror(self._device) and _blob.host_copies_out()
+        if mirrored:
             _blob.sync_host_copies("diff")
-        for b in root_names:
-            blob = self.blobs[b]
-            t = blob._data
-            if t is None or not t.requires_grad:
-                continue
-            roots.append(t)
-            grads.append(blob.diff_tensor.to(t.dtype))
-        layer_range = range(e, s + 1)
-        blob_names = []
-        seen = set()
-        for li in layer_range:
-            for b in self._bottoms[li] + self._tops[li]:
-                if b not in seen:
-                    seen.add(b)
-                    blob_names.append(b)
-        targets = []
-        target_blobs = []
-        for b in blob_names:
-            gt = self.blobs[b]._grad_tensor
-            if gt is not None and gt.requires_grad:
-                targets.append(gt)
-                target_blobs.append(b)
-        params = []
-        seen_p = set()
-        for li in layer_range:
-            for p in self.layers[li].blobs:
-                if p.requires_grad and id(p) not in seen_p:
-                    seen_p.add(id(p))
-                    params.append(p)
-        if roots and (targets or params):
-            gs = torch.autograd.grad(roots, targets + params, grads, allow_unused=True, retain_graph=True)
-            for b, g in zip(target_blobs, gs[: len(targets)]):
-                if g is not None:
-                    self.blobs[b].set_diff(g)
-            with torch.no_grad():
-                for p, g in zip(params, gs[len(targets) :]):
-                    if g is not None:
-                        _blob.own_diff(p)
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p.data)
-                        p.grad.add_(g)
+        if start is None and end is None and self._tape_usable():
+            self._backward_on_tape()
+        else:
+            if mirrored:  # (data written on the host since: the graph, which keeps it, is not used)
+                _blob.sync_host_copies("data")
+            self._backward_from_blobs(s, e)
         self._fill_missing_diffs()
         self._diffs_cleared = False
         outs = list(self._bottoms[e]) if end is not None else list(self.inputs)
@@ -1199,6 +975,100 @@ class Net(nn.Module):
             if b not in outs:
                 outs.append(b)
         return {b: self.blobs[b].diff for b in outs}
+
+    def _tape_usable(self) -> bool:
+        """Whether the autograd graph of the last forward still describes the blobs."""
+        if not self._tape or self._overwritten or self._graph_forward:
+            return False
+        # a blob's tensor replaced or written in place since (e.g. a host copy sent back)
+        if any(b._data is not t or t._version != v for b, t, v in self._tape):
+            return False
+        return not any(b.written_since_pass() for b in self._exported_blobs)
+
+    def _backward_on_tape(self) -> None:
+        """The whole backward as one autograd call over the last forward's graph, seeded with the
+        outputs' diffs (the loss weight for loss blobs)."""
+        root_names = [o for o in self.outputs if self.force_backward or self.blobs[o].loss_weight]
+        # loss-weighted tops consumed by later layers (rare: Split takes them otherwise)
+        root_names += [b for b, blob in self.blobs.items() if blob.loss_weight and b not in root_names]
+        roots, grads = [], []
+        for b in root_names:
+            blob = self.blobs[b]
+            t = blob._data
+            if t is None or not t.requires_grad:
+                continue
+            roots.append(t)
+            grads.append(blob.diff_tensor.to(t.dtype))
+        targets, target_blobs = [], []
+        for blob in self.blobs.values():
+            gt = blob._grad_tensor
+            if gt is not None and gt.requires_grad:
+                targets.append(gt)
+                target_blobs.append(blob)
+        params = [p for p in self.learnable_params if p.requires_grad]
+        if not roots or not (targets or params):
+            return
+        gs = torch.autograd.grad(roots, targets + params, grads, allow_unused=True, retain_graph=True)
+        for blob, g in zip(target_blobs, gs[: len(targets)]):
+            if g is not None:
+                blob.set_diff(g)
+        self._add_param_grads(params, gs[len(targets) :])
+
+    @staticmethod
+    def _add_param_grads(params: list, grads) -> None:
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    _blob.own_diff(p)
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p.data)
+                    p.grad.add_(g)
+
+    def _backward_from_blobs(self, start: int, end: int) -> None:
+        """Caffe's BackwardFromTo over the blobs: layers ``start`` down to ``end``, each
+        recomputed from its bottoms' current data under autograd and differentiated against its
+        tops' current diffs (see ``backward``)."""
+        steps = self.plan.steps
+        with torch.enable_grad():
+            for li in range(start, end - 1, -1):
+                step = steps[li]
+                if step.need_backward and not step.is_input:
+                    self._backward_step(step)
+
+    def _backward_step(self, step) -> None:
+        layer, want = step.layer, step.grad_bottoms
+        params = [p for p in layer.blobs if p.requires_grad]
+        if not any(want) and not params:
+            return
+        kept = self._inplace_inputs.get(step.index) if step.any_inplace else None
+        bottoms = []
+        for j, blob in enumerate(step.bottom_blobs):
+            x = None
+            if kept is not None and step.bottoms[j] in step.tops and tuple(kept[j].shape) == blob.shape:
+                x = kept[j]  # Caffe's in-place layers keep what they read (BatchNorm, Scale)
+            x = (x if x is not None else blob.current()).detach()
+            bottoms.append(x.requires_grad_() if want[j] else x)
+        top_diffs = [b.diff_tensor for b in step.top_blobs]
+        try:
+            tops = layer.recompute(bottoms, [b.current().detach() for b in step.top_blobs])
+        except CaffeError as e:
+            raise self._readable_error(e) from None
+        except Exception as e:
+            raise LayerError(f"{e} (while running layer {step.name!r} ({layer.type}) backward)") from e
+        roots, seeds = [], []
+        for t, d in zip(tops, top_diffs):
+            if t.requires_grad:
+                roots.append(t)
+                seeds.append(d.to(t.dtype))
+        targets = [x for x, w in zip(bottoms, want) if w] + params
+        gs = torch.autograd.grad(roots, targets, seeds, allow_unused=True) if roots else [None] * len(targets)
+        k = 0
+        for j, blob in enumerate(step.bottom_blobs):
+            if want[j]:
+                g = gs[k]
+                k += 1
+                blob.set_diff(g if g is not None else torch.zeros(blob.shape, dtype=blob._dtype, device=self._device))
+        self._add_param_grads(params, gs[k:])
 
     def forward_backward(self, loss_scale: float = 1.0) -> float:
         """Caffe's ForwardBackward for solvers: forward with the loss, backward into param diffs.
@@ -1221,7 +1091,9 @@ class Net(nn.Module):
         if graphed is not None:
             graphed.check_call(loss_scale)
             if not graphed.runs_eagerly():
-                return graphed.forward_backward(lambda: self._eager_forward_backward(loss_scale))
+                pending = graphed.forward_backward(lambda: self._eager_forward_backward(loss_scale))
+                self._publish()
+                return pending
         return self._eager_forward_backward(loss_scale)
 
     def _eager_forward_backward(self, loss_scale: float) -> PendingLoss:
@@ -1243,7 +1115,7 @@ class Net(nn.Module):
             params = [p for p in self.learnable_params if p.requires_grad]
             if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
                 for p in params:
-                    if self._diffs_cleared:
+                    if self._diffs_cleared and not _blob.diff_is_exported(p):
                         # Let autograd hand over its gradient tensors instead of adding them to zeros.
                         p.grad = None
                     else:  # autograd adds into the diffs in place
@@ -1254,6 +1126,7 @@ class Net(nn.Module):
                 else:
                     torch.autograd.backward([scaled], inputs=params)
         self._fill_missing_diffs()
+        self._publish()
         if self.debug_info:
             self._all_params_debug_info()
         self._diffs_cleared = False
@@ -1270,13 +1143,14 @@ class Net(nn.Module):
     def clear_param_diffs(self) -> None:
         """Zero every learnable blob's diff (Caffe's ClearParamDiffs).
 
-        The zeros are lazy: each ``.grad`` is dropped and comes back as zeros when read
-        (``net.params[...][i].diff``) or after the next ``forward_backward``/``backward``, which
-        then take autograd's gradient tensors as they are instead of adding them to zeros.
+        A diff whose NumPy view was handed out (``net.params[...][i].diff``) is zeroed in place,
+        so the view sees it. Others are zeroed lazily: each ``.grad`` is dropped and comes back as
+        zeros when read or after the next ``forward_backward``/``backward``, which then take
+        autograd's gradient tensors as they are instead of adding them to zeros.
         """
         self.sync_host_params()
         for p in self.learnable_params:
-            p.grad = None
+            _blob.clear_diff(p)
         self._diffs_cleared = True
 
     def _fill_missing_diffs(self) -> None:

@@ -224,10 +224,10 @@ DEPLOY = (
 def test_graphed_forward_equals_eager(tmp_path, monkeypatch):
     """pycaffe's whole ``forward()`` replayed from its own graph (inputs through host copies, a
     reshape capturing again); partial passes stay eager; ``backward()`` after a replayed forward
-    says why it cannot run."""
+    backpropagates from the blobs."""
     monkeypatch.setattr(blob_mod, "uses_host_mirror", lambda device: True)
     p = tmp_path / "d.prototxt"
-    p.write_text(DEPLOY)
+    p.write_text("force_backward: true\n" + DEPLOY)
     caffe.set_random_seed(2)
     eager = caffe.Net(str(p), caffe.TEST)
     caffe.set_random_seed(2)
@@ -242,8 +242,12 @@ def test_graphed_forward_equals_eager(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a["prob"], b["prob"])
         np.testing.assert_array_equal(eager.blobs["pool"].data, graphed.blobs["pool"].data)
     assert graphed._graphed.captures == 2
-    with pytest.raises(NetError, match="replayed from a CUDA graph, which keeps no autograd graph"):
-        graphed.backward()
+    # backward() after a replayed forward reads the blobs (each layer recomputed from them), as
+    # Caffe's backward does: the eager net's diffs
+    g = rng.standard_normal(eager.blobs["prob"].shape).astype(np.float32)
+    want = eager.backward(prob=g)["data"]
+    assert np.abs(want).sum() > 0
+    np.testing.assert_allclose(graphed.backward(prob=g)["data"], want, rtol=1e-5, atol=1e-7)
     captures = graphed._graphed.captures
     out = graphed.forward(end="pool")  # a partial pass: eager, and backward() works after it
     np.testing.assert_array_equal(out["pool"], eager.forward(end="pool")["pool"])

@@ -68,13 +68,24 @@ def test_forward_backward_with_inplace_relu_matches_plain_autograd(tmp_path):
     assert (net.blobs["conv1"].data >= 0).all()
 
 
-def test_backward_after_forward_backward_asks_for_forward(tmp_path):
+def test_backward_after_forward_backward_reads_the_blobs(tmp_path):
+    """Caffe's Backward after ForwardBackward reads the blobs (the in-place ReLUs left their
+    outputs there): the same diffs as backward after a plain forward."""
     net = _net(tmp_path)
     net.forward_backward()
-    with pytest.raises(NetError, match="call forward"):
-        net.backward()
+    net.clear_param_diffs()
+    net.backward()
+    after_fb = {n: b.diff.copy() for n, b in net.blobs.items()}
+    after_fb.update({f"{n}/{i}": p.diff.copy() for n, ps in net.params.items() for i, p in enumerate(ps)})
     net.forward()
-    net.backward()  # fine again
+    net.clear_param_diffs()
+    net.backward()
+    assert np.abs(after_fb["conv1/0"]).sum() > 0 and np.abs(after_fb["norm1"]).sum() > 0
+    for name, b in net.blobs.items():
+        np.testing.assert_allclose(after_fb[name], b.diff, rtol=1e-5, atol=1e-7, err_msg=name)
+    for n, ps in net.params.items():
+        for i, p in enumerate(ps):
+            np.testing.assert_allclose(after_fb[f"{n}/{i}"], p.diff, rtol=1e-5, atol=1e-7, err_msg=f"{n}/{i}")
 
 
 def test_no_grad_forward_runs_inplace_and_matches(tmp_path):
@@ -521,9 +532,16 @@ def test_compile_matches_eager(tmp_path, backend):
     with torch.no_grad():
         out = net.forward()["loss"]
     np.testing.assert_allclose(out, loss_ref, rtol=1e-5, atol=0)
-    with pytest.raises(caffe.errors.NetError, match="call forward"):
-        net.forward_backward()
-        net.backward()
+    # backward() after the compiled pass reads the blobs, as after an eager one
+    net.forward_backward()
+    net.clear_param_diffs()
+    ref.forward_backward()
+    ref.clear_param_diffs()
+    net.backward()
+    ref.backward()
+    for name in ("conv1", "ip1", "ip2"):
+        for a, b in zip(net.params[name], ref.params[name]):
+            np.testing.assert_allclose(a.diff, b.diff, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def _alexnet_train(tmp_path, batch: int = 2):

@@ -116,6 +116,9 @@ class Layer(nn.Module):
     blobs_have_gradient: bool = True
     #: Input-like layers: the net keeps their tops as the net's inputs and never calls forward.
     is_net_input: bool = False
+    #: The layer's backward does not read its tops (Convolution, InnerProduct): an in-place layer
+    #: after it may overwrite them (``forward_inplace``) in passes that need no blob diffs.
+    top_overwritable: bool = False
 
     def __init__(self, param, bottom_shapes: list[tuple[int, ...]], phase: int):
         super().__init__()
@@ -152,6 +155,27 @@ class Layer(nn.Module):
             for i, p in enumerate(saved):
                 self.blobs[i] = p
         return [tuple(t.shape) for t in tops]
+
+    def forward_inplace(self, *bottoms: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Optional: ``forward`` writing the top into the bottom's tensor (one bottom, in place).
+        The net calls it only where nothing reads the bottom's old values again (the bottom was
+        made in this pass by a ``top_overwritable`` layer) and records no autograd graph through
+        the overwritten tensor. Layers that offer it override this method."""
+        raise NotImplementedError(f"{type(self).__name__}.forward_inplace")
+
+    @property
+    def has_forward_inplace(self) -> bool:
+        return type(self).forward_inplace is not Layer.forward_inplace
+
+    def recompute(self, bottoms: list[torch.Tensor], tops: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The forward again, under autograd, for a backward pass that reads the blobs (pycaffe's
+        ``net.backward()`` when the last forward's autograd graph is gone or stale): the tops as
+        a function of ``bottoms`` (the blobs' current data; ``tops`` are the top blobs' current
+        data, for layers whose backward reads them). It must have no side effects and must
+        reproduce the last forward's randomness and statistics (Dropout's mask, BatchNorm's batch
+        statistics without updating its accumulators), as Caffe's Backward reads what Forward
+        left. Default: ``forward``."""
+        return self.forward(*bottoms)
 
     def allow_force_backward(self, bottom_index: int) -> bool:
         """Caffe's AllowForceBackward: loss layers refuse it for their label bottom."""

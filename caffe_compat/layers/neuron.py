@@ -380,10 +380,29 @@ class DropoutLayer(_NeuronLayer):
         if self._fused_ok and x.is_cuda:
             # one fused kernel (mask and product) with a 1-byte mask kept for the backward; a
             # power-of-two scale makes x/(1-p), x·scale and (x·m)·scale the same bits
-            return (F.dropout(x, self.ratio, True),)
+            y = F.dropout(x, self.ratio, True)
+            self._last = (None, y)
+            return (y,)
         keep = torch.full_like(x, 1.0 - self.ratio)
         # m·scale is 0 or scale, so x·(m·scale) equals Caffe's (x·m)·scale bit for bit
         mask = torch.bernoulli(keep).mul_(self.scale)
+        self._last = (mask, None)
+        return (x * mask,)
+
+    def recompute(self, bottoms, tops):
+        """The last forward's mask again (Caffe's backward reads its ``rand_vec_``); after the
+        fused CUDA kernel, which keeps no mask, the mask is where the top is non-zero."""
+        (x,) = bottoms
+        last = self.__dict__.get("_last")
+        if not self.train_phase or last is None:
+            return self.forward(x)
+        mask, y = last
+        if mask is None:
+            mask = (y.detach() != 0).to(x.dtype) * self.scale
+        if mask.shape != x.shape:
+            raise self.error(
+                f"backward: the last forward's mask has shape {list(mask.shape)}, the bottom {list(x.shape)}"
+            )
         return (x * mask,)
 
 

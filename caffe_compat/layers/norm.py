@@ -287,6 +287,14 @@ class BatchNormLayer(Layer):
         return x
 
     def forward(self, x):
+        return self._normalize(x, update=True)
+
+    def recompute(self, bottoms, tops):
+        """The same normalisation (batch statistics in training) without updating the
+        accumulators a second time."""
+        return self._normalize(bottoms[0], update=False)
+
+    def _normalize(self, x, update: bool):
         xc = self._as_nc(x)
         mean_acc, var_acc, s = self.blobs
         if self.use_global_stats:
@@ -309,6 +317,8 @@ class BatchNormLayer(Layer):
             y = d / ((d * d).mean(dim=dims, keepdim=True) + self.eps).sqrt()
             mean = mu.detach().reshape(-1)
             var = torch.zeros_like(mean)  # one value per channel: variance 0, factor 1
+        if not update:
+            return (y.reshape(x.shape),)
         with torch.no_grad():
             s.mul_(self.fraction).add_(1.0)
             mean_acc.mul_(self.fraction).add_(mean.to(mean_acc.dtype))

@@ -303,6 +303,13 @@ class RecurrentLayer(Layer):
                 setattr(self, name, new)
 
     def forward(self, *bottoms: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._run(bottoms, keep=True)
+
+    def recompute(self, bottoms, tops):
+        """The last forward again from the hidden state it started from, keeping nothing."""
+        return self._run(bottoms, keep=False)
+
+    def _run(self, bottoms, keep: bool) -> tuple[torch.Tensor, ...]:
         self.top_shapes([tuple(b.shape) for b in bottoms])
         x, cont = bottoms[0], bottoms[1]
         t, n = x.shape[0], x.shape[1]
@@ -315,12 +322,16 @@ class RecurrentLayer(Layer):
             k = 3
         if self.expose_hidden:
             states = [b.detach() for b in bottoms[k:]]
-        else:
+        elif keep:
             states = self._initial_states(n, x)
+            if not x.is_meta:
+                self._last_initial = [s.detach().clone() for s in states]
+        else:
+            states = self.__dict__.get("_last_initial") or self._initial_states(n, x)
         out, finals = self.unroll(x, cont, x_static, states)
         if self.expose_hidden:
             return (out, *(s.detach() for s in finals))
-        if not x.is_meta:
+        if keep and not x.is_meta:
             self._keep_states(finals)
         return (out,)
 
