@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import caffe_compat as caffe
-from caffe_compat.errors import NetError
 from caffe_compat.layers.norm import lrn_across_channels
 from caffe_compat.mode import physical_cores, tune_cpu
 
