@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         def run():
             net.clear_param_diffs()
             with torch.enable_grad():
-                net._forward_loss()
+                net._eager.forward_loss()
 
         return run
 

@@ -7,6 +7,8 @@ pass), the net's blobs, inputs, outputs and learnable parameters. It is built by
 Caffe's order (BVLC/caffe src/caffe/net.cpp ``Init``: ``AppendBottom``, layer setup, ``AppendTop``,
 ``AppendParam``, then the backward analysis):
 
+0. :func:`filter_net` (the NetState's include/exclude rules) and :func:`insert_splits` (a
+   ``Split`` layer where a blob feeds several layers) on the NetParameter;
 1. :func:`_append_bottoms` — look the bottoms up, collect their shapes and need-backward flags;
 2. the layer is built from its parameters and bottom shapes (shape inference gives the tops');
 3. :func:`_loss_weights` — one per top (loss layers default to 1 on top 0);
@@ -33,7 +35,18 @@ from caffe_compat.errors import CaffeError, LayerError, NetError
 from caffe_compat.layers.base import Layer, layer_class
 from caffe_compat.proto import caffe_pb2
 
-__all__ = ["ParamSpecInfo", "Step", "LearnableParam", "Plan", "build_plan", "readable"]
+__all__ = [
+    "ParamSpecInfo",
+    "Step",
+    "LearnableParam",
+    "Plan",
+    "build_plan",
+    "readable",
+    "state_meets_rule",
+    "filter_net",
+    "insert_splits",
+    "split_sources",
+]
 
 
 @dataclass
@@ -120,6 +133,123 @@ def readable(message: str, split_source: dict[str, str]) -> str:
         if repr(top) in message:
             message = message.replace(repr(top), repr(blob))
     return message
+
+
+# ---------------------------------------------------------------------------------------------
+# the NetParameter before building: Caffe's FilterNet and InsertSplits (pure functions on protos)
+
+
+def state_meets_rule(state, rule) -> bool:
+    """Caffe's StateMeetsRule: phase, min/max level, every stage, no not_stage."""
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(s not in stages for s in rule.stage):
+        return False
+    if any(s in stages for s in rule.not_stage):
+        return False
+    return True
+
+
+def filter_net(param, source: str = "<net>"):
+    """Caffe's FilterNet: keep the layers whose include/exclude rules admit ``param.state``."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    del out.layer[:]
+    for lp in param.layer:
+        if len(lp.include) and len(lp.exclude):
+            raise NetError(f"{source}: layer {lp.name!r}: specify either include rules or exclude rules, not both")
+        included = len(lp.include) == 0
+        for rule in lp.exclude:
+            if state_meets_rule(param.state, rule):
+                included = False
+        for rule in lp.include:
+            if state_meets_rule(param.state, rule):
+                included = True
+        if included:
+            out.layer.add().CopyFrom(lp)
+    return out
+
+
+def _split_layer_name(layer_name: str, blob_name: str, top_idx: int) -> str:
+    return f"{blob_name}_{layer_name}_{top_idx}_split"
+
+
+def split_sources(param) -> dict[str, str]:
+    """The blob each top of an inserted Split layer copies (``label_data_1_split_0`` -> ``label``),
+    so that messages name the blob the user wrote."""
+    return {
+        t: lp.bottom[0]
+        for lp in param.layer
+        # an inserted split is named after its bottom, producer and top index (_split_layer_name)
+        if lp.type == "Split"
+        and len(lp.bottom) == 1
+        and lp.name.startswith(f"{lp.bottom[0]}_")
+        and lp.name.endswith("_split")
+        for t in lp.top
+    }
+
+
+def insert_splits(param, source: str = "<net>"):
+    """Caffe's InsertSplits: a Split layer after every top that feeds more than one consumer.
+
+    A top with a non-zero ``loss_weight`` counts as one extra consumer; its weight moves to the
+    split's first top.
+    """
+    last_top: dict[str, tuple[int, int]] = {}
+    source_of: dict[tuple[int, int], tuple[int, int]] = {}
+    consumers: dict[tuple[int, int], int] = {}
+    loss_weight: dict[tuple[int, int], float] = {}
+    for i, lp in enumerate(param.layer):
+        for j, b in enumerate(lp.bottom):
+            if b not in last_top:
+                raise NetError(f"{source}: Unknown bottom blob {b!r} (layer {lp.name!r}, bottom index {j})")
+            src = last_top[b]
+            source_of[(i, j)] = src
+            consumers[src] = consumers.get(src, 0) + 1
+        for j, t in enumerate(lp.top):
+            last_top[t] = (i, j)
+        for j in range(min(len(lp.loss_weight), len(lp.top))):
+            w = lp.loss_weight[j]
+            loss_weight[(i, j)] = w
+            if w:
+                consumers[(i, j)] = consumers.get((i, j), 0) + 1
+
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    del out.layer[:]
+    next_split: dict[tuple[int, int], int] = {}
+    for i, lp in enumerate(param.layer):
+        nl = out.layer.add()
+        nl.CopyFrom(lp)
+        for j, b in enumerate(lp.bottom):
+            src = source_of[(i, j)]
+            if consumers.get(src, 0) > 1:
+                k = next_split.get(src, 0)
+                next_split[src] = k + 1
+                producer = param.layer[src[0]].name
+                nl.bottom[j] = f"{_split_layer_name(producer, b, src[1])}_{k}"
+        for j, t in enumerate(lp.top):
+            n = consumers.get((i, j), 0)
+            if n <= 1:
+                continue
+            w = loss_weight.get((i, j), 0.0)
+            sp = out.layer.add()
+            sp.name = _split_layer_name(lp.name, t, j)
+            sp.type = "Split"
+            sp.bottom.append(t)
+            for k in range(n):
+                sp.top.append(f"{sp.name}_{k}")
+                if w:
+                    sp.loss_weight.append(w if k == 0 else 0.0)
+            if w:
+                del nl.loss_weight[:]
+                next_split[(i, j)] = next_split.get((i, j), 0) + 1
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

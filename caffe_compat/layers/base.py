@@ -119,6 +119,9 @@ class Layer(nn.Module):
     #: The layer's backward does not read its tops (Convolution, InnerProduct): an in-place layer
     #: after it may overwrite them (``forward_inplace``) in passes that need no blob diffs.
     top_overwritable: bool = False
+    #: What the layer's forward does on the host besides computing its tops (a CUDA graph's
+    #: replay would skip it): "" for none, else a phrase for messages ("writes its bottoms to a file").
+    host_side_effect: str = ""
 
     def __init__(self, param, bottom_shapes: list[tuple[int, ...]], phase: int):
         super().__init__()

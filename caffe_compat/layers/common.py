@@ -161,7 +161,7 @@ class InnerProductLayer(Layer):
 
     exact_num_bottom = 1
     exact_num_top = 1
-    #: The backward needs the bottom and the weights, not the top (see Net._run_layers).
+    #: The backward needs the bottom and the weights, not the top (see EagerRunner.run_steps).
     top_overwritable = True
 
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:

@@ -80,7 +80,7 @@ class _BaseConvolution(Layer):
     min_bottom = 1
     min_top = 1
     #: The backward needs the bottom and the weights, not the top: an in-place layer after this
-    #: one may overwrite the top (the net's ``_run_layers``).
+    #: one may overwrite the top (``EagerRunner.run_steps``).
     top_overwritable = True
     #: Deconvolution: weights stored (C_in, O/g, k...) and the output grows.
     reverse = False

@@ -649,6 +649,8 @@ class HDF5OutputLayer(Layer):
     fails because the datasets already exist), so a test run collects every batch.
     """
 
+    host_side_effect = "writes its bottoms to a file"
+
     exact_num_bottom = 2
     exact_num_top = 0
 

@@ -120,9 +120,42 @@ def verify_deferred(records: list[tuple[Layer, Tensor, int, int | None]]) -> Non
                 _label_error(layer, lo if lo < 0 else hi, num_classes)
 
 
-# True while Net.compile's graph runs (Net._run_compiled), which collects the label ranges its
-# loss layers leave on themselves; other traced code keeps the checks with a host read.
+# True while a compiled runner's graph runs (``compiled_label_checks``), which collects the label
+# ranges its loss layers leave on themselves; other traced code keeps the checks with a host read.
+# (torch.compile reads a module global as a guarded constant; a thread-local it cannot trace.)
 _net_compiles = False
+
+
+@contextlib.contextmanager
+def no_deferred_label_checks():
+    """What ``deferred_label_checks`` yields where a runner collects the checks otherwise: None."""
+    yield None
+
+
+class _CompiledRanges:
+    def collect(self, layers) -> list:
+        """``(layer, [min, max] tensor, classes)`` for each layer that recorded its labels' range
+        in the compiled pass (taken off the layer)."""
+        out = []
+        for layer in layers:
+            recorded = layer.__dict__.pop("_label_range", None)
+            if recorded is not None:
+                out.append((layer, *recorded))
+        return out
+
+
+@contextlib.contextmanager
+def compiled_label_checks():
+    """Within the block (a compiled runner's pass), loss layers traced by torch.compile record
+    their labels' [min, max] as a tensor on themselves instead of reading it on the host; the
+    yielded object's ``collect(layers)`` takes the records for a check after the pass."""
+    global _net_compiles
+    _net_compiles = True
+    try:
+        yield _CompiledRanges()
+    finally:
+        _net_compiles = False
+
 
 # Labels up to this many values are checked on the host from a copy of themselves (one copy, no
 # reduction kernels); more, through their [min, max] computed on the device.

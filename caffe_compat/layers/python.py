@@ -158,6 +158,8 @@ class PythonLayer(Layer):
     ``self.param_str``). Refused unless Python layers are allowed (see the module docstring).
     """
 
+    host_side_effect = "runs Python code of its own"
+
     def setup(self, bottom_shapes):
         pp = self.param.python_param
         if not python_layers_allowed():
