@@ -507,3 +507,59 @@ def test_detection_output_empty_is_caffes_convention():
 def test_detection_output_errors_name_the_field(text, shapes, msg):
     with pytest.raises(LayerError, match=msg):
         _layer(f'name: "det" type: "DetectionOutput" detection_output_param {{ {text} }}', shapes)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX export (caffe_compat/export/onnx_ssd.py), run in onnxruntime against the Net
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [
+        "across_spatial: true channel_shared: true",
+        "across_spatial: false channel_shared: false",
+        "across_spatial: true channel_shared: false",
+        "across_spatial: false channel_shared: true eps: 0.001",
+    ],
+)
+def test_onnx_normalize_permute_priorbox(norm):
+    from tests.test_export_onnx import _assert_exports, _input, _net
+
+    text = (
+        _input("data", (2, 3, 32, 40))
+        + _input("feat", (2, 5, 4, 5))
+        + f'layer {{ name: "n" type: "Normalize" bottom: "feat" top: "n" norm_param {{ {norm} '
+        'scale_filler { type: "gaussian" mean: 10 std: 2 } } }\n'
+        'layer { name: "p" type: "Permute" bottom: "n" top: "p" permute_param { order: 0 order: 2 order: 3 order: 1 } }\n'
+        'layer { name: "pid" type: "Permute" bottom: "p" top: "pid" }\n'
+        'layer { name: "pb" type: "PriorBox" bottom: "n" bottom: "data" top: "pb" prior_box_param { min_size: 8 '
+        "max_size: 16 aspect_ratio: 2 aspect_ratio: 3 flip: true clip: true variance: 0.1 variance: 0.1 "
+        "variance: 0.2 variance: 0.2 } }\n"
+    )
+    net = _net(text)
+    model = _assert_exports(net)
+    ops = {n.op_type for n in model.graph.node}
+    assert "Transpose" in ops and "Sqrt" in ops
+    # the priors are one initializer holding the layer's top
+    (init,) = [i for i in model.graph.initializer if i.name.startswith("pb/")]
+    import onnx.numpy_helper
+
+    net.forward()
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(init), net.blobs["pb"].data)
+
+
+def test_onnx_refuses_detection_output_by_name():
+    from caffe_compat.export import onnx as ox
+    from tests.test_export_onnx import _input, _net
+
+    loc, conf, prior = _det_inputs(0, 1, 10, 3, 1)
+    text = (
+        _input("loc", loc.shape)
+        + _input("conf", conf.shape)
+        + _input("prior", prior.shape)
+        + 'layer { name: "detection_out" type: "DetectionOutput" bottom: "loc" bottom: "conf" bottom: "prior" '
+        'top: "det" detection_output_param { num_classes: 3 } }\n'
+    )
+    with pytest.raises(ox.OnnxExportError, match=r"'detection_out' \(DetectionOutput\).*NonMaxSuppression"):
+        ox.export_onnx(_net(text))
+    assert "DetectionOutput" not in ox.exportable_types()

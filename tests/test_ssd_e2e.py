@@ -31,8 +31,9 @@ def _conv(name, bottom, num_output, kernel=3, stride=1, pad=1):
     )
 
 
-def deploy_prototxt() -> str:
-    """The deploy net, in res10_300x300_ssd_iter_140000.prototxt's naming."""
+def deploy_prototxt(detection_output: bool = True) -> str:
+    """The deploy net, in res10_300x300_ssd_iter_140000.prototxt's naming (without its
+    DetectionOutput layer: the part ONNX can express)."""
     t = 'name: "tiny_ssd"\n'
     t += f'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: 3 dim: {SIZE} dim: {SIZE} }} }} }}\n'
     prev = "data"
@@ -76,6 +77,10 @@ def deploy_prototxt() -> str:
         "softmax_param { axis: 2 } }\n"
         'layer { name: "mbox_conf_flatten" type: "Flatten" bottom: "mbox_conf_softmax" top: "mbox_conf_flatten" '
         "flatten_param { axis: 1 } }\n"
+    )
+    if not detection_output:
+        return t
+    t += (
         'layer { name: "detection_out" type: "DetectionOutput" bottom: "mbox_loc" bottom: "mbox_conf_flatten" '
         f'bottom: "mbox_priorbox" top: "detection_out" include {{ phase: TEST }} detection_output_param {{ '
         f"num_classes: {CLASSES} share_location: true background_label_id: 0 "
@@ -257,3 +262,30 @@ def test_detect_tool_errors_are_one_line(tiny_ssd, capsys, tmp_path):
     _, model, weights, _ = tiny_ssd
     rc = detect.main(["--model", model, "--weights", weights, "--image", str(tmp_path / "nope.png"), "--out", "x.png"])
     assert rc == 1 and "cannot read it as an image" in capsys.readouterr().err
+
+
+def test_tiny_ssd_onnx_export_matches_and_detection_output_is_refused(tiny_ssd, tmp_path):
+    """ONNX: the net up to DetectionOutput's bottoms exports (Normalize, Permute, PriorBox as a
+    constant) and onnxruntime gives our blobs; DetectionOutput on onnxruntime's outputs gives the
+    net's detections; the whole net is refused naming the layer."""
+    from caffe_compat.export import onnx as ox
+
+    _, model, weights, image = tiny_ssd
+    full = caffe.Net(model, caffe.TEST, weights=weights)
+    with pytest.raises(ox.OnnxExportError, match="'detection_out' \\(DetectionOutput\\)"):
+        ox.export_onnx(full)
+    head_path = tmp_path / "head.prototxt"
+    head_path.write_text(deploy_prototxt(detection_output=False))
+    head = caffe.Net(str(head_path), caffe.TEST, weights=weights)
+    onnx_model = ox.export_onnx(head, tmp_path / "tiny_ssd_head.onnx")
+    blob = _blob(image)
+    assert ox.locate_divergence(head, onnx_model, {"data": blob}, tol=1e-4) is None
+    outs = ["mbox_loc", "mbox_conf_flatten", "mbox_priorbox"]
+    theirs = ox.run_onnxruntime(onnx_model, {"data": blob}, outs)
+    det = full.layer_dict["detection_out"]
+    import torch
+
+    (rows,) = det(*(torch.from_numpy(np.ascontiguousarray(theirs[o])) for o in outs))
+    want = full.forward(data=blob)["detection_out"]
+    assert rows.shape == want.shape
+    np.testing.assert_allclose(rows.numpy(), want, rtol=1e-4, atol=1e-5)

@@ -309,7 +309,8 @@ class PriorBoxLayer(Layer):
             if len(s) != 4:
                 raise self.error(f"bottom {i} must be 4-D (N, C, H, W), got shape {list(s)}")
 
-    def _priors(self, feat_shape, img_shape) -> np.ndarray:
+    def priors(self, feat_shape, img_shape) -> np.ndarray:
+        """The top for bottoms of these shapes (float32 ``(1, 2, H·W·P·4)``)."""
         lh, lw = int(feat_shape[2]), int(feat_shape[3])
         if self.img_hw[0] == 0 or self.img_hw[1] == 0:
             img_h, img_w = int(img_shape[2]), int(img_shape[3])
@@ -337,7 +338,7 @@ class PriorBoxLayer(Layer):
 
     def forward(self, feat, img):
         key = (tuple(feat.shape), tuple(img.shape))
-        arr = self.per_shape("_prior_plan", key, lambda: self._priors(key[0], key[1]))
+        arr = self.per_shape("_prior_plan", key, lambda: self.priors(key[0], key[1]))
         return (torch.from_numpy(arr).to(device=feat.device, dtype=feat.dtype),)
 
 
