@@ -18,7 +18,7 @@ from caffe_compat.errors import LayerError
 from caffe_compat.layers import layer_class
 from caffe_compat.proto import caffe_pb2
 from tests.conftest import CAFFE_REF
-from tests.test_conformance_layers import mismatches
+from tests.test_conformance_layers import GPU, mismatches
 
 RTOL, ATOL = 1e-4, 1e-5  # the fixture README's tolerance
 FORKS = CAFFE_REF / "forks" / "layers"
@@ -40,6 +40,8 @@ def replay_fork_case(case: str):
     backward = not case.startswith("forward_only")
     old = os.getcwd()
     os.chdir(d)
+    if GPU:  # CAFFE_COMPAT_TEST_GPU=1, as for the BVLC cases
+        caffe.set_mode_gpu()
     try:
         caffe.set_random_seed(1)
         net = caffe.Net("net.prototxt", "weights.caffemodel", caffe.TEST)
@@ -53,6 +55,7 @@ def replay_fork_case(case: str):
             net.backward()
     finally:
         os.chdir(old)
+        caffe.set_mode_cpu()
     return net, ref, backward
 
 
@@ -107,6 +110,24 @@ def test_ssd_field_numbers():
     assert caffe_pb2.PriorBoxParameter().offset == 0.5 and caffe_pb2.PriorBoxParameter().flip
     assert caffe_pb2.MultiBoxLossParameter().neg_pos_ratio == 3.0
     assert caffe_pb2.NormalizedBBox.DESCRIPTOR.fields_by_name["size"].number == 8
+
+
+def test_net_spec_writes_ssd_layers_as_model_libs_does():
+    """SSD's model_libs.py builds its nets with NetSpec keyword arguments (no *_param)."""
+    from caffe_compat import layers as L
+
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 32, 32]))
+    n.norm = L.Normalize(n.data, scale_filler=dict(type="constant", value=20), across_spatial=False)
+    n.perm = L.Permute(n.norm, order=[0, 2, 3, 1])
+    n.pb = L.PriorBox(n.norm, n.data, min_size=8.0, aspect_ratio=[2.0], flip=True, variance=[0.1, 0.1, 0.2, 0.2])
+    proto = n.to_proto()
+    norm, perm, pb = proto.layer[1:]
+    assert (norm.norm_param.across_spatial, norm.norm_param.scale_filler.value) == (False, 20)
+    assert list(perm.permute_param.order) == [0, 2, 3, 1]
+    assert list(pb.prior_box_param.aspect_ratio) == [2.0] and len(pb.prior_box_param.variance) == 4
+    net = caffe.Net(proto, caffe.TEST)
+    assert net.blobs["pb"].shape == (1, 2, 32 * 32 * 3 * 4)
 
 
 def test_ssd_layer_wire_bytes():
