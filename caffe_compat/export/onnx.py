@@ -59,6 +59,8 @@ __all__ = [
     "OutputDiff",
     "ONNX_CONVERTERS",
     "register_converter",
+    "refuse_export",
+    "ONNX_REFUSED",
     "exportable_types",
     "export_onnx",
     "random_inputs",
@@ -95,6 +97,16 @@ def register_converter(*type_names: str):
         return fn
 
     return deco
+
+
+#: Caffe type string -> why it cannot be exported (named in the error instead of "no converter").
+ONNX_REFUSED: dict[str, str] = {}
+
+
+def refuse_export(type_name: str, reason: str) -> None:
+    """Record that ``type_name`` cannot be exported and why (the export error names the layer and
+    gives ``reason``)."""
+    ONNX_REFUSED[type_name] = reason
 
 
 def exportable_types() -> list[str]:
@@ -864,6 +876,8 @@ def export_onnx(
             continue
         g.layer_name, g.layer_type = lname, layer.type
         conv = ONNX_CONVERTERS.get(layer.type)
+        if conv is None and layer.type in ONNX_REFUSED:
+            raise g.error(ONNX_REFUSED[layer.type])
         if conv is None:
             raise OnnxExportError(
                 f"layer {lname!r} of type {layer.type!r} cannot be exported to ONNX: no converter for "
@@ -1077,3 +1091,7 @@ def locate_divergence(
             if not d.relative <= tol:
                 return lname, t, d
     return None
+
+
+# the converters of the forks' layers register themselves in the table above
+from caffe_compat.export import onnx_ssd  # noqa: E402, F401
