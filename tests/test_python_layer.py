@@ -217,7 +217,10 @@ def test_python_layer_module_written_with_import_caffe_runs(_no_caffe_module):
     net = caffe.Net(n.to_proto(), caffe.TEST)
     net.blobs["x"].data[...] = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.testing.assert_array_equal(net.forward()["y"], 2 * np.arange(6, dtype=np.float32).reshape(2, 3))
-    assert sys.modules["caffe"] is caffe and sys.modules["caffe.proto.caffe_pb2"] is caffe_pb2
+    alias = sys.modules["caffe"]
+    # the alias hands out caffe_compat's own objects (one Net class, one caffe_pb2)
+    assert alias.Net is caffe.Net and alias.Layer is caffe.Layer and alias.TRAIN == caffe_pb2.TRAIN
+    assert sys.modules["caffe.proto.caffe_pb2"] is caffe_pb2
     assert net.layers[1].user.phase_name == "TEST"
     import importlib
 
@@ -246,11 +249,11 @@ def test_python_m_caffe_compat_run_runs_a_pycaffe_script_unchanged(_no_caffe_mod
         "p = caffe_pb2.NetParameter()\n"
         "p.layer.add(name='x', type='Input', top=['x']).input_param.shape.add().dim.extend([1, 2])\n"
         "net = caffe.Net(p, caffe.TEST)\n"
-        "print('ran on', caffe.__name__, list(net.blobs), sys.argv[1:], __name__)\n"
+        "print('ran on', caffe.Net.__module__, list(net.blobs), sys.argv[1:], __name__)\n"
     )
     monkeypatch.setattr("sys.argv", ["python -m caffe_compat"])
     assert main(["run", str(script), "--flag", "v"]) == 0
-    assert "ran on caffe_compat ['x'] ['--flag', 'v'] __main__" in capsys.readouterr().out
+    assert "ran on caffe_compat.net ['x'] ['--flag', 'v'] __main__" in capsys.readouterr().out
     assert main(["run", str(tmp_path / "missing.py")]) == 1
     assert "no such script" in capsys.readouterr().err
 
