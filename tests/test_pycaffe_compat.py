@@ -156,11 +156,11 @@ def _solver_param(**fields) -> caffe_pb2.SolverParameter:
     return sp
 
 
-class _LrSGD(_caffe.SolverLearningRate, caffe_compat.SGDSolver):
+class _LrSGD(caffe_compat.SGDSolver, _caffe.SolverLearningRate):
     pass
 
 
-class _LrAdam(_caffe.SolverLearningRate, caffe_compat.AdamSolver):
+class _LrAdam(caffe_compat.AdamSolver, _caffe.SolverLearningRate):
     pass
 
 
