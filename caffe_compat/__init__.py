@@ -68,16 +68,23 @@ def install_as_caffe() -> bool:
     """Make ``import caffe`` give caffe_compat, for code written for pycaffe that cannot be edited
     (a Python layer's module, a third-party helper): ``caffe`` and ``caffe.io``, ``caffe.proto``
     (with ``caffe.proto.caffe_pb2``), ``caffe.draw``, ``caffe.net_spec``, ``caffe.coord_map``,
-    ``caffe.classifier``, ``caffe.detector`` and ``caffe.pycaffe`` are registered in
-    ``sys.modules``. Does nothing, and returns False, when a real ``caffe`` module is importable
-    (it is never shadowed); returns True when ``import caffe`` gives caffe_compat. The Python
-    layer does it before importing the user's module."""
+    ``caffe.classifier``, ``caffe.detector``, ``caffe.pycaffe`` and ``caffe._caffe`` are
+    registered in ``sys.modules``. ``caffe`` is an alias module (``_caffe.CaffeAlias``): every
+    name is caffe_compat's except ``caffe.__version__``, which is Caffe's (``1.0.0``). Also gives
+    caffe_compat's log glog's default of INFO lines on stderr (``_glog.install_default_handler``),
+    as pycaffe prints without ``init_log()``.
+
+    Does nothing, and returns False, when a real ``caffe`` module is importable (it is never
+    shadowed); returns True when ``import caffe`` gives caffe_compat. The Python layer does it
+    before importing the user's module."""
     import importlib
     import importlib.util
 
+    from caffe_compat import _caffe, _glog
+
     this = _sys.modules[__name__]
     current = _sys.modules.get("caffe")
-    if current is this:
+    if current is this or getattr(current, "_caffe_compat_alias", False):
         return True
     if current is not None:
         return False
@@ -86,11 +93,14 @@ def install_as_caffe() -> bool:
             return False
     except (ImportError, ValueError):
         pass
-    _sys.modules["caffe"] = this
-    _sys.modules["caffe.pycaffe"] = this
+    alias = _caffe.CaffeAlias(this)
+    _sys.modules["caffe"] = alias
+    _sys.modules["caffe.pycaffe"] = alias
+    _sys.modules["caffe._caffe"] = _caffe
     for sub in _CAFFE_SUBMODULES:
         _sys.modules[f"caffe.{sub}"] = importlib.import_module(f"{__name__}.{sub}")
     _sys.modules["caffe.proto.caffe_pb2"] = caffe_pb2
+    _glog.install_default_handler()
     return True
 
 

@@ -257,3 +257,35 @@ def draw_net_to_file(
     with open(filename, "wb") as f:
         f.write(data)
     return filename
+
+
+# -- pycaffe's helpers that scripts call directly ------------------------------------------------
+
+
+def get_pooling_types_dict() -> dict[int, str]:
+    """pycaffe's ``draw.get_pooling_types_dict``: ``{number: name}`` of ``PoolingParameter.PoolMethod``
+    (``{0: 'MAX', 1: 'AVE', 2: 'STOCHASTIC'}``), read from caffe.proto."""
+    return {v.number: name for name, v in caffe_pb2.PoolingParameter.PoolMethod.DESCRIPTOR.values_by_name.items()}
+
+
+def get_layer_lr_mult(layer) -> tuple[float, float]:
+    """pycaffe's ``draw.get_layer_lr_mult``: the ``lr_mult`` of a Convolution, Deconvolution or
+    InnerProduct layer's weights and bias (a LayerParameter); 1.0 for a blob with no ``param``
+    entry (caffe.proto's default). Another type, or more than two ``param`` entries, raises
+    ``ValueError`` as pycaffe does."""
+    if layer.type not in ("Convolution", "Deconvolution", "InnerProduct"):
+        raise ValueError(
+            f"{layer.type} layers do not have a learning rate multiplier (layer {layer.name!r}; "
+            "get_layer_lr_mult takes Convolution, Deconvolution or InnerProduct layers)"
+        )
+    specs = list(layer.param)
+    if len(specs) > 2:
+        raise ValueError(
+            f"Could not parse the learning rate multiplier: layer {layer.name!r} has {len(specs)} param "
+            "entries, a learning layer has at most two (weights, bias)"
+        )
+    mults = [float(s.lr_mult) for s in specs] + [1.0] * (2 - len(specs))
+    return mults[0], mults[1]
+
+
+__all__ += ["get_pooling_types_dict", "get_layer_lr_mult"]

@@ -189,9 +189,10 @@ class Function:
                 hint = ""
                 if isinstance(inp, (tuple, list)) and inp and isinstance(inp[0], Top):
                     hint = " (a layer with ntop > 1 returns a tuple of tops: pass one of them)"
+                # pycaffe's wording first (scripts match on it), then what to do
                 raise TypeError(
-                    f"L.{type_name}(...): bottom {i} must be a top returned by another layer, "
-                    f"got {type(inp).__name__}{hint}"
+                    f"{type_name} input {i} is not a Top (type is {type(inp)}): a bottom must be a top "
+                    f"returned by another layer{hint}"
                 )
         self.inputs = tuple(inputs)
         self.params = dict(params)

@@ -20,7 +20,8 @@ Deliberate differences from pycaffe:
 - ``datum_to_array`` also decodes encoded datums (JPEG/PNG bytes, ``encoded: true``) to
   ``K x H x W`` in the file's channel order (BGR for colour), as Caffe's data layers see them.
 - ``blobproto_to_array`` honours ``shape`` and ``double_data`` (as current pycaffe does for
-  ``shape``) and raises ``FormatError`` when the value count does not match the shape.
+  ``shape``) and raises ``BlobShapeError`` (a ``FormatError`` and a ``ValueError``, which
+  pycaffe raises) when the value count does not match the shape.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from caffe_compat.errors import DataError
+from caffe_compat.errors import DataError, FormatError
 from caffe_compat.proto import caffe_pb2
 
 # caffe_compat.io re-exports this module's names, so it is imported lazily here (no cycle).
@@ -47,6 +48,7 @@ __all__ = [
     "resize_image",
     "oversample",
     "Transformer",
+    "BlobShapeError",
 ]
 
 
@@ -58,11 +60,23 @@ def blobproto_to_array(blob: caffe_pb2.BlobProto, return_diff: bool = False) -> 
     """The data (``return_diff=False``) or diff of a ``BlobProto`` as a float64 array.
 
     The shape is the legacy ``(num, channels, height, width)`` when any of those is set, else
-    ``shape.dim``. float64, as pycaffe's ``np.array(blob.data)``.
+    ``shape.dim`` (none: a 0-d array, which takes exactly one value). float64, as pycaffe's
+    ``np.array(blob.data)``. Values that do not fill the shape (a blob with no shape and
+    several values or none, ``return_diff`` on a blob without diff) raise ``BlobShapeError``,
+    a ``ValueError`` as in pycaffe.
     """
     from caffe_compat.io import blob_to_array
 
-    return blob_to_array(blob, diff=return_diff, what="blobproto_to_array").astype(np.float64)
+    try:
+        values = blob_to_array(blob, diff=return_diff, what="blobproto_to_array")
+    except FormatError as e:  # pycaffe's reshape raises ValueError there: scripts catch that
+        raise BlobShapeError(str(e)) from None
+    return values.astype(np.float64)
+
+
+class BlobShapeError(FormatError, ValueError):
+    """``blobproto_to_array``: the blob's values do not fill its shape (no shape at all, or
+    another count); a ``ValueError`` as pycaffe's ``reshape`` raises, and a ``FormatError``."""
 
 
 def array_to_blobproto(arr: np.ndarray, diff: np.ndarray | None = None) -> caffe_pb2.BlobProto:
@@ -151,18 +165,35 @@ def _as_float(img: np.ndarray) -> np.ndarray:
     return img.astype(np.float32)
 
 
-def _read_rgb(filename: str) -> np.ndarray:
-    """The image as H x W (grey) or H x W x C (RGB / RGBA) in its stored dtype."""
+def _read_rgb(filename) -> np.ndarray:
+    """The image as H x W (grey) or H x W x C (RGB / RGBA) in its stored dtype. ``filename`` is
+    a path or a binary file object (read from its current position, as scikit-image's reader)."""
+    is_file = hasattr(filename, "read")
+    what = f"the file object {filename!r}" if is_file else f"image file {filename!r}"
+    if is_file:
+        import io as _io
+
+        if isinstance(filename, _io.TextIOBase):
+            raise TypeError(f"load_image: {what} is open in text mode; open it in binary mode ('rb')")
+        data = filename.read()
+        if isinstance(data, str):
+            raise TypeError(f"load_image: {what} is open in text mode; open it in binary mode ('rb')")
+        data = bytes(data)
     try:
         import cv2
     except ImportError:  # pragma: no cover - OpenCV is a dependency
+        import io as _io
+
         import matplotlib.image as mpimg
 
-        img = mpimg.imread(filename)
-        return img
-    img = cv2.imread(os.fspath(filename), cv2.IMREAD_UNCHANGED)
+        return mpimg.imread(_io.BytesIO(data) if is_file else filename)
+    if is_file:
+        buf = np.frombuffer(data, np.uint8)
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    else:
+        img = cv2.imread(os.fspath(filename), cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise DataError(f"load_image: cannot read image file {filename!r} (missing, or not an image OpenCV can decode)")
+        raise DataError(f"load_image: cannot read {what} (missing, or not an image OpenCV can decode)")
     if img.ndim == 3:
         if img.shape[2] == 3:
             img = img[:, :, ::-1]
@@ -171,9 +202,12 @@ def _read_rgb(filename: str) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def load_image(filename: str, color: bool = True) -> np.ndarray:
+def load_image(filename, color: bool = True) -> np.ndarray:
     """Load an image as float32 in ``[0, 1]``: ``H x W x 3`` RGB (``color=True``) or
     ``H x W x 1`` intensity (``color=False``).
+
+    ``filename``: a path, or a binary file object such as ``io.BytesIO(jpeg_bytes)`` (as
+    scikit-image's ``imread`` takes, which pycaffe calls).
 
     A grey image is tiled to 3 channels when ``color``; an alpha channel is dropped.
     """
@@ -358,8 +392,13 @@ class Transformer:
         self.raw_scale[in_] = scale
 
     def set_mean(self, in_: str, mean: np.ndarray) -> None:
-        """The mean to subtract: ``(K,)`` per channel, or elementwise ``(K, H, W)`` / ``(H, W)``
-        matching the input's shape."""
+        """The mean to subtract: ``(K,)`` per channel, or elementwise ``(K, H, W)`` / ``(H, W)``.
+
+        An elementwise mean of another ``H x W`` than the input's is resized to the input's
+        (BVLC's io.py: e.g. the 256 x 256 ImageNet mean for a 227 x 227 input, as
+        ``python/classify.py`` passes it), bilinearly with ``resize_image``; its channels must
+        be the input's (or one, broadcast).
+        """
         self._check_input(in_)
         mean = np.asarray(mean)
         ms = mean.shape
@@ -374,11 +413,19 @@ class Transformer:
                 ms = (1,) + ms
             if len(ms) != 3:
                 raise ValueError(f"set_mean({in_!r}): mean shape {mean.shape} invalid; give (K,), (H, W) or (K, H, W)")
-            if ms != self.inputs[in_][1:]:
+            in_shape = self.inputs[in_][1:]
+            if len(in_shape) != 3:
                 raise ValueError(
-                    f"set_mean({in_!r}): mean shape {ms} incompatible with input shape {self.inputs[in_][1:]}; "
-                    "resize or crop the mean, or use the per-channel mean (mean.mean(1).mean(1))"
+                    f"set_mean({in_!r}): an elementwise mean needs a K x H x W input; the input is {self.inputs[in_]}"
                 )
+            if ms[0] not in (1, in_shape[0]):
+                raise ValueError(
+                    f"set_mean({in_!r}): mean channels {ms[0]} incompatible with input channels {in_shape[0]}"
+                )
+            if ms[1:] != in_shape[1:]:
+                hwk = mean.reshape(ms).transpose(1, 2, 0)
+                resized = resize_image(hwk, in_shape[1:]).transpose(2, 0, 1)
+                mean = resized if mean.ndim == 3 else resized[0]
         self.mean[in_] = mean
 
     def set_input_scale(self, in_: str, scale: float) -> None:

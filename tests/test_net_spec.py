@@ -231,9 +231,9 @@ def test_unknown_field_names_layer_and_field():
 
 def test_bad_bottom_is_refused_at_once():
     tops = L.DummyData(shape=[dict(dim=[1]), dict(dim=[1])], ntop=2)
-    with pytest.raises(TypeError, match=r"L.ReLU\(...\): bottom 0 .*pass one of them"):
+    with pytest.raises(TypeError, match=r"ReLU input 0 is not a Top .*pass one of them"):
         L.ReLU(tops)
-    with pytest.raises(TypeError, match=r"bottom 1 must be a top"):
+    with pytest.raises(TypeError, match=r"Eltwise input 1 is not a Top .*must be a top"):
         L.Eltwise(tops[0], "data")
 
 
@@ -380,3 +380,15 @@ def test_crop_helper_builds_a_net_that_aligns_to_the_input():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_non_top_input_type_error_is_worded_as_pycaffe():
+    """pycaffe's net_spec.Function: TypeError('%s input %d is not a Top (type is %s)' %
+    (type_name, index, type(input))); scripts match on that text."""
+    n = NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 2]))
+    for bad in (3, "data", [n.data]):
+        with pytest.raises(TypeError) as exc:
+            L.Eltwise(n.data, bad)
+        expected = "%s input %d is not a Top (type is %s)" % ("Eltwise", 1, type(bad))  # noqa: UP031
+        assert str(exc.value).startswith(expected)

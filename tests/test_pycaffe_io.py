@@ -246,11 +246,101 @@ def test_transformer_checks():
         t.set_channel_swap("data", (1, 0))
     with pytest.raises(ValueError, match="mean channels 4 incompatible"):
         t.set_mean("data", np.zeros(4))
-    with pytest.raises(ValueError, match=r"mean shape \(3, 8, 8\) incompatible"):
-        t.set_mean("data", np.zeros((3, 8, 8)))
+    with pytest.raises(ValueError, match="mean channels 2 incompatible"):
+        t.set_mean("data", np.zeros((2, 8, 8)))
     with pytest.raises(ValueError, match="invalid"):
         t.set_mean("data", np.zeros((1, 3, 4, 5)))
     t1 = cio.Transformer({"data": [1, 1, 4, 5]})  # lists work as shapes too
     t1.set_transpose("data", (2, 0, 1))
     t1.set_mean("data", np.ones((4, 5)))
     np.testing.assert_allclose(t1.preprocess("data", np.ones((4, 5, 1))), np.zeros((1, 4, 5)), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# pycaffe drop-in details (BVLC master python/caffe/io.py)
+
+
+def _pycaffe_blobproto_to_array(blob, return_diff=False):
+    """BVLC's io.py blobproto_to_array, as NumPy runs it (the reference)."""
+    data = np.array(blob.diff if return_diff else blob.data)
+    if blob.HasField("num") or blob.HasField("channels") or blob.HasField("height") or blob.HasField("width"):
+        return data.reshape(blob.num, blob.channels, blob.height, blob.width)
+    return data.reshape(blob.shape.dim)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        caffe_pb2.BlobProto(data=[1.0, 2.0, 3.0]),  # no shape, several values
+        caffe_pb2.BlobProto(),  # no shape, no values
+        caffe_pb2.BlobProto(data=[2.5]),  # no shape, one value: a 0-d array
+        caffe_pb2.BlobProto(num=1, channels=2, height=1, width=1, data=[1.0]),
+        caffe_pb2.BlobProto(shape=caffe_pb2.BlobShape(dim=[2, 2]), data=[1.0, 2.0, 3.0]),
+    ],
+)
+def test_blobproto_to_array_raises_value_error_where_pycaffe_does(blob):
+    try:
+        expected = _pycaffe_blobproto_to_array(blob)
+    except ValueError:
+        expected = None
+    if expected is None:
+        with pytest.raises(ValueError):
+            cio.blobproto_to_array(blob)
+        with pytest.raises(FormatError):  # and still caffe_compat's own kind
+            cio.blobproto_to_array(blob)
+    else:
+        got = cio.blobproto_to_array(blob)
+        assert got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_load_image_reads_a_binary_file_object(tmp_path):
+    """skimage.io.imread (pycaffe's reader) takes file objects: nsfw's classifier calls
+    caffe.io.load_image(BytesIO(jpeg_bytes))."""
+    import io
+
+    rng = np.random.default_rng(11)
+    rgb = rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)
+    ok, png = cv2.imencode(".png", rgb[:, :, ::-1])  # OpenCV encodes BGR
+    assert ok
+    im = cio.load_image(io.BytesIO(png.tobytes()))
+    assert im.dtype == np.float32 and im.shape == (6, 5, 3)
+    np.testing.assert_allclose(im, rgb / 255.0, rtol=0, atol=1e-7)
+    grey = cio.load_image(io.BytesIO(png.tobytes()), color=False)
+    np.testing.assert_allclose(grey[:, :, 0], (rgb / 255.0) @ np.array([0.2125, 0.7154, 0.0721]), rtol=0, atol=1e-6)
+    # a JPEG: the same pixels as reading the file by name (one decoder)
+    ok, jpg = cv2.imencode(".jpg", rgb[:, :, ::-1])
+    path = tmp_path / "x.jpg"
+    path.write_bytes(jpg.tobytes())
+    with open(path, "rb") as f:
+        np.testing.assert_array_equal(cio.load_image(f), cio.load_image(str(path)))
+    with open(path) as f, pytest.raises(TypeError, match="binary mode"):
+        cio.load_image(f)
+    with pytest.raises(DataError, match="file object"):
+        cio.load_image(io.BytesIO(b"not an image"))
+
+
+def test_set_mean_resizes_an_elementwise_mean_of_another_size():
+    """BVLC master's Transformer.set_mean resizes a (K, H', W') mean to the input's H x W
+    (python/classify.py passes the 256 x 256 ImageNet mean for a 227 x 227 input). A mean
+    that is a plane in (y, x) resized bilinearly (pixel centres aligned) is the plane sampled at
+    the source coordinates of the output pixels."""
+    K, Hm, Wm, H, W = 3, 16, 12, 7, 5
+    a = np.array([100.0, 120.0, 90.0])
+    yy, xx = np.meshgrid(np.arange(Hm), np.arange(Wm), indexing="ij")
+    mean = (a[:, None, None] + 2.0 * yy + 0.5 * xx).astype(np.float32)
+    t = cio.Transformer({"data": (1, K, H, W)})
+    t.set_transpose("data", (2, 0, 1))
+    t.set_raw_scale("data", 255.0)
+    t.set_mean("data", mean)
+    ys = (np.arange(H) + 0.5) * Hm / H - 0.5  # inside [0, Hm - 1]: no edge clamping
+    xs = (np.arange(W) + 0.5) * Wm / W - 0.5
+    expect = a[:, None, None] + 2.0 * ys[None, :, None] + 0.5 * xs[None, None, :]
+    assert t.mean["data"].shape == (K, H, W)
+    np.testing.assert_allclose(t.mean["data"], expect, rtol=1e-5, atol=1e-3)
+    img = np.random.default_rng(5).random((H, W, K)).astype(np.float32)
+    np.testing.assert_allclose(t.preprocess("data", img), img.transpose(2, 0, 1) * 255.0 - expect, rtol=1e-5, atol=1e-3)
+    # an (H', W') mean: one channel, resized the same way, subtracted from every channel
+    t2 = cio.Transformer({"data": (1, K, H, W)})
+    t2.set_mean("data", mean[1])
+    np.testing.assert_allclose(t2.mean["data"], expect[1], rtol=1e-5, atol=1e-3)

@@ -217,7 +217,10 @@ def test_python_layer_module_written_with_import_caffe_runs(_no_caffe_module):
     net = caffe.Net(n.to_proto(), caffe.TEST)
     net.blobs["x"].data[...] = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.testing.assert_array_equal(net.forward()["y"], 2 * np.arange(6, dtype=np.float32).reshape(2, 3))
-    assert sys.modules["caffe"] is caffe and sys.modules["caffe.proto.caffe_pb2"] is caffe_pb2
+    alias = sys.modules["caffe"]
+    # the alias hands out caffe_compat's own objects (one Net class, one caffe_pb2)
+    assert alias.Net is caffe.Net and alias.Layer is caffe.Layer and alias.TRAIN == caffe_pb2.TRAIN
+    assert sys.modules["caffe.proto.caffe_pb2"] is caffe_pb2
     assert net.layers[1].user.phase_name == "TEST"
     import importlib
 
@@ -246,11 +249,11 @@ def test_python_m_caffe_compat_run_runs_a_pycaffe_script_unchanged(_no_caffe_mod
         "p = caffe_pb2.NetParameter()\n"
         "p.layer.add(name='x', type='Input', top=['x']).input_param.shape.add().dim.extend([1, 2])\n"
         "net = caffe.Net(p, caffe.TEST)\n"
-        "print('ran on', caffe.__name__, list(net.blobs), sys.argv[1:], __name__)\n"
+        "print('ran on', caffe.Net.__module__, list(net.blobs), sys.argv[1:], __name__)\n"
     )
     monkeypatch.setattr("sys.argv", ["python -m caffe_compat"])
     assert main(["run", str(script), "--flag", "v"]) == 0
-    assert "ran on caffe_compat ['x'] ['--flag', 'v'] __main__" in capsys.readouterr().out
+    assert "ran on caffe_compat.net ['x'] ['--flag', 'v'] __main__" in capsys.readouterr().out
     assert main(["run", str(tmp_path / "missing.py")]) == 1
     assert "no such script" in capsys.readouterr().err
 
@@ -266,3 +269,166 @@ def test_python_m_caffe_compat_run_refuses_over_a_real_caffe(_no_caffe_module, t
     assert main(["run", str(script)]) == 1
     err = capsys.readouterr().err
     assert "a real Caffe is importable" in err
+
+
+# -- pycaffe's own Python-layer behaviour (python/caffe/test/test_python_layer.py, _caffe.cpp) -----
+
+
+def _one_layer_net(layer: str, param_str: str = "", shape=(10, 9, 8), force_backward: bool = True):
+    """pycaffe's test nets: an Input 'data' and one Python layer 'layer' from pycaffe_layers."""
+    n = net_spec.NetSpec()
+    n.data = L.Input(shape=dict(dim=list(shape)))
+    n.top = L.Python(n.data, name="layer", python_param=dict(module="pycaffe_layers", layer=layer, param_str=param_str))
+    proto = n.to_proto()
+    proto.force_backward = force_backward
+    for lp in proto.layer:  # NetSpec names a layer after its top
+        if lp.type == "Python":
+            lp.name = "layer"
+    return proto
+
+
+def test_exception_in_setup_reaches_the_caller_as_its_own_type():
+    """pycaffe's test_exception: assertRaises(RuntimeError, caffe.Net, net_file, caffe.TEST)."""
+    caffe.allow_python_layers()
+    with pytest.raises(RuntimeError) as exc:
+        caffe.Net(_one_layer_net("RaisesInSetup"), caffe.TEST)
+    e = exc.value
+    assert isinstance(e, caffe.LayerError)  # also caffe_compat's own kind
+    assert "setup refused" in str(e)
+    assert "'layer'" in str(e) and "pycaffe_layers.RaisesInSetup.setup" in str(e)
+
+
+def test_exception_in_forward_keeps_type_args_attributes_and_traceback():
+    import traceback
+
+    from caffe_compat.layers.python import PythonLayerError
+
+    caffe.allow_python_layers()
+    net = caffe.Net(_one_layer_net("RaisesInForward"), caffe.TEST)
+    caught = None
+    try:
+        net.forward()
+    except ValueError as e:  # what a pycaffe script writes
+        caught = e
+    assert caught is not None
+    assert isinstance(caught, PythonLayerError) and isinstance(caught, caffe.LayerError)
+    assert caught.args == ("negative input", 3)
+    assert caught.where == "forward"
+    assert (caught.layer_name, caught.layer_type, caught.method) == ("layer", "Python", "forward")
+    assert caught.python_layer == "pycaffe_layers.RaisesInForward"
+    assert "negative input" in str(caught) and "'layer'" in str(caught)
+    frames = traceback.extract_tb(caught.__traceback__)
+    assert any(f.filename.endswith("pycaffe_layers.py") and f.name == "forward" for f in frames)
+
+
+def test_exception_with_its_own_constructor_keeps_its_state_and_pickles_as_the_original():
+    import pickle
+
+    import pycaffe_layers
+
+    caffe.allow_python_layers()
+    net = caffe.Net(_one_layer_net("RaisesInForward", param_str="coded"), caffe.TEST)
+    with pytest.raises(pycaffe_layers.CodedError) as exc:
+        net.forward()
+    e = exc.value
+    assert e.code == 7 and e.args == ("failed with code 7",)
+    back = pickle.loads(pickle.dumps(e))
+    plain = pickle.loads(pickle.dumps(pycaffe_layers.CodedError(7)))  # how the type itself round-trips
+    assert type(back) is pycaffe_layers.CodedError
+    assert back.args == plain.args and back.code == plain.code == 7
+
+
+def test_exception_in_backward_reaches_the_caller_as_its_own_type():
+    caffe.allow_python_layers()
+    net = caffe.Net(_one_layer_net("RaisesInBackward"), caffe.TRAIN)
+    net.forward()
+    with pytest.raises(KeyError) as exc:
+        net.backward()
+    assert exc.value.args == ("no gradient for this",)
+    assert exc.value.method == "backward" and "'layer'" in str(exc.value)
+
+
+def test_times_ten_chain_forward_backward_and_reshape():
+    """pycaffe's test_forward / test_backward / test_reshape on three x10 layers."""
+    caffe.allow_python_layers()
+    n = net_spec.NetSpec()
+    n.data = L.Input(shape=dict(dim=[10, 9, 8]))
+    n.one = L.Python(n.data, python_param=dict(module="pycaffe_layers", layer="TimesTen"))
+    n.two = L.Python(n.one, python_param=dict(module="pycaffe_layers", layer="TimesTen"))
+    n.three = L.Python(n.two, python_param=dict(module="pycaffe_layers", layer="TimesTen"))
+    proto = n.to_proto()
+    proto.force_backward = True
+    net = caffe.Net(proto, caffe.TRAIN)
+    net.blobs["data"].data[...] = 8
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["three"].data, np.full((10, 9, 8), 10**3 * 8, np.float32))
+    net.blobs["three"].diff[...] = 7
+    net.backward()
+    np.testing.assert_array_equal(net.blobs["data"].diff, np.full((10, 9, 8), 10**3 * 7, np.float32))
+    net.blobs["data"].reshape(4, 4, 4, 4)
+    net.forward()
+    for name, blob in net.blobs.items():
+        assert blob.data.shape == (4, 4, 4, 4), name
+
+
+def test_parameter_blob_made_with_blobs_add_blob(tmp_path):
+    """pycaffe's test_parameter: self.blobs.add_blob(1); data 0; backward sets its diff to 1;
+    the blob is saved and loaded with the net."""
+    caffe.allow_python_layers()
+    proto = _one_layer_net("OneParameter")
+    net = caffe.Net(proto, caffe.TRAIN)
+    net.forward()
+    net.backward()
+    blob = net.params["layer"][0]
+    assert blob.data.shape == (1,)
+    assert blob.data[0] == 0 and blob.diff[0] == 1
+    blob.data[0] += blob.diff[0]
+    assert net.params["layer"][0].data[0] == 1
+    path = str(tmp_path / "p.caffemodel")
+    net.save(path)
+    net.params["layer"][0].data[0] = -1
+    net.copy_from(path)
+    assert net.params["layer"][0].data[0] == 1
+    net2 = caffe.Net(proto, caffe.TRAIN)
+    net2.share_with(net)
+    assert net2.params["layer"][0].data[0] == 1
+
+
+def test_blobs_is_a_blobvec_with_caffes_add_blob():
+    from caffe_compat._caffe import BlobVec
+
+    caffe.allow_python_layers()
+    net = caffe.Net(_one_layer_net("OneParameter"), caffe.TRAIN)
+    user = net.layers[list(net._layer_names).index("layer")].user
+    assert isinstance(user.blobs, BlobVec)
+    assert user.blobs.add_blob(2, 3) is None  # pycaffe's add_blob returns None
+    assert user.blobs[-1].data.shape == (2, 3) and user.blobs[-1].data.dtype == np.float32
+    np.testing.assert_array_equal(user.blobs[-1].data, np.zeros((2, 3), np.float32))
+    with pytest.raises(RuntimeError, match="takes no kwargs"):
+        user.blobs.add_blob(2, shape=3)
+    with pytest.raises(TypeError):
+        user.blobs.add_blob(2.5)
+
+
+def test_phase_reaches_the_layer():
+    """pycaffe's test_phase: the layer outputs self.phase."""
+    caffe.allow_python_layers()
+    n = net_spec.NetSpec()
+    n.phase = L.Python(python_param=dict(module="pycaffe_layers", layer="OutputsPhase"))
+    proto = n.to_proto()
+    for phase in (caffe.TRAIN, caffe.TEST):
+        net = caffe.Net(proto, phase)
+        assert net.forward()["phase"] == phase
+
+
+def test_user_init_receives_the_layer_parameter():
+    """Caffe builds a Python layer as ``cls(layer_param)`` (layer_factory.cpp GetPythonLayer)."""
+    import pycaffe_layers
+
+    caffe.allow_python_layers()
+    pycaffe_layers.INIT_SEEN.clear()
+    net = caffe.Net(_one_layer_net("TakesParam", param_str="p=1", shape=(2, 3)), caffe.TEST)
+    assert pycaffe_layers.INIT_SEEN == [("layer", "p=1")]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(net.forward(data=x)["top"], x + 1)
+    assert net.params["layer"][0].data.shape == (2, 3)
