@@ -255,6 +255,11 @@ class Net(nn.Module):
         """pycaffe's ``forward``: set inputs from ``kwargs``, run layers ``start``..``end``
         (Caffe's ForwardFromTo). Returns ``{blob: ndarray}`` for the outputs (or the tops of
         ``end``) and ``blobs``."""
+        if kwargs and set(kwargs) != set(self.inputs):  # pycaffe's check and words
+            raise NetError(
+                f"Input blob arguments do not match net inputs. (forward() of net {self.name!r} got "
+                f"{sorted(kwargs)}; give exactly its inputs {list(self.inputs)})"
+            )
         for name, arr in kwargs.items():
             self._set_input(name, arr)
         s = self._layer_index(start, 0)
@@ -270,12 +275,16 @@ class Net(nn.Module):
         return {b: self.blobs[b].data for b in outs}
 
     def _set_input(self, name: str, arr) -> None:
-        if name not in self.blobs:
-            raise NetError(f"forward(): {name!r} is not a blob of net {self.name!r}")
         blob = self.blobs[name]
         arr = np.asarray(arr)
+        if arr.shape[:1] != blob.shape[:1]:
+            raise NetError(
+                f"Input is not batch sized ({name!r} has {arr.shape[0] if arr.ndim else 'no'} items, the "
+                f"net's batch is {blob.shape[0] if blob.shape else 'none'}; net.blobs[{name!r}].reshape(...) "
+                "first, or use forward_all)"
+            )
         if tuple(arr.shape) != blob.shape:
-            if arr.size == blob.count and arr.shape[:1] == blob.shape[:1]:
+            if arr.size == blob.count:
                 arr = arr.reshape(blob.shape)
             else:
                 raise NetError(
@@ -623,6 +632,13 @@ class Net(nn.Module):
     @property
     def _blob_names(self) -> list[str]:
         return list(self.blobs)
+
+    @property
+    def _blobs(self):
+        """pycaffe's ``Net._blobs``: the net's blobs in blob order (that of ``_blob_names``)."""
+        from caffe_compat._caffe import BlobVec
+
+        return BlobVec(self.blobs.values())
 
     @property
     def _blob_loss_weights(self) -> list[float]:

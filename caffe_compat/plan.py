@@ -33,6 +33,7 @@ from torch import nn
 from caffe_compat.blob import Blob
 from caffe_compat.errors import CaffeError, LayerError, NetError
 from caffe_compat.layers.base import Layer, layer_class
+from caffe_compat.layers.python import PythonLayerError
 from caffe_compat.proto import caffe_pb2
 
 __all__ = [
@@ -345,6 +346,9 @@ def _make_layer(b: _Building, lp, name: str, bshapes: list) -> tuple[Layer, list
     try:
         layer = cls(lp, bshapes, lp.phase)
         tshapes = layer.top_shapes(bshapes)
+    except PythonLayerError as e:  # the user's own exception: its type, args and traceback kept
+        e.layer_context = f"{b.src}: {e.layer_context}"
+        raise
     except CaffeError as e:
         raise type(e)(f"{b.src}: {readable(str(e), b.split_source)}") from None
     except Exception as e:  # a layer's own failure on these shapes

@@ -206,7 +206,6 @@ def test_sgd_solver_class_has_lr():
     assert math.isclose(s.lr, 0.05, rel_tol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the lead's Net._blobs property in caffe_compat/net.py")
 def test_net_underscore_blobs_is_a_blobvec_in_blob_order():
     sp = _solver_param(lr_policy="fixed", base_lr=0.05)
     net = caffe_compat.Net(sp.net_param, caffe_compat.TRAIN)

@@ -24,6 +24,7 @@ from torch.nn.modules import module as _module_mod
 from caffe_compat import blob as _blob
 from caffe_compat.errors import CaffeError, LayerError
 from caffe_compat.layers import loss as _loss_layers
+from caffe_compat.layers.python import PythonLayerError
 from caffe_compat.mode import autocast_dtype
 from caffe_compat.runners.base import LOW_PRECISION, PendingLoss, Runner
 
@@ -122,6 +123,8 @@ class EagerRunner(Runner):
                     tops = layer(*bottoms)
                 else:
                     tops = layer.forward(*bottoms)
+            except PythonLayerError:  # the user's own exception: its type, args and traceback kept
+                raise
             except CaffeError as e:
                 raise st.readable_error(e) from None
             except Exception as e:
@@ -271,6 +274,8 @@ class EagerRunner(Runner):
         top_diffs = [b.diff_tensor for b in step.top_blobs]
         try:
             tops = layer.recompute(bottoms, [b.current().detach() for b in step.top_blobs])
+        except PythonLayerError:
+            raise
         except CaffeError as e:
             raise st.readable_error(e) from None
         except Exception as e:
