@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from caffe_compat.layers.base import Layer, register_layer, scalar_tensor
+from caffe_compat.layers.data import _PrefetchingDataLayer
 from caffe_compat.layers.loss import (
     _IGNORED,
     _normalization,
@@ -31,7 +32,14 @@ from caffe_compat.layers.loss import (
 )
 from caffe_compat.proto import caffe_pb2
 
-__all__ = ["SmoothL1LossLayer", "MultiBoxLossLayer", "match_bboxes", "encode_bboxes", "jaccard_overlaps"]
+__all__ = [
+    "SmoothL1LossLayer",
+    "MultiBoxLossLayer",
+    "AnnotatedDataLayer",
+    "match_bboxes",
+    "encode_bboxes",
+    "jaccard_overlaps",
+]
 
 #: C's FLT_MIN: SSD's ComputeConfLoss clamps the softmax probability to it before the log.
 _FLT_MIN = 1.17549435082228750797e-38
@@ -559,3 +567,119 @@ class MultiBoxLossLayer(Layer):
             raise self.error(f"a confidence label is outside [0, num_classes = {x.shape[1]})")
         target = torch.as_tensor(t, dtype=torch.long, device=x.device)
         return _SoftmaxLossFunction.apply(x, target, one, _IGNORED, False)
+
+
+# -- AnnotatedData ----------------------------------------------------------------------------------
+
+
+class _AnnotatedSource:
+    """AnnotatedData batches from an LMDB of AnnotatedDatum records, cycling through the keys."""
+
+    def __init__(self, layer: AnnotatedDataLayer, reader, skip: int, transformer, samplers, anno_type):
+        self.reader, self.skip_records = reader, skip
+        self.batch_size = int(layer.param.data_param.batch_size)
+        self.transformer, self.samplers, self.anno_type = transformer, samplers, anno_type
+        self.output_labels = len(layer.param.top) > 1
+        self._records = None
+
+    def skip(self, n_batches: int) -> None:
+        for _ in range(n_batches):  # the same draws as the batches themselves
+            self()
+
+    def __call__(self) -> tuple[np.ndarray, ...]:
+        from caffe_compat.data.annotated import label_rows, parse_annotated_datum
+        from caffe_compat.errors import DataError
+
+        if self._records is None:  # opened in the thread that iterates it
+            self._records = self.reader.cycle(self.skip_records)
+        images, all_groups, labels = [], [], []
+        for _ in range(self.batch_size):
+            key, value = next(self._records)
+            where = f"{self.reader.path} key {key.decode('utf-8', 'replace')!r}"
+            datum, anno_type, groups = parse_annotated_datum(value, where=where)
+            if self.anno_type is not None and anno_type is None and self.output_labels:
+                raise DataError(f"{where}: the record has no annotation type, the first record had one")
+            x = self.transformer.decode(datum, where=where)
+            if self.samplers:
+                x, groups = self.transformer.sample(x, datum.encoded, groups, self.samplers, where=where)
+            out, groups = self.transformer(x, datum.encoded, groups, where=where)
+            if images and out.shape != images[0].shape:
+                raise DataError(
+                    f"{where}: the transformed image is {out.shape}, this batch's first {images[0].shape}; "
+                    "records of one batch must transform to one size (give resize_param)"
+                )
+            images.append(out)
+            all_groups.append(groups)
+            labels.append(datum.label)
+        data = np.stack(images)
+        if not self.output_labels:
+            return (data,)
+        if self.anno_type is None:
+            return data, np.asarray(labels, np.float32).reshape(-1, 1, 1, 1)
+        return data, label_rows(all_groups)
+
+
+@register_layer("AnnotatedData")
+class AnnotatedDataLayer(_PrefetchingDataLayer):
+    """SSD's AnnotatedData layer: images and their boxes from an LMDB of ``AnnotatedDatum``
+    records (as ``tools/create_annoset.py`` writes them).
+
+    ``data_param``: ``source``, ``batch_size`` (required), ``backend`` (LMDB; LevelDB is read too),
+    ``rand_skip``, ``prefetch``. ``annotated_data_param``: ``batch_sampler`` (repeated: SSD's
+    random crops: ``sampler`` scale and aspect-ratio ranges, ``sample_constraint``
+    min/max Jaccard overlap and sample/object coverage, ``max_sample``, ``max_trials``;
+    one of all samples found is used per image), ``label_map_file`` (read and checked; SSD only
+    stores it), ``anno_type`` (replaces the records' type; BBOX is the only type).
+    ``transform_param``: see :class:`~caffe_compat.data.annotated.AnnotatedTransformer` (WARP
+    resize, emit_constraint, crop_size, mirror, mean, scale; distortion, expansion and noise are
+    refused by name).
+
+    Tops: data (batch_size, C, H, W) float32; optional label: with an annotation type
+    ``(1, 1, num_boxes, 8)`` rows ``[item_id, group_label, instance_id, xmin, ymin, xmax, ymax,
+    difficult]`` (boxes normalized to the transformed image; one row of -1 when the batch has no
+    box; the number of rows changes from batch to batch), otherwise the Datum labels
+    ``(batch_size, 1, 1, 1)``. At setup the label top is shaped from the first record.
+    """
+
+    min_top = 1
+    max_top = 2
+
+    def setup(self, bottom_shapes):
+        from caffe_compat.data.annotated import AnnotatedTransformer, parse_annotated_datum, read_label_map
+        from caffe_compat.data.lmdb_db import open_reader
+        from caffe_compat.errors import DataError
+
+        p, ap = self.param.data_param, self.param.annotated_data_param
+        if p.batch_size <= 0:
+            raise self.error("data_param.batch_size is required and must be positive")
+        if not p.HasField("source"):
+            raise self.error("data_param.source (the LMDB of AnnotatedDatum records) is required")
+        transform_rng, _, skip_rng = self._rngs()
+        try:
+            if ap.label_map_file:
+                read_label_map(ap.label_map_file)
+            tp = self.param.transform_param
+            if tp.HasField("resize_param") and tp.resize_param.resize_mode == caffe_pb2.ResizeParameter.FIT_SMALL_SIZE:
+                if p.batch_size != 1:
+                    raise DataError("resize_param FIT_SMALL_SIZE needs batch_size 1")
+            reader = open_reader(p.backend, p.source)
+            transformer = AnnotatedTransformer(tp, self.phase, transform_rng, where=f"layer {self.name!r}")
+            key, value = reader.first()
+            datum, anno_type, groups = parse_annotated_datum(value, where=f"{p.source} key {key!r}")
+            if ap.HasField("anno_type"):
+                anno_type = int(ap.anno_type)
+            x = transformer.decode(datum, where=p.source)
+            shape = transformer.output_shape(x.shape)
+        except DataError as e:
+            raise self._data_error(e) from e
+        samplers = list(ap.batch_sampler)
+        for i, bs in enumerate(samplers):
+            if bs.max_trials <= 0:
+                raise self.error(f"annotated_data_param.batch_sampler[{i}].max_trials must be positive")
+        n = int(p.batch_size)
+        label_shape = (n, 1, 1, 1)
+        if anno_type is not None:
+            label_shape = (1, 1, max(1, sum(len(a) for _, a in groups)), 8)
+        self._shapes = [(n, *shape), label_shape][: len(self.param.top)]
+        skip = int(skip_rng.integers(p.rand_skip)) if p.rand_skip else 0
+        self._start_prefetch(_AnnotatedSource(self, reader, skip, transformer, samplers, anno_type), p.prefetch)

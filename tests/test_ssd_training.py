@@ -1,0 +1,182 @@
+"""SSD training end to end: synthetic annotated images (coloured rectangles on a grey ground, VOC
+XML boxes) written by tools/create_annoset.py, read back by AnnotatedData, and a tiny SSD-like
+net trained by an SGD solver with MultiBoxLoss.
+
+References: the boxes the test draws (their pixel corners, normalized as SSD's
+ReadXMLToAnnotatedDatum does: corner / size), and after a random crop, mirror and resize the
+rendered rectangles themselves (each output box must enclose its own colour in the output image).
+"""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+import caffe_compat as caffe
+from caffe_compat.errors import CaffeError
+from tools import create_annoset
+
+# BGR colours per class (label map: 0 background, 1 red, 2 green, 3 blue)
+COLOURS = {1: (0, 0, 230), 2: (0, 210, 0), 3: (230, 0, 0)}
+NAMES = {1: "red", 2: "green", 3: "blue"}
+LABEL_MAP = """item { name: "none_of_the_above" label: 0 display_name: "background" }
+item { name: "red" label: 1 display_name: "red" }
+item { name: "green" label: 2 display_name: "green" }
+item { name: "blue" label: 3 display_name: "blue" }
+"""
+
+
+def _voc_xml(name: str, w: int, h: int, objects) -> str:
+    objs = "".join(
+        f"<object><name>{NAMES[label]}</name><difficult>{int(diff)}</difficult>"
+        f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+        for label, (x0, y0, x1, y1), diff in objects
+    )
+    return (
+        f"<annotation><filename>{name}</filename><size><width>{w}</width><height>{h}</height>"
+        f"<depth>3</depth></size>{objs}</annotation>"
+    )
+
+
+def make_dataset(root, n: int, seed: int, size=(48, 40), max_objects: int = 2):
+    """``n`` images (width, height = size) with 1..max_objects non-overlapping rectangles of
+    random class; writes images/, annotations/, list.txt and labelmap.prototxt under ``root``.
+    Returns the objects per image: [(label, (x0, y0, x1, y1), difficult)]."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    os.makedirs(root / "images", exist_ok=True)
+    os.makedirs(root / "annotations", exist_ok=True)
+    all_objects, lines = [], []
+    for i in range(n):
+        img = np.full((h, w, 3), 128, np.uint8)
+        objects = []
+        for _ in range(int(rng.integers(1, max_objects + 1))):
+            for _try in range(20):
+                bw, bh = int(rng.integers(w // 4, w // 2)), int(rng.integers(h // 4, h // 2))
+                x0, y0 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+                box = (x0, y0, x0 + bw, y0 + bh)
+                if all(
+                    box[2] <= o[1][0] or box[0] >= o[1][2] or box[3] <= o[1][1] or box[1] >= o[1][3] for o in objects
+                ):
+                    label = int(rng.integers(1, 4))
+                    img[y0 : y0 + bh, x0 : x0 + bw] = COLOURS[label]
+                    objects.append((label, box, bool(rng.random() < 0.2)))
+                    break
+        cv2.imwrite(str(root / "images" / f"{i:04d}.png"), img)
+        (root / "annotations" / f"{i:04d}.xml").write_text(_voc_xml(f"{i:04d}.png", w, h, objects))
+        lines.append(f"images/{i:04d}.png annotations/{i:04d}.xml")
+        all_objects.append(objects)
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    (root / "labelmap.prototxt").write_text(LABEL_MAP)
+    return all_objects
+
+
+def write_lmdb(root, encode: str = "png") -> str:
+    out = root / "lmdb"
+    argv = ["--anno-type", "detection", "--label-map-file", str(root / "labelmap.prototxt")]
+    argv += ["--encode-type", encode] if encode else []
+    assert create_annoset.main([*argv, str(root) + "/", str(root / "list.txt"), str(out)]) == 0
+    return str(out)
+
+
+def _data_net(source: str, batch: int, phase_train: bool, transform: str = "", samplers: str = "") -> str:
+    return f"""name: "annotated"
+layer {{ name: "data" type: "AnnotatedData" top: "data" top: "label"
+  include {{ phase: {"TRAIN" if phase_train else "TEST"} }}
+  data_param {{ source: "{source}" batch_size: {batch} backend: LMDB prefetch: 0 }}
+  transform_param {{ {transform} }}
+  annotated_data_param {{ {samplers} }}
+}}"""
+
+
+def _nearest_class(pixel) -> int:
+    """The class whose colour is nearest to a BGR pixel (0: the grey ground). The sampled crops
+    are re-encoded as JPEG (as SSD's CropImage does), which blurs colours at the edges."""
+    palette = {0: (128, 128, 128), **COLOURS}
+    return min(palette, key=lambda k: float(np.sum((np.asarray(pixel, np.float64) - palette[k]) ** 2)))
+
+
+def _net(tmp_path, text: str, phase) -> caffe.Net:
+    p = tmp_path / "net.prototxt"
+    p.write_text(text)
+    return caffe.Net(str(p), phase)
+
+
+def test_create_annoset_then_annotated_data_reads_the_boxes(tmp_path):
+    """Write with tools/create_annoset.py, read with AnnotatedData (no random transform): the
+    label rows are the XML's boxes, normalized by the image size, grouped by label in order of
+    first appearance with instance ids per group, and the images are the written pixels."""
+    objects = make_dataset(tmp_path, n=5, seed=1)
+    source = write_lmdb(tmp_path)
+    net = _net(tmp_path, _data_net(source, 5, False), caffe.TEST)
+    out = net.forward()
+    data, label = out["data"], out["label"]
+    assert data.shape == (5, 3, 40, 48)
+    expected = []
+    for item, objs in enumerate(objects):
+        groups = {}
+        for lab, box, diff in objs:
+            groups.setdefault(lab, []).append((box, diff))
+        for lab, boxes in groups.items():
+            for inst, ((x0, y0, x1, y1), diff) in enumerate(boxes):
+                expected.append([item, lab, inst, x0 / 48, y0 / 40, x1 / 48, y1 / 40, float(diff)])
+        img = cv2.imread(str(tmp_path / "images" / f"{item:04d}.png"))
+        np.testing.assert_array_equal(data[item], img.transpose(2, 0, 1).astype(np.float32))
+    assert label.shape == (1, 1, len(expected), 8)
+    np.testing.assert_allclose(label[0, 0], np.array(expected, np.float32), rtol=0, atol=1e-7)
+
+
+def test_annotated_data_random_transform_keeps_boxes_on_their_rectangles(tmp_path):
+    """TRAIN with SSD's batch samplers (min_jaccard_overlap), mirror and a WARP resize: every
+    emitted box, in the output image, encloses pixels of its own class colour and its centre
+    lies on that colour (the crop, mirror and resize moved image and boxes together)."""
+    make_dataset(tmp_path, n=6, seed=2, size=(64, 48), max_objects=1)
+    source = write_lmdb(tmp_path)
+    samplers = """batch_sampler { sampler { min_scale: 1 max_scale: 1 } max_trials: 1 max_sample: 1 }
+      batch_sampler { sampler { min_scale: 0.5 max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 }
+                      sample_constraint { min_jaccard_overlap: 0.3 } max_trials: 50 max_sample: 1 }"""
+    transform = "mirror: true resize_param { resize_mode: WARP height: 32 width: 32 interp_mode: NEAREST } emit_constraint { emit_type: CENTER }"
+    caffe.set_random_seed(5)
+    net = _net(tmp_path, _data_net(source, 6, True, transform, samplers), caffe.TRAIN)
+    checked = 0
+    for _ in range(4):
+        out = net.forward()
+        data, label = out["data"], out["label"]
+        assert data.shape == (6, 3, 32, 32)
+        for row in label[0, 0]:
+            if row[0] < 0:
+                continue
+            item, lab = int(row[0]), int(row[1])
+            x0, y0, x1, y1 = row[3:7] * 32
+            assert 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32
+            img = data[item].transpose(1, 2, 0)
+            cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+            assert _nearest_class(img[cy, cx]) == lab
+            inner = img[int(np.ceil(y0)) : int(y1), int(np.ceil(x0)) : int(x1)].reshape(-1, 3)
+            assert np.mean([_nearest_class(px) == lab for px in inner]) > 0.85
+            checked += 1
+    assert checked >= 10
+
+
+def test_annotated_data_refuses_unsupported_fields(tmp_path):
+    make_dataset(tmp_path, n=1, seed=3)
+    source = write_lmdb(tmp_path)
+    for transform, field in [
+        ("distort_param { brightness_prob: 0.5 }", "distort_param"),
+        ("expand_param { prob: 0.5 max_expand_ratio: 4 }", "expand_param"),
+        ("resize_param { resize_mode: FIT_LARGE_SIZE_AND_PAD height: 8 width: 8 }", "FIT_LARGE_SIZE_AND_PAD"),
+    ]:
+        with pytest.raises(CaffeError, match=field):
+            _net(tmp_path, _data_net(source, 1, True, transform), caffe.TRAIN)
+
+
+def test_create_annoset_refuses_unknown_names(tmp_path, capsys):
+    make_dataset(tmp_path, n=2, seed=4)
+    (tmp_path / "labelmap.prototxt").write_text('item { name: "red" label: 1 }')
+    argv = ["--anno-type", "detection", "--label-map-file", str(tmp_path / "labelmap.prototxt")]
+    rc = create_annoset.main([*argv, str(tmp_path) + "/", str(tmp_path / "list.txt"), str(tmp_path / "db")])
+    assert rc != 0
+    assert "unknown name" in capsys.readouterr().err
