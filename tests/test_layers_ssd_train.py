@@ -23,7 +23,7 @@ from caffe_compat.proto import caffe_pb2
 from tests.conftest import CAFFE_REF
 
 RTOL, ATOL = 1e-4, 1e-5  # the conformance README's tolerance
-FORKS = CAFFE_REF / "forks"
+FORKS = CAFFE_REF / "forks" / "layers"  # the layout of /work/shared/conformance/forks
 
 
 def _layer(text: str, shapes):

@@ -10,6 +10,7 @@ from caffe_compat.layers import (  # noqa: F401  (importing registers the layers
     pooling,
     python,
     recurrent,
+    ssd,
     ssd_train,
     window_data,
 )
