@@ -14,6 +14,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import caffe_compat as caffe
 from caffe_compat.errors import CaffeError
@@ -180,3 +181,97 @@ def test_create_annoset_refuses_unknown_names(tmp_path, capsys):
     rc = create_annoset.main([*argv, str(tmp_path) + "/", str(tmp_path / "list.txt"), str(tmp_path / "db")])
     assert rc != 0
     assert "unknown name" in capsys.readouterr().err
+
+
+def _head(name: str, bottom: str, num_priors: int, num_classes: int, min_size: int, max_size: int) -> str:
+    """SSD's multibox head on one feature map: loc and conf convolutions, Permute to NHWC,
+    Flatten, and its PriorBox."""
+    return f"""
+layer {{ name: "{name}_loc" type: "Convolution" bottom: "{bottom}" top: "{name}_loc"
+  convolution_param {{ num_output: {num_priors * 4} kernel_size: 3 pad: 1
+    weight_filler {{ type: "xavier" }} bias_filler {{ type: "constant" }} }} }}
+layer {{ name: "{name}_loc_perm" type: "Permute" bottom: "{name}_loc" top: "{name}_loc_perm"
+  permute_param {{ order: 0 order: 2 order: 3 order: 1 }} }}
+layer {{ name: "{name}_loc_flat" type: "Flatten" bottom: "{name}_loc_perm" top: "{name}_loc_flat"
+  flatten_param {{ axis: 1 }} }}
+layer {{ name: "{name}_conf" type: "Convolution" bottom: "{bottom}" top: "{name}_conf"
+  convolution_param {{ num_output: {num_priors * num_classes} kernel_size: 3 pad: 1
+    weight_filler {{ type: "xavier" }} bias_filler {{ type: "constant" }} }} }}
+layer {{ name: "{name}_conf_perm" type: "Permute" bottom: "{name}_conf" top: "{name}_conf_perm"
+  permute_param {{ order: 0 order: 2 order: 3 order: 1 }} }}
+layer {{ name: "{name}_conf_flat" type: "Flatten" bottom: "{name}_conf_perm" top: "{name}_conf_flat"
+  flatten_param {{ axis: 1 }} }}
+layer {{ name: "{name}_priorbox" type: "PriorBox" bottom: "{bottom}" bottom: "data" top: "{name}_priorbox"
+  prior_box_param {{ min_size: {min_size} max_size: {max_size} aspect_ratio: 2 flip: true clip: false
+    variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 }} }}"""
+
+
+def ssd_train_net(source: str, batch: int = 8) -> str:
+    """A tiny SSD: three convolutions, heads on an 8x8 and a 4x4 map (4 priors per cell: 320),
+    Concat of locations, confidences and priors, and MultiBoxLoss (SSD's VOC settings)."""
+    conv = """
+layer {{ name: "{n}" type: "Convolution" bottom: "{b}" top: "{n}"
+  convolution_param {{ num_output: {o} kernel_size: 3 pad: 1 stride: {s}
+    weight_filler {{ type: "xavier" }} bias_filler {{ type: "constant" }} }} }}
+layer {{ name: "{n}_relu" type: "ReLU" bottom: "{n}" top: "{n}" }}"""
+    pool = """
+layer {{ name: "{n}" type: "Pooling" bottom: "{b}" top: "{n}" pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}"""
+    body = (
+        conv.format(n="conv1", b="data", o=16, s=1)
+        + pool.format(n="pool1", b="conv1")
+        + conv.format(n="conv2", b="pool1", o=32, s=1)
+        + pool.format(n="pool2", b="conv2")
+        + conv.format(n="conv3", b="pool2", o=32, s=1)
+        + conv.format(n="conv4", b="conv3", o=32, s=2)
+    )
+    heads = _head("f1", "conv3", 4, 4, 8, 16) + _head("f2", "conv4", 4, 4, 16, 28)
+    concat = "".join(
+        f"""
+layer {{ name: "mbox_{k}" type: "Concat" bottom: "f1_{src}" bottom: "f2_{src}" top: "mbox_{k}"
+  concat_param {{ axis: {axis} }} }}"""
+        for k, src, axis in (("loc", "loc_flat", 1), ("conf", "conf_flat", 1), ("priorbox", "priorbox", 2))
+    )
+    transform = "mirror: true mean_value: 128 scale: 0.0078125 resize_param { resize_mode: WARP height: 32 width: 32 interp_mode: LINEAR } emit_constraint { emit_type: CENTER }"
+    samplers = """batch_sampler { sampler { min_scale: 1 max_scale: 1 } max_trials: 1 max_sample: 1 }
+      batch_sampler { sampler { min_scale: 0.6 max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 }
+                      sample_constraint { min_jaccard_overlap: 0.5 } max_trials: 50 max_sample: 1 }"""
+    loss = """
+layer { name: "mbox_loss" type: "MultiBoxLoss" bottom: "mbox_loc" bottom: "mbox_conf" bottom: "mbox_priorbox"
+  bottom: "label" top: "mbox_loss" include { phase: TRAIN }
+  propagate_down: true propagate_down: true propagate_down: false propagate_down: false
+  loss_param { normalization: VALID }
+  multibox_loss_param { loc_loss_type: SMOOTH_L1 conf_loss_type: SOFTMAX loc_weight: 1 num_classes: 4
+    share_location: true match_type: PER_PREDICTION overlap_threshold: 0.5 use_prior_for_matching: true
+    background_label_id: 0 use_difficult_gt: true neg_pos_ratio: 3 neg_overlap: 0.5 code_type: CENTER_SIZE
+    ignore_cross_boundary_bbox: false mining_type: MAX_NEGATIVE } }"""
+    return _data_net(source, batch, True, transform, samplers) + body + heads + concat + loss
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread: this net is tiny, and on a shared 2-core machine two
+    threads per convolution cost far more in waiting than they gain."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_ssd_solver_loss_falls(tmp_path, one_thread):
+    """An SGD solver (SSD's momentum and weight decay) on 32 synthetic annotated images: the
+    MultiBoxLoss of the last 8 of 60 iterations is well below that of the first 8."""
+    make_dataset(tmp_path, n=32, seed=6, size=(48, 40))
+    source = write_lmdb(tmp_path)
+    (tmp_path / "train.prototxt").write_text(ssd_train_net(source))
+    solver_text = f"""net: "{tmp_path / "train.prototxt"}" base_lr: 0.01 lr_policy: "fixed" momentum: 0.9
+      weight_decay: 0.0005 max_iter: 60 display: 0 snapshot: 0 random_seed: 3 type: "SGD" """
+    (tmp_path / "solver.prototxt").write_text(solver_text)
+    caffe.set_random_seed(3)
+    solver = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    losses = []
+    solver.loss_observers.append(lambda it, loss: losses.append(loss))
+    solver.step(60)
+    assert len(losses) == 60 and np.all(np.isfinite(losses))
+    first, last = float(np.mean(losses[:8])), float(np.mean(losses[-8:]))
+    print(f"MultiBoxLoss: first 8 iterations {first:.3f}, last 8 {last:.3f}")
+    assert last < 0.6 * first, (first, last, losses)
