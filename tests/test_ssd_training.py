@@ -131,7 +131,7 @@ def test_create_annoset_then_annotated_data_reads_the_boxes(tmp_path):
 
 
 def test_annotated_data_random_transform_keeps_boxes_on_their_rectangles(tmp_path):
-    """TRAIN with SSD's batch samplers (min_jaccard_overlap), mirror and a WARP resize: every
+    """TRAIN with SSD's expansion, batch samplers (min_jaccard_overlap), mirror and a WARP resize: every
     emitted box, in the output image, encloses pixels of its own class colour and its centre
     lies on that colour (the crop, mirror and resize moved image and boxes together)."""
     make_dataset(tmp_path, n=6, seed=2, size=(64, 48), max_objects=1)
@@ -139,7 +139,7 @@ def test_annotated_data_random_transform_keeps_boxes_on_their_rectangles(tmp_pat
     samplers = """batch_sampler { sampler { min_scale: 1 max_scale: 1 } max_trials: 1 max_sample: 1 }
       batch_sampler { sampler { min_scale: 0.5 max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 }
                       sample_constraint { min_jaccard_overlap: 0.3 } max_trials: 50 max_sample: 1 }"""
-    transform = "mirror: true resize_param { resize_mode: WARP height: 32 width: 32 interp_mode: NEAREST } emit_constraint { emit_type: CENTER }"
+    transform = "mirror: true expand_param { prob: 0.5 max_expand_ratio: 3 } resize_param { resize_mode: WARP height: 32 width: 32 interp_mode: NEAREST } emit_constraint { emit_type: CENTER }"
     caffe.set_random_seed(5)
     net = _net(tmp_path, _data_net(source, 6, True, transform, samplers), caffe.TRAIN)
     checked = 0
@@ -167,7 +167,7 @@ def test_annotated_data_refuses_unsupported_fields(tmp_path):
     source = write_lmdb(tmp_path)
     for transform, field in [
         ("distort_param { brightness_prob: 0.5 }", "distort_param"),
-        ("expand_param { prob: 0.5 max_expand_ratio: 4 }", "expand_param"),
+        ("noise_param { prob: 0.5 }", "noise_param"),
         ("resize_param { resize_mode: FIT_LARGE_SIZE_AND_PAD height: 8 width: 8 }", "FIT_LARGE_SIZE_AND_PAD"),
     ]:
         with pytest.raises(CaffeError, match=field):
@@ -275,3 +275,26 @@ def test_ssd_solver_loss_falls(tmp_path, one_thread):
     first, last = float(np.mean(losses[:8])), float(np.mean(losses[-8:]))
     print(f"MultiBoxLoss: first 8 iterations {first:.3f}, last 8 {last:.3f}")
     assert last < 0.6 * first, (first, last, losses)
+
+
+def test_annotated_data_expansion_places_image_and_boxes_on_the_canvas(tmp_path):
+    """SSD's expand_param on raw records: the image lands whole on a larger canvas of byte 32
+    (SSD's buffer of spaces), and each box, scaled to the canvas, bounds exactly its rectangle."""
+    objects = make_dataset(tmp_path, n=3, seed=8, size=(40, 32))
+    source = write_lmdb(tmp_path, encode="")
+    net = _net(tmp_path, _data_net(source, 1, True, "expand_param { prob: 1 max_expand_ratio: 3 }"), caffe.TRAIN)
+    grown = 0
+    for i in range(6):
+        out = net.forward()
+        img, rows = out["data"][0], out["label"][0, 0]
+        _, big_h, big_w = img.shape
+        grown += (big_h, big_w) != (32, 40)
+        assert (img != 32).any(axis=0).sum() == 32 * 40  # the grey image, whole, once
+        assert len(rows) == len(objects[i % 3])
+        for row in rows:
+            x0, y0, x1, y1 = row[3:7] * np.array([big_w, big_h, big_w, big_h], np.float32)
+            corners = np.rint([x0, y0, x1, y1]).astype(int)
+            np.testing.assert_allclose([x0, y0, x1, y1], corners, atol=1e-3)
+            region = img[:, corners[1] : corners[3], corners[0] : corners[2]]
+            assert (region == np.array(COLOURS[int(row[1])], np.float32).reshape(3, 1, 1)).all()
+    assert grown >= 4

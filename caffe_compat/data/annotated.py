@@ -345,26 +345,30 @@ _INTERP = {1: cv2.INTER_LINEAR, 2: cv2.INTER_AREA, 3: cv2.INTER_NEAREST, 4: cv2.
 class AnnotatedTransformer:
     """SSD's DataTransformer for annotated images, on the fields implemented here.
 
-    ``transform_param``: ``resize_param`` in WARP mode (``height``, ``width``, ``interp_mode``
-    one drawn uniformly per image among those given, LINEAR when none; encoded records only, as
-    in SSD), ``emit_constraint`` (CENTER or MIN_OVERLAP), then Caffe's ``crop_size``, ``mirror``,
-    ``mean_file``/``mean_value``, ``scale`` (:class:`DataTransformer`). Refused by field name:
-    ``distort_param``, ``expand_param``, ``noise_param``, ``crop_h``/``crop_w``, resize modes
-    other than WARP.
+    ``transform_param``: ``expand_param`` (see :meth:`expand`), ``resize_param`` in WARP mode
+    (``height``, ``width``, ``interp_mode`` one drawn uniformly per image among those given,
+    LINEAR when none; encoded records only, as in SSD), ``emit_constraint`` (CENTER or
+    MIN_OVERLAP), then Caffe's ``crop_size``, ``mirror``, ``mean_file``/``mean_value``, ``scale``
+    (:class:`DataTransformer`). Refused by field name: ``distort_param``, ``noise_param``,
+    ``expand_param`` with ``mean_file``, ``crop_h``/``crop_w``, resize modes other than WARP.
 
     Differences from SSD: the draws come from a NumPy Generator, in this order per image:
-    batch samples, the picked sample, the interpolation, then mirror and crop offsets."""
+    expansion, batch samples, the picked sample, the interpolation, then mirror and crop offsets."""
 
     def __init__(self, param, phase: int, rng: np.random.Generator, *, where: str):
         from caffe_compat.proto import caffe_pb2
 
         self.where = where
-        for field in ("distort_param", "expand_param", "noise_param"):
+        for field in ("distort_param", "noise_param"):
             if param.HasField(field):
                 raise DataError(
-                    f"{where}: transform_param.{field} (SSD's photometric distortion/expansion/noise) is not "
+                    f"{where}: transform_param.{field} (SSD's photometric distortion/noise) is not "
                     "implemented; remove it"
                 )
+        self.expand_param = param.expand_param if param.HasField("expand_param") else None
+        if self.expand_param is not None and param.HasField("mean_file"):
+            raise DataError(f"{where}: transform_param.expand_param with mean_file is not implemented; use mean_value")
+        self.mean_values = np.asarray(param.mean_value, np.float32)
         if param.crop_h or param.crop_w:
             raise DataError(f"{where}: transform_param.crop_h/crop_w are not implemented; use crop_size")
         self.resize = param.resize_param if param.HasField("resize_param") else None
@@ -416,6 +420,42 @@ class AnnotatedTransformer:
         )
         return out, transform_annotation(groups, crop_bbox, do_mirror, self.emit, resize_warp=self.resize is not None)
 
+    def expand(self, x: np.ndarray, encoded: bool, groups: Groups, *, where: str) -> tuple[np.ndarray, Groups]:
+        """SSD's ExpandImage (``expand_param``): with probability ``prob``, the image placed at a
+        random whole-pixel offset on a canvas ``ratio`` times its size (ratio uniform in
+        [1, max_expand_ratio]; nothing when max_expand_ratio is within 0.01 of 1), the boxes
+        projected into the canvas. The canvas holds the mean values (rounded; 0 without) for an
+        encoded image, which is then re-encoded as JPEG and decoded, and the byte 32 (SSD's
+        buffer of spaces) for a raw one."""
+        ep = self.expand_param
+        if ep is None:
+            return x, groups
+        if _F(self.rng.uniform(0, 1)) > _F(ep.prob):
+            return x, groups
+        if abs(float(ep.max_expand_ratio) - 1.0) < 1e-2:
+            return x, groups
+        ratio = _F(self.rng.uniform(1, ep.max_expand_ratio))
+        c, h, w = x.shape
+        big_h, big_w = int(_F(h) * ratio), int(_F(w) * ratio)
+        h_off = int(np.floor(_F(self.rng.uniform(0, big_h - h))))
+        w_off = int(np.floor(_F(self.rng.uniform(0, big_w - w))))
+        if encoded:
+            canvas = np.zeros((c, big_h, big_w), np.uint8)
+            if self.mean_values.size:
+                if self.mean_values.size not in (1, c):
+                    raise DataError(f"{where}: give 1 or {c} mean_value(s) for a {c}-channel image")
+                mv = np.clip(np.rint(np.broadcast_to(self.mean_values, (c,))), 0, 255).astype(np.uint8)
+                canvas[:] = mv.reshape(c, 1, 1)
+        else:
+            canvas = np.full((c, big_h, big_w), 32, x.dtype)
+        canvas[:, h_off : h_off + h, w_off : w_off + w] = x
+        if encoded:
+            canvas = _jpeg_roundtrip(canvas, where)
+        bbox = np.array(
+            [_F(-w_off) / _F(w), _F(-h_off) / _F(h), _F(big_w - w_off) / _F(w), _F(big_h - h_off) / _F(h)], _F
+        )
+        return canvas, transform_annotation(groups, bbox, False, self.emit)
+
     def sample(self, x: np.ndarray, encoded: bool, groups: Groups, batch_samplers, *, where: str):
         """The batch-sampler crop (before the transform): a sampled box picked at random, the image
         cropped to it (an encoded image is re-encoded as JPEG and decoded again, as SSD's CropImage
@@ -426,13 +466,16 @@ class AnnotatedTransformer:
         b = boxes[int(self.rng.integers(len(boxes)))]
         crop = crop_image(x, b)
         if encoded:
-            ok, buf = cv2.imencode(
-                ".jpg", np.ascontiguousarray(crop.transpose(1, 2, 0) if crop.shape[0] > 1 else crop[0])
-            )
-            if not ok:
-                raise DataError(f"{where}: OpenCV could not re-encode the sampled crop")
-            crop = decode_image(buf.tobytes(), where=where)
+            crop = _jpeg_roundtrip(crop, where)
         return crop, transform_annotation(groups, _clip(b), False, self.emit)
+
+
+def _jpeg_roundtrip(chw: np.ndarray, where: str) -> np.ndarray:
+    """SSD's EncodeCVMatToDatum(..., "jpg") then decode: what its crops and expansions store."""
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(chw.transpose(1, 2, 0) if chw.shape[0] > 1 else chw[0]))
+    if not ok:
+        raise DataError(f"{where}: OpenCV could not re-encode the image as JPEG")
+    return decode_image(buf.tobytes(), where=where)
 
 
 def label_rows(all_groups: list[Groups]) -> np.ndarray:
