@@ -15,9 +15,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from google.protobuf import text_format
 
 import caffe_compat as caffe
 from caffe_compat.errors import CaffeError
+from caffe_compat.proto import caffe_pb2
 from tools import create_annoset
 
 # BGR colours per class (label map: 0 background, 1 red, 2 green, 3 blue)
@@ -139,7 +141,7 @@ def test_annotated_data_random_transform_keeps_boxes_on_their_rectangles(tmp_pat
     samplers = """batch_sampler { sampler { min_scale: 1 max_scale: 1 } max_trials: 1 max_sample: 1 }
       batch_sampler { sampler { min_scale: 0.5 max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 }
                       sample_constraint { min_jaccard_overlap: 0.3 } max_trials: 50 max_sample: 1 }"""
-    transform = "mirror: true expand_param { prob: 0.5 max_expand_ratio: 3 } resize_param { resize_mode: WARP height: 32 width: 32 interp_mode: NEAREST } emit_constraint { emit_type: CENTER }"
+    transform = "mirror: true distort_param { brightness_prob: 0.5 brightness_delta: 16 contrast_prob: 0.5 contrast_lower: 0.8 contrast_upper: 1.2 } expand_param { prob: 0.5 max_expand_ratio: 3 } resize_param { resize_mode: WARP height: 32 width: 32 interp_mode: NEAREST } emit_constraint { emit_type: CENTER }"
     caffe.set_random_seed(5)
     net = _net(tmp_path, _data_net(source, 6, True, transform, samplers), caffe.TRAIN)
     checked = 0
@@ -166,7 +168,6 @@ def test_annotated_data_refuses_unsupported_fields(tmp_path):
     make_dataset(tmp_path, n=1, seed=3)
     source = write_lmdb(tmp_path)
     for transform, field in [
-        ("distort_param { brightness_prob: 0.5 }", "distort_param"),
         ("noise_param { prob: 0.5 }", "noise_param"),
         ("resize_param { resize_mode: FIT_LARGE_SIZE_AND_PAD height: 8 width: 8 }", "FIT_LARGE_SIZE_AND_PAD"),
     ]:
@@ -298,3 +299,34 @@ def test_annotated_data_expansion_places_image_and_boxes_on_the_canvas(tmp_path)
             region = img[:, corners[1] : corners[3], corners[0] : corners[2]]
             assert (region == np.array(COLOURS[int(row[1])], np.float32).reshape(3, 1, 1)).all()
     assert grown >= 4
+
+
+def _distort_param(text: str):
+    p = caffe_pb2.DistortionParameter()
+    text_format.Parse(text, p)
+    return p
+
+
+def test_distortion_steps_follow_ssd():
+    """SSD's ApplyDistort, one step at a time (probability 1, the others 0): brightness adds one
+    delta in [-32, 32] to every pixel (saturating), contrast multiplies by one factor in
+    [0.5, 1.5], the channel reorder permutes the channels; all steps at once keep the shape."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(40, 216, (3, 12, 10), dtype=np.uint8)
+    from caffe_compat.data.annotated import apply_distort
+
+    for seed in range(5):
+        r = np.random.default_rng(seed)
+        out = apply_distort(img, _distort_param("brightness_prob: 1 brightness_delta: 32"), r).astype(int)
+        delta = out - img.astype(int)
+        assert delta.min() == delta.max() and abs(delta[0, 0, 0]) <= 32
+        out = apply_distort(img, _distort_param("contrast_prob: 1 contrast_lower: 0.5 contrast_upper: 1.5"), r)
+        factor = float(np.median(out.astype(float) / img))
+        assert 0.49 <= factor <= 1.51
+        np.testing.assert_allclose(out, np.clip(np.rint(img * factor), 0, 255), atol=1)
+        out = apply_distort(img, _distort_param("random_order_prob: 1"), r)
+        assert sorted(tuple(c.ravel()) for c in out) == sorted(tuple(c.ravel()) for c in img)
+    full = """brightness_prob: 0.5 brightness_delta: 32 contrast_prob: 0.5 contrast_lower: 0.5 contrast_upper: 1.5
+      hue_prob: 0.5 hue_delta: 18 saturation_prob: 0.5 saturation_lower: 0.5 saturation_upper: 1.5 random_order_prob: 0"""
+    out = apply_distort(img, _distort_param(full), np.random.default_rng(1))
+    assert out.shape == img.shape and out.dtype == np.uint8

@@ -18,6 +18,7 @@ from Caffe's global boost RNG: the same distributions, other bits.
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
 
 import cv2
@@ -37,8 +38,11 @@ __all__ = [
     "transform_annotation",
     "crop_image",
     "AnnotatedTransformer",
+    "apply_distort",
     "label_rows",
 ]
+
+log = logging.getLogger(__name__)
 
 Groups = list  # [(group_label, [(instance_id, np.ndarray[4] float32, difficult), ...]), ...]
 _F = np.float32
@@ -337,6 +341,70 @@ def crop_image(chw: np.ndarray, bbox: np.ndarray) -> np.ndarray:
     return chw[:, h_off : h_off + ch, w_off : w_off + cw]
 
 
+# -- photometric distortion (im_transforms.cpp) ------------------------------------------------------
+
+
+def _convert(x: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """OpenCV's ``convertTo(-1, alpha, beta)`` on uint8: ``saturate_cast(alpha * x + beta)``."""
+    return np.clip(np.rint(x.astype(np.float32) * _F(alpha) + _F(beta)), 0, 255).astype(np.uint8)
+
+
+def _hsv_channel(img: np.ndarray, channel: int, alpha: float, beta: float) -> np.ndarray:
+    hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+    hsv[..., channel] = _convert(hsv[..., channel], alpha, beta)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+
+
+def apply_distort(chw: np.ndarray, p, rng: np.random.Generator) -> np.ndarray:
+    """SSD's ApplyDistort on a 3-channel uint8 C×H×W BGR image: with probability 1/2 the order
+    brightness, contrast, saturation, hue, else brightness, saturation, hue, contrast; then a
+    random channel order. Each step happens with its ``*_prob`` (a uniform draw below it) and
+    draws its amount: brightness ``+ U(-delta, delta)``, contrast ``* U(lower, upper)`` (skipped
+    within 1e-3 of 1), saturation ``S * U(lower, upper)`` and hue ``H + U(-delta, delta)`` in
+    OpenCV's 8-bit HSV, each saturated to [0, 255] as OpenCV's convertTo."""
+    if chw.shape[0] != 3:
+        raise DataError(f"distort_param needs 3-channel images, got {chw.shape[0]} channels")
+    img = np.ascontiguousarray(chw.transpose(1, 2, 0))
+
+    def brightness(img):
+        if _F(rng.uniform(0, 1)) < _F(p.brightness_prob):
+            delta = _F(rng.uniform(-p.brightness_delta, p.brightness_delta))
+            if abs(delta) > 0:
+                return _convert(img, 1, delta)
+        return img
+
+    def contrast(img):
+        if _F(rng.uniform(0, 1)) < _F(p.contrast_prob):
+            delta = _F(rng.uniform(p.contrast_lower, p.contrast_upper))
+            if abs(delta - 1) > 1e-3:
+                return _convert(img, delta, 0)
+        return img
+
+    def saturation(img):
+        if _F(rng.uniform(0, 1)) < _F(p.saturation_prob):
+            delta = _F(rng.uniform(p.saturation_lower, p.saturation_upper))
+            return _hsv_channel(img, 1, delta, 0)  # SSD's test `fabs(delta - 1) != 1e-3` always holds
+        return img
+
+    def hue(img):
+        if _F(rng.uniform(0, 1)) < _F(p.hue_prob):
+            delta = _F(rng.uniform(-p.hue_delta, p.hue_delta))
+            if abs(delta) > 0:
+                return _hsv_channel(img, 0, 1, delta)
+        return img
+
+    steps = (
+        (brightness, contrast, saturation, hue)
+        if _F(rng.uniform(0, 1)) > 0.5
+        else (brightness, saturation, hue, contrast)
+    )
+    for step in steps:
+        img = step(img)
+    if _F(rng.uniform(0, 1)) < _F(p.random_order_prob):
+        img = img[..., rng.permutation(3)]
+    return image_to_chw(np.ascontiguousarray(img))
+
+
 # -- the annotated transform (data_transformer.cpp) -------------------------------------------------
 
 _INTERP = {1: cv2.INTER_LINEAR, 2: cv2.INTER_AREA, 3: cv2.INTER_NEAREST, 4: cv2.INTER_CUBIC, 5: cv2.INTER_LANCZOS4}
@@ -345,26 +413,25 @@ _INTERP = {1: cv2.INTER_LINEAR, 2: cv2.INTER_AREA, 3: cv2.INTER_NEAREST, 4: cv2.
 class AnnotatedTransformer:
     """SSD's DataTransformer for annotated images, on the fields implemented here.
 
-    ``transform_param``: ``expand_param`` (see :meth:`expand`), ``resize_param`` in WARP mode
-    (``height``, ``width``, ``interp_mode`` one drawn uniformly per image among those given,
-    LINEAR when none; encoded records only, as in SSD), ``emit_constraint`` (CENTER or
-    MIN_OVERLAP), then Caffe's ``crop_size``, ``mirror``, ``mean_file``/``mean_value``, ``scale``
-    (:class:`DataTransformer`). Refused by field name: ``distort_param``, ``noise_param``,
-    ``expand_param`` with ``mean_file``, ``crop_h``/``crop_w``, resize modes other than WARP.
+    ``transform_param``: ``distort_param`` (:meth:`distort`), ``expand_param`` (:meth:`expand`),
+    ``resize_param`` in WARP mode (``height``, ``width``, ``interp_mode`` one drawn uniformly per
+    image among those given, LINEAR when none; encoded records only, as in SSD),
+    ``emit_constraint`` (CENTER or MIN_OVERLAP), then Caffe's ``crop_size``, ``mirror``,
+    ``mean_file``/``mean_value``, ``scale`` (:class:`DataTransformer`). Refused by field name:
+    ``noise_param``, ``expand_param`` with ``mean_file``, ``crop_h``/``crop_w``, resize modes
+    other than WARP.
 
     Differences from SSD: the draws come from a NumPy Generator, in this order per image:
-    expansion, batch samples, the picked sample, the interpolation, then mirror and crop offsets."""
+    distortion, expansion, batch samples, the picked sample, the interpolation, then mirror and crop offsets."""
 
     def __init__(self, param, phase: int, rng: np.random.Generator, *, where: str):
         from caffe_compat.proto import caffe_pb2
 
         self.where = where
-        for field in ("distort_param", "noise_param"):
-            if param.HasField(field):
-                raise DataError(
-                    f"{where}: transform_param.{field} (SSD's photometric distortion/noise) is not "
-                    "implemented; remove it"
-                )
+        if param.HasField("noise_param"):
+            raise DataError(f"{where}: transform_param.noise_param (SSD's noise policy) is not implemented; remove it")
+        self.distort_param = param.distort_param if param.HasField("distort_param") else None
+        self._warned_raw_distort = False
         self.expand_param = param.expand_param if param.HasField("expand_param") else None
         if self.expand_param is not None and param.HasField("mean_file"):
             raise DataError(f"{where}: transform_param.expand_param with mean_file is not implemented; use mean_value")
@@ -419,6 +486,19 @@ class AnnotatedTransformer:
             [_F(w_off) / _F(iw), _F(h_off) / _F(ih), _F(w_off + ow) / _F(iw), _F(h_off + oh) / _F(ih)], _F
         )
         return out, transform_annotation(groups, crop_bbox, do_mirror, self.emit, resize_warp=self.resize is not None)
+
+    def distort(self, x: np.ndarray, encoded: bool, *, where: str) -> np.ndarray:
+        """SSD's DistortImage (``distort_param``) of an encoded image: :func:`apply_distort`, then a
+        JPEG round trip as SSD stores the result. A raw image is left as it is (SSD logs "Only
+        support encoded datum now" and keeps it)."""
+        if self.distort_param is None:
+            return x
+        if not encoded:
+            if not self._warned_raw_distort:
+                self._warned_raw_distort = True
+                log.warning("%s: distort_param applies to encoded records only (as in SSD); raw images kept", where)
+            return x
+        return _jpeg_roundtrip(apply_distort(x, self.distort_param, self.rng), where)
 
     def expand(self, x: np.ndarray, encoded: bool, groups: Groups, *, where: str) -> tuple[np.ndarray, Groups]:
         """SSD's ExpandImage (``expand_param``): with probability ``prob``, the image placed at a

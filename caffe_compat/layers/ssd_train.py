@@ -600,6 +600,7 @@ class _AnnotatedSource:
             if self.anno_type is not None and anno_type is None and self.output_labels:
                 raise DataError(f"{where}: the record has no annotation type, the first record had one")
             x = self.transformer.decode(datum, where=where)
+            x = self.transformer.distort(x, datum.encoded, where=where)
             x, groups = self.transformer.expand(x, datum.encoded, groups, where=where)
             if self.samplers:
                 x, groups = self.transformer.sample(x, datum.encoded, groups, self.samplers, where=where)
@@ -632,8 +633,8 @@ class AnnotatedDataLayer(_PrefetchingDataLayer):
     one of all samples found is used per image), ``label_map_file`` (read and checked; SSD only
     stores it), ``anno_type`` (replaces the records' type; BBOX is the only type).
     ``transform_param``: see :class:`~caffe_compat.data.annotated.AnnotatedTransformer`
-    (expand_param, WARP resize, emit_constraint, crop_size, mirror, mean, scale; distortion and
-    noise are refused by name).
+    (distort_param, expand_param, WARP resize, emit_constraint, crop_size, mirror, mean, scale;
+    noise_param is refused by name).
 
     Tops: data (batch_size, C, H, W) float32; optional label: with an annotation type
     ``(1, 1, num_boxes, 8)`` rows ``[item_id, group_label, instance_id, xmin, ymin, xmax, ymax,
