@@ -330,3 +330,20 @@ def test_distortion_steps_follow_ssd():
       hue_prob: 0.5 hue_delta: 18 saturation_prob: 0.5 saturation_lower: 0.5 saturation_upper: 1.5 random_order_prob: 0"""
     out = apply_distort(img, _distort_param(full), np.random.default_rng(1))
     assert out.shape == img.shape and out.dtype == np.uint8
+
+
+def test_create_annoset_classification_records_and_example_link(tmp_path):
+    """--anno-type classification: records without an annotation type, the Datum label read
+    back by AnnotatedData as a (batch, 1, 1, 1) label top; EXAMPLEDIR gets a link to OUTDIR."""
+    make_dataset(tmp_path, n=3, seed=9)
+    (tmp_path / "cls.txt").write_text("".join(f"images/{i:04d}.png {7 + i}\n" for i in range(3)))
+    out, examples = tmp_path / "cls_lmdb", tmp_path / "examples"
+    argv = ["--encode-type", "png", str(tmp_path) + "/", str(tmp_path / "cls.txt"), str(out), str(examples)]
+    assert create_annoset.main(argv) == 0
+    assert os.path.realpath(examples / "cls_lmdb") == os.path.realpath(out)
+    assert create_annoset.main(argv) != 0  # OUTDIR exists: --redo replaces it
+    assert create_annoset.main(["--redo", *argv]) == 0
+    net = _net(tmp_path, _data_net(str(out), 3, False), caffe.TEST)
+    label = net.forward()["label"]
+    assert label.shape == (3, 1, 1, 1)
+    np.testing.assert_array_equal(label.ravel(), [7, 8, 9])
