@@ -298,6 +298,19 @@ def _ref_multibox(loc, conf, prior, gt, cfg):
             else:
                 loss += cfg["loc_weight"] * np.sum(d * d) / 2 / norm
                 dloc[i, p] = cfg["loc_weight"] * d / norm
+    if logistic and cfg["mining_type"] == _MB.NONE:
+        # SSD's EncodeConfPrediction without mining: one flat target array of N*P*C values set
+        # to the background id, a 1 at i*P + p*C + label for a matched prior (its pointer moves
+        # by P per image, not P*C), against all scores in order
+        flat = np.full(n * num_p * c, float(cfg["bg"]))
+        for i, m in matches.items():
+            for p in range(num_p):
+                if m[p] > -1:
+                    flat[i * num_p + p * c + gts[i][m[p]][0]] = 1
+        x = conf.reshape(-1)
+        loss += -np.sum(flat * np.log(_sigmoid(x)) + (1 - flat) * np.log(1 - _sigmoid(x))) / norm
+        dconf = ((_sigmoid(x) - flat) / norm).reshape(conf.shape)
+        chosen = []
     for i, p, label in chosen:
         value, grad = conf_loss(conf[i, p], label)
         loss += value / norm
@@ -351,6 +364,7 @@ _CASES = {
     "no_mining": {"mining_type": _MB.NONE},
     "l2_loc_weight_2": {"loc_loss_type": _MB.L2, "loc_weight": 2.0},
     "logistic": {"conf_loss_type": _MB.LOGISTIC},
+    "logistic_no_mining": {"conf_loss_type": _MB.LOGISTIC, "mining_type": _MB.NONE},
     "batch_size": {"normalization": caffe_pb2.LossParameter.BATCH_SIZE, "use_difficult_gt": False},
     "full": {"normalization": caffe_pb2.LossParameter.FULL},
     "none": {"normalization": caffe_pb2.LossParameter.NONE, "mining_type": _MB.NONE},
@@ -388,7 +402,7 @@ def test_multibox_loss_matches_numpy_ssd(case):
     np.testing.assert_allclose(tc.grad.numpy(), ref_dconf, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["defaults", "no_mining", "logistic", "l2_loc_weight_2"])
+@pytest.mark.parametrize("case", ["defaults", "no_mining", "logistic", "logistic_no_mining", "l2_loc_weight_2"])
 def test_multibox_loss_gradcheck(case):
     """With the matching (priors and ground truth are constants) and the mined negatives fixed
     (random scores: no near-ties for a 1e-6 step to reorder), the gradient is the loss's."""

@@ -553,7 +553,7 @@ class MultiBoxLossLayer(Layer):
                             t[i * num_priors + js * nc + glab] = 1
                         else:
                             t[i * num_priors + js] = glab
-                loss = loss + self._conf_loss(x, t.reshape(num * num_priors, -1).squeeze(1), logistic) / normalizer
+                loss = loss + self._conf_loss(x, t, logistic) / normalizer
         return (loss,)
 
     def _conf_loss(self, x: Tensor, t: np.ndarray, logistic: bool) -> Tensor:
