@@ -177,12 +177,15 @@ def _iou(a, b) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def _ref_match(priors, boxes, per_prediction: bool, threshold: float):
+def _ref_match(priors, boxes, per_prediction: bool, threshold: float, ignore_cross: bool = False):
     """MatchBBox with label -1, one prior and one gt at a time as SSD's loops go."""
     num_p = len(priors)
     match, best = [-1] * num_p, [0.0] * num_p
     pairs = {}
     for p in range(num_p):
+        if ignore_cross and any(v < 0 or v > 1 for v in priors[p]):
+            match[p] = -2
+            continue
         for j, b in enumerate(boxes):
             o = _iou(priors[p], b)
             if o > 1e-6:
@@ -214,10 +217,14 @@ def _ref_match(priors, boxes, per_prediction: bool, threshold: float):
     return match, best
 
 
-def _ref_encode(prior, var, g):
-    """EncodeBBox, CENTER_SIZE, variances in the box."""
+def _ref_encode(prior, var, g, code="CENTER_SIZE"):
+    """EncodeBBox with the variances in the box (pass ones to leave them out)."""
     pw, ph = prior[2] - prior[0], prior[3] - prior[1]
     gw, gh = g[2] - g[0], g[3] - g[1]
+    if code == "CORNER":
+        return np.array([(g[k] - prior[k]) / var[k] for k in range(4)])
+    if code == "CORNER_SIZE":
+        return np.array([(g[k] - prior[k]) / (pw, ph, pw, ph)[k] / var[k] for k in range(4)])
     return np.array(
         [
             ((g[0] + g[2]) / 2 - (prior[0] + prior[2]) / 2) / pw / var[0],
@@ -241,9 +248,10 @@ def _ref_multibox(loc, conf, prior, gt, cfg):
     """SSD's MultiBoxLoss forward and backward (top diff 1), loop by loop: (loss, dloc, dconf)."""
     n, c = loc.shape[0], cfg["num_classes"]
     num_p = prior.shape[2] // 4
+    lc = 1 if cfg["share_location"] else c
     pb = prior.reshape(2, num_p, 4)[0].astype(np.float64)
     pv = prior.reshape(2, num_p, 4)[1].astype(np.float64)
-    loc = loc.reshape(n, num_p, 4).astype(np.float64)
+    loc = loc.reshape(n, num_p, lc, 4).astype(np.float64)
     conf = conf.reshape(n, num_p, c).astype(np.float64)
     gts = {}
     for row in gt.reshape(-1, 8).astype(np.float64):
@@ -259,16 +267,20 @@ def _ref_multibox(loc, conf, prior, gt, cfg):
         p = _softmax(x)
         return -np.log(p[label]), p - np.eye(c)[label]
 
-    matches, chosen = {}, []  # chosen: (image, prior, label) entering the confidence loss
+    matches, labels_of, chosen = {}, {}, []  # chosen: (image, prior, label) entering the confidence loss
     for i in range(n):
         if i not in gts:
             if cfg["mining_type"] == _MB.NONE:
                 chosen += [(i, p, cfg["bg"]) for p in range(num_p)]
             continue
         boxes = [b for _, b in gts[i]]
-        m, best = _ref_match(pb, boxes, cfg["match_type"] == _MB.PER_PREDICTION, cfg["overlap_threshold"])
+        m, best = _ref_match(
+            pb, boxes, cfg["match_type"] == _MB.PER_PREDICTION, cfg["overlap_threshold"], cfg["ignore_cross"]
+        )
         matches[i] = m
-        labels = [gts[i][m[p]][0] if m[p] > -1 else cfg["bg"] for p in range(num_p)]
+        obj = cfg["bg"] + 1 if cfg["agnostic"] else None  # map_object_to_agnostic: every object one class
+        labels = [(obj or gts[i][m[p]][0]) if m[p] > -1 else cfg["bg"] for p in range(num_p)]
+        labels_of[i] = labels
         if cfg["mining_type"] == _MB.NONE:
             chosen += [(i, p, labels[p]) for p in range(num_p)]
             continue
@@ -291,13 +303,22 @@ def _ref_multibox(loc, conf, prior, gt, cfg):
         for p in range(num_p):
             if m[p] <= -1:
                 continue
-            d = loc[i, p] - _ref_encode(pb[p], pv[p], gts[i][m[p]][1])
+            label = gts[i][m[p]][0]
+            j = 0 if cfg["share_location"] else label  # the loc prediction of the gt's class
+            var = np.ones(4) if cfg["var_in_target"] else pv[p]
+            t = _ref_encode(pb[p], var, gts[i][m[p]][1], cfg["code"])
+            d = loc[i, p, j] - t
+            scale = 1 / pv[p] if cfg["var_in_target"] else np.ones(4)  # both sides divided by the variance
+            if cfg["bp_inside"]:  # a prior corner outside the image: the prediction replaced by the target
+                d = np.where((pb[p] < 0) | (pb[p] > 1), 0.0, d)
+                scale = np.where((pb[p] < 0) | (pb[p] > 1), 0.0, scale)
+            d = d * (1 / pv[p] if cfg["var_in_target"] else 1)
             if cfg["loc_loss_type"] == _MB.SMOOTH_L1:
                 loss += cfg["loc_weight"] * np.sum(np.where(np.abs(d) < 1, 0.5 * d * d, np.abs(d) - 0.5)) / norm
-                dloc[i, p] = cfg["loc_weight"] * np.where(np.abs(d) < 1, d, np.sign(d)) / norm
+                dloc[i, p, j] = cfg["loc_weight"] * np.where(np.abs(d) < 1, d, np.sign(d)) * scale / norm
             else:
                 loss += cfg["loc_weight"] * np.sum(d * d) / 2 / norm
-                dloc[i, p] = cfg["loc_weight"] * d / norm
+                dloc[i, p, j] = cfg["loc_weight"] * d * scale / norm
     if logistic and cfg["mining_type"] == _MB.NONE:
         # SSD's EncodeConfPrediction without mining: one flat target array of N*P*C values set
         # to the background id, a 1 at i*P + p*C + label for a matched prior (its pointer moves
@@ -306,7 +327,7 @@ def _ref_multibox(loc, conf, prior, gt, cfg):
         for i, m in matches.items():
             for p in range(num_p):
                 if m[p] > -1:
-                    flat[i * num_p + p * c + gts[i][m[p]][0]] = 1
+                    flat[i * num_p + p * c + labels_of[i][p]] = 1
         x = conf.reshape(-1)
         loss += -np.sum(flat * np.log(_sigmoid(x)) + (1 - flat) * np.log(1 - _sigmoid(x))) / norm
         dconf = ((_sigmoid(x) - flat) / norm).reshape(conf.shape)
@@ -318,7 +339,7 @@ def _ref_multibox(loc, conf, prior, gt, cfg):
     return loss, dloc.reshape(n, -1), dconf.reshape(n, -1), num_matches
 
 
-def _ssd_case(seed: int, n: int = 3):
+def _ssd_case(seed: int, n: int = 3, num_classes: int = 4, loc_classes: int = 1):
     """Priors on a 4x4 grid in two sizes (32 priors, SSD's variances), ground truth for images 0
     and 1 (one difficult box), none for image 2, and random predictions."""
     rng = np.random.default_rng(seed)
@@ -337,8 +358,8 @@ def _ssd_case(seed: int, n: int = 3):
         [1, 1, 1, 0.05, 0.60, 0.30, 0.95, 1],
     ]
     gt = np.array(rows, np.float64).reshape(1, 1, len(rows), 8)
-    loc = rng.normal(0, 1.0, (n, num_p * 4))
-    conf = rng.normal(0, 1.5, (n, num_p * 4))
+    loc = rng.normal(0, 1.0, (n, num_p * loc_classes * 4))
+    conf = rng.normal(0, 1.5, (n, num_p * num_classes))
     return loc, conf, prior, gt
 
 
@@ -355,6 +376,12 @@ _DEFAULTS = {
     "normalization": caffe_pb2.LossParameter.VALID,
     "loc_weight": 1.0,
     "use_difficult_gt": True,
+    "share_location": True,
+    "code": "CENTER_SIZE",
+    "var_in_target": False,
+    "bp_inside": False,
+    "ignore_cross": False,
+    "agnostic": False,
 }
 
 _CASES = {
@@ -368,6 +395,14 @@ _CASES = {
     "batch_size": {"normalization": caffe_pb2.LossParameter.BATCH_SIZE, "use_difficult_gt": False},
     "full": {"normalization": caffe_pb2.LossParameter.FULL},
     "none": {"normalization": caffe_pb2.LossParameter.NONE, "mining_type": _MB.NONE},
+    "corner": {"code": "CORNER", "overlap_threshold": 0.3},
+    "corner_size_variance_in_target": {"code": "CORNER_SIZE", "var_in_target": True},
+    "center_size_variance_in_target": {"var_in_target": True, "loc_loss_type": _MB.L2},
+    "bp_inside_corner": {"code": "CORNER", "bp_inside": True, "overlap_threshold": 0.3},
+    "ignore_cross_boundary": {"ignore_cross": True, "overlap_threshold": 0.3},
+    "per_class_locations": {"share_location": False, "mining_type": _MB.NONE, "overlap_threshold": 0.3},
+    # ground-truth labels 1..3 with 2 classes: SSD's mining would abort on them, so no mining
+    "agnostic": {"agnostic": True, "num_classes": 2, "overlap_threshold": 0.3, "mining_type": _MB.NONE},
 }
 
 
@@ -376,10 +411,14 @@ def _multibox_layer(cfg, shapes):
     text = f"""name: "mbox_loss" type: "MultiBoxLoss" top: "loss"
       loss_param {{ normalization: {names.pop()} }}
       multibox_loss_param {{
-        num_classes: {cfg["num_classes"]} background_label_id: {cfg["bg"]} share_location: true
+        num_classes: {cfg["num_classes"]} background_label_id: {cfg["bg"]}
+        share_location: {str(cfg["share_location"]).lower()} code_type: {cfg["code"]}
+        encode_variance_in_target: {str(cfg["var_in_target"]).lower()} bp_inside: {str(cfg["bp_inside"]).lower()}
+        ignore_cross_boundary_bbox: {str(cfg["ignore_cross"]).lower()}
+        map_object_to_agnostic: {str(cfg["agnostic"]).lower()}
         match_type: {_MB.MatchType.Name(cfg["match_type"])} overlap_threshold: {cfg["overlap_threshold"]}
         mining_type: {_MB.MiningType.Name(cfg["mining_type"])} neg_pos_ratio: {cfg["neg_pos_ratio"]}
-        neg_overlap: {cfg["neg_overlap"]} code_type: CENTER_SIZE use_prior_for_matching: true
+        neg_overlap: {cfg["neg_overlap"]} use_prior_for_matching: true
         loc_loss_type: {_MB.LocLossType.Name(cfg["loc_loss_type"])} loc_weight: {cfg["loc_weight"]}
         conf_loss_type: {_MB.ConfLossType.Name(cfg["conf_loss_type"])}
         use_difficult_gt: {str(cfg["use_difficult_gt"]).lower()}
@@ -390,7 +429,7 @@ def _multibox_layer(cfg, shapes):
 @pytest.mark.parametrize("case", sorted(_CASES))
 def test_multibox_loss_matches_numpy_ssd(case):
     cfg = {**_DEFAULTS, **_CASES[case]}
-    loc, conf, prior, gt = _ssd_case(seed=7)
+    loc, conf, prior, gt = _ssd_case(7, 3, cfg["num_classes"], 1 if cfg["share_location"] else cfg["num_classes"])
     ref_loss, ref_dloc, ref_dconf, num_matches = _ref_multibox(loc, conf, prior, gt, cfg)
     assert num_matches >= 3  # the case does match priors (else it would test little)
     layer = _multibox_layer(cfg, [loc.shape, conf.shape, prior.shape, gt.shape])
@@ -402,12 +441,14 @@ def test_multibox_loss_matches_numpy_ssd(case):
     np.testing.assert_allclose(tc.grad.numpy(), ref_dconf, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["defaults", "no_mining", "logistic", "logistic_no_mining", "l2_loc_weight_2"])
+@pytest.mark.parametrize(
+    "case", ["defaults", "no_mining", "logistic", "logistic_no_mining", "l2_loc_weight_2", "per_class_locations"]
+)
 def test_multibox_loss_gradcheck(case):
     """With the matching (priors and ground truth are constants) and the mined negatives fixed
     (random scores: no near-ties for a 1e-6 step to reorder), the gradient is the loss's."""
     cfg = {**_DEFAULTS, **_CASES[case]}
-    loc, conf, prior, gt = _ssd_case(seed=11, n=2)
+    loc, conf, prior, gt = _ssd_case(11, 2, cfg["num_classes"], 1 if cfg["share_location"] else cfg["num_classes"])
     layer = _multibox_layer(cfg, [loc.shape, conf.shape, prior.shape, gt.shape])
     args = (torch.tensor(loc, requires_grad=True), torch.tensor(conf, requires_grad=True))
     pt, gtt = torch.tensor(prior), torch.tensor(gt)
@@ -452,5 +493,9 @@ def test_multibox_loss_refusals():
             'name: "m" type: "MultiBoxLoss" multibox_loss_param { num_classes: 2 use_prior_for_matching: false }',
             shapes,
         )
+    loc, conf, prior, gt = _ssd_case(1, 1, num_classes=2)
+    layer = _multibox_layer({**_DEFAULTS, "num_classes": 2}, [loc.shape, conf.shape, prior.shape, gt.shape])
+    with pytest.raises(LayerError, match="outside \\[0, num_classes = 2\\)"):
+        layer(*(torch.tensor(a) for a in (loc, conf, prior, gt)))
     with pytest.raises(LayerError, match="need 2 priors"):
         _layer('name: "m" type: "MultiBoxLoss" multibox_loss_param { num_classes: 3 }', shapes)

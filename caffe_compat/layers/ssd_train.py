@@ -434,6 +434,11 @@ class MultiBoxLossLayer(Layer):
                 labels = np.full(len(idx), self.background, np.int64)
                 hit = idx > -1
                 labels[hit] = gts[i][idx[hit], 0].astype(np.int64)
+                if (labels < 0).any() or (labels >= self.num_classes).any():
+                    raise self.error(
+                        f"image {i}: a ground-truth label is outside [0, num_classes = {self.num_classes}) "
+                        "(SSD's ComputeConfLoss aborts there); check the label map and num_classes"
+                    )
                 loss = self._conf_loss_per_prior(conf[i], labels)
                 eligible = np.flatnonzero((idx == -1) & (ov < np.float32(p.neg_overlap)))
                 num_pos = int(hit.sum())
