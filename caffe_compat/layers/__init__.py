@@ -11,6 +11,7 @@ from caffe_compat.layers import (  # noqa: F401  (importing registers the layers
     python,
     recurrent,
     ssd,
+    ssd_train,
     window_data,
 )
 from caffe_compat.layers.base import LAYER_REGISTRY, Layer, layer_class, register_layer, registered_types
