@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from caffe_compat.errors import CaffeError, LayerError, NetError
 from caffe_compat.mode import apply_float32_numerics, compile_enabled, current_device
 from caffe_compat.plan import build_plan, filter_net, insert_splits, split_sources, state_meets_rule
 from caffe_compat.proto import caffe_pb2
+from caffe_compat.pycaffe_layer import LayerView
 from caffe_compat.runners import CompiledRunner, DebugRunner, EagerRunner, PendingLoss, Runner, RunState
 
 __all__ = ["Net", "PendingLoss", "filter_net", "insert_splits", "state_meets_rule", "TRAIN", "TEST"]
@@ -147,12 +149,24 @@ class Net(nn.Module):
         self.learnable_params: list[nn.Parameter] = [lp.param for lp in plan.learnable]
         self.params_lr: list[float] = [lp.lr_mult for lp in plan.learnable]
         self.params_weight_decay: list[float] = [lp.decay_mult for lp in plan.learnable]
-        self.layer_dict = OrderedDict((s.name, s.layer) for s in steps)
+        #: the Layer modules by name (what the net computes with; pycaffe sees ``layer_dict``)
+        self.modules_by_name = OrderedDict((s.name, s.layer) for s in steps)
+        self._layer_views = [LayerView(s.layer, partial(self._layer_blobs, s.layer)) for s in steps]
+        self.layer_dict = OrderedDict(zip(self._layer_names, self._layer_views))
         self._param_blobs: dict[int, ParamBlob] = {}
         self.params: OrderedDict[str, list[ParamBlob]] = self._make_params()
         self.blob_loss_weights = OrderedDict((n, b.loss_weight) for n, b in self.blobs.items())
         self.top_names = OrderedDict(zip(self._layer_names, self._tops))
         self.bottom_names = OrderedDict(zip(self._layer_names, self._bottoms))
+
+    @property
+    def layers(self) -> list[LayerView]:
+        """pycaffe's ``net.layers``: each layer with ``blobs`` as pycaffe's Blobs (the same
+        objects as ``net.params[name]``); ``.module`` is the ``Layer`` itself."""
+        return self._layer_views
+
+    def _layer_blobs(self, layer) -> list[ParamBlob]:
+        return [self._param_blob(p) for p in layer.blobs]
 
     def _make_params(self) -> OrderedDict:
         """pycaffe's ``net.params``: one ParamBlob per parameter tensor (a shared one is the same
@@ -263,7 +277,7 @@ class Net(nn.Module):
         for name, arr in kwargs.items():
             self._set_input(name, arr)
         s = self._layer_index(start, 0)
-        e = self._layer_index(end, len(self.layers) - 1)
+        e = self._layer_index(end, len(self.plan.steps) - 1)
         self._sync_mode()
         self._runner(start is None and end is None).forward(s, e)
         self._state.publish()
@@ -309,7 +323,7 @@ class Net(nn.Module):
             if name not in self.outputs:
                 raise NetError(f"backward(): {name!r} is not an output of net {self.name!r}")
             self.blobs[name].diff[...] = np.asarray(arr).reshape(self.blobs[name].shape)
-        s = self._layer_index(start, len(self.layers) - 1)
+        s = self._layer_index(start, len(self.plan.steps) - 1)
         e = self._layer_index(end, 0)
         self._eager.backward(s, e, whole=start is None and end is None)
         self._state.fill_missing_diffs()
@@ -577,26 +591,26 @@ class Net(nn.Module):
 
         path = os.fspath(path)
         if path.endswith(".h5"):
-            _weights.copy_from_hdf5(self.layer_dict, path)
+            _weights.copy_from_hdf5(self.modules_by_name, path)
         else:
-            _weights.copy_from_proto(self.layer_dict, cio.read_caffemodel(path), path)
+            _weights.copy_from_proto(self.modules_by_name, cio.read_caffemodel(path), path)
         self._state.tape = None
 
     def copy_from_proto(self, src, source: str = "<NetParameter>") -> None:
-        _weights.copy_from_proto(self.layer_dict, src, source)
+        _weights.copy_from_proto(self.modules_by_name, src, source)
         self._state.tape = None
 
     def load_hdf5(self, path) -> None:
         """pycaffe's ``Net.load_hdf5``: copy weights from Caffe's HDF5 format (``save_hdf5``),
         whatever the file's extension (Caffe's CopyTrainedLayersFromHDF5)."""
-        _weights.copy_from_hdf5(self.layer_dict, os.fspath(path))
+        _weights.copy_from_hdf5(self.modules_by_name, os.fspath(path))
 
     def share_trained_layers_with(self, other: Net) -> None:
         """Use ``other``'s parameter tensors for layers of the same name (Caffe's ShareTrainedLayersWith)."""
-        for name, layer in other.layer_dict.items():
-            if name not in self.layer_dict or not len(layer.blobs):
+        for name, layer in other.modules_by_name.items():
+            if name not in self.modules_by_name or not len(layer.blobs):
                 continue
-            mine = self.layer_dict[name]
+            mine = self.modules_by_name[name]
             if len(mine.blobs) != len(layer.blobs):
                 raise NetError(f"layer {name!r}: {len(mine.blobs)} blobs here, {len(layer.blobs)} in the trained net")
             for k, p in enumerate(layer.blobs):
@@ -615,7 +629,7 @@ class Net(nn.Module):
 
     def to_proto(self, write_diff: bool = False):
         """The net as Caffe's Net::ToProto writes it (every layer with its blobs)."""
-        return _weights.to_proto(self.name, self.layers, write_diff)
+        return _weights.to_proto(self.name, self.modules_by_name.values(), write_diff)
 
     def save(self, path, write_diff: bool = False) -> None:
         """Write the weights as a binary .caffemodel (atomically), as pycaffe's ``net.save``."""
@@ -625,7 +639,7 @@ class Net(nn.Module):
 
     def save_hdf5(self, path, write_diff: bool = False) -> None:
         """Write the weights in Caffe's HDF5 format (Net::ToHDF5), atomically."""
-        _weights.save_hdf5(path, self._layer_names, self.layers, write_diff)
+        _weights.save_hdf5(path, self._layer_names, self.modules_by_name.values(), write_diff)
 
     # -- pycaffe's index-based internals (scripts written against _caffe use them) -------------
 
@@ -681,4 +695,4 @@ class Net(nn.Module):
         self.set_input_arrays(data, labels)
 
     def __repr__(self) -> str:
-        return f"Net({self.name!r}, {len(self.layers)} layers, phase={'TRAIN' if self.phase == TRAIN else 'TEST'})"
+        return f"Net({self.name!r}, {len(self.plan.steps)} layers, phase={'TRAIN' if self.phase == TRAIN else 'TEST'})"

@@ -113,7 +113,7 @@ def summarize(net, *, splits: bool = False) -> list[LayerSummary]:
     shapes: dict[str, tuple[int, ...]] = {}
     seen: set[int] = set()
     rows = []
-    for name, layer in zip(net._layer_names, net.layers):
+    for name, layer in zip(net._layer_names, net.modules_by_name.values()):
         bottoms = list(net.bottom_names[name])
         tops = list(net.top_names[name])
         bshapes = [shapes.get(b, tuple(net.blobs[b].shape)) for b in bottoms]

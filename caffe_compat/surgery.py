@@ -137,7 +137,7 @@ def _dst_shapes(dst) -> OrderedDict[str, list[tuple]]:
 
 def _write(dst, name: str, arrays: list[np.ndarray]) -> None:
     if hasattr(dst, "params") and hasattr(dst, "layer_dict"):
-        layer = dst.layer_dict[name]
+        layer = dst.modules_by_name[name]
         with torch.no_grad():
             for p, a in zip(layer.blobs, arrays):
                 p.data.copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(p.device, p.dtype))

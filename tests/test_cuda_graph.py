@@ -298,7 +298,7 @@ def test_a_parameter_given_new_storage_captures_again(tmp_path):
     for graphed in (False, True):
         s = _solver(tmp_path, graphed)
         s.step(4)
-        w = s.net.layer_dict["ip"].blobs[0]
+        w = s.net.modules_by_name["ip"].blobs[0]
         w.data = w.data.clone()  # new storage (as a restore or .to() can give)
         s.step(3)
         states[graphed] = _state(s)

@@ -30,7 +30,7 @@ def _net(text: str, phase=caffe.TEST):
 def _assert_exports(net, *, opset=ox.DEFAULT_OPSET, seed=0, inputs=None, dynamic_batch=False, outputs_too=True):
     """Export, check the model (onnx.checker below 20M parameters: it serializes the model),
     compare every blob with onnxruntime, and the outputs through ``check_onnx``."""
-    n_params = sum(p.numel() for layer in net.layers for p in layer.blobs)
+    n_params = sum(p.count for layer in net.layers for p in layer.blobs)
     model = ox.export_onnx(net, opset=opset, dynamic_batch=dynamic_batch, check=n_params < 20_000_000)
     assert [o.name for o in model.graph.output] == list(net.outputs)
     if inputs is None:

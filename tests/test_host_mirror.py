@@ -56,7 +56,7 @@ def test_numpy_writes_reach_the_device_copy(mirrored, tmp_path):
     y = net.forward()["y"]
     np.testing.assert_allclose(y, x.sum(1, keepdims=True) + 0.5 + np.zeros((2, 2)), rtol=1e-6)
     # the device tensor itself holds the written weights
-    assert float(net.layer_dict["ip"].blobs[0].detach().sum()) == pytest.approx(6.0)
+    assert float(net.modules_by_name["ip"].blobs[0].detach().sum()) == pytest.approx(6.0)
 
 
 def test_a_whole_pass_drops_host_copies_of_the_blobs_it_recomputes(mirrored, tmp_path):

@@ -262,11 +262,11 @@ def test_explicit_to_is_not_undone_by_the_global_mode(small):
     out = net(data=torch.zeros(2, 3, 8, 8, dtype=torch.float64))["prob"]
     assert out.dtype == torch.float64
     net.forward()
-    assert net.layer_dict["conv1"].blobs[0].dtype == torch.float64
+    assert net.modules_by_name["conv1"].blobs[0].dtype == torch.float64
     # a net moved to another device (here "meta", standing in for a GPU) stays there
     net.to("meta")
     out = net(data=torch.empty(2, 3, 8, 8, dtype=torch.float64, device="meta"))["prob"]
-    assert out.device.type == "meta" and net.layer_dict["conv1"].blobs[0].device.type == "meta"
+    assert out.device.type == "meta" and net.modules_by_name["conv1"].blobs[0].device.type == "meta"
 
 
 def test_run_leaves_the_callers_tensor_alone(small):

@@ -271,5 +271,23 @@ def test_diffs_stay_views_of_the_parameters_storage(net):
     w = net.params["ip1"][0].data
     before = w.copy()
     with torch.no_grad():
-        net.layer_dict["ip1"].blobs[0].mul_(2)
+        net.modules_by_name["ip1"].blobs[0].mul_(2)
     np.testing.assert_allclose(w, before * 2)
+
+
+def test_layer_blobs_are_the_params_blobs(net):
+    """pycaffe (_caffe.cpp): ``Layer.blobs`` is the layer's vector of Blobs, the same objects as
+    ``net.params[name]``, with NumPy ``data``/``diff``."""
+    names = list(net._layer_names)
+    for i, name in enumerate(names):
+        layer = net.layers[i]
+        assert layer.type == net.layer_dict[name].type
+        if name in net.params:
+            assert len(layer.blobs) == len(net.params[name])
+            for a, b in zip(layer.blobs, net.params[name]):
+                assert a is b
+                assert isinstance(a.diff, np.ndarray) and isinstance(a.data, np.ndarray)
+        else:
+            assert list(layer.blobs) == []
+    net.layers[names.index("ip1")].blobs[0].data[...] = 0.5
+    np.testing.assert_array_equal(net.params["ip1"][0].data, 0.5)

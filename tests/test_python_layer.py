@@ -432,3 +432,27 @@ def test_user_init_receives_the_layer_parameter():
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.testing.assert_array_equal(net.forward(data=x)["top"], x + 1)
     assert net.params["layer"][0].data.shape == (2, 3)
+
+
+def test_times_ten_backward_without_a_forward():
+    """pycaffe's test_backward runs on a net whose forward never ran: Caffe's Backward reads only
+    the blobs, so each layer's user backward (10 x top diff) applies, the user's forward is not
+    called (it may have side effects)."""
+    caffe.allow_python_layers()
+    n = net_spec.NetSpec()
+    n.data = L.Input(shape=dict(dim=[10, 9, 8]))
+    n.one = L.Python(n.data, python_param=dict(module="pycaffe_layers", layer="TimesTen"))
+    n.two = L.Python(n.one, python_param=dict(module="pycaffe_layers", layer="TimesTen"))
+    n.three = L.Python(n.two, python_param=dict(module="pycaffe_layers", layer="TimesTen"))
+    proto = n.to_proto()
+    proto.force_backward = True
+    net = caffe.Net(proto, caffe.TRAIN)
+    calls = []
+    for layer in net.layers[1:]:
+        user = layer.user
+        real = user.forward
+        user.forward = lambda bottom, top, real=real: (calls.append(1), real(bottom, top))
+    net.blobs["three"].diff[...] = 7
+    net.backward()
+    np.testing.assert_array_equal(net.blobs["data"].diff, np.full((10, 9, 8), 10**3 * 7, np.float32))
+    assert calls == []

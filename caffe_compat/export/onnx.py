@@ -871,7 +871,7 @@ def export_onnx(
     shapes: dict[str, tuple[int, ...]] = {b: tuple(net.blobs[b].shape) for b in inputs}
     batch = shapes[inputs[0]][0] if inputs and shapes[inputs[0]] else None
 
-    for li, (lname, layer) in enumerate(zip(names, net.layers)):
+    for li, (lname, layer) in enumerate(zip(names, net.modules_by_name.values())):
         if getattr(layer, "is_net_input", False):
             continue
         g.layer_name, g.layer_type = lname, layer.type
@@ -970,7 +970,7 @@ def randomize_params(net, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     seen: set[int] = set()
     with torch.no_grad():
-        for layer in net.layers:
+        for layer in net.modules_by_name.values():
             for k, p in enumerate(layer.blobs):
                 if id(p) in seen:
                     continue

@@ -270,21 +270,52 @@ class _PyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        layer = ctx.layer
-        user = layer.user
-        for t, g in zip(ctx.top, grads):
-            t.diff[...] = g.detach().cpu().numpy() if g is not None else 0
-        for b in ctx.bottom:
-            b.diff[...] = 0
-        for b in user.blobs:
-            b.diff[...] = 0
-        nb = len(ctx.bottom)
-        propagate = [bool(ctx.needs_input_grad[2 + i]) for i in range(nb)]
-        layer._call_user("backward", user.backward, ctx.top, propagate, ctx.bottom)
-        dev = grads[0].device if grads and grads[0] is not None else torch.device("cpu")
-        gb = [torch.from_numpy(b.diff.astype(np.float32)).to(dev) if p else None for b, p in zip(ctx.bottom, propagate)]
-        gp = [torch.from_numpy(b.diff.astype(np.float32)).to(dev) for b in user.blobs]
-        return (None, None, *gb, *gp)
+        return (None, None, *_user_backward(ctx, grads, first_bottom=2))
+
+
+def _user_backward(ctx, grads, first_bottom: int) -> list:
+    """The user's ``backward(top, propagate_down, bottom)`` on the context's blobs: the bottom
+    gradients (None where not propagated) and the parameter gradients."""
+    layer = ctx.layer
+    user = layer.user
+    for t, g in zip(ctx.top, grads):
+        t.diff[...] = g.detach().cpu().numpy() if g is not None else 0
+    for b in ctx.bottom:
+        b.diff[...] = 0
+    for b in user.blobs:
+        b.diff[...] = 0
+    nb = len(ctx.bottom)
+    propagate = [bool(ctx.needs_input_grad[first_bottom + i]) for i in range(nb)]
+    layer._call_user("backward", user.backward, ctx.top, propagate, ctx.bottom)
+    dev = grads[0].device if grads and grads[0] is not None else torch.device("cpu")
+    gb = [torch.from_numpy(b.diff.astype(np.float32)).to(dev) if p else None for b, p in zip(ctx.bottom, propagate)]
+    gp = [torch.from_numpy(b.diff.astype(np.float32)).to(dev) for b in user.blobs]
+    return [*gb, *gp]
+
+
+class _PyBackwardOnly(torch.autograd.Function):
+    """A Python layer in a backward from the blobs (``net.backward()`` without the last forward's
+    graph): its tops are what the top blobs hold — the user's forward does not run again (it may
+    have side effects, as Caffe's Backward never calls Forward) — and its gradient is the user's
+    ``backward`` on the blobs' data and diffs."""
+
+    @staticmethod
+    def forward(ctx, layer, ntops, nparams, *inputs):
+        tops_t, rest = inputs[:ntops], inputs[ntops:]
+        bottoms_t = rest[: len(rest) - nparams]
+        params_t = rest[len(rest) - nparams :]
+        for b, t in zip(layer.user.blobs, params_t):
+            b.data = t.detach().cpu().numpy().copy()
+        ctx.layer = layer
+        ctx.ntops = ntops
+        ctx.bottom = RawBlobVec(PyBlob(t.detach().cpu().numpy().copy()) for t in bottoms_t)
+        ctx.top = RawBlobVec(PyBlob(t.detach().cpu().numpy().copy()) for t in tops_t)
+        outs = tuple(t.detach().clone() for t in tops_t)
+        return outs if len(outs) != 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, None, *([None] * ctx.ntops), *_user_backward(ctx, grads, first_bottom=3 + ctx.ntops))
 
 
 def _takes_param(init) -> bool:
@@ -369,6 +400,13 @@ class PythonLayer(Layer):
         self._call_user("reshape", self.user.reshape, bottom, top)
         self._top_shapes_cache = [t.shape for t in top]
         return list(self._top_shapes_cache)
+
+    def recompute(self, bottoms, tops):
+        """For a backward from the blobs: the user's backward on what the blobs hold (see
+        ``_PyBackwardOnly``); the user's forward is not called again."""
+        params = list(self.blobs)
+        out = _PyBackwardOnly.apply(self, len(tops), len(params), *tops, *bottoms, *params)
+        return out if isinstance(out, tuple) else (out,)
 
     def forward(self, *bottoms):
         params = list(self.blobs)
