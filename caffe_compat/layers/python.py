@@ -24,7 +24,7 @@ import torch
 
 from caffe_compat.layers.base import Layer, register_layer
 
-__all__ = ["PythonLayer", "PyLayer", "allow_python_layers", "python_layers_allowed"]
+__all__ = ["PythonLayer", "PyLayer", "NATIVE_PYTHON_LAYERS", "allow_python_layers", "python_layers_allowed"]
 
 _ENV = "CAFFE_COMPAT_ALLOW_PYTHON_LAYERS"
 _allowed = {"value": False}
@@ -149,6 +149,14 @@ class _PyFunction(torch.autograd.Function):
         return (None, None, *gb, *gp)
 
 
+#: Python layers of published models that a native layer implements: ``(module, layer)`` -> the
+#: registered type built instead, without importing or running the user's module (no opt-in
+#: needed). The native class reads ``python_param.param_str`` itself.
+NATIVE_PYTHON_LAYERS: dict[tuple[str, str], str] = {
+    ("rpn.proposal_layer", "ProposalLayer"): "Proposal",  # py-faster-rcnn; layers/detection.py
+}
+
+
 @register_layer("Python")
 class PythonLayer(Layer):
     """A user-defined layer written in Python (pycaffe's ``Python`` layer type).
@@ -156,7 +164,20 @@ class PythonLayer(Layer):
     Parameters (``python_param``): ``module`` (importable module name; the current directory
     is searched too), ``layer`` (class name), ``param_str`` (handed to the layer as
     ``self.param_str``). Refused unless Python layers are allowed (see the module docstring).
+    A ``(module, layer)`` listed in ``NATIVE_PYTHON_LAYERS`` builds that native layer instead.
     """
+
+    def __new__(cls, param=None, *args, **kwargs):
+        native = None
+        if param is not None:
+            pp = param.python_param
+            native = NATIVE_PYTHON_LAYERS.get((pp.module, pp.layer))
+        if native is None:
+            return super().__new__(cls)
+        from caffe_compat.layers.base import layer_class
+
+        # not a PythonLayer: Python then skips __init__ on the returned object, built here
+        return layer_class(native, param.name)(param, *args, **kwargs)
 
     def setup(self, bottom_shapes):
         pp = self.param.python_param
