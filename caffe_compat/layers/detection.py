@@ -135,6 +135,8 @@ class ProposalLayer(Layer):
     No backward (the fork's is empty): bottoms get no gradient. One image per batch, as the fork.
     """
 
+    fork = "Faster R-CNN"
+
     exact_num_bottom = 3
     min_top = 1
     max_top = 2
@@ -283,6 +285,8 @@ class ROIPoolingLayer(Layer):
     the fork), which may differ; exact ties do not occur on real features.
     """
 
+    fork = "Faster R-CNN"
+
     exact_num_bottom = 2
     exact_num_top = 1
 
@@ -349,6 +353,8 @@ class PSROIPoolingLayer(Layer):
     ``group_size`` (k). Bottoms: ``(N, output_dim · k², H, W)``, rois ``(R, 5)``.
     Top: ``(R, output_dim, k, k)``.
     """
+
+    fork = "R-FCN"
 
     exact_num_bottom = 2
     exact_num_top = 1

@@ -40,6 +40,8 @@ class ReLU6Layer(Layer):
     ``forks/layers/relu6``): no parameters. Bottom: any shape. Top: same shape.
     """
 
+    fork = "MobileNet-v2 ports"
+
     exact_num_bottom = 1
     exact_num_top = 1
 
@@ -76,6 +78,8 @@ class InterpLayer(Layer):
     A binary net with the parameter at PSPNet @ c479f4f's number 143 (BVLC's ``input_param``) is
     read too (``fork_fields``).
     """
+
+    fork = "PSPNet/DeepLab"
 
     min_bottom = 1
     max_bottom = 2
@@ -177,6 +181,8 @@ class UpsampleLayer(Layer):
     A binary SegNet net with the parameter at SegNet's number 137 (BVLC's ``embed_param``) is
     read too (``fork_fields``; its ``scale_w`` comes back as 0/1 there, see docs/layers.md).
     """
+
+    fork = "SegNet, YOLO ports"
 
     min_bottom = 1
     max_bottom = 2
@@ -283,6 +289,8 @@ class BNLayer(Layer):
     is not supported.
     """
 
+    fork = "SegNet/ENet"
+
     exact_num_bottom = 1
     exact_num_top = 1
     #: the fork's fixed epsilon (var_eps_ in LayerSetUp)
@@ -315,6 +323,8 @@ class ShuffleChannelLayer(Layer):
     Follows farmingyard/ShuffleNet (``shuffle_channel_layer.cpp``). Parameters
     (``shuffle_channel_param``): ``group`` 1 (must divide C). Bottom ``(N, C, ...)``; top same.
     """
+
+    fork = "ShuffleNet"
 
     exact_num_bottom = 1
     exact_num_top = 1
@@ -365,12 +375,16 @@ class ConvolutionDepthwiseLayer(_DepthwiseConvolution):
     channel (``num_output`` a multiple of C, usually C). Parameters: ``convolution_param`` as
     Convolution; blobs weight ``(O, 1, kh, kw)``, bias ``(O,)``."""
 
+    fork = "MobileNet ports"
+
 
 @register_layer("DepthwiseConvolution")
 class DepthwiseConvolutionLayer(_DepthwiseConvolution):
     """``DepthwiseConvolution`` (yonghenglh6/DepthwiseConvolution, a faster kernel for MobileNet
     ports): a Convolution with one group per channel; parameters and blobs as
     ``ConvolutionDepthwise``."""
+
+    fork = "MobileNet ports"
 
 
 @register_layer("Axpy")
@@ -381,6 +395,8 @@ class AxpyLayer(Layer):
     ``(N, C, 1, 1)``, ``x`` ``(N, C, H, W)``, ``y`` same shape as ``x``. Top: shape of ``x``.
     Backward: ``da = Σ_hw x · dtop``, ``dx = a · dtop``, ``dy = dtop``. No parameters.
     """
+
+    fork = "SENet"
 
     exact_num_bottom = 3
     exact_num_top = 1
