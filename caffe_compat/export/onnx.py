@@ -1077,3 +1077,7 @@ def locate_divergence(
             if not d.relative <= tol:
                 return lname, t, d
     return None
+
+
+# converters of the forks' layers register themselves (caffe_compat/export/onnx_forks.py)
+from caffe_compat.export import onnx_forks  # noqa: E402, F401
