@@ -281,8 +281,7 @@ class ROIPoolingLayer(Layer):
 
     Parameters (``roi_pooling_param``): ``pooled_h``, ``pooled_w`` (both > 0), ``spatial_scale`` 1.
     Bottoms: features ``(N, C, H, W)``, rois ``(R, 5)``. Top: ``(R, C, pooled_h, pooled_w)``.
-    Differences: ties inside a bin send the gradient to one of the tied positions (the first in
-    the fork), which may differ; exact ties do not occur on real features.
+    Ties inside a bin: the first maximum in row-major order wins (the fork's strict ``>``).
     """
 
     fork = "Faster R-CNN"
@@ -297,44 +296,55 @@ class ROIPoolingLayer(Layer):
         self.ph, self.pw, self.spatial_scale = int(p.pooled_h), int(p.pooled_w), float(p.spatial_scale)
         _check_rois(self, bottom_shapes[0], bottom_shapes[1])
 
-    def _bins(self, start, size, pooled, limit):
-        """[begin, end) of each bin along one axis, clipped to [0, limit]."""
-        bin_size = size / pooled
-        i = torch.arange(pooled, dtype=torch.float32)
-        lo = torch.floor(i * bin_size).long() + int(start)
-        hi = torch.ceil((i + 1) * bin_size).long() + int(start)
-        return lo.clamp(0, limit), hi.clamp(0, limit)
-
     def forward(self, x, rois):
         n, c, h, w = x.shape
         r = rois.shape[0]
         if x.device.type == "meta":
             return (x.new_empty((r, c, self.ph, self.pw)),)
-        coords = _c_round(rois.detach().reshape(r, 5)[:, 1:].float().cpu() * torch.tensor(self.spatial_scale))
-        batch = rois.detach().reshape(r, 5)[:, 0].long().cpu()
-        outs = []
-        hh = torch.arange(h)
-        ww = torch.arange(w)
-        neg = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
-        for k in range(r):
-            b = int(batch[k])
-            if not 0 <= b < n:
-                raise self.error(f"roi {k} names image {b}, the batch has {n}")
-            x1, y1, x2, y2 = (int(v) for v in coords[k])
-            rh, rw = max(y2 - y1 + 1, 1), max(x2 - x1 + 1, 1)
-            h0, h1 = self._bins(y1, torch.tensor(float(rh)), self.ph, h)
-            w0, w1 = self._bins(x1, torch.tensor(float(rw)), self.pw, w)
-            hm = ((hh[None, :] >= h0[:, None]) & (hh[None, :] < h1[:, None])).to(x.device)  # (PH, H)
-            wm = ((ww[None, :] >= w0[:, None]) & (ww[None, :] < w1[:, None])).to(x.device)  # (PW, W)
-            xb = x[b]
-            # max over the columns of each w-bin, then over the rows of each h-bin
-            cols = torch.where(wm[None, None], xb[:, :, None, :], neg).max(dim=3).values  # (C, H, PW)
-            cell = torch.where(hm[None, :, :, None], cols[:, None, :, :], neg).max(dim=2).values  # (C, PH, PW)
-            empty = ((h1 <= h0)[:, None] | (w1 <= w0)[None, :]).to(x.device)
-            outs.append(torch.where(empty[None], torch.zeros((), dtype=x.dtype, device=x.device), cell))
-        if not outs:
+        if r == 0:
             return (x.new_zeros((0, c, self.ph, self.pw)),)
-        return (torch.stack(outs),)
+        dev = x.device
+        with torch.no_grad():
+            rr = rois.detach().reshape(r, 5).float().to(dev)
+            batch = rr[:, 0].long()
+            if int(batch.min()) < 0 or int(batch.max()) >= n:
+                raise self.error(f"a roi names image {int(batch.max())}, the batch has {n}")
+            x1, y1, x2, y2 = (_c_round(rr[:, k] * self.spatial_scale).long() for k in range(1, 5))
+            h0, h1 = _roi_bins(y1, torch.clamp(y2 - y1 + 1, min=1), self.ph, h)  # (R, PH)
+            w0, w1 = _roi_bins(x1, torch.clamp(x2 - x1 + 1, min=1), self.pw, w)  # (R, PW)
+            empty = (h1 <= h0)[:, :, None] | (w1 <= w0)[:, None, :]  # (R, PH, PW)
+            bh, bw = max(int((h1 - h0).max()), 0), max(int((w1 - w0).max()), 0)
+            xt = x.detach().permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): a gathered cell is one contiguous row
+            bi = batch[:, None, None]
+            best = torch.full((r, self.ph, self.pw, c), float("-inf"), dtype=x.dtype, device=dev)
+            off = torch.zeros((r, self.ph, self.pw, c), dtype=torch.int32, device=dev)
+            # every offset inside a bin, rows then columns: a strictly greater value replaces the
+            # kept one, so the first maximum in the fork's row-major scan wins
+            for dh in range(bh):
+                hp = h0 + dh
+                for dw in range(bw):
+                    wp = w0 + dw
+                    valid = (hp < h1)[:, :, None] & (wp < w1)[:, None, :]  # (R, PH, PW)
+                    vals = xt[bi, hp.clamp(max=h - 1)[:, :, None], wp.clamp(max=w - 1)[:, None, :]]
+                    better = valid[..., None] & (vals > best)
+                    best = torch.where(better, vals, best)
+                    off = torch.where(better, dh * bw + dw, off)
+            hpos = (h0[:, :, None, None] + off // max(bw, 1)).clamp(max=h - 1)
+            wpos = (w0[:, None, :, None] + off % max(bw, 1)).clamp(max=w - 1)
+            chan = torch.arange(c, device=dev)
+        out = x[batch[:, None, None, None], chan, hpos, wpos].permute(0, 3, 1, 2)  # (R, C, PH, PW)
+        empty = empty[:, None]
+        return (torch.where(empty, torch.zeros((), dtype=x.dtype, device=dev), out),)
+
+
+def _roi_bins(start: torch.Tensor, size: torch.Tensor, pooled: int, limit: int):
+    """[begin, end) of each of ``pooled`` bins of rois starting at ``start`` with ``size`` cells,
+    per roi, clipped to [0, limit] (the fork's float32 bin size, floor / ceil)."""
+    bin_size = size.float() / float(pooled)
+    i = torch.arange(pooled, dtype=torch.float32, device=start.device)
+    lo = torch.floor(i[None] * bin_size[:, None]).long() + start[:, None]
+    hi = torch.ceil((i[None] + 1) * bin_size[:, None]).long() + start[:, None]
+    return lo.clamp(0, limit), hi.clamp(0, limit)
 
 
 @register_layer("PSROIPooling")
