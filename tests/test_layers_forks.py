@@ -510,7 +510,7 @@ def test_segnet_bn_modes(mode, phase):
 
 def test_segnet_bn_defaults_to_learn_and_constant_zero_fillers():
     layer = make_layer("BN", [(2, 3, 2, 2)])
-    assert layer.learn and all(float(b.abs().sum()) == 0 for b in layer.blobs)
+    assert layer.learn and all(float(b.detach().abs().sum()) == 0 for b in layer.blobs)
 
 
 # -- ShuffleChannel, depthwise convolution, Axpy ---------------------------------------------------

@@ -280,8 +280,9 @@ class BNLayer(Layer):
     net in INFERENCE mode). INFERENCE: ``y = scale · x + shift``. Backward: autograd of these
     formulas, which is the fork's hand-written backward (LEARN: the full batch-norm gradient).
 
-    Follows alexgkendall/caffe-segnet @ 03d1e9f (``src/caffe/layers/bn_layer.cpp``; ENet's
-    TimoSaemann/caffe-enet uses the same message). Parameters (``bn_param``): ``bn_mode`` LEARN,
+    Follows alexgkendall/caffe-segnet @ 03d1e9f (``src/caffe/layers/bn_layer.cpp``); ENet's own
+    fork (TimoSaemann/caffe-enet) was not read: its nets load as far as they use these fields.
+    Parameters (``bn_param``): ``bn_mode`` LEARN,
     ``scale_filler``, ``shift_filler`` (unset: constant 0, as Caffe's default filler).
     Blobs: scale ``(1, C, 1, 1)``, shift ``(1, C, 1, 1)``. Bottom: ``(N, C, H, W)``; top: same.
     Differences: extra tops (the fork's optional batch mean/variance tops) are refused.
@@ -289,7 +290,7 @@ class BNLayer(Layer):
     is not supported.
     """
 
-    fork = "SegNet/ENet"
+    fork = "SegNet"
 
     exact_num_bottom = 1
     exact_num_top = 1
