@@ -22,7 +22,7 @@ import os
 import numpy as np
 import torch
 
-from caffe_compat.layers.base import Layer, register_layer
+from caffe_compat.layers.base import Layer, layer_class, register_layer
 
 __all__ = ["PythonLayer", "PyLayer", "NATIVE_PYTHON_LAYERS", "allow_python_layers", "python_layers_allowed"]
 
@@ -174,8 +174,6 @@ class PythonLayer(Layer):
             native = NATIVE_PYTHON_LAYERS.get((pp.module, pp.layer))
         if native is None:
             return super().__new__(cls)
-        from caffe_compat.layers.base import layer_class
-
         # not a PythonLayer: Python then skips __init__ on the returned object, built here
         return layer_class(native, param.name)(param, *args, **kwargs)
 
