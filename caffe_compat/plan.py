@@ -342,7 +342,7 @@ def _append_bottoms(b: _Building, lp, name: str) -> tuple[list, list[bool], bool
 
 
 def _make_layer(b: _Building, lp, name: str, bshapes: list) -> tuple[Layer, list]:
-    cls = layer_class(lp.type, name)
+    cls = layer_class(lp.type, name).implementation(lp)
     try:
         layer = cls(lp, bshapes, lp.phase)
         tshapes = layer.top_shapes(bshapes)

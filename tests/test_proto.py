@@ -97,8 +97,10 @@ LAYER_PARAM_NUMBERS = {
 def test_layer_parameter_has_every_bvlc_param_field():
     fields = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
     got = {n: f.number for n, f in fields.items() if n.endswith("_param")}
-    # Every BVLC field with BVLC's number; the forks' fields (SSD's 200-207, ...) come on top.
     assert {n: got.get(n) for n in LAYER_PARAM_NUMBERS} == LAYER_PARAM_NUMBERS
+    # the forks' fields (docs/layers.md, "Field numbers of the forks") take no BVLC number
+    fork_numbers = {number for n, number in got.items() if n not in LAYER_PARAM_NUMBERS}
+    assert not fork_numbers & set(LAYER_PARAM_NUMBERS.values())
 
 
 def test_v1_layer_type_enum_complete():

@@ -1095,3 +1095,5 @@ def locate_divergence(
 
 # the converters of the forks' layers register themselves in the table above
 from caffe_compat.export import onnx_ssd  # noqa: E402, F401
+# converters of the forks' layers register themselves (caffe_compat/export/onnx_forks.py)
+from caffe_compat.export import onnx_forks  # noqa: E402, F401

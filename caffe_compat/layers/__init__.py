@@ -4,6 +4,8 @@ from caffe_compat.layers import (  # noqa: F401  (importing registers the layers
     common,
     conv,
     data,
+    detection,
+    forks,
     loss,
     neuron,
     norm,

@@ -48,8 +48,14 @@ def layer_class(type_name: str, layer_name: str = "?") -> type[Layer]:
     try:
         return LAYER_REGISTRY[type_name]
     except KeyError:
+        forks: dict[str, list[str]] = {}
+        for t, cls in LAYER_REGISTRY.items():
+            if cls.fork:
+                forks.setdefault(cls.fork, []).append(t)
+        hint = "; ".join(f"{f}: {', '.join(sorted(ts))}" for f, ts in sorted(forks.items()))
         raise LayerError(
             f"Unknown layer type {type_name!r} (layer {layer_name!r}); known types: {', '.join(registered_types())}"
+            + (f". Of Caffe's forks' types these are known (others are not): {hint}" if hint else "")
         ) from None
 
 
@@ -103,6 +109,8 @@ class Layer(nn.Module):
     """
 
     caffe_type: str = ""
+    #: For a layer of one of Caffe's forks: the fork, named in the unknown-type hint.
+    fork: str = ""
     #: Exact / minimum / maximum numbers of bottoms and tops (None: not checked).
     exact_num_bottom: int | None = None
     min_bottom: int | None = None
@@ -179,6 +187,12 @@ class Layer(nn.Module):
         statistics without updating its accumulators), as Caffe's Backward reads what Forward
         left. Default: ``forward``."""
         return self.forward(*bottoms)
+
+    @classmethod
+    def implementation(cls, param) -> type[Layer]:
+        """The class that builds a layer of this type from ``param`` (the net calls it before
+        building). Default: this class; Python layers of published models map to native ones."""
+        return cls
 
     def allow_force_backward(self, bottom_index: int) -> bool:
         """Caffe's AllowForceBackward: loss layers refuse it for their label bottom."""

@@ -33,13 +33,14 @@ import torch
 
 from caffe_compat._caffe import BlobVec, RawBlobVec
 from caffe_compat.errors import LayerError
-from caffe_compat.layers.base import Layer, register_layer
+from caffe_compat.layers.base import Layer, layer_class, register_layer
 
 __all__ = [
     "PythonLayer",
     "PyLayer",
     "PyBlob",
     "PythonLayerError",
+    "NATIVE_PYTHON_LAYERS",
     "allow_python_layers",
     "python_layers_allowed",
 ]
@@ -333,6 +334,14 @@ def _takes_param(init) -> bool:
     return False
 
 
+#: Python layers of published models that a native layer implements: ``(module, layer)`` -> the
+#: registered type built instead, without importing or running the user's module (no opt-in
+#: needed). The native class reads ``python_param.param_str`` itself.
+NATIVE_PYTHON_LAYERS: dict[tuple[str, str], str] = {
+    ("rpn.proposal_layer", "ProposalLayer"): "Proposal",  # py-faster-rcnn; layers/detection.py
+}
+
+
 @register_layer("Python")
 class PythonLayer(Layer):
     """A user-defined layer written in Python (pycaffe's ``Python`` layer type).
@@ -340,9 +349,18 @@ class PythonLayer(Layer):
     Parameters (``python_param``): ``module`` (importable module name; the current directory
     is searched too), ``layer`` (class name), ``param_str`` (handed to the layer as
     ``self.param_str``). Refused unless Python layers are allowed (see the module docstring).
+    A ``(module, layer)`` listed in ``NATIVE_PYTHON_LAYERS`` builds that native layer instead.
     """
 
     host_side_effect = "runs Python code of its own"
+
+    @classmethod
+    def implementation(cls, param) -> type[Layer]:
+        """A ``(module, layer)`` of ``NATIVE_PYTHON_LAYERS``: that native class (the user's
+        module is never imported), else this class."""
+        pp = param.python_param
+        native = NATIVE_PYTHON_LAYERS.get((pp.module, pp.layer))
+        return cls if native is None else layer_class(native, param.name)
 
     def setup(self, bottom_shapes):
         pp = self.param.python_param
