@@ -31,7 +31,9 @@ solver i mod N); we interleave *batches*, which makes N processes equal ``iter_s
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import weakref
 
 import numpy as np
@@ -47,7 +49,14 @@ from caffe_compat.data.workers import Failed, map_in_order
 from caffe_compat.errors import DataError
 from caffe_compat.layers.base import Layer, register_layer
 
-__all__ = ["DataLayer", "HDF5DataLayer", "HDF5OutputLayer", "ImageDataLayer", "MemoryDataLayer"]
+__all__ = [
+    "DataLayer",
+    "HDF5DataLayer",
+    "HDF5OutputLayer",
+    "ImageDataLayer",
+    "MemoryDataLayer",
+    "output_files_disabled",
+]
 
 _LEGACY_TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
 
@@ -636,17 +645,40 @@ def _legacy_4d(shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
     return tuple(shape) + (1,) * (4 - len(shape))  # type: ignore[return-value]
 
 
+_OUTPUT_FILES_OFF = threading.local()
+
+
+@contextlib.contextmanager
+def output_files_disabled():
+    """Within this block (in this thread) HDF5Output layers write nothing: for tools that run a
+    net only to look at it or time it (``caffe time``), so that the files the net names are
+    never created, truncated or appended to. Nestable."""
+    depth = getattr(_OUTPUT_FILES_OFF, "depth", 0)
+    _OUTPUT_FILES_OFF.depth = depth + 1
+    try:
+        yield
+    finally:
+        _OUTPUT_FILES_OFF.depth = depth
+
+
+def output_files_enabled() -> bool:
+    """False inside :func:`output_files_disabled` (in this thread)."""
+    return getattr(_OUTPUT_FILES_OFF, "depth", 0) == 0
+
+
 @register_layer("HDF5Output")
 class HDF5OutputLayer(Layer):
     """Caffe's HDF5OutputLayer: writes its two bottoms to ``hdf5_output_param.file_name``.
 
-    The file is created (truncated) at setup. Each forward writes bottom 0 to dataset ``data``
-    and bottom 1 to dataset ``label`` (Caffe's names, whatever the bottoms are called), as float32
-    with Caffe's legacy 4-D shape (N, C, H, W; a (N,) label becomes (N, 1, 1, 1)). No tops; no
-    gradient.
+    Each forward writes bottom 0 to dataset ``data`` and bottom 1 to dataset ``label`` (Caffe's
+    names, whatever the bottoms are called), as float32 with Caffe's legacy 4-D shape (N, C, H,
+    W; a (N,) label becomes (N, 1, 1, 1)). No tops; no gradient.
 
-    Difference from Caffe: each forward appends its rows to the datasets (Caffe's second forward
-    fails because the datasets already exist), so a test run collects every batch.
+    Differences from Caffe: the file is created (truncated) on the layer's first forward, not at
+    setup, so building a net to inspect it (``summary``, ``draw_net``) never touches the file;
+    setup only checks that its folder exists. Each forward appends its rows to the datasets
+    (Caffe's second forward fails because the datasets already exist), so a test run collects
+    every batch. Inside :func:`output_files_disabled` (``caffe time``) forward writes nothing.
     """
 
     exact_num_bottom = 2
@@ -657,6 +689,7 @@ class HDF5OutputLayer(Layer):
         if not p.file_name:
             raise self.error("hdf5_output_param.file_name is required")
         self.file_name = p.file_name
+        self._created = False
         for i, s in enumerate(bottom_shapes):
             if _legacy_4d(s) is None:
                 raise self.error(f"bottom {i} has {len(s)} axes; HDF5Output writes blobs of at most 4 axes")
@@ -664,10 +697,14 @@ class HDF5OutputLayer(Layer):
             raise self.error(
                 f"data and label bottoms must have the same batch size ({bottom_shapes[0]} vs {bottom_shapes[1]})"
             )
-        try:
-            create_hdf5(self.file_name)
-        except DataError as e:
-            raise self.error(str(e)) from e
+        folder = os.path.dirname(self.file_name) or "."
+        if not os.path.isdir(folder):
+            raise self.error(
+                f"could not create HDF5 file {self.file_name!r}: folder {folder!r} does not exist "
+                f"(hdf5_output_param.file_name; relative paths are read from {os.getcwd()!r})"
+            )
+        if os.path.isdir(self.file_name):
+            raise self.error(f"hdf5_output_param.file_name {self.file_name!r} is a directory; name a file")
 
     def top_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         return []
@@ -678,11 +715,16 @@ class HDF5OutputLayer(Layer):
             raise self.error("HDF5Output writes blobs of at most 4 axes")
         if shapes[0][0] != shapes[1][0]:
             raise self.error(f"data and label must have the same batch size ({shapes[0][0]} vs {shapes[1][0]})")
+        if not output_files_enabled():
+            return ()
         arrays = {
             name: t.detach().to("cpu", torch.float32).numpy().reshape(s)
             for name, t, s in (("data", data, shapes[0]), ("label", label, shapes[1]))
         }
         try:
+            if not self._created:  # Caffe truncates the file at setup; we do it at the first write
+                create_hdf5(self.file_name)
+                self._created = True
             append_hdf5(self.file_name, arrays)
         except DataError as e:
             raise self.error(str(e)) from e
