@@ -49,6 +49,7 @@ __all__ = [
     "resize_image",
     "atomic_write",
     "atomic_write_bytes",
+    "remove_stale_temporaries",
     "parse_prototxt",
     "read_prototxt",
     "write_prototxt",
@@ -78,21 +79,87 @@ PathLike = str | os.PathLike
 # Raw file access
 
 
+_TMP_RE = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+_SWEPT: set[str] = set()
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its file
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike) -> list[str]:
+    """Remove the temporaries of interrupted atomic writes in ``folder``: files named
+    ``.<name>.<pid>.<random>.tmp`` (as ``atomic_write`` names them) whose process ``pid`` no
+    longer exists. Files of live processes and every other file are kept. Returns the paths
+    removed. ``atomic_write`` calls it once per folder per process, so the next snapshot written
+    into a folder cleans what a killed run left there."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP_RE.match(name)
+        if m is None or _process_alive(int(m.group(1))):
+            continue
+        full = os.path.join(folder, name)
+        try:
+            if os.path.isfile(full) and not os.path.islink(full):
+                os.unlink(full)
+                removed.append(full)
+        except OSError:
+            continue
+    return removed
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc where there is one (``os.umask`` can only read it by
+    setting it, which other threads would see for a moment)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     """Create ``path`` atomically: ``write(tmp)`` writes the whole file at the temporary path
     ``tmp`` (in the destination folder), which is then fsynced and renamed over ``path`` with
     ``os.replace``. Readers see the old file or the new one, never a partial write, even if the
-    process dies midway."""
+    process dies midway.
+
+    The temporary is named ``.<name>.<pid>.<random>.tmp``; the first write into a folder removes
+    the temporaries there whose process is gone (``remove_stale_temporaries``). The file gets
+    the permissions of an ordinary new file under the user's umask (0644 under umask 022, as
+    Caffe's ``fopen``), not the temporary's 0600."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FormatError(f"{path}: cannot write: folder {str(folder)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    key = os.path.realpath(folder)
+    if key not in _SWEPT:
+        _SWEPT.add(key)
+        remove_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:

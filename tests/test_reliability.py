@@ -103,3 +103,70 @@ def test_hdf5output_opens_on_first_forward_and_not_when_disabled(tmp_path):
         assert sorted(f.keys()) == ["data", "label"]
         assert f["data"].shape == (4, 2, 1, 1)
         np.testing.assert_array_equal(f["label"][:].ravel(), [3, 4, 3, 4])
+
+
+# -- item 8: nothing left behind ------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_snapshot_temporaries_are_removed_live_ones_kept(tmp_path):
+    from caffe_compat import io as cio
+    from caffe_compat.solvers import state
+
+    dead = _dead_pid()
+    stale = [
+        tmp_path / f".net_iter_100.caffemodel.{dead}.k2j_8x.tmp",
+        tmp_path / f".net_iter_100.solverstate.h5.{dead}.abcdef.tmp",
+    ]
+    live = tmp_path / f".net_iter_200.caffemodel.{os.getppid()}.zz9_01.tmp"  # our parent: alive
+    other = [tmp_path / ".notes.tmp", tmp_path / "net_iter_100.caffemodel", tmp_path / f".x.{dead}.tmp"]
+    for p in stale + [live] + other:
+        p.write_bytes(b"partial")
+    state.write_state(state.SolverStateData(iter=3, history=[np.ones(2, np.float32)]), tmp_path / "s.solverstate.h5", hdf5=True)
+    assert not any(p.exists() for p in stale)
+    assert live.exists() and all(p.exists() for p in other)
+    # what a write leaves: the file itself, and no temporary of its own
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+    assert leftovers == sorted(p.name for p in [live] + [other[0], other[2]])
+    assert cio.remove_stale_temporaries(tmp_path) == []
+
+
+def test_a_killed_write_leaves_a_temporary_that_the_next_start_removes(tmp_path):
+    script = (
+        "import os, sys\n"
+        "from caffe_compat import io as cio\n"
+        "def write(tmp):\n"
+        "    open(tmp, 'wb').write(b'half a snapshot')\n"
+        "    os._exit(9)\n"  # dies mid-write, as kill -9 would
+        f"cio.atomic_write({str(tmp_path / 'w.caffemodel')!r}, write)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert res.returncode == 9
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".w.caffemodel.")]
+    assert len(left) == 1 and not (tmp_path / "w.caffemodel").exists()
+    from caffe_compat import io as cio
+
+    cio._SWEPT.discard(os.path.realpath(tmp_path))
+    cio.write_caffemodel(caffe.proto.caffe_pb2.NetParameter(name="n", layer=[{"name": "a", "type": "ReLU"}]), tmp_path / "b.caffemodel")
+    assert not left[0].exists() and (tmp_path / "b.caffemodel").exists()
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_snapshot_files_get_the_umask_permissions(tmp_path, mask, mode):
+    from caffe_compat import io as cio
+    from caffe_compat.solvers import state
+
+    old = os.umask(mask)
+    try:
+        cio.write_caffemodel(caffe.proto.caffe_pb2.NetParameter(name="n", layer=[{"name": "a", "type": "ReLU"}]), tmp_path / "a.caffemodel")
+        state.write_state(state.SolverStateData(iter=1), tmp_path / "a.solverstate")
+        state.write_state(state.SolverStateData(iter=1), tmp_path / "a.solverstate.h5", hdf5=True)
+    finally:
+        os.umask(old)
+    for name in ("a.caffemodel", "a.solverstate", "a.solverstate.h5"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
