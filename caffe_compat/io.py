@@ -12,15 +12,24 @@ expected. Writers are atomic: a temporary file in the same folder, fsync, ``os.r
 Nets and solvers are upgraded on read exactly as Caffe does (``caffe_compat.upgrade``), so V0/V1
 definitions and weights come back in the current format.
 
-Deliberate differences from Caffe: none in what is accepted; Caffe aborts (``CHECK``) where we
-raise, and our messages name the file, line, column and field.
+Every file is checked to be a regular file before it is opened (a FIFO, a device or a directory
+is refused at once, naming it) and read up to a limit: ``MAX_BINARY_PROTO_BYTES`` (Caffe's
+``kProtoReadBytesLimit``) for binary messages, ``MAX_PROTOTXT_BYTES`` for text. Blob shapes are
+checked (``MAX_BLOB_AXES``, ``MAX_BLOB_COUNT``) before any array is made.
+
+Deliberate differences from Caffe: Caffe aborts (``CHECK``) where we raise, and our messages name
+the file, line, column, layer and field. A ``.caffemodel`` is checked whole when read: a blob of
+any layer whose value count does not match its shape is refused (Caffe checks only the layers it
+copies), so weights are never loaded partially.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import math
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +58,10 @@ __all__ = [
     "resize_image",
     "atomic_write",
     "atomic_write_bytes",
+    "check_regular_file",
+    "read_regular_file",
+    "check_blob_shape",
+    "check_blob",
     "remove_stale_temporaries",
     "parse_prototxt",
     "read_prototxt",
@@ -61,6 +74,8 @@ __all__ = [
     "read_solver_text",
     "write_solver",
     "read_caffemodel",
+    "read_caffemodel_h5",
+    "read_h5_dataset",
     "write_caffemodel",
     "read_blobproto",
     "write_blobproto",
@@ -189,16 +204,78 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     atomic_write(path, write)
 
 
-def _read_bytes(path: PathLike, what: str) -> bytes:
-    p = Path(path)
-    if not p.exists():
-        raise FormatError(f"{p}: no such file (expected {what})")
-    if p.is_dir():
-        raise FormatError(f"{p}: is a directory (expected {what})")
+#: Caffe's ``kProtoReadBytesLimit`` (INT_MAX): the largest binary message it reads.
+MAX_BINARY_PROTO_BYTES = 2**31 - 1
+#: The largest text prototxt we parse. Protobuf's text parser needs ~160 bytes of memory per
+#: byte of input, so 32 MiB of text is ~5 GB; nets and solvers are a few hundred kB.
+MAX_PROTOTXT_BYTES = 32 << 20
+#: The most elements one blob may declare (Caffe's ``Blob::Reshape`` checks ``count <= INT_MAX``).
+MAX_BLOB_COUNT = 2**31 - 1
+#: The most axes one blob may declare (Caffe's ``kMaxBlobAxes``).
+MAX_BLOB_AXES = 32
+
+
+def _kind_of(mode: int) -> str | None:
+    """What a non-regular file is, in words (None for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def check_regular_file(path: PathLike, what: str, max_bytes: int | None = None, *, error=FormatError) -> int:
+    """Refuse at once a ``path`` that is missing, a directory, a FIFO, a device or a socket, or
+    (with ``max_bytes``) larger than that; returns its size. Nothing is opened, so a FIFO cannot
+    block. ``what`` says what was expected; ``error`` is the exception class raised."""
     try:
-        return p.read_bytes()
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file (expected {what}; relative paths are read from {os.getcwd()!r})") from None
     except OSError as exc:
-        raise FormatError(f"{p}: cannot read {what}: {exc.strerror or exc}") from None
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    kind = _kind_of(st.st_mode)
+    if kind is not None:
+        raise error(f"{path}: is {kind}, not a regular file (expected {what})")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise error(
+            f"{path}: is {st.st_size} bytes, more than the {max_bytes} bytes {what} may have; "
+            "this is not such a file, or it is corrupt"
+        )
+    return st.st_size
+
+
+def read_regular_file(path: PathLike, what: str, max_bytes: int, *, error=FormatError) -> bytes:
+    """The bytes of the regular file ``path`` (see ``check_regular_file``), reading at most
+    ``max_bytes``: the file is opened non-blocking and checked again on its descriptor, so a
+    FIFO swapped in after the check neither blocks nor streams without end."""
+    check_regular_file(path, what, max_bytes, error=error)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        kind = _kind_of(st.st_mode)
+        if kind is not None:
+            raise error(f"{path}: is {kind}, not a regular file (expected {what})")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise error(f"{path}: is more than the {max_bytes} bytes {what} may have")
+    return data
+
+
+def _read_bytes(path: PathLike, what: str, max_bytes: int = MAX_BINARY_PROTO_BYTES) -> bytes:
+    return read_regular_file(Path(path), what, max_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +284,7 @@ def _read_bytes(path: PathLike, what: str) -> bytes:
 
 def read_prototxt(path: PathLike, message_cls: type[M]) -> M:
     """Parse the text-format file ``path`` into a new ``message_cls`` (no upgrade)."""
-    data = _read_bytes(path, f"a text {message_cls.DESCRIPTOR.full_name} (.prototxt)")
+    data = _read_bytes(path, f"a text {message_cls.DESCRIPTOR.full_name} (.prototxt)", MAX_PROTOTXT_BYTES)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -227,6 +304,11 @@ def parse_prototxt(text: str, message_cls: type[M], filename: str = "<string>") 
     Raises ``PrototxtError`` with ``filename:line:column:`` first, the field or token at fault,
     the message type it belongs to and a hint (closest field or enum name, expected type).
     """
+    if len(text) > MAX_PROTOTXT_BYTES:
+        raise PrototxtError(
+            f"{filename}: {len(text)} characters of text, more than the {MAX_PROTOTXT_BYTES} a prototxt may have "
+            f"(protobuf's text parser needs ~160 bytes of memory per byte); a net or solver is a few hundred kB"
+        )
     msg = message_cls()
     try:
         text_format.Parse(text, msg)
@@ -385,7 +467,108 @@ def read_caffemodel(path: PathLike) -> caffe_pb2.NetParameter:
     net = _parse_binary(data, caffe_pb2.NetParameter, path, what)
     if not net.layer and not net.layers:
         raise FormatError(f"{path}: not a usable {what}: it holds no layers{_what_it_looks_like(data)}")
-    return upgrade_net(net, source=str(path))
+    net = upgrade_net(net, source=str(path))
+    for i, layer in enumerate(net.layer):
+        for k, blob in enumerate(layer.blobs):
+            check_blob(blob, f"{path}: layer {layer.name or i!r} ({layer.type}) blob {k}")
+    return net
+
+
+def _h5_error(path: PathLike, where: str, exc: BaseException) -> FormatError:
+    text = str(exc) or type(exc).__name__
+    return FormatError(f"{path}: {where}: HDF5 error ({text}); the file is corrupt or not Caffe HDF5 weights")
+
+
+def read_h5_dataset(path: PathLike, dataset, what: str, *, error: type[Exception] = FormatError) -> np.ndarray:
+    """Read a numeric HDF5 ``dataset`` of the file ``path`` as a NumPy array, refusing (with
+    ``error`` naming the file and ``what``) a string, compound or other non-numeric type, more
+    than ``MAX_BLOB_AXES`` axes or ``MAX_BLOB_COUNT`` elements (checked before reading), and
+    turning h5py's errors ("Can't synchronously read data"...) into ``error``."""
+    try:
+        dtype, shape = dataset.dtype, tuple(dataset.shape or ())
+    except Exception as exc:  # h5py raises OSError, RuntimeError, KeyError... on corrupt files
+        raise error(f"{path}: {what}: HDF5 error ({exc}); the file is corrupt") from None
+    if dtype.kind not in "fiu" or dtype.fields is not None or dtype.subdtype is not None:
+        raise error(f"{path}: {what} has type {dtype}; only float and integer datasets can be read")
+    if len(shape) > MAX_BLOB_AXES:
+        raise error(f"{path}: {what} has {len(shape)} axes; Caffe allows at most {MAX_BLOB_AXES}")
+    if math.prod(shape) > MAX_BLOB_COUNT:
+        raise error(
+            f"{path}: {what} has shape {list(shape)}, more than the {MAX_BLOB_COUNT} elements a blob may hold"
+        )
+    try:
+        return np.asarray(dataset[()])
+    except Exception as exc:
+        raise error(f"{path}: {what}: cannot read it: HDF5 error ({exc}); the file is corrupt") from None
+
+
+def read_caffemodel_h5(path: PathLike) -> dict[str, dict[int, np.ndarray]]:
+    """Read Caffe's HDF5 weights (``.caffemodel.h5``, ``Net::ToHDF5``): group ``data``, one
+    group per layer, datasets ``"0"``, ``"1"``... (one per blob). Returns ``{layer: {index:
+    float32 array}}`` in the file's order, every blob read and checked before anything is
+    returned, so a caller never loads such a file partially.
+
+    Refused with ``FormatError`` naming the file, layer and blob, as Caffe's "Incompatible number
+    of blobs": a path that is not a regular file, no ``data`` group, a layer entry that is not a
+    group, a blob name that is not an index, a soft or external link (dangling or not), a string
+    or compound dataset, a shape past the blob limits, and any HDF5 read error. A missing index
+    is absent from the layer's dict: Caffe allows that only for a parameter shared with another
+    layer, so the net must refuse it otherwise (and refuse more blobs than the layer has).
+    """
+    import h5py
+
+    what = "Caffe HDF5 weights (.caffemodel.h5)"
+    check_regular_file(path, what)
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:
+        raise FormatError(f"{path}: cannot be read as {what} ({exc})") from None
+    out: dict[str, dict[int, np.ndarray]] = {}
+    with f:
+        try:
+            if "data" not in f or not isinstance(f.get("data"), h5py.Group):
+                raise FormatError(f"{path}: not {what}: no 'data' group (Caffe's Net::ToHDF5 writes one)")
+            g = f["data"]
+            names = list(g.keys())
+        except FormatError:
+            raise
+        except Exception as exc:
+            raise _h5_error(path, "group 'data'", exc) from None
+        for lname in names:
+            where = f"layer {lname!r}"
+            link = g.get(lname, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                raise FormatError(f"{path}: {where} is a {type(link).__name__}, not a group of blobs")
+            try:
+                lg = g[lname]
+            except Exception as exc:
+                raise _h5_error(path, where, exc) from None
+            if not isinstance(lg, h5py.Group):
+                raise FormatError(f"{path}: {where} is a dataset, not a group of blobs (data/{lname}/0, 1, ...)")
+            blobs: dict[int, np.ndarray] = {}
+            for bname in list(lg.keys()):
+                bwhere = f"{where} blob {bname!r}"
+                if not bname.isdigit() or (bname != "0" and bname.startswith("0")):
+                    raise FormatError(
+                        f"{path}: {bwhere}: blobs are named 0, 1, ... (their index); incompatible number of blobs"
+                    )
+                blink = lg.get(bname, getlink=True)
+                if not isinstance(blink, h5py.HardLink):
+                    target = getattr(blink, "path", "")
+                    raise FormatError(
+                        f"{path}: {bwhere} is a {type(blink).__name__} to {target!r}, not a stored blob; "
+                        "incompatible number of blobs"
+                    )
+                try:
+                    ds = lg[bname]
+                except Exception as exc:
+                    raise _h5_error(path, bwhere, exc) from None
+                if not isinstance(ds, h5py.Dataset):
+                    raise FormatError(f"{path}: {bwhere} is a group, not a dataset; incompatible number of blobs")
+                arr = read_h5_dataset(path, ds, f"{bwhere} (dataset data/{lname}/{bname})")
+                blobs[int(bname)] = np.ascontiguousarray(arr, dtype=np.float32)
+            out[lname] = blobs
+    return out
 
 
 def write_caffemodel(net_param: caffe_pb2.NetParameter, path: PathLike) -> None:
@@ -397,7 +580,9 @@ def read_blobproto(path: PathLike) -> caffe_pb2.BlobProto:
     """Read a binary ``BlobProto`` (``.binaryproto``: mean files, infogain matrices)."""
     what = "Caffe .binaryproto (binary BlobProto)"
     data = _read_bytes(path, what)
-    return _parse_binary(data, caffe_pb2.BlobProto, path, what)
+    blob = _parse_binary(data, caffe_pb2.BlobProto, path, what)
+    check_blob_shape(blob, f"{path}: BlobProto")
+    return blob
 
 
 def write_blobproto(blob: caffe_pb2.BlobProto, path: PathLike) -> None:
@@ -409,7 +594,10 @@ def read_solverstate(path: PathLike) -> caffe_pb2.SolverState:
     """Read a binary ``SolverState`` (``.solverstate``)."""
     what = "Caffe .solverstate (binary SolverState)"
     data = _read_bytes(path, what)
-    return _parse_binary(data, caffe_pb2.SolverState, path, what)
+    state = _parse_binary(data, caffe_pb2.SolverState, path, what)
+    for k, blob in enumerate(state.history):
+        check_blob(blob, f"{path}: history blob {k}")
+    return state
 
 
 def write_solverstate(state: caffe_pb2.SolverState, path: PathLike) -> None:
@@ -487,32 +675,66 @@ def _packed_values(blob: caffe_pb2.BlobProto, number: int, dtype: str) -> np.nda
     return np.frombuffer(b"".join(chunks), dtype=dtype).astype(np.dtype(dtype).newbyteorder("="))
 
 
+def check_blob_shape(blob: caffe_pb2.BlobProto, what: str = "blob", *, error=FormatError) -> tuple[int, ...]:
+    """The shape of ``blob`` (see ``blob_to_array``), refused before anything is allocated when
+    it has more than ``MAX_BLOB_AXES`` axes, a negative dimension or more than
+    ``MAX_BLOB_COUNT`` elements (Caffe's ``Blob::Reshape`` limits). ``what`` names the blob."""
+    if len(blob.shape.dim) > MAX_BLOB_AXES:
+        raise error(f"{what}: shape has {len(blob.shape.dim)} axes; Caffe allows at most {MAX_BLOB_AXES}")
+    shape = _blob_shape(blob)
+    if any(d < 0 for d in shape):
+        raise error(f"{what}: negative dimension in shape {shape}")
+    count = math.prod(shape)
+    if count > MAX_BLOB_COUNT:
+        raise error(
+            f"{what}: shape {list(shape)} declares {count} elements, more than the {MAX_BLOB_COUNT} a blob may "
+            "hold (Caffe's INT_MAX); the file is corrupt"
+        )
+    return shape
+
+
+def _blob_value_field(blob: caffe_pb2.BlobProto, diff: bool) -> tuple[str, int]:
+    """The field ``blob_to_array`` reads and how many values it holds."""
+    doubles = blob.double_diff if diff else blob.double_data
+    if len(doubles) > 0:
+        return ("double_diff" if diff else "double_data"), len(doubles)
+    return ("diff" if diff else "data"), len(blob.diff if diff else blob.data)
+
+
+def check_blob(blob: caffe_pb2.BlobProto, what: str = "blob", *, error=FormatError) -> tuple[int, ...]:
+    """``check_blob_shape``, and the number of stored values must equal the shape's count."""
+    shape = check_blob_shape(blob, what, error=error)
+    field, n = _blob_value_field(blob, False)
+    count = math.prod(shape)
+    if n != count:
+        raise error(f"{what}: shape {shape} needs {count} values but '{field}' holds {n}")
+    return shape
+
+
 def blob_to_array(blob: caffe_pb2.BlobProto, *, diff: bool = False, what: str = "blob") -> np.ndarray:
     """The values of ``blob`` as a NumPy array of the blob's shape.
 
     ``double_data`` is used when non-empty (array float64), else ``data`` (float32); with
     ``diff=True`` the same for ``double_diff`` / ``diff``. The shape is the legacy
     (num, channels, height, width) when any of those is set, else ``shape.dim`` (empty: a
-    0-d scalar), as Caffe's ``Blob::FromProto``. The number of values must equal the shape's
-    count; otherwise ``FormatError`` (``what`` names the blob in the message).
+    0-d scalar), as Caffe's ``Blob::FromProto``. The shape is checked first
+    (``check_blob_shape``); the number of values must equal the shape's count; otherwise
+    ``FormatError`` (``what`` names the blob in the message).
     """
-    doubles = blob.double_diff if diff else blob.double_data
-    floats = blob.diff if diff else blob.data
-    if len(doubles) > 0:
+    shape = check_blob_shape(blob, what)
+    count = math.prod(shape)
+    field, n = _blob_value_field(blob, diff)
+    if n != count:
+        raise FormatError(f"{what}: shape {shape} needs {count} values but '{field}' holds {n}")
+    if field.startswith("double"):
         values = _packed_values(blob, 9 if diff else 8, "<f8")
         if values is None:
-            values = np.array(doubles, dtype=np.float64)
+            values = np.array(blob.double_diff if diff else blob.double_data, dtype=np.float64)
     else:
-        values = _packed_values(blob, 6 if diff else 5, "<f4") if len(floats) else np.zeros(0, np.float32)
+        floats = blob.diff if diff else blob.data
+        values = _packed_values(blob, 6 if diff else 5, "<f4") if n else np.zeros(0, np.float32)
         if values is None:
             values = np.array(floats, dtype=np.float32)
-    shape = _blob_shape(blob)
-    count = int(np.prod(shape, dtype=np.int64))
-    if any(d < 0 for d in shape):
-        raise FormatError(f"{what}: negative dimension in shape {shape}")
-    if values.size != count:
-        field = ("double_diff" if diff else "double_data") if len(doubles) else ("diff" if diff else "data")
-        raise FormatError(f"{what}: shape {shape} needs {count} values but '{field}' holds {values.size}")
     return values.reshape(shape)
 
 

@@ -82,10 +82,10 @@ def load_mean_file(path: str) -> np.ndarray:
     """Read a mean ``.binaryproto`` (Caffe's ``BlobProto``) as a float32 C×H×W array."""
     from caffe_compat.io import blob_to_array, read_blobproto
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"mean_file {path!r} not found (relative paths are read from {os.getcwd()!r})")
     try:
-        arr = np.asarray(blob_to_array(read_blobproto(path)), dtype=np.float32)
+        arr = np.asarray(blob_to_array(read_blobproto(path), what=f"mean_file {path!r}"), dtype=np.float32)
     except DataError:
         raise
     except Exception as e:  # a FormatError from io, or protobuf's DecodeError
