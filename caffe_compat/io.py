@@ -31,7 +31,7 @@ import math
 import re
 import stat
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -502,7 +502,9 @@ def read_h5_dataset(path: PathLike, dataset, what: str, *, error: type[Exception
         raise error(f"{path}: {what}: cannot read it: HDF5 error ({exc}); the file is corrupt") from None
 
 
-def read_caffemodel_h5(path: PathLike) -> dict[str, dict[int, np.ndarray]]:
+def read_caffemodel_h5(
+    path: PathLike, layers: Mapping[str, tuple[int, Collection[int]]] | None = None
+) -> dict[str, dict[int, np.ndarray]]:
     """Read Caffe's HDF5 weights (``.caffemodel.h5``, ``Net::ToHDF5``): group ``data``, one
     group per layer, datasets ``"0"``, ``"1"``... (one per blob). Returns ``{layer: {index:
     float32 array}}`` in the file's order, every blob read and checked before anything is
@@ -513,7 +515,10 @@ def read_caffemodel_h5(path: PathLike) -> dict[str, dict[int, np.ndarray]]:
     group, a blob name that is not an index, a soft or external link (dangling or not), a string
     or compound dataset, a shape past the blob limits, and any HDF5 read error. A missing index
     is absent from the layer's dict: Caffe allows that only for a parameter shared with another
-    layer, so the net must refuse it otherwise (and refuse more blobs than the layer has).
+    layer. ``layers`` (the net's: ``{name: (number of blobs, indices of the blobs it shares from
+    another layer)}``) applies Caffe's checks: a file layer of that name with more blobs than the
+    net's, or without one of its blobs that it does not share, is refused. Layers of the file
+    absent from ``layers`` are still read and checked (a file is taken whole or not at all).
     """
     import h5py
 
@@ -567,6 +572,19 @@ def read_caffemodel_h5(path: PathLike) -> dict[str, dict[int, np.ndarray]]:
                     raise FormatError(f"{path}: {bwhere} is a group, not a dataset; incompatible number of blobs")
                 arr = read_h5_dataset(path, ds, f"{bwhere} (dataset data/{lname}/{bname})")
                 blobs[int(bname)] = np.ascontiguousarray(arr, dtype=np.float32)
+            if layers is not None and lname in layers:
+                n, shared = layers[lname]
+                if blobs and (len(blobs) > n or max(blobs) >= n):
+                    raise FormatError(
+                        f"{path}: layer {lname!r}: incompatible number of blobs: the file has "
+                        f"{sorted(blobs)}, the net's layer has {n} blob(s)"
+                    )
+                missing = [k for k in range(n) if k not in blobs and k not in shared]
+                if missing:
+                    raise FormatError(
+                        f"{path}: layer {lname!r}: incompatible number of blobs: blob {missing[0]} is missing "
+                        f"(the net's layer has {n}; only a blob shared with another layer may be absent)"
+                    )
             out[lname] = blobs
     return out
 

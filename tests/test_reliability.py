@@ -5,6 +5,7 @@ that name their file, nothing left behind, lists read as bytes. Every bad input 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,282 @@ def test_snapshot_files_get_the_umask_permissions(tmp_path, mask, mode):
         os.umask(old)
     for name in ("a.caffemodel", "a.solverstate", "a.solverstate.h5"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+# -- item 2: no hang, no unbounded read ---------------------------------------------------------
+
+
+class _NoHang:
+    """Fail (instead of hanging the suite) if the block takes longer than ``seconds``."""
+
+    def __init__(self, seconds: int = 20):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def fire(signum, frame):
+            raise AssertionError(f"blocked for {self.seconds} s: the file was opened and read")
+
+        self.old = signal.signal(signal.SIGALRM, fire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.old)
+
+
+def _lenet_like(tmp_path: Path) -> Path:
+    proto = tmp_path / "deploy.prototxt"
+    proto.write_text(
+        'name: "n"\n'
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 4 dim: 4 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 6 } }\n'
+    )
+    return proto
+
+
+def _bad_paths(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """name -> (path, the words the refusal must use)."""
+    fifo = tmp_path / "pipe.caffemodel"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.caffemodel"
+    folder.mkdir()
+    return {
+        "fifo": (str(fifo), r"is a FIFO \(named pipe\), not a regular file"),
+        "device": ("/dev/zero", "is a device, not a regular file"),
+        "directory": (str(folder), "is a directory, not a regular file"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_weights_that_are_not_regular_files_are_refused_at_once(tmp_path, capsys, kind):
+    from tools import test as test_tool
+
+    path, words = _bad_paths(tmp_path)[kind]
+    proto = _lenet_like(tmp_path)
+    with _NoHang():
+        with pytest.raises(FormatError, match=f"^{path}: {words}"):
+            caffe.Net(str(proto), caffe.TEST, weights=path)
+        rc = test_tool.main(["--model", str(proto), "--weights", path, "--iterations", "1"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert re.search(f"^test.py: error: {path}: {words}", err, re.M)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_mean_file_solverstate_and_learned_net_not_regular(tmp_path, kind):
+    from caffe_compat.data.transformer import load_mean_file
+    from caffe_compat.solvers import state
+
+    path, words = _bad_paths(tmp_path)[kind]
+    with _NoHang():
+        with pytest.raises(DataError, match=f"^{path}: {words} \\(expected a mean_file"):
+            load_mean_file(path)
+        with pytest.raises(FormatError, match=f"^{path}: {words}"):
+            state.read_state(path)
+        st = tmp_path / "s.solverstate"
+        state.write_state(state.SolverStateData(iter=5, learned_net=path), st)
+        with pytest.raises(FormatError, match=f"^{path}: {words} .*learned_net in {st}"):
+            state.read_state(st)
+        state.write_state(state.SolverStateData(iter=5, learned_net=path), str(st) + ".h5", hdf5=True)
+        with pytest.raises(FormatError, match=f"learned_net in {st}.h5"):
+            state.read_state(str(st) + ".h5")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_data_sources_and_lists_not_regular(tmp_path, kind):
+    path, words = _bad_paths(tmp_path)[kind]
+    h5list = tmp_path / "h5list.txt"
+    h5list.write_text(path + "\n")
+    cases = [
+        (f'type: "ImageData" top: "d" top: "l" image_data_param {{ source: "{path}" batch_size: 1 }}', path),
+        (f'type: "HDF5Data" top: "d" hdf5_data_param {{ source: "{path}" batch_size: 1 }}', path),
+        (f'type: "HDF5Data" top: "d" hdf5_data_param {{ source: "{h5list}" batch_size: 1 }}', path),
+    ]
+    for body, named in cases:
+        proto = tmp_path / "data.prototxt"
+        proto.write_text(f'layer {{ name: "src" {body} }}\n')
+        with _NoHang(), pytest.raises(DataError, match=f"layer 'src' .*{named}.*{words}"):
+            caffe.Net(str(proto), caffe.TRAIN)
+
+
+def test_prototxt_fifo_and_too_large_text(tmp_path):
+    from caffe_compat import io as cio
+
+    fifo = tmp_path / "net.prototxt"
+    os.mkfifo(fifo)
+    with _NoHang(), pytest.raises(FormatError, match=f"^{fifo}: is a FIFO"):
+        caffe.Net(str(fifo), caffe.TEST)
+    big = tmp_path / "big.prototxt"
+    with open(big, "wb") as f:  # sparse: no 33 MiB written
+        f.truncate(cio.MAX_PROTOTXT_BYTES + 1)
+    with pytest.raises(FormatError, match=f"^{big}: is {cio.MAX_PROTOTXT_BYTES + 1} bytes, more than"):
+        cio.read_net(big)
+    text = 'name: "x"\n' + "#" * cio.MAX_PROTOTXT_BYTES
+    with pytest.raises(PrototxtError, match=r"^<text>: \d+ characters of text, more than .*160 bytes of memory"):
+        cio.read_net_text(text, filename="<text>")
+
+
+def test_caffemodel_larger_than_protobuf_allows(tmp_path):
+    big = tmp_path / "huge.caffemodel"
+    with open(big, "wb") as f:
+        f.truncate(2**31)  # sparse: nothing is written
+    with _NoHang(), pytest.raises(FormatError, match=f"^{big}: is 2147483648 bytes, more than the 2147483647"):
+        caffe.Net(str(_lenet_like(tmp_path)), caffe.TEST, weights=str(big))
+
+
+def _model_with_blob(tmp_path: Path, dims, values=(), double=False, name="w.caffemodel") -> Path:
+    from caffe_compat.proto import caffe_pb2
+
+    net = caffe_pb2.NetParameter(name="n")
+    layer = net.layer.add(name="ip", type="InnerProduct")
+    blob = layer.blobs.add()
+    blob.shape.dim.extend(dims)
+    (blob.double_data if double else blob.data).extend(values)
+    path = tmp_path / name
+    path.write_bytes(net.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize(
+    "dims, words",
+    [
+        ([2**40, 2**40], r"declares 1208925819614629174706176 elements, more than the 2147483647"),
+        ([65536, 32768], r"declares 2147483648 elements, more than the 2147483647"),
+        ([1] * 33, r"33 axes; Caffe allows at most 32"),
+        ([3, -2], r"negative dimension"),
+    ],
+)
+def test_blob_shape_limits_name_file_and_layer(tmp_path, dims, words):
+    path = _model_with_blob(tmp_path, dims)
+    with pytest.raises(FormatError, match=f"^{path}: layer 'ip' \\(InnerProduct\\) blob 0: .*{words}"):
+        caffe.Net(str(_lenet_like(tmp_path)), caffe.TEST, weights=str(path))
+
+
+def test_input_and_dummydata_absurd_shapes_name_layer_and_bytes(tmp_path, monkeypatch):
+    from caffe_compat.layers import common
+
+    proto = tmp_path / "n.prototxt"
+    proto.write_text(
+        'layer { name: "big_in" type: "Input" top: "x" '
+        "input_param { shape { dim: 100000 dim: 100000 dim: 100000 } } }\n"
+    )
+    with pytest.raises(LayerError, match=r"big_in.*\[100000, 100000, 100000\] has 1000000000000000 elements \(4000000000000000 bytes"):
+        caffe.Net(str(proto), caffe.TEST)
+    proto.write_text(
+        'layer { name: "noise" type: "DummyData" top: "x" dummy_data_param { num: 1000 channels: 1000 height: 1000 width: 1000 } }\n'
+    )
+    with pytest.raises(LayerError, match=r"noise.*4000000000000 bytes"):
+        caffe.Net(str(proto), caffe.TEST)
+    # under Caffe's limit but more than this machine has (pretend it has 1 MiB)
+    monkeypatch.setattr(common, "_physical_memory", lambda: 1 << 20)
+    proto.write_text('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 dim: 512 dim: 512 } } }\n')
+    with pytest.raises(LayerError, match=r"'in'.*needs 3145728 bytes as float32, more than this machine's 1048576"):
+        caffe.Net(str(proto), caffe.TEST)
+
+
+# -- item 6: every message names its file -----------------------------------------------------
+
+
+def test_blob_value_count_names_file_layer_and_blob(tmp_path):
+    path = _model_with_blob(tmp_path, [6, 16], values=[1.0, 2.0, 3.0], double=True)
+    with pytest.raises(FormatError, match=rf"^{path}: layer 'ip' \(InnerProduct\) blob 0: shape \(6, 16\) needs 96 values but 'double_data' holds 3"):
+        caffe.Net(str(_lenet_like(tmp_path)), caffe.TEST, weights=str(path))
+
+
+def _corrupt_h5(path: Path, name: str = "data") -> None:
+    """An HDF5 file whose chunked, compressed dataset ``name`` has damaged chunk bytes."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset(name, data=np.arange(4000, dtype=np.float32).reshape(40, 100), chunks=(40, 100), compression="gzip")
+        offset = f[name].id.get_chunk_info(0).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(raw))
+
+
+def test_hdf5_read_error_names_file_and_dataset(tmp_path):
+    h5 = tmp_path / "bad.h5"
+    _corrupt_h5(h5)
+    with h5py.File(h5, "r") as f, pytest.raises(OSError, match="Can't synchronously read data"):
+        f["data"][()]  # what h5py says, naming nothing
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{h5}\n")
+    proto = tmp_path / "n.prototxt"
+    proto.write_text(f'layer {{ name: "src" type: "HDF5Data" top: "data" hdf5_data_param {{ source: "{lst}" batch_size: 4 }} }}\n')
+    with pytest.raises(DataError, match=rf"layer 'src' \(HDF5Data\): {h5}: dataset 'data' \(entry 1 of '{lst}'\): cannot read it: HDF5 error \(Can't synchronously read data"):
+        caffe.Net(str(proto), caffe.TRAIN)
+
+
+def _weights_h5(path: Path, build) -> Path:
+    with h5py.File(path, "w") as f:
+        g = f.create_group("data")
+        build(g)
+    return path
+
+
+def test_caffemodel_h5_refused_whole(tmp_path):
+    from caffe_compat import io as cio
+
+    w = np.arange(96, dtype=np.float32).reshape(6, 16)
+    b = np.arange(6, dtype=np.float32)
+
+    def good(g):
+        g.create_group("data")
+        ip = g.create_group("ip")
+        ip["0"], ip["1"] = w, b
+
+    ok = cio.read_caffemodel_h5(_weights_h5(tmp_path / "ok.h5", good), layers={"ip": (2, ())})
+    np.testing.assert_array_equal(ok["ip"][0], w)
+    np.testing.assert_array_equal(ok["ip"][1], b)
+
+    def missing(g):
+        g.create_group("ip")["0"] = w
+
+    def string(g):
+        ip = g.create_group("ip")
+        ip["0"] = w
+        ip["1"] = np.array([b"abc", b"def"])
+
+    def compound(g):
+        ip = g.create_group("ip")
+        ip["0"] = w
+        ip["1"] = np.zeros(6, dtype=[("a", "<f4"), ("b", "<i4")])
+
+    def dangling(g):
+        ip = g.create_group("ip")
+        ip["0"] = w
+        ip["1"] = h5py.SoftLink("/nowhere/1")
+
+    def external(g):
+        ip = g.create_group("ip")
+        ip["0"] = w
+        ip["1"] = h5py.ExternalLink(str(tmp_path / "absent.h5"), "/x")
+
+    cases = {
+        "missing": (missing, r"layer 'ip': incompatible number of blobs: blob 1 is missing"),
+        "string": (string, r"layer 'ip' blob '1' \(dataset data/ip/1\) has type \|S3; only float and integer"),
+        "compound": (compound, r"layer 'ip' blob '1' \(dataset data/ip/1\) has type .*only float and integer"),
+        "dangling": (dangling, r"layer 'ip' blob '1' is a SoftLink to '/nowhere/1', not a stored blob; incompatible number of blobs"),
+        "external": (external, r"layer 'ip' blob '1' is a ExternalLink"),
+    }
+    for name, (build, words) in cases.items():
+        path = _weights_h5(tmp_path / f"{name}.h5", build)
+        with pytest.raises(FormatError, match=f"^{path}: {words}"):
+            cio.read_caffemodel_h5(path, layers={"ip": (2, ())})
+    # a shared parameter may be absent, as in Caffe
+    got = cio.read_caffemodel_h5(tmp_path / "missing.h5", layers={"ip": (2, (1,))})
+    assert sorted(got["ip"]) == [0]
+    def extra(g):
+        ip = g.create_group("ip")
+        ip["0"], ip["1"], ip["2"] = w, b, b
+
+    path = _weights_h5(tmp_path / "extra.h5", extra)
+    with pytest.raises(FormatError, match=r"incompatible number of blobs: the file has \[0, 1, 2\], the net's layer has 2"):
+        cio.read_caffemodel_h5(path, layers={"ip": (2, ())})
+    fifo = tmp_path / "w.caffemodel.h5"
+    os.mkfifo(fifo)
+    with _NoHang(), pytest.raises(FormatError, match=f"^{fifo}: is a FIFO"):
+        cio.read_caffemodel_h5(fifo)

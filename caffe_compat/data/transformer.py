@@ -84,6 +84,9 @@ def load_mean_file(path: str) -> np.ndarray:
 
     if not os.path.exists(path):
         raise DataError(f"mean_file {path!r} not found (relative paths are read from {os.getcwd()!r})")
+    from caffe_compat.io import check_regular_file
+
+    check_regular_file(path, "a mean_file (.binaryproto)", error=DataError)
     try:
         arr = np.asarray(blob_to_array(read_blobproto(path), what=f"mean_file {path!r}"), dtype=np.float32)
     except DataError:
