@@ -450,3 +450,86 @@ def test_caffemodel_h5_refused_whole(tmp_path):
     os.mkfifo(fifo)
     with _NoHang(), pytest.raises(FormatError, match=f"^{fifo}: is a FIFO"):
         cio.read_caffemodel_h5(fifo)
+
+
+# -- item 9: lists are bytes, as in Caffe --------------------------------------------------------
+
+LATIN1_NAME = b"caf\xe9 cr\xe8me.png"  # not UTF-8: Latin-1 é and è
+
+
+def _latin1_png(folder: Path, pixels: np.ndarray, name: bytes = LATIN1_NAME) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", pixels)
+    assert ok
+    with open(os.path.join(os.fsencode(folder), name), "wb") as f:
+        f.write(buf.tobytes())
+    return name
+
+
+def test_image_list_with_latin1_names(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    name = _latin1_png(tmp_path, pixels)
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(name + b" 4\n")
+    with pytest.raises(UnicodeDecodeError):
+        lst.read_text(encoding="utf-8")  # the list is really not UTF-8
+    proto = tmp_path / "n.prototxt"
+    proto.write_text(
+        f'layer {{ name: "src" type: "ImageData" top: "data" top: "label" image_data_param {{ source: "{lst}" '
+        f'root_folder: "{tmp_path}/" batch_size: 1 }} }}\n'
+    )
+    net = caffe.Net(str(proto), caffe.TEST)
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["data"].data[0], pixels.transpose(2, 0, 1).astype(np.float32))
+    assert net.blobs["label"].data[0] == 4
+
+
+def test_image_list_unreadable_line_is_file_line(tmp_path):
+    from caffe_compat.data.image_list import read_image_list
+
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"a.png 1\n\nb\x00c.png 2\n")
+    with pytest.raises(DataError, match=rf"^{lst}:3: unreadable line: it holds a NUL byte"):
+        read_image_list(str(lst))
+    lst.write_bytes(b"a.png 1\n" + LATIN1_NAME + b" \xe9\n")
+    with pytest.raises(DataError, match=rf"^{lst}:2: label '\\udce9' is not an integer"):
+        read_image_list(str(lst))
+
+
+def test_hdf5_source_list_with_latin1_names(tmp_path):
+    name = os.path.join(os.fsencode(tmp_path), b"donn\xe9es.h5")
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    with h5py.File(os.fsdecode(name), "w") as f:
+        f["data"] = rows
+    lst = tmp_path / "h5.txt"
+    lst.write_bytes(name + b"\n")
+    proto = tmp_path / "n.prototxt"
+    proto.write_text(f'layer {{ name: "src" type: "HDF5Data" top: "data" hdf5_data_param {{ source: "{lst}" batch_size: 4 }} }}\n')
+    net = caffe.Net(str(proto), caffe.TRAIN)
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["data"].data, rows)
+    lst.write_bytes(name + b"\nbad\x00name.h5\n")
+    with pytest.raises(DataError, match=rf"{lst}:2: unreadable line: it holds a NUL byte"):
+        caffe.Net(str(proto), caffe.TRAIN)
+
+
+def test_dental_csv_with_latin1_names_and_unreadable_line(tmp_path):
+    from caffe_compat.dental.dataset import CSV_COLUMNS, read_dataset
+
+    gray = np.zeros((20, 40), np.uint8)
+    gray[:, :20] = 50
+    gray[:, 20:] = 200
+    name = _latin1_png(tmp_path, gray, b"radiographie_\xe9t\xe9.png")
+    coords = [b"5", b"10"] * 4 + [b"30", b"10"] * 4
+    header = ",".join(CSV_COLUMNS).encode()
+    csv_path = tmp_path / "landmarks.csv"
+    csv_path.write_bytes(header + b"\n" + b",".join([name, *coords, b"0.1"]) + b"\n")
+    samples = read_dataset(str(tmp_path))
+    assert [os.fsencode(s.name) for s in samples] == [name]
+    np.testing.assert_allclose(samples[0].image, gray / 255.0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(samples[0].landmarks.ravel(), [float(c) for c in coords], rtol=0, atol=0)
+    csv_path.write_bytes(header + b"\n" + b",".join([name, *coords, b"0.1"]) + b"\n" + b",".join([b"x\x00y.png", *coords, b"0.1"]) + b"\n")
+    with pytest.raises(DataError, match=rf"\n{csv_path}:3: unreadable line: it holds a NUL byte"):
+        read_dataset(str(tmp_path))

@@ -204,6 +204,9 @@ def read_dataset(folder: str, csv_path: str | None = None, *, include_unlisted: 
             def bad(name: str, msg: str, line: int = line) -> None:
                 problems.append(f"{csv_path}:{line}:{col[name] + 1} (column {name!r}): {msg}")
 
+            if any("\x00" in c for c in row):
+                problems.append(f"{csv_path}:{line}: unreadable line: it holds a NUL byte")
+                continue
             if len(row) != len(header):
                 problems.append(f"{csv_path}:{line}: {len(row)} fields, the header has {len(header)}")
                 continue

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from caffe_compat.data.image_list import imread
 from caffe_compat.data.transformer import load_mean_file
 from caffe_compat.data.workers import Failed, map_in_order
 from caffe_compat.errors import DataError
@@ -74,10 +75,16 @@ class Window(NamedTuple):
 
 
 def _tokens(source: str):
-    with open(source, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            for tok in line.split():
-                yield tok, lineno
+    """The whitespace-separated tokens of ``source`` with their line, read as bytes as Caffe
+    reads them (a Latin-1 image path is decoded with ``os.fsdecode``)."""
+    from caffe_compat.data.image_list import read_list_bytes
+
+    data = read_list_bytes(source, "window_data_param.source")
+    for lineno, line in enumerate(data.split(b"\n"), start=1):
+        if b"\x00" in line:
+            raise DataError(f"{source}:{lineno}: unreadable line: it holds a NUL byte")
+        for tok in line.split():
+            yield os.fsdecode(tok), lineno
 
 
 def read_window_file(source: str, root_folder: str = "") -> tuple[list[WindowImage], list[Window]]:
@@ -88,7 +95,7 @@ def read_window_file(source: str, root_folder: str = "") -> tuple[list[WindowIma
     file that ends inside a block, a negative window count or a window with ``x2 < x1`` or
     ``y2 < y1``.
     """
-    if not os.path.isfile(source):
+    if not os.path.exists(source):
         raise DataError(f"window_data_param.source {source!r} not found (relative paths are read from {os.getcwd()!r})")
     toks = _tokens(source)
     images: list[WindowImage] = []
@@ -304,7 +311,7 @@ class _WindowSource:
         else:
             if not os.path.isfile(image.path):
                 raise DataError(f"{where}: image file {image.path!r} not found (working directory {os.getcwd()!r})")
-            img = cv2.imread(image.path, cv2.IMREAD_COLOR)
+            img = imread(image.path, cv2.IMREAD_COLOR)
         if img is None:
             raise DataError(f"{where}: could not decode image {image.path!r} (not an image OpenCV can read)")
         return img
