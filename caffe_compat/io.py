@@ -26,8 +26,8 @@ copies), so weights are never loaded partially.
 from __future__ import annotations
 
 import difflib
-import os
 import math
+import os
 import re
 import stat
 import tempfile
@@ -493,13 +493,61 @@ def read_h5_dataset(path: PathLike, dataset, what: str, *, error: type[Exception
     if len(shape) > MAX_BLOB_AXES:
         raise error(f"{path}: {what} has {len(shape)} axes; Caffe allows at most {MAX_BLOB_AXES}")
     if math.prod(shape) > MAX_BLOB_COUNT:
-        raise error(
-            f"{path}: {what} has shape {list(shape)}, more than the {MAX_BLOB_COUNT} elements a blob may hold"
-        )
+        raise error(f"{path}: {what} has shape {list(shape)}, more than the {MAX_BLOB_COUNT} elements a blob may hold")
     try:
         return np.asarray(dataset[()])
     except Exception as exc:
         raise error(f"{path}: {what}: cannot read it: HDF5 error ({exc}); the file is corrupt") from None
+
+
+def _read_h5_weights(f, path: PathLike, what: str, layers, out: dict, at: list[str]) -> None:
+    """The body of ``read_caffemodel_h5``; ``at[0]`` says what is being read, for h5py's errors."""
+    import h5py
+
+    if "data" not in f or not isinstance(f.get("data"), h5py.Group):
+        raise FormatError(f"{path}: not {what}: no 'data' group (Caffe's Net::ToHDF5 writes one)")
+    g = f["data"]
+    for lname in list(g.keys()):
+        where = at[0] = f"layer {lname!r}"
+        link = g.get(lname, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise FormatError(f"{path}: {where} is a {type(link).__name__}, not a group of blobs")
+        lg = g[lname]
+        if not isinstance(lg, h5py.Group):
+            raise FormatError(f"{path}: {where} is a dataset, not a group of blobs (data/{lname}/0, 1, ...)")
+        blobs: dict[int, np.ndarray] = {}
+        for bname in list(lg.keys()):
+            bwhere = at[0] = f"{where} blob {bname!r}"
+            if not bname.isdigit() or (bname != "0" and bname.startswith("0")):
+                raise FormatError(
+                    f"{path}: {bwhere}: blobs are named 0, 1, ... (their index); incompatible number of blobs"
+                )
+            blink = lg.get(bname, getlink=True)
+            if not isinstance(blink, h5py.HardLink):
+                target = getattr(blink, "path", "")
+                raise FormatError(
+                    f"{path}: {bwhere} is a {type(blink).__name__} to {target!r}, not a stored blob; "
+                    "incompatible number of blobs"
+                )
+            ds = lg[bname]
+            if not isinstance(ds, h5py.Dataset):
+                raise FormatError(f"{path}: {bwhere} is a group, not a dataset; incompatible number of blobs")
+            arr = read_h5_dataset(path, ds, f"{bwhere} (dataset data/{lname}/{bname})")
+            blobs[int(bname)] = np.ascontiguousarray(arr, dtype=np.float32)
+        if layers is not None and lname in layers:
+            n, shared = layers[lname]
+            if blobs and (len(blobs) > n or max(blobs) >= n):
+                raise FormatError(
+                    f"{path}: layer {lname!r}: incompatible number of blobs: the file has "
+                    f"{sorted(blobs)}, the net's layer has {n} blob(s)"
+                )
+            missing = [k for k in range(n) if k not in blobs and k not in shared]
+            if missing:
+                raise FormatError(
+                    f"{path}: layer {lname!r}: incompatible number of blobs: blob {missing[0]} is missing "
+                    f"(the net's layer has {n}; only a blob shared with another layer may be absent)"
+                )
+        out[lname] = blobs
 
 
 def read_caffemodel_h5(
@@ -529,63 +577,14 @@ def read_caffemodel_h5(
     except Exception as exc:
         raise FormatError(f"{path}: cannot be read as {what} ({exc})") from None
     out: dict[str, dict[int, np.ndarray]] = {}
+    at = ["group 'data'"]
     with f:
         try:
-            if "data" not in f or not isinstance(f.get("data"), h5py.Group):
-                raise FormatError(f"{path}: not {what}: no 'data' group (Caffe's Net::ToHDF5 writes one)")
-            g = f["data"]
-            names = list(g.keys())
+            _read_h5_weights(f, path, what, layers, out, at)
         except FormatError:
             raise
-        except Exception as exc:
-            raise _h5_error(path, "group 'data'", exc) from None
-        for lname in names:
-            where = f"layer {lname!r}"
-            link = g.get(lname, getlink=True)
-            if not isinstance(link, h5py.HardLink):
-                raise FormatError(f"{path}: {where} is a {type(link).__name__}, not a group of blobs")
-            try:
-                lg = g[lname]
-            except Exception as exc:
-                raise _h5_error(path, where, exc) from None
-            if not isinstance(lg, h5py.Group):
-                raise FormatError(f"{path}: {where} is a dataset, not a group of blobs (data/{lname}/0, 1, ...)")
-            blobs: dict[int, np.ndarray] = {}
-            for bname in list(lg.keys()):
-                bwhere = f"{where} blob {bname!r}"
-                if not bname.isdigit() or (bname != "0" and bname.startswith("0")):
-                    raise FormatError(
-                        f"{path}: {bwhere}: blobs are named 0, 1, ... (their index); incompatible number of blobs"
-                    )
-                blink = lg.get(bname, getlink=True)
-                if not isinstance(blink, h5py.HardLink):
-                    target = getattr(blink, "path", "")
-                    raise FormatError(
-                        f"{path}: {bwhere} is a {type(blink).__name__} to {target!r}, not a stored blob; "
-                        "incompatible number of blobs"
-                    )
-                try:
-                    ds = lg[bname]
-                except Exception as exc:
-                    raise _h5_error(path, bwhere, exc) from None
-                if not isinstance(ds, h5py.Dataset):
-                    raise FormatError(f"{path}: {bwhere} is a group, not a dataset; incompatible number of blobs")
-                arr = read_h5_dataset(path, ds, f"{bwhere} (dataset data/{lname}/{bname})")
-                blobs[int(bname)] = np.ascontiguousarray(arr, dtype=np.float32)
-            if layers is not None and lname in layers:
-                n, shared = layers[lname]
-                if blobs and (len(blobs) > n or max(blobs) >= n):
-                    raise FormatError(
-                        f"{path}: layer {lname!r}: incompatible number of blobs: the file has "
-                        f"{sorted(blobs)}, the net's layer has {n} blob(s)"
-                    )
-                missing = [k for k in range(n) if k not in blobs and k not in shared]
-                if missing:
-                    raise FormatError(
-                        f"{path}: layer {lname!r}: incompatible number of blobs: blob {missing[0]} is missing "
-                        f"(the net's layer has {n}; only a blob shared with another layer may be absent)"
-                    )
-            out[lname] = blobs
+        except Exception as exc:  # h5py's errors on a damaged file: OSError, RuntimeError, TypeError...
+            raise _h5_error(path, at[0], exc) from None
     return out
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 
 import caffe_compat as caffe
-from caffe_compat.errors import CaffeError, DataError, FormatError, LayerError, NetError, PrototxtError
+from caffe_compat.errors import DataError, FormatError, LayerError, PrototxtError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +48,17 @@ def test_summary_subprocess_leaves_an_hdf5output_file_alone(tmp_path):
     proto = _hdf5_output_net(tmp_path, out)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     res = subprocess.run(
-        [sys.executable, "-m", "caffe_compat", "summary", str(proto), "--batch", "2", "--draw", str(tmp_path / "n.dot")],
+        [
+            sys.executable,
+            "-m",
+            "caffe_compat",
+            "summary",
+            str(proto),
+            "--batch",
+            "2",
+            "--draw",
+            str(tmp_path / "n.dot"),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -128,7 +137,9 @@ def test_stale_snapshot_temporaries_are_removed_live_ones_kept(tmp_path):
     other = [tmp_path / ".notes.tmp", tmp_path / "net_iter_100.caffemodel", tmp_path / f".x.{dead}.tmp"]
     for p in stale + [live] + other:
         p.write_bytes(b"partial")
-    state.write_state(state.SolverStateData(iter=3, history=[np.ones(2, np.float32)]), tmp_path / "s.solverstate.h5", hdf5=True)
+    state.write_state(
+        state.SolverStateData(iter=3, history=[np.ones(2, np.float32)]), tmp_path / "s.solverstate.h5", hdf5=True
+    )
     assert not any(p.exists() for p in stale)
     assert live.exists() and all(p.exists() for p in other)
     # what a write leaves: the file itself, and no temporary of its own
@@ -153,7 +164,9 @@ def test_a_killed_write_leaves_a_temporary_that_the_next_start_removes(tmp_path)
     from caffe_compat import io as cio
 
     cio._SWEPT.discard(os.path.realpath(tmp_path))
-    cio.write_caffemodel(caffe.proto.caffe_pb2.NetParameter(name="n", layer=[{"name": "a", "type": "ReLU"}]), tmp_path / "b.caffemodel")
+    cio.write_caffemodel(
+        caffe.proto.caffe_pb2.NetParameter(name="n", layer=[{"name": "a", "type": "ReLU"}]), tmp_path / "b.caffemodel"
+    )
     assert not left[0].exists() and (tmp_path / "b.caffemodel").exists()
 
 
@@ -164,7 +177,10 @@ def test_snapshot_files_get_the_umask_permissions(tmp_path, mask, mode):
 
     old = os.umask(mask)
     try:
-        cio.write_caffemodel(caffe.proto.caffe_pb2.NetParameter(name="n", layer=[{"name": "a", "type": "ReLU"}]), tmp_path / "a.caffemodel")
+        cio.write_caffemodel(
+            caffe.proto.caffe_pb2.NetParameter(name="n", layer=[{"name": "a", "type": "ReLU"}]),
+            tmp_path / "a.caffemodel",
+        )
         state.write_state(state.SolverStateData(iter=1), tmp_path / "a.solverstate")
         state.write_state(state.SolverStateData(iter=1), tmp_path / "a.solverstate.h5", hdf5=True)
     finally:
@@ -334,7 +350,9 @@ def test_input_and_dummydata_absurd_shapes_name_layer_and_bytes(tmp_path, monkey
         'layer { name: "big_in" type: "Input" top: "x" '
         "input_param { shape { dim: 100000 dim: 100000 dim: 100000 } } }\n"
     )
-    with pytest.raises(LayerError, match=r"big_in.*\[100000, 100000, 100000\] has 1000000000000000 elements \(4000000000000000 bytes"):
+    with pytest.raises(
+        LayerError, match=r"big_in.*\[100000, 100000, 100000\] has 1000000000000000 elements \(4000000000000000 bytes"
+    ):
         caffe.Net(str(proto), caffe.TEST)
     proto.write_text(
         'layer { name: "noise" type: "DummyData" top: "x" dummy_data_param { num: 1000 channels: 1000 height: 1000 width: 1000 } }\n'
@@ -343,7 +361,9 @@ def test_input_and_dummydata_absurd_shapes_name_layer_and_bytes(tmp_path, monkey
         caffe.Net(str(proto), caffe.TEST)
     # under Caffe's limit but more than this machine has (pretend it has 1 MiB)
     monkeypatch.setattr(common, "_physical_memory", lambda: 1 << 20)
-    proto.write_text('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 dim: 512 dim: 512 } } }\n')
+    proto.write_text(
+        'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 dim: 512 dim: 512 } } }\n'
+    )
     with pytest.raises(LayerError, match=r"'in'.*needs 3145728 bytes as float32, more than this machine's 1048576"):
         caffe.Net(str(proto), caffe.TEST)
 
@@ -353,14 +373,19 @@ def test_input_and_dummydata_absurd_shapes_name_layer_and_bytes(tmp_path, monkey
 
 def test_blob_value_count_names_file_layer_and_blob(tmp_path):
     path = _model_with_blob(tmp_path, [6, 16], values=[1.0, 2.0, 3.0], double=True)
-    with pytest.raises(FormatError, match=rf"^{path}: layer 'ip' \(InnerProduct\) blob 0: shape \(6, 16\) needs 96 values but 'double_data' holds 3"):
+    with pytest.raises(
+        FormatError,
+        match=rf"^{path}: layer 'ip' \(InnerProduct\) blob 0: shape \(6, 16\) needs 96 values but 'double_data' holds 3",
+    ):
         caffe.Net(str(_lenet_like(tmp_path)), caffe.TEST, weights=str(path))
 
 
 def _corrupt_h5(path: Path, name: str = "data") -> None:
     """An HDF5 file whose chunked, compressed dataset ``name`` has damaged chunk bytes."""
     with h5py.File(path, "w") as f:
-        f.create_dataset(name, data=np.arange(4000, dtype=np.float32).reshape(40, 100), chunks=(40, 100), compression="gzip")
+        f.create_dataset(
+            name, data=np.arange(4000, dtype=np.float32).reshape(40, 100), chunks=(40, 100), compression="gzip"
+        )
         offset = f[name].id.get_chunk_info(0).byte_offset
     raw = bytearray(path.read_bytes())
     raw[offset : offset + 64] = b"\xff" * 64
@@ -375,8 +400,13 @@ def test_hdf5_read_error_names_file_and_dataset(tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_text(f"{h5}\n")
     proto = tmp_path / "n.prototxt"
-    proto.write_text(f'layer {{ name: "src" type: "HDF5Data" top: "data" hdf5_data_param {{ source: "{lst}" batch_size: 4 }} }}\n')
-    with pytest.raises(DataError, match=rf"layer 'src' \(HDF5Data\): {h5}: dataset 'data' \(entry 1 of '{lst}'\): cannot read it: HDF5 error \(Can't synchronously read data"):
+    proto.write_text(
+        f'layer {{ name: "src" type: "HDF5Data" top: "data" hdf5_data_param {{ source: "{lst}" batch_size: 4 }} }}\n'
+    )
+    with pytest.raises(
+        DataError,
+        match=rf"layer 'src' \(HDF5Data\): {h5}: dataset 'data' \(entry 1 of '{lst}'\): cannot read it: HDF5 error \(Can't synchronously read data",
+    ):
         caffe.Net(str(proto), caffe.TRAIN)
 
 
@@ -429,7 +459,10 @@ def test_caffemodel_h5_refused_whole(tmp_path):
         "missing": (missing, r"layer 'ip': incompatible number of blobs: blob 1 is missing"),
         "string": (string, r"layer 'ip' blob '1' \(dataset data/ip/1\) has type \|S3; only float and integer"),
         "compound": (compound, r"layer 'ip' blob '1' \(dataset data/ip/1\) has type .*only float and integer"),
-        "dangling": (dangling, r"layer 'ip' blob '1' is a SoftLink to '/nowhere/1', not a stored blob; incompatible number of blobs"),
+        "dangling": (
+            dangling,
+            r"layer 'ip' blob '1' is a SoftLink to '/nowhere/1', not a stored blob; incompatible number of blobs",
+        ),
         "external": (external, r"layer 'ip' blob '1' is a ExternalLink"),
     }
     for name, (build, words) in cases.items():
@@ -439,12 +472,15 @@ def test_caffemodel_h5_refused_whole(tmp_path):
     # a shared parameter may be absent, as in Caffe
     got = cio.read_caffemodel_h5(tmp_path / "missing.h5", layers={"ip": (2, (1,))})
     assert sorted(got["ip"]) == [0]
+
     def extra(g):
         ip = g.create_group("ip")
         ip["0"], ip["1"], ip["2"] = w, b, b
 
     path = _weights_h5(tmp_path / "extra.h5", extra)
-    with pytest.raises(FormatError, match=r"incompatible number of blobs: the file has \[0, 1, 2\], the net's layer has 2"):
+    with pytest.raises(
+        FormatError, match=r"incompatible number of blobs: the file has \[0, 1, 2\], the net's layer has 2"
+    ):
         cio.read_caffemodel_h5(path, layers={"ip": (2, ())})
     fifo = tmp_path / "w.caffemodel.h5"
     os.mkfifo(fifo)
@@ -506,7 +542,9 @@ def test_hdf5_source_list_with_latin1_names(tmp_path):
     lst = tmp_path / "h5.txt"
     lst.write_bytes(name + b"\n")
     proto = tmp_path / "n.prototxt"
-    proto.write_text(f'layer {{ name: "src" type: "HDF5Data" top: "data" hdf5_data_param {{ source: "{lst}" batch_size: 4 }} }}\n')
+    proto.write_text(
+        f'layer {{ name: "src" type: "HDF5Data" top: "data" hdf5_data_param {{ source: "{lst}" batch_size: 4 }} }}\n'
+    )
     net = caffe.Net(str(proto), caffe.TRAIN)
     net.forward()
     np.testing.assert_array_equal(net.blobs["data"].data, rows)
@@ -530,6 +568,13 @@ def test_dental_csv_with_latin1_names_and_unreadable_line(tmp_path):
     assert [os.fsencode(s.name) for s in samples] == [name]
     np.testing.assert_allclose(samples[0].image, gray / 255.0, rtol=0, atol=1e-6)
     np.testing.assert_allclose(samples[0].landmarks.ravel(), [float(c) for c in coords], rtol=0, atol=0)
-    csv_path.write_bytes(header + b"\n" + b",".join([name, *coords, b"0.1"]) + b"\n" + b",".join([b"x\x00y.png", *coords, b"0.1"]) + b"\n")
+    csv_path.write_bytes(
+        header
+        + b"\n"
+        + b",".join([name, *coords, b"0.1"])
+        + b"\n"
+        + b",".join([b"x\x00y.png", *coords, b"0.1"])
+        + b"\n"
+    )
     with pytest.raises(DataError, match=rf"\n{csv_path}:3: unreadable line: it holds a NUL byte"):
         read_dataset(str(tmp_path))

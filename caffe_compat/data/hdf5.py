@@ -62,12 +62,11 @@ def load_hdf5_file(path: str, names: list[str], *, source: str = "", index: int 
                     f"HDF5 file {path!r}{listed} has no dataset {name!r} (the top's name); "
                     f"datasets: {', '.join(have) or 'none'}"
                 )
-            if ds.dtype.kind not in "fiu" or ds.dtype.fields is not None:
-                raise DataError(
-                    f"HDF5 file {path!r}{listed}: dataset {name!r} has type {ds.dtype}; "
-                    f"only float and integer datasets can be read"
-                )
-            if ds.ndim < 1:
+            try:
+                ndim = ds.ndim
+            except Exception as e:  # h5py's errors on a damaged file
+                raise DataError(f"HDF5 file {path!r}{listed}: dataset {name!r}: HDF5 error ({e})") from None
+            if ndim < 1:
                 raise DataError(f"HDF5 file {path!r}{listed}: dataset {name!r} is a scalar; it needs a row axis")
             arr = read_h5_dataset(path, ds, f"dataset {name!r}{listed}", error=DataError)
             arrays.append(np.asarray(arr, dtype=np.float32))
