@@ -16,7 +16,7 @@ import numpy as np
 
 from caffe_compat.errors import DataError
 
-__all__ = ["append_hdf5", "create_hdf5", "load_hdf5_file", "read_hdf5_source"]
+__all__ = ["append_hdf5", "count_hdf5_rows", "create_hdf5", "load_hdf5_file", "read_hdf5_source"]
 
 
 def read_hdf5_source(source: str, *, what: str = "hdf5_data_param.source") -> list[str]:
@@ -80,6 +80,30 @@ def load_hdf5_file(path: str, names: list[str], *, source: str = "", index: int 
                 f"{names[0]!r} has {rows}; every dataset needs one row per sample"
             )
     return arrays
+
+
+def count_hdf5_rows(path: str, name: str, *, source: str = "", index: int = 0) -> int:
+    """The number of rows (first dimension) of dataset ``name`` of ``path``, from the HDF5
+    metadata alone (nothing is read): what HDF5Data needs to seek to a row on resume."""
+    listed = f" (entry {index + 1} of {source!r})" if source else ""
+    if not os.path.exists(path):
+        raise DataError(f"HDF5 file {path!r}{listed} not found (working directory {os.getcwd()!r})")
+    from caffe_compat.io import check_regular_file
+
+    check_regular_file(path, f"an HDF5 file{listed}", error=DataError)
+    try:
+        with h5py.File(path, "r") as f:
+            ds = f.get(name)
+            if not isinstance(ds, h5py.Dataset) or ds.ndim < 1:
+                raise DataError(f"HDF5 file {path!r}{listed} has no dataset {name!r} with a row axis")
+            rows = int(ds.shape[0])
+    except DataError:
+        raise
+    except Exception as e:  # h5py's errors on a damaged file
+        raise DataError(f"HDF5 file {path!r}{listed}: dataset {name!r}: HDF5 error ({e})") from None
+    if rows == 0:
+        raise DataError(f"HDF5 file {path!r}{listed}: dataset {name!r} has no rows")
+    return rows
 
 
 def create_hdf5(path: str) -> None:
