@@ -160,7 +160,12 @@ def _read_rgb(filename: str) -> np.ndarray:
 
         img = mpimg.imread(filename)
         return img
-    img = cv2.imread(os.fspath(filename), cv2.IMREAD_UNCHANGED)
+    from caffe_compat.data.image_list import _check_image_file, imread
+
+    filename = os.fspath(filename)
+    if os.path.exists(filename):
+        _check_image_file(filename, "load_image: ")
+    img = imread(filename, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DataError(f"load_image: cannot read image file {filename!r} (missing, or not an image OpenCV can decode)")
     if img.ndim == 3:

@@ -578,3 +578,22 @@ def test_dental_csv_with_latin1_names_and_unreadable_line(tmp_path):
     )
     with pytest.raises(DataError, match=rf"\n{csv_path}:3: unreadable line: it holds a NUL byte"):
         read_dataset(str(tmp_path))
+
+
+def test_images_that_are_fifos_or_latin1_names(tmp_path):
+    """An image path that is a FIFO is refused at once (OpenCV would block on it); an image whose
+    name is not UTF-8 loads (OpenCV's imread crashes the process on such a name)."""
+    from caffe_compat.data.image_list import read_image
+    from caffe_compat.pycaffe_io import load_image
+
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    with _NoHang():
+        with pytest.raises(DataError, match=rf"^list.txt:3: {fifo}: is a FIFO \(named pipe\), not a regular file"):
+            read_image(str(fifo), where="list.txt:3")
+        with pytest.raises(DataError, match=rf"^load_image: {fifo}: is a FIFO"):
+            load_image(str(fifo))
+    rgb = np.random.default_rng(3).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    name = _latin1_png(tmp_path, rgb[:, :, ::-1].copy())  # written as BGR, as OpenCV does
+    got = load_image(os.fsdecode(os.path.join(os.fsencode(tmp_path), name)))
+    np.testing.assert_allclose(got, rgb / 255.0, rtol=0, atol=1e-6)

@@ -70,6 +70,16 @@ def read_image_list(source: str, *, what: str = "source") -> list[ImageEntry]:
     return entries
 
 
+def _check_image_file(path: str, prefix: str = "") -> None:
+    """Refuse an image path that is a FIFO, a device or a directory (OpenCV would block on a FIFO)."""
+    from caffe_compat.io import check_regular_file
+
+    try:
+        check_regular_file(path, "an image file", error=DataError)
+    except DataError as e:
+        raise DataError(f"{prefix}{e}") from None
+
+
 def imread(path: str, flags: int) -> np.ndarray | None:
     """``cv2.imread(path, flags)`` for any file name: a name that is not valid UTF-8 (os.fsdecode's
     surrogates, from a Latin-1 list) crashes OpenCV's imread, so such a file is read as bytes and
@@ -94,8 +104,9 @@ def read_image(
     ``where`` names the entry in error messages (e.g. ``"list.txt:3"``).
     """
     prefix = f"{where}: " if where else ""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"{prefix}image file {path!r} not found (working directory {os.getcwd()!r})")
+    _check_image_file(path, prefix)
     img = imread(path, cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE)
     if img is None:
         raise DataError(f"{prefix}could not decode image {path!r} (not an image OpenCV can read)")
