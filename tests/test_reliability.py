@@ -597,3 +597,33 @@ def test_images_that_are_fifos_or_latin1_names(tmp_path):
     name = _latin1_png(tmp_path, rgb[:, :, ::-1].copy())  # written as BGR, as OpenCV does
     got = load_image(os.fsdecode(os.path.join(os.fsencode(tmp_path), name)))
     np.testing.assert_allclose(got, rgb / 255.0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["BINARYPROTO", "HDF5"])
+def test_train_tool_resume_whose_learned_net_is_a_fifo(tmp_path, monkeypatch, fmt):
+    """``train.py --snapshot``: the state's learned_net is a FIFO; refused at once, exit status 1,
+    the message names the FIFO and the state file (a subprocess, so a hang would time out)."""
+    import shutil
+
+    src = REPO / "tests" / "fixtures" / "caffe_reference" / "solvers" / "sgd_step"
+    for name in ("solver.prototxt", "train.prototxt", "data.h5", "h5list.txt"):
+        shutil.copy(src / name, tmp_path / name)
+    from caffe_compat.solvers import state
+
+    fifo = tmp_path / "final_iter_2.caffemodel"
+    os.mkfifo(fifo)
+    snap = tmp_path / ("final_iter_2.solverstate" + (".h5" if fmt == "HDF5" else ""))
+    state.write_state(state.SolverStateData(iter=2, learned_net=fifo.name), snap, hdf5=fmt == "HDF5")
+    res = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train.py"), "--solver", "solver.prototxt", "--snapshot", snap.name],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
+    assert res.returncode == 1, res.stderr
+    assert re.search(
+        rf"train.py: error: {fifo.name}: is a FIFO \(named pipe\), not a regular file .*learned_net in {snap.name}",
+        res.stderr,
+    ), res.stderr
