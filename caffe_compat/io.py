@@ -12,17 +12,26 @@ expected. Writers are atomic: a temporary file in the same folder, fsync, ``os.r
 Nets and solvers are upgraded on read exactly as Caffe does (``caffe_compat.upgrade``), so V0/V1
 definitions and weights come back in the current format.
 
-Deliberate differences from Caffe: none in what is accepted; Caffe aborts (``CHECK``) where we
-raise, and our messages name the file, line, column and field.
+Every file is checked to be a regular file before it is opened (a FIFO, a device or a directory
+is refused at once, naming it) and read up to a limit: ``MAX_BINARY_PROTO_BYTES`` (Caffe's
+``kProtoReadBytesLimit``) for binary messages, ``MAX_PROTOTXT_BYTES`` for text. Blob shapes are
+checked (``MAX_BLOB_AXES``, ``MAX_BLOB_COUNT``) before any array is made.
+
+Deliberate differences from Caffe: Caffe aborts (``CHECK``) where we raise, and our messages name
+the file, line, column, layer and field. A ``.caffemodel`` is checked whole when read: a blob of
+any layer whose value count does not match its shape is refused (Caffe checks only the layers it
+copies), so weights are never loaded partially.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
+import stat
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -49,6 +58,11 @@ __all__ = [
     "resize_image",
     "atomic_write",
     "atomic_write_bytes",
+    "check_regular_file",
+    "read_regular_file",
+    "check_blob_shape",
+    "check_blob",
+    "remove_stale_temporaries",
     "parse_prototxt",
     "read_prototxt",
     "write_prototxt",
@@ -60,6 +74,8 @@ __all__ = [
     "read_solver_text",
     "write_solver",
     "read_caffemodel",
+    "read_caffemodel_h5",
+    "read_h5_dataset",
     "write_caffemodel",
     "read_blobproto",
     "write_blobproto",
@@ -78,21 +94,87 @@ PathLike = str | os.PathLike
 # Raw file access
 
 
+_TMP_RE = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+_SWEPT: set[str] = set()
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its file
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike) -> list[str]:
+    """Remove the temporaries of interrupted atomic writes in ``folder``: files named
+    ``.<name>.<pid>.<random>.tmp`` (as ``atomic_write`` names them) whose process ``pid`` no
+    longer exists. Files of live processes and every other file are kept. Returns the paths
+    removed. ``atomic_write`` calls it once per folder per process, so the next snapshot written
+    into a folder cleans what a killed run left there."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP_RE.match(name)
+        if m is None or _process_alive(int(m.group(1))):
+            continue
+        full = os.path.join(folder, name)
+        try:
+            if os.path.isfile(full) and not os.path.islink(full):
+                os.unlink(full)
+                removed.append(full)
+        except OSError:
+            continue
+    return removed
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc where there is one (``os.umask`` can only read it by
+    setting it, which other threads would see for a moment)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     """Create ``path`` atomically: ``write(tmp)`` writes the whole file at the temporary path
     ``tmp`` (in the destination folder), which is then fsynced and renamed over ``path`` with
     ``os.replace``. Readers see the old file or the new one, never a partial write, even if the
-    process dies midway."""
+    process dies midway.
+
+    The temporary is named ``.<name>.<pid>.<random>.tmp``; the first write into a folder removes
+    the temporaries there whose process is gone (``remove_stale_temporaries``). The file gets
+    the permissions of an ordinary new file under the user's umask (0644 under umask 022, as
+    Caffe's ``fopen``), not the temporary's 0600."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FormatError(f"{path}: cannot write: folder {str(folder)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    key = os.path.realpath(folder)
+    if key not in _SWEPT:
+        _SWEPT.add(key)
+        remove_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -122,16 +204,78 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     atomic_write(path, write)
 
 
-def _read_bytes(path: PathLike, what: str) -> bytes:
-    p = Path(path)
-    if not p.exists():
-        raise FormatError(f"{p}: no such file (expected {what})")
-    if p.is_dir():
-        raise FormatError(f"{p}: is a directory (expected {what})")
+#: Caffe's ``kProtoReadBytesLimit`` (INT_MAX): the largest binary message it reads.
+MAX_BINARY_PROTO_BYTES = 2**31 - 1
+#: The largest text prototxt we parse. Protobuf's text parser needs ~160 bytes of memory per
+#: byte of input, so 32 MiB of text is ~5 GB; nets and solvers are a few hundred kB.
+MAX_PROTOTXT_BYTES = 32 << 20
+#: The most elements one blob may declare (Caffe's ``Blob::Reshape`` checks ``count <= INT_MAX``).
+MAX_BLOB_COUNT = 2**31 - 1
+#: The most axes one blob may declare (Caffe's ``kMaxBlobAxes``).
+MAX_BLOB_AXES = 32
+
+
+def _kind_of(mode: int) -> str | None:
+    """What a non-regular file is, in words (None for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def check_regular_file(path: PathLike, what: str, max_bytes: int | None = None, *, error=FormatError) -> int:
+    """Refuse at once a ``path`` that is missing, a directory, a FIFO, a device or a socket, or
+    (with ``max_bytes``) larger than that; returns its size. Nothing is opened, so a FIFO cannot
+    block. ``what`` says what was expected; ``error`` is the exception class raised."""
     try:
-        return p.read_bytes()
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file (expected {what}; relative paths are read from {os.getcwd()!r})") from None
     except OSError as exc:
-        raise FormatError(f"{p}: cannot read {what}: {exc.strerror or exc}") from None
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    kind = _kind_of(st.st_mode)
+    if kind is not None:
+        raise error(f"{path}: is {kind}, not a regular file (expected {what})")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise error(
+            f"{path}: is {st.st_size} bytes, more than the {max_bytes} bytes {what} may have; "
+            "this is not such a file, or it is corrupt"
+        )
+    return st.st_size
+
+
+def read_regular_file(path: PathLike, what: str, max_bytes: int, *, error=FormatError) -> bytes:
+    """The bytes of the regular file ``path`` (see ``check_regular_file``), reading at most
+    ``max_bytes``: the file is opened non-blocking and checked again on its descriptor, so a
+    FIFO swapped in after the check neither blocks nor streams without end."""
+    check_regular_file(path, what, max_bytes, error=error)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        kind = _kind_of(st.st_mode)
+        if kind is not None:
+            raise error(f"{path}: is {kind}, not a regular file (expected {what})")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise error(f"{path}: is more than the {max_bytes} bytes {what} may have")
+    return data
+
+
+def _read_bytes(path: PathLike, what: str, max_bytes: int = MAX_BINARY_PROTO_BYTES) -> bytes:
+    return read_regular_file(Path(path), what, max_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +284,7 @@ def _read_bytes(path: PathLike, what: str) -> bytes:
 
 def read_prototxt(path: PathLike, message_cls: type[M]) -> M:
     """Parse the text-format file ``path`` into a new ``message_cls`` (no upgrade)."""
-    data = _read_bytes(path, f"a text {message_cls.DESCRIPTOR.full_name} (.prototxt)")
+    data = _read_bytes(path, f"a text {message_cls.DESCRIPTOR.full_name} (.prototxt)", MAX_PROTOTXT_BYTES)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -160,6 +304,11 @@ def parse_prototxt(text: str, message_cls: type[M], filename: str = "<string>") 
     Raises ``PrototxtError`` with ``filename:line:column:`` first, the field or token at fault,
     the message type it belongs to and a hint (closest field or enum name, expected type).
     """
+    if len(text) > MAX_PROTOTXT_BYTES:
+        raise PrototxtError(
+            f"{filename}: {len(text)} characters of text, more than the {MAX_PROTOTXT_BYTES} a prototxt may have "
+            f"(protobuf's text parser needs ~160 bytes of memory per byte); a net or solver is a few hundred kB"
+        )
     msg = message_cls()
     try:
         text_format.Parse(text, msg)
@@ -318,7 +467,125 @@ def read_caffemodel(path: PathLike) -> caffe_pb2.NetParameter:
     net = _parse_binary(data, caffe_pb2.NetParameter, path, what)
     if not net.layer and not net.layers:
         raise FormatError(f"{path}: not a usable {what}: it holds no layers{_what_it_looks_like(data)}")
-    return upgrade_net(net, source=str(path))
+    net = upgrade_net(net, source=str(path))
+    for i, layer in enumerate(net.layer):
+        for k, blob in enumerate(layer.blobs):
+            check_blob(blob, f"{path}: layer {layer.name or i!r} ({layer.type}) blob {k}")
+    return net
+
+
+def _h5_error(path: PathLike, where: str, exc: BaseException) -> FormatError:
+    text = str(exc) or type(exc).__name__
+    return FormatError(f"{path}: {where}: HDF5 error ({text}); the file is corrupt or not Caffe HDF5 weights")
+
+
+def read_h5_dataset(path: PathLike, dataset, what: str, *, error: type[Exception] = FormatError) -> np.ndarray:
+    """Read a numeric HDF5 ``dataset`` of the file ``path`` as a NumPy array, refusing (with
+    ``error`` naming the file and ``what``) a string, compound or other non-numeric type, more
+    than ``MAX_BLOB_AXES`` axes or ``MAX_BLOB_COUNT`` elements (checked before reading), and
+    turning h5py's errors ("Can't synchronously read data"...) into ``error``."""
+    try:
+        dtype, shape = dataset.dtype, tuple(dataset.shape or ())
+    except Exception as exc:  # h5py raises OSError, RuntimeError, KeyError... on corrupt files
+        raise error(f"{path}: {what}: HDF5 error ({exc}); the file is corrupt") from None
+    if dtype.kind not in "fiu" or dtype.fields is not None or dtype.subdtype is not None:
+        raise error(f"{path}: {what} has type {dtype}; only float and integer datasets can be read")
+    if len(shape) > MAX_BLOB_AXES:
+        raise error(f"{path}: {what} has {len(shape)} axes; Caffe allows at most {MAX_BLOB_AXES}")
+    if math.prod(shape) > MAX_BLOB_COUNT:
+        raise error(f"{path}: {what} has shape {list(shape)}, more than the {MAX_BLOB_COUNT} elements a blob may hold")
+    try:
+        return np.asarray(dataset[()])
+    except Exception as exc:
+        raise error(f"{path}: {what}: cannot read it: HDF5 error ({exc}); the file is corrupt") from None
+
+
+def _read_h5_weights(f, path: PathLike, what: str, layers, out: dict, at: list[str]) -> None:
+    """The body of ``read_caffemodel_h5``; ``at[0]`` says what is being read, for h5py's errors."""
+    import h5py
+
+    if "data" not in f or not isinstance(f.get("data"), h5py.Group):
+        raise FormatError(f"{path}: not {what}: no 'data' group (Caffe's Net::ToHDF5 writes one)")
+    g = f["data"]
+    for lname in list(g.keys()):
+        where = at[0] = f"layer {lname!r}"
+        link = g.get(lname, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise FormatError(f"{path}: {where} is a {type(link).__name__}, not a group of blobs")
+        lg = g[lname]
+        if not isinstance(lg, h5py.Group):
+            raise FormatError(f"{path}: {where} is a dataset, not a group of blobs (data/{lname}/0, 1, ...)")
+        blobs: dict[int, np.ndarray] = {}
+        for bname in list(lg.keys()):
+            bwhere = at[0] = f"{where} blob {bname!r}"
+            if not bname.isdigit() or (bname != "0" and bname.startswith("0")):
+                raise FormatError(
+                    f"{path}: {bwhere}: blobs are named 0, 1, ... (their index); incompatible number of blobs"
+                )
+            blink = lg.get(bname, getlink=True)
+            if not isinstance(blink, h5py.HardLink):
+                target = getattr(blink, "path", "")
+                raise FormatError(
+                    f"{path}: {bwhere} is a {type(blink).__name__} to {target!r}, not a stored blob; "
+                    "incompatible number of blobs"
+                )
+            ds = lg[bname]
+            if not isinstance(ds, h5py.Dataset):
+                raise FormatError(f"{path}: {bwhere} is a group, not a dataset; incompatible number of blobs")
+            arr = read_h5_dataset(path, ds, f"{bwhere} (dataset data/{lname}/{bname})")
+            blobs[int(bname)] = np.ascontiguousarray(arr, dtype=np.float32)
+        if layers is not None and lname in layers:
+            n, shared = layers[lname]
+            if blobs and (len(blobs) > n or max(blobs) >= n):
+                raise FormatError(
+                    f"{path}: layer {lname!r}: incompatible number of blobs: the file has "
+                    f"{sorted(blobs)}, the net's layer has {n} blob(s)"
+                )
+            missing = [k for k in range(n) if k not in blobs and k not in shared]
+            if missing:
+                raise FormatError(
+                    f"{path}: layer {lname!r}: incompatible number of blobs: blob {missing[0]} is missing "
+                    f"(the net's layer has {n}; only a blob shared with another layer may be absent)"
+                )
+        out[lname] = blobs
+
+
+def read_caffemodel_h5(
+    path: PathLike, layers: Mapping[str, tuple[int, Collection[int]]] | None = None
+) -> dict[str, dict[int, np.ndarray]]:
+    """Read Caffe's HDF5 weights (``.caffemodel.h5``, ``Net::ToHDF5``): group ``data``, one
+    group per layer, datasets ``"0"``, ``"1"``... (one per blob). Returns ``{layer: {index:
+    float32 array}}`` in the file's order, every blob read and checked before anything is
+    returned, so a caller never loads such a file partially.
+
+    Refused with ``FormatError`` naming the file, layer and blob, as Caffe's "Incompatible number
+    of blobs": a path that is not a regular file, no ``data`` group, a layer entry that is not a
+    group, a blob name that is not an index, a soft or external link (dangling or not), a string
+    or compound dataset, a shape past the blob limits, and any HDF5 read error. A missing index
+    is absent from the layer's dict: Caffe allows that only for a parameter shared with another
+    layer. ``layers`` (the net's: ``{name: (number of blobs, indices of the blobs it shares from
+    another layer)}``) applies Caffe's checks: a file layer of that name with more blobs than the
+    net's, or without one of its blobs that it does not share, is refused. Layers of the file
+    absent from ``layers`` are still read and checked (a file is taken whole or not at all).
+    """
+    import h5py
+
+    what = "Caffe HDF5 weights (.caffemodel.h5)"
+    check_regular_file(path, what)
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:
+        raise FormatError(f"{path}: cannot be read as {what} ({exc})") from None
+    out: dict[str, dict[int, np.ndarray]] = {}
+    at = ["group 'data'"]
+    with f:
+        try:
+            _read_h5_weights(f, path, what, layers, out, at)
+        except FormatError:
+            raise
+        except Exception as exc:  # h5py's errors on a damaged file: OSError, RuntimeError, TypeError...
+            raise _h5_error(path, at[0], exc) from None
+    return out
 
 
 def write_caffemodel(net_param: caffe_pb2.NetParameter, path: PathLike) -> None:
@@ -330,7 +597,9 @@ def read_blobproto(path: PathLike) -> caffe_pb2.BlobProto:
     """Read a binary ``BlobProto`` (``.binaryproto``: mean files, infogain matrices)."""
     what = "Caffe .binaryproto (binary BlobProto)"
     data = _read_bytes(path, what)
-    return _parse_binary(data, caffe_pb2.BlobProto, path, what)
+    blob = _parse_binary(data, caffe_pb2.BlobProto, path, what)
+    check_blob_shape(blob, f"{path}: BlobProto")
+    return blob
 
 
 def write_blobproto(blob: caffe_pb2.BlobProto, path: PathLike) -> None:
@@ -342,7 +611,10 @@ def read_solverstate(path: PathLike) -> caffe_pb2.SolverState:
     """Read a binary ``SolverState`` (``.solverstate``)."""
     what = "Caffe .solverstate (binary SolverState)"
     data = _read_bytes(path, what)
-    return _parse_binary(data, caffe_pb2.SolverState, path, what)
+    state = _parse_binary(data, caffe_pb2.SolverState, path, what)
+    for k, blob in enumerate(state.history):
+        check_blob(blob, f"{path}: history blob {k}")
+    return state
 
 
 def write_solverstate(state: caffe_pb2.SolverState, path: PathLike) -> None:
@@ -420,32 +692,66 @@ def _packed_values(blob: caffe_pb2.BlobProto, number: int, dtype: str) -> np.nda
     return np.frombuffer(b"".join(chunks), dtype=dtype).astype(np.dtype(dtype).newbyteorder("="))
 
 
+def check_blob_shape(blob: caffe_pb2.BlobProto, what: str = "blob", *, error=FormatError) -> tuple[int, ...]:
+    """The shape of ``blob`` (see ``blob_to_array``), refused before anything is allocated when
+    it has more than ``MAX_BLOB_AXES`` axes, a negative dimension or more than
+    ``MAX_BLOB_COUNT`` elements (Caffe's ``Blob::Reshape`` limits). ``what`` names the blob."""
+    if len(blob.shape.dim) > MAX_BLOB_AXES:
+        raise error(f"{what}: shape has {len(blob.shape.dim)} axes; Caffe allows at most {MAX_BLOB_AXES}")
+    shape = _blob_shape(blob)
+    if any(d < 0 for d in shape):
+        raise error(f"{what}: negative dimension in shape {shape}")
+    count = math.prod(shape)
+    if count > MAX_BLOB_COUNT:
+        raise error(
+            f"{what}: shape {list(shape)} declares {count} elements, more than the {MAX_BLOB_COUNT} a blob may "
+            "hold (Caffe's INT_MAX); the file is corrupt"
+        )
+    return shape
+
+
+def _blob_value_field(blob: caffe_pb2.BlobProto, diff: bool) -> tuple[str, int]:
+    """The field ``blob_to_array`` reads and how many values it holds."""
+    doubles = blob.double_diff if diff else blob.double_data
+    if len(doubles) > 0:
+        return ("double_diff" if diff else "double_data"), len(doubles)
+    return ("diff" if diff else "data"), len(blob.diff if diff else blob.data)
+
+
+def check_blob(blob: caffe_pb2.BlobProto, what: str = "blob", *, error=FormatError) -> tuple[int, ...]:
+    """``check_blob_shape``, and the number of stored values must equal the shape's count."""
+    shape = check_blob_shape(blob, what, error=error)
+    field, n = _blob_value_field(blob, False)
+    count = math.prod(shape)
+    if n != count:
+        raise error(f"{what}: shape {shape} needs {count} values but '{field}' holds {n}")
+    return shape
+
+
 def blob_to_array(blob: caffe_pb2.BlobProto, *, diff: bool = False, what: str = "blob") -> np.ndarray:
     """The values of ``blob`` as a NumPy array of the blob's shape.
 
     ``double_data`` is used when non-empty (array float64), else ``data`` (float32); with
     ``diff=True`` the same for ``double_diff`` / ``diff``. The shape is the legacy
     (num, channels, height, width) when any of those is set, else ``shape.dim`` (empty: a
-    0-d scalar), as Caffe's ``Blob::FromProto``. The number of values must equal the shape's
-    count; otherwise ``FormatError`` (``what`` names the blob in the message).
+    0-d scalar), as Caffe's ``Blob::FromProto``. The shape is checked first
+    (``check_blob_shape``); the number of values must equal the shape's count; otherwise
+    ``FormatError`` (``what`` names the blob in the message).
     """
-    doubles = blob.double_diff if diff else blob.double_data
-    floats = blob.diff if diff else blob.data
-    if len(doubles) > 0:
+    shape = check_blob_shape(blob, what)
+    count = math.prod(shape)
+    field, n = _blob_value_field(blob, diff)
+    if n != count:
+        raise FormatError(f"{what}: shape {shape} needs {count} values but '{field}' holds {n}")
+    if field.startswith("double"):
         values = _packed_values(blob, 9 if diff else 8, "<f8")
         if values is None:
-            values = np.array(doubles, dtype=np.float64)
+            values = np.array(blob.double_diff if diff else blob.double_data, dtype=np.float64)
     else:
-        values = _packed_values(blob, 6 if diff else 5, "<f4") if len(floats) else np.zeros(0, np.float32)
+        floats = blob.diff if diff else blob.data
+        values = _packed_values(blob, 6 if diff else 5, "<f4") if n else np.zeros(0, np.float32)
         if values is None:
             values = np.array(floats, dtype=np.float32)
-    shape = _blob_shape(blob)
-    count = int(np.prod(shape, dtype=np.int64))
-    if any(d < 0 for d in shape):
-        raise FormatError(f"{what}: negative dimension in shape {shape}")
-    if values.size != count:
-        field = ("double_diff" if diff else "double_data") if len(doubles) else ("diff" if diff else "data")
-        raise FormatError(f"{what}: shape {shape} needs {count} values but '{field}' holds {values.size}")
     return values.reshape(shape)
 
 

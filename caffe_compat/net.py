@@ -590,6 +590,7 @@ class Net(nn.Module):
         from caffe_compat import io as cio
 
         path = os.fspath(path)
+        cio.check_regular_file(path, "Caffe weights (.caffemodel or .caffemodel.h5)")  # a FIFO must not block
         if path.endswith(".h5"):
             _weights.copy_from_hdf5(self.modules_by_name, path)
         else:
@@ -603,7 +604,11 @@ class Net(nn.Module):
     def load_hdf5(self, path) -> None:
         """pycaffe's ``Net.load_hdf5``: copy weights from Caffe's HDF5 format (``save_hdf5``),
         whatever the file's extension (Caffe's CopyTrainedLayersFromHDF5)."""
-        _weights.copy_from_hdf5(self.modules_by_name, os.fspath(path))
+        from caffe_compat import io as cio
+
+        path = os.fspath(path)
+        cio.check_regular_file(path, "Caffe HDF5 weights")
+        _weights.copy_from_hdf5(self.modules_by_name, path)
 
     def share_trained_layers_with(self, other: Net) -> None:
         """Use ``other``'s parameter tensors for layers of the same name (Caffe's ShareTrainedLayersWith)."""

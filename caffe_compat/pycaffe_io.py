@@ -191,7 +191,12 @@ def _read_rgb(filename) -> np.ndarray:
         buf = np.frombuffer(data, np.uint8)
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
     else:
-        img = cv2.imread(os.fspath(filename), cv2.IMREAD_UNCHANGED)
+        from caffe_compat.data.image_list import _check_image_file, imread
+
+        filename = os.fspath(filename)
+        if os.path.exists(filename):
+            _check_image_file(filename, "load_image: ")
+        img = imread(filename, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DataError(f"load_image: cannot read {what} (missing, or not an image OpenCV can decode)")
     if img.ndim == 3:

@@ -32,8 +32,9 @@ def _shapes_match(bp, src_shape: tuple, dst_shape: tuple) -> bool:
 
 def copy_from_proto(layer_dict: dict, src, source: str = "<NetParameter>") -> None:
     """Copy the blobs of ``src``'s layers into the layers of the same name (others are skipped,
-    as Caffe logs "Ignoring source layer"); a blob count or shape mismatch raises, naming the
-    layer, the blob index and both shapes."""
+    as Caffe logs "Ignoring source layer"). Every blob is read and checked first (count, shape,
+    values), so a mismatch — named by layer, blob index and both shapes — loads nothing."""
+    staged = []
     for lp in src.layer:
         if lp.name not in layer_dict:
             log.info("Ignoring source layer %s", lp.name)
@@ -45,7 +46,7 @@ def copy_from_proto(layer_dict: dict, src, source: str = "<NetParameter>") -> No
                 f"layer has {len(target.blobs)}: incompatible number of blobs"
             )
         for k, bp in enumerate(lp.blobs):
-            arr = cio.blob_to_array(bp)
+            arr = cio.blob_to_array(bp, what=f"{source}: layer {lp.name!r} blob {k}")
             p = target.blobs[k]
             if not _shapes_match(bp, arr.shape, tuple(p.shape)):
                 raise NetError(
@@ -54,46 +55,44 @@ def copy_from_proto(layer_dict: dict, src, source: str = "<NetParameter>") -> No
                     f"{list(p.shape)}. To learn this layer's parameters from scratch rather than "
                     f"copying from a saved net, rename the layer."
                 )
-            with torch.no_grad():
-                p.data.copy_(torch.from_numpy(np.ascontiguousarray(arr).reshape(tuple(p.shape))))
+            staged.append((p, arr))
+    with torch.no_grad():
+        for p, arr in staged:
+            p.data.copy_(torch.from_numpy(np.ascontiguousarray(arr).reshape(tuple(p.shape))))
+
+
+def _shared_indices(layer_dict: dict) -> dict[str, tuple[int, list[int]]]:
+    """Per layer: its number of blobs and the indices of those it shares from an earlier layer
+    (written under their owner in Caffe's HDF5 weights)."""
+    seen: set[int] = set()
+    out = {}
+    for name, layer in layer_dict.items():
+        shared = [k for k, p in enumerate(layer.blobs) if id(p) in seen]
+        seen.update(id(p) for p in layer.blobs)
+        out[name] = (len(layer.blobs), shared)
+    return out
 
 
 def copy_from_hdf5(layer_dict: dict, path: str) -> None:
-    """Caffe's CopyTrainedLayersFromHDF5: datasets ``data/<layer>/<k>``."""
-    import h5py
-
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise NetError(f"{path}: cannot be read as Caffe HDF5 weights ({e})") from None
-    with f:
-        if "data" not in f:
-            raise NetError(f"{path}: not a Caffe HDF5 weights file (no 'data' group)")
-        g = f["data"]
-        for lname in g:
-            if lname not in layer_dict:
-                log.info("Ignoring source layer %s", lname)
-                continue
-            target = layer_dict[lname]
-            lg = g[lname]
-            if len(lg) == 0:
-                continue
-            if len(lg) > len(target.blobs):
+    """Caffe's CopyTrainedLayersFromHDF5 (datasets ``data/<layer>/<k>``): the whole file read
+    and checked first (``io.read_caffemodel_h5``), never loaded partially."""
+    weights = cio.read_caffemodel_h5(path, layers=_shared_indices(layer_dict))
+    staged = []
+    for lname, blobs in weights.items():
+        if lname not in layer_dict:
+            log.info("Ignoring source layer %s", lname)
+            continue
+        target = layer_dict[lname]
+        for k, arr in blobs.items():
+            p = target.blobs[k]
+            if arr.size != p.numel():
                 raise NetError(
-                    f"{path}: layer {lname!r}: {len(lg)} blob(s) in the file, {len(target.blobs)} in the net"
+                    f"{path}: layer {lname!r} blob {k}: shape {list(arr.shape)} in the file, {list(p.shape)} in the net"
                 )
-            for k in range(len(target.blobs)):
-                if str(k) not in lg:  # a shared parameter, written under its owner
-                    continue
-                arr = np.asarray(lg[str(k)])
-                p = target.blobs[k]
-                if arr.size != p.numel():
-                    raise NetError(
-                        f"{path}: layer {lname!r} blob {k}: shape {list(arr.shape)} in the file, "
-                        f"{list(p.shape)} in the net"
-                    )
-                with torch.no_grad():
-                    p.data.copy_(torch.from_numpy(arr.astype(np.float32).reshape(tuple(p.shape))))
+            staged.append((p, arr))
+    with torch.no_grad():
+        for p, arr in staged:
+            p.data.copy_(torch.from_numpy(arr.astype(np.float32).reshape(tuple(p.shape))))
 
 
 def to_proto(name: str, layers, write_diff: bool = False):

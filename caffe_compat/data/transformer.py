@@ -11,7 +11,8 @@ Caffe's ``src/caffe/data_transformer.cpp``, in its order of operations. For one 
 ``mean`` is either the full-size (uncropped) ``mean_file`` image indexed at the *source*
 position ``[c, h + h_off, w + w_off]``, or ``mean_value`` (one value for every channel, or one per
 channel), never both. Arithmetic is float32 as in Caffe (``Dtype`` float), so results are
-bit-identical for the same offsets and mirror decision; the random draws come from a NumPy
+bit-identical for the same offsets and mirror decision; the data layers draw them from the
+record's own counter-based words (``caffe_compat.data.streams``), a direct user from a NumPy
 ``Generator`` (Caffe uses boost's mt19937, so only the distribution can match).
 
 Encoded Datums are decoded with OpenCV as Caffe does: ``force_color`` → ``IMREAD_COLOR``,
@@ -27,6 +28,7 @@ import os
 import cv2
 import numpy as np
 
+from caffe_compat.data.streams import coin, uniform_int
 from caffe_compat.errors import DataError
 
 __all__ = ["DataTransformer", "datum_to_array", "decode_image", "image_to_chw", "load_mean_file"]
@@ -82,10 +84,13 @@ def load_mean_file(path: str) -> np.ndarray:
     """Read a mean ``.binaryproto`` (Caffe's ``BlobProto``) as a float32 C×H×W array."""
     from caffe_compat.io import blob_to_array, read_blobproto
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"mean_file {path!r} not found (relative paths are read from {os.getcwd()!r})")
+    from caffe_compat.io import check_regular_file
+
+    check_regular_file(path, "a mean_file (.binaryproto)", error=DataError)
     try:
-        arr = np.asarray(blob_to_array(read_blobproto(path)), dtype=np.float32)
+        arr = np.asarray(blob_to_array(read_blobproto(path), what=f"mean_file {path!r}"), dtype=np.float32)
     except DataError:
         raise
     except Exception as e:  # a FormatError from io, or protobuf's DecodeError
@@ -106,7 +111,8 @@ class DataTransformer:
     Datums only; Caffe logs an error and ignores them for raw Datums, as we do).
 
     ``transform(x)`` maps a C×H×W image to a float32 C×h×w array (h = w = crop_size when cropping).
-    ``rng`` (a NumPy Generator) draws the mirror decision and, in TRAIN, the crop offsets.
+    ``rng`` (a NumPy Generator) draws the mirror decision and, in TRAIN, the crop offsets, unless
+    ``draw`` is given the record's words (the data layers do: see ``caffe_compat.data.streams``).
     ``where`` prefixes error messages (the layer's name).
     """
 
@@ -147,19 +153,8 @@ class DataTransformer:
 
     @property
     def random(self) -> bool:
-        """Whether ``transform`` draws from ``rng`` (``mirror``, or ``crop_size`` in TRAIN)."""
+        """Whether ``transform`` draws random numbers (``mirror``, or ``crop_size`` in TRAIN)."""
         return self.mirror or bool(self.crop_size and self.train)
-
-    def skip(self, chw: tuple[int, int, int]) -> None:
-        """Make the random draws ``transform`` would make for a C×H×W image, without
-        transforming: a data layer skipping an image (another process's share) keeps the same
-        random stream as if it had transformed it."""
-        _, h, w = chw
-        if self.mirror:
-            self.rng.integers(2)
-        if self.crop_size and self.train and h >= self.crop_size and w >= self.crop_size:
-            self.rng.integers(h - self.crop_size + 1)
-            self.rng.integers(w - self.crop_size + 1)
 
     def decode(self, datum, *, where: str) -> np.ndarray:
         """A Datum's C×H×W pixels, decoded with this transformer's force_color/force_gray."""
@@ -168,18 +163,28 @@ class DataTransformer:
             log.warning("%s: force_color and force_gray only apply to encoded Datums; ignored", self.where)
         return datum_to_array(datum, self.force_color, self.force_gray, where=where)
 
-    def draw(self, chw: tuple[int, int, int], *, where: str = "") -> tuple[bool, int, int]:
+    def draw(self, chw: tuple[int, int, int], *, where: str = "", words=None) -> tuple[bool, int, int]:
         """The random draws (and checks) ``transform`` makes for a C×H×W image, in Caffe's order:
-        ``(do_mirror, h_off, w_off)``. Raises a DataError when the crop or the mean does not fit."""
+        ``(do_mirror, h_off, w_off)``. Raises a DataError when the crop or the mean does not fit.
+
+        ``words`` (the record's four uint64 words from ``caffe_compat.data.streams``, as the data
+        layers pass them): the mirror coin is word 0, the crop offsets words 1 and 2, so a
+        record's draws depend on the record alone. Without ``words`` they come from ``rng``."""
         c, h, w = chw
         where = where or self.where
-        do_mirror = self.mirror and int(self.rng.integers(2)) == 1
+        if words is not None:
+            do_mirror = self.mirror and coin(words[0])
+        else:
+            do_mirror = self.mirror and int(self.rng.integers(2)) == 1
         h_off = w_off = 0
         if self.crop_size:
             crop = self.crop_size
             if h < crop or w < crop:
                 raise DataError(f"{where}: crop_size {crop} is larger than the {h}×{w} image")
-            if self.train:
+            if self.train and words is not None:
+                h_off = uniform_int(words[1], h - crop + 1)
+                w_off = uniform_int(words[2], w - crop + 1)
+            elif self.train:
                 h_off = int(self.rng.integers(h - crop + 1))
                 w_off = int(self.rng.integers(w - crop + 1))
             else:

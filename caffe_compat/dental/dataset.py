@@ -132,10 +132,33 @@ def _gray01(img: np.ndarray, where: str) -> np.ndarray:
 def _read_image(path: str, where: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise DataError(f"{where}: image file {path!r} not found")
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    from caffe_compat.data.image_list import imread
+
+    img = imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DataError(f"{where}: image file {path!r} could not be decoded (not an image OpenCV reads)")
     return img
+
+
+class _rows_with_line_numbers:
+    """A ``csv.reader`` whose unreadable line (a NUL byte, an unterminated quote) is reported as
+    ``file:line`` instead of ``csv.Error``."""
+
+    def __init__(self, reader, path: str):
+        self.reader, self.path = reader, path
+
+    @property
+    def line_num(self) -> int:
+        return self.reader.line_num
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[str]:
+        try:
+            return next(self.reader)
+        except csv.Error as e:
+            raise DataError(f"{self.path}:{self.reader.line_num + 1}: unreadable CSV line ({e})") from None
 
 
 def read_dataset(folder: str, csv_path: str | None = None, *, include_unlisted: bool = True) -> list[Sample]:
@@ -147,16 +170,21 @@ def read_dataset(folder: str, csv_path: str | None = None, *, include_unlisted: 
     csv_path = os.fspath(csv_path) if csv_path else os.path.join(folder, "landmarks.csv")
     if not os.path.isdir(folder):
         raise DataError(f"data folder {folder!r} not found")
-    if not os.path.isfile(csv_path):
+    if not os.path.exists(csv_path):
         raise DataError(
             f"landmark CSV {csv_path!r} not found; write one with the header {','.join(CSV_COLUMNS)} "
             "(see docs/paper.md)"
         )
+    from caffe_compat.io import check_regular_file
+
+    check_regular_file(csv_path, "a landmark CSV", error=DataError)
     problems: list[str] = []
     samples: list[Sample] = []
     seen: dict[str, int] = {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+    # Image names are bytes, as Caffe reads its lists: a name that is not UTF-8 (Latin-1...) is
+    # decoded as os.fsdecode does (surrogateescape), so it opens the file of those bytes.
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = _rows_with_line_numbers(csv.reader(f), csv_path)
         header = next(reader, None)
         if header is None:
             raise DataError(f"{csv_path}:1:1: empty file; the first line must be the header {','.join(CSV_COLUMNS)}")
@@ -176,6 +204,9 @@ def read_dataset(folder: str, csv_path: str | None = None, *, include_unlisted: 
             def bad(name: str, msg: str, line: int = line) -> None:
                 problems.append(f"{csv_path}:{line}:{col[name] + 1} (column {name!r}): {msg}")
 
+            if any("\x00" in c for c in row):
+                problems.append(f"{csv_path}:{line}: unreadable line: it holds a NUL byte")
+                continue
             if len(row) != len(header):
                 problems.append(f"{csv_path}:{line}: {len(row)} fields, the header has {len(header)}")
                 continue

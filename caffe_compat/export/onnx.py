@@ -1094,6 +1094,5 @@ def locate_divergence(
 
 
 # the converters of the forks' layers register themselves in the table above
-from caffe_compat.export import onnx_ssd  # noqa: E402, F401
-# converters of the forks' layers register themselves (caffe_compat/export/onnx_forks.py)
-from caffe_compat.export import onnx_forks  # noqa: E402, F401
+# (caffe_compat/export/onnx_ssd.py, caffe_compat/export/onnx_forks.py)
+from caffe_compat.export import onnx_forks, onnx_ssd  # noqa: E402, F401

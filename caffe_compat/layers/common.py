@@ -11,6 +11,7 @@ when the net is later reshaped.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -897,6 +898,38 @@ def _shape_of(blob_shape) -> tuple[int, ...]:
     return tuple(int(d) for d in blob_shape.dim)
 
 
+def _check_top_shape(layer: Layer, shape: tuple[int, ...], what: str) -> None:
+    """Refuse a top shape Caffe's ``Blob::Reshape`` would refuse (more than 32 axes, a negative
+    dimension, more than INT_MAX elements) or one larger than this machine's memory, naming the
+    layer and the bytes it would need, before anything is allocated."""
+    from caffe_compat.io import MAX_BLOB_AXES, MAX_BLOB_COUNT
+
+    if len(shape) > MAX_BLOB_AXES:
+        raise layer.error(f"{what}: shape has {len(shape)} axes; Caffe allows at most {MAX_BLOB_AXES}")
+    if any(d < 0 for d in shape):
+        raise layer.error(f"{what}: negative dimension in shape {list(shape)}")
+    count = math.prod(shape)
+    nbytes = 4 * count
+    if count > MAX_BLOB_COUNT:
+        raise layer.error(
+            f"{what}: shape {list(shape)} has {count} elements ({nbytes} bytes as float32), more than the "
+            f"{MAX_BLOB_COUNT} a blob may hold (Caffe's INT_MAX); make it smaller"
+        )
+    memory = _physical_memory()
+    if memory and nbytes > memory:
+        raise layer.error(
+            f"{what}: shape {list(shape)} needs {nbytes} bytes as float32, more than this machine's "
+            f"{memory} bytes of memory; make it smaller"
+        )
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 class _SourceLayer(Layer):
     """A layer without bottoms whose tops follow the dtype/device the layer was moved to."""
 
@@ -950,6 +983,8 @@ class InputLayer(_SourceLayer):
         if not shapes:
             shapes = [(0,)]
         self.shapes = shapes * n if len(shapes) == 1 else shapes
+        for top, shape in zip(self.param.top, self.shapes):
+            _check_top_shape(self, shape, f"input_param.shape of top {top!r}")
 
     def top_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         return list(self.shapes)
@@ -1002,6 +1037,8 @@ class DummyDataLayer(_SourceLayer):
                     f"dummy_data_param: must specify 'shape' once, or once per top blob ({n}); specified {len(p.shape)}"
                 )
             self.shapes = [_shape_of(p.shape[i if len(p.shape) > 1 else 0]) for i in range(n)]
+        for top, shape in zip(self.param.top, self.shapes):
+            _check_top_shape(self, shape, f"dummy_data_param shape of top {top!r}")
         if nf == 0:
             fp = caffe_pb2.FillerParameter(type="constant", value=0.0)
             self.fillers = [fp] * n

@@ -5,11 +5,13 @@ calls it once per net forward. They override ``top_shapes`` (the shapes Caffe gi
 setup, from the first record) so that shape inference reads nothing. Paths in the prototxt are
 relative to the working directory, as in Caffe.
 
-Randomness (shuffling, ``rand_skip``, the transformer's mirror and crop offsets) comes from NumPy
-Generators seeded at construction from torch's global RNG, so ``caffe_compat.set_random_seed``
-(or ``torch.manual_seed``) before building the net reproduces every batch. Caffe seeds its
-per-layer RNGs from its global RNG the same way; the bits differ (boost mt19937), the
-distributions are Caffe's.
+Randomness (shuffling, ``rand_skip``, the transformer's mirror and crop offsets) comes from one
+seed drawn at construction from torch's global RNG, so ``caffe_compat.set_random_seed`` (or
+``torch.manual_seed``) before building the net reproduces every batch. Caffe seeds its per-layer
+RNGs from its global RNG the same way; the bits differ (boost mt19937), the distributions are
+Caffe's. The streams are counter-based (``caffe_compat.data.streams``): record *k*'s crop and
+mirror are drawn from (seed, k), the shuffle of pass *e* from (seed, e), so a position in the
+stream is reached without replaying the draws before it.
 
 Data and ImageData prepare batches in a background thread, ``data_param.prefetch`` (default 4)
 batches ahead, as Caffe's BasePrefetchingDataLayer; batch k is the same with or without
@@ -22,32 +24,45 @@ its train net's data layers): process ``rank`` of ``world_size`` keeps batches `
 ``rank + world_size``, ``rank + 2 world_size``... of the stream the layer would produce alone, so
 every example is read once per epoch across processes and N processes × ``batch_size`` see what
 one process with ``iter_size: N`` sees. Skipped batches are not assembled: rows/records are
-stepped over, and only the random draws they would have used (shuffles, crops, mirrors) are
-made, so the kept batches are bit-identical to the single-process ones. ``skip_batches(n)``
-(used when resuming) skips ``n`` of the layer's own (sharded) batches the same cheap way.
+stepped over, and since every record's draws depend on its position alone, the kept batches are
+bit-identical to the single-process ones. ``skip_batches(n)``
+(used when resuming) skips ``n`` of the layer's own (sharded) batches, in O(1) of ``n``: HDF5Data
+and MemoryData by index arithmetic (HDF5Data reads the files' row counts from their metadata),
+ImageData by list index, Data by moving the cursor without parsing a record (at most one pass
+over the keys), WindowData by its item counter; nothing is decoded and no draw is replayed.
 Deliberate difference: Caffe 1.0 interleaves *records* between solvers (record i goes to
 solver i mod N); we interleave *batches*, which makes N processes equal ``iter_size: N``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import weakref
 
 import numpy as np
 import torch
 
-from caffe_compat.data.hdf5 import append_hdf5, create_hdf5, load_hdf5_file, read_hdf5_source
+from caffe_compat.data.hdf5 import append_hdf5, count_hdf5_rows, create_hdf5, load_hdf5_file, read_hdf5_source
 from caffe_compat.data.image_list import read_image, read_image_list
 from caffe_compat.data.leveldb_db import LevelDBReader
 from caffe_compat.data.lmdb_db import LMDBReader, open_reader
 from caffe_compat.data.prefetch import Prefetcher
+from caffe_compat.data.streams import RecordDraws, permutation
 from caffe_compat.data.transformer import DataTransformer
 from caffe_compat.data.workers import Failed, map_in_order
 from caffe_compat.errors import DataError
 from caffe_compat.layers.base import Layer, register_layer
 
-__all__ = ["DataLayer", "HDF5DataLayer", "HDF5OutputLayer", "ImageDataLayer", "MemoryDataLayer"]
+__all__ = [
+    "DataLayer",
+    "HDF5DataLayer",
+    "HDF5OutputLayer",
+    "ImageDataLayer",
+    "MemoryDataLayer",
+    "output_files_disabled",
+]
 
 _LEGACY_TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
 
@@ -116,13 +131,12 @@ class _BaseDataLayer(Layer):
     def top_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         return [tuple(s) for s in self._shapes]
 
-    def _rngs(self) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
-        """Independent NumPy Generators (transform, order, skip), seeded from one draw of torch's
-        global RNG. Every layer type spawns the same three, so for one seed the Data and the
-        ImageData layer draw the same crops and mirrors."""
+    def _seed(self) -> tuple[int, np.random.Generator]:
+        """The seed of this layer's counter-based streams (``caffe_compat.data.streams``: stream 0
+        the transformer's per-record draws, 1 the shuffles, 2 HDF5Data's row shuffles), from one
+        draw of torch's global RNG, and a Generator for the one-off ``rand_skip`` draw."""
         seed = int(torch.randint(0, 2**62, (1,)).item())
-        transform, order, skip = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-        return transform, order, skip
+        return seed, np.random.default_rng(np.random.SeedSequence([seed, 3]))
 
     def _data_error(self, e: DataError) -> DataError:
         return DataError(f"layer {self.name!r} ({self.type}): {e}")
@@ -187,12 +201,13 @@ class _ShardedSource:
         return self.source()
 
 
-def _assemble_batch(items, load, transformer, mismatch) -> tuple[np.ndarray, np.ndarray]:
+def _assemble_batch(items, load, transformer, mismatch, words=None) -> tuple[np.ndarray, np.ndarray]:
     """One batch of ``len(items)`` records (read in order by the caller): ``load(item)`` ->
     ``(C×H×W array, label, where)`` runs on the data threads (``data.workers``); the checks and the
     transformer's random draws happen here in record order, as one image at a time would make
     them; the transforms run on the data threads again. Caffe shapes the batch by its first
-    record; ``mismatch(k, where, shape_k, first_shape)`` words the error for another size."""
+    record; ``mismatch(k, where, shape_k, first_shape)`` words the error for another size.
+    ``words[k]``: record k's random words (``data.streams``) for the transformer's draws."""
     loaded = map_in_order(load, items)
     bs = len(items)
     data = labels = shape = None
@@ -208,7 +223,7 @@ def _assemble_batch(items, load, transformer, mismatch) -> tuple[np.ndarray, np.
             labels = np.empty((bs,), dtype=np.float32)
         elif out_shape != shape:
             raise DataError(mismatch(k, where, out_shape, shape))
-        drawn.append(transformer.draw(x.shape, where=where))
+        drawn.append(transformer.draw(x.shape, where=where, words=None if words is None else words[k]))
         images.append(x)
         labels[k] = label
 
@@ -225,18 +240,31 @@ def _assemble_batch(items, load, transformer, mismatch) -> tuple[np.ndarray, np.
 
 
 class _ImageListSource:
-    """Produces ImageData batches: (data N×C×H×W, labels N), walking the list with wrap-around."""
+    """Produces ImageData batches: (data N×C×H×W, labels N), walking the list with wrap-around.
 
-    def __init__(self, entries, list_file, root, p, transformer, rng, start, order):
+    Record ``k`` of the stream is list position ``p = start + k``: pass ``p // N``, entry
+    ``order_pass[p % N]`` (``order_pass``: the identity, or with ``shuffle`` the permutation of
+    that pass from ``streams.permutation``); its crop and mirror come from its own words
+    (``streams.RecordDraws``). Skipping is arithmetic on ``k``: nothing is read or drawn."""
+
+    def __init__(self, entries, list_file, root, p, transformer, seed, start):
         self.entries, self.list_file, self.root = entries, list_file, root
         self.new_height, self.new_width, self.is_color = int(p.new_height), int(p.new_width), bool(p.is_color)
         self.batch_size = int(p.batch_size)
         self.shuffle = bool(p.shuffle)
-        self.transformer, self.rng = transformer, rng
-        self.pos, self.order = start, order
+        self.transformer, self.seed = transformer, seed
+        self.draws = RecordDraws(seed, 0)
+        self.start, self.k = start, 0
+        self._pass, self._order = -1, None
 
-    def read(self, i: int) -> tuple[np.ndarray, int, str]:
-        return self.read_entry(self.entries[self.order[i]])
+    def entry(self, k: int):
+        """The list entry of record ``k`` of the stream."""
+        pass_, i = divmod(self.start + k, len(self.entries))
+        if not self.shuffle:
+            return self.entries[i]
+        if pass_ != self._pass:
+            self._pass, self._order = pass_, permutation(self.seed, 1, pass_, len(self.entries))
+        return self.entries[self._order[i]]
 
     def read_entry(self, entry) -> tuple[np.ndarray, int, str]:
         path, label, lineno = entry
@@ -251,10 +279,9 @@ class _ImageListSource:
         return img, label, where
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray]:
-        entries = []
-        for _ in range(self.batch_size):  # the walk (and its reshuffles) in order
-            entries.append(self.entries[self.order[self.pos]])
-            self._advance()
+        entries = [self.entry(self.k + i) for i in range(self.batch_size)]
+        words = self.draws.block(self.k, self.batch_size) if self.transformer.random else None
+        self.k += self.batch_size
 
         def mismatch(k, where, out_shape, shape):
             return (
@@ -263,26 +290,11 @@ class _ImageListSource:
                 "or batch_size 1"
             )
 
-        return _assemble_batch(entries, self.read_entry, self.transformer, mismatch)
-
-    def _advance(self) -> None:
-        self.pos += 1
-        if self.pos >= len(self.order):
-            self.pos = 0
-            if self.shuffle:
-                self.rng.shuffle(self.order)
+        return _assemble_batch(entries, self.read_entry, self.transformer, mismatch, words)
 
     def skip(self, n_batches: int) -> None:
-        """Step over ``n_batches`` batches, making only their random draws (an image is read
-        only when a random transform needs its size and no new_height/new_width gives it)."""
-        for _ in range(n_batches * self.batch_size):
-            if self.transformer.random:
-                if self.new_height > 0 and self.new_width > 0:
-                    shape = (3 if self.is_color else 1, self.new_height, self.new_width)
-                else:
-                    shape = self.read(self.pos)[0].shape
-                self.transformer.skip(shape)
-            self._advance()
+        """Step over ``n_batches`` batches: O(1), no image is read, no random draw is made."""
+        self.k += n_batches * self.batch_size
 
 
 @register_layer("ImageData")
@@ -313,22 +325,19 @@ class ImageDataLayer(_PrefetchingDataLayer):
             raise self.error("image_data_param.new_height and new_width must be set together (or neither)")
         if not p.HasField("source"):
             raise self.error("image_data_param.source (the 'path label' list file) is required")
-        transform_rng, shuffle_rng, skip_rng = self._rngs()
+        seed, skip_rng = self._seed()
         try:
             entries = read_image_list(p.source, what="image_data_param.source")
             if not entries:
                 raise DataError(f"image_data_param.source {p.source!r} lists no image")
-            transformer = DataTransformer(self._transform_param(p), self.phase, transform_rng, where=p.source)
-            order = np.arange(len(entries))
-            if p.shuffle:
-                shuffle_rng.shuffle(order)
+            transformer = DataTransformer(self._transform_param(p), self.phase, None, where=p.source)
             start = 0
             if p.rand_skip:
                 start = int(skip_rng.integers(p.rand_skip))
                 if start >= len(entries):
                     raise DataError(f"rand_skip drew {start} but {p.source!r} lists only {len(entries)} images")
-            src = _ImageListSource(entries, p.source, p.root_folder, p, transformer, shuffle_rng, start, order)
-            first, _, _ = src.read(start)
+            src = _ImageListSource(entries, p.source, p.root_folder, p, transformer, seed, start)
+            first, _, _ = src.read_entry(src.entry(0))
             shape = transformer.output_shape(first.shape)
         except DataError as e:
             raise self._data_error(e) from e
@@ -340,13 +349,23 @@ class ImageDataLayer(_PrefetchingDataLayer):
 
 
 class _DatumSource:
-    """Produces Data-layer batches from an LMDB or a LevelDB of Datum records, cycling through the keys."""
+    """Produces Data-layer batches from an LMDB or a LevelDB of Datum records, cycling through the keys.
+
+    ``pos`` counts the records read from the first key (``rand_skip`` included), ``k`` the
+    records of the stream (their random words: ``streams.RecordDraws``). Skipping moves the
+    cursor without parsing a record: a few records by stepping the open cursor, more by opening
+    a new one at ``pos`` (at most one pass over the keys, never one per skipped batch)."""
+
+    #: Skips up to this many records step the open cursor; longer ones reopen it at ``pos``.
+    STEP_LIMIT = 1 << 16
 
     def __init__(
-        self, reader: LMDBReader | LevelDBReader, skip: int, batch_size: int, transformer, output_labels: bool
+        self, reader: LMDBReader | LevelDBReader, skip: int, batch_size: int, transformer, output_labels: bool, seed
     ):
-        self.reader, self.skip_records, self.batch_size = reader, skip, batch_size
+        self.reader, self.pos, self.batch_size = reader, skip, batch_size
         self.transformer, self.output_labels = transformer, output_labels
+        self.draws = RecordDraws(seed, 0)
+        self.k = 0
         self._records = None
 
     def decode(self, key: bytes, value: bytes) -> tuple[np.ndarray, int, str]:
@@ -360,32 +379,24 @@ class _DatumSource:
             raise DataError(f"{where}: record is not a Datum ({e})") from None
         return self.transformer.decode(datum, where=where), datum.label, where
 
-    def _shape(self, key: bytes, value: bytes) -> tuple[int, int, int]:
-        from caffe_compat.proto import caffe_pb2
-
-        datum = caffe_pb2.Datum()
-        try:
-            datum.ParseFromString(value)
-        except Exception:  # protobuf's DecodeError: reported if the record is ever used
-            return (0, 0, 0)
-        if datum.encoded:
-            return self.decode(key, value)[0].shape
-        return (datum.channels, datum.height, datum.width)
-
     def skip(self, n_batches: int) -> None:
-        """Step over ``n_batches`` batches of records, making only their random draws (a
-        record is parsed only when a random transform needs its size)."""
-        if self._records is None:
-            self._records = self.reader.cycle(self.skip_records)
-        for _ in range(n_batches * self.batch_size):
-            key, value = next(self._records)
-            if self.transformer.random:
-                self.transformer.skip(self._shape(key, value))
+        """Step over ``n_batches`` batches of records without parsing them."""
+        n = n_batches * self.batch_size
+        self.k += n
+        self.pos += n
+        if self._records is not None and n <= self.STEP_LIMIT:
+            for _ in range(n):
+                next(self._records)
+        else:
+            self._records = None  # reopened at pos (modulo the number of records) when next read
 
     def __call__(self) -> tuple[np.ndarray, ...]:
         if self._records is None:  # opened in the thread that iterates it
-            self._records = self.reader.cycle(self.skip_records)
+            self._records = self.reader.cycle(self.pos)
         records = [next(self._records) for _ in range(self.batch_size)]  # the cursor, in order
+        words = self.draws.block(self.k, self.batch_size) if self.transformer.random else None
+        self.pos += self.batch_size
+        self.k += self.batch_size
 
         def mismatch(k, where, out_shape, shape):
             return (
@@ -393,7 +404,7 @@ class _DatumSource:
                 f"{'×'.join(map(str, shape))}; records of one batch must have one size"
             )
 
-        data, labels = _assemble_batch(records, lambda kv: self.decode(*kv), self.transformer, mismatch)
+        data, labels = _assemble_batch(records, lambda kv: self.decode(*kv), self.transformer, mismatch, words)
         return (data, labels) if self.output_labels else (data,)
 
 
@@ -425,15 +436,15 @@ class DataLayer(_PrefetchingDataLayer):
             raise self.error("data_param.batch_size is required and must be positive")
         if not p.HasField("source"):
             raise self.error("data_param.source (the LMDB or LevelDB directory) is required")
-        transform_rng, _, skip_rng = self._rngs()
+        seed, skip_rng = self._seed()
         try:
             reader = open_reader(p.backend, p.source)
             tp = self._transform_param(p)
             if p.force_encoded_color:
                 tp.force_color = True
-            transformer = DataTransformer(tp, self.phase, transform_rng, where=p.source)
+            transformer = DataTransformer(tp, self.phase, None, where=p.source)
             skip = int(skip_rng.integers(p.rand_skip)) if p.rand_skip else 0
-            src = _DatumSource(reader, skip, int(p.batch_size), transformer, len(self.param.top) > 1)
+            src = _DatumSource(reader, skip, int(p.batch_size), transformer, len(self.param.top) > 1, seed)
             x, _, _ = src.decode(*reader.first())
             shape = transformer.output_shape(x.shape)
         except DataError as e:
@@ -473,22 +484,40 @@ class HDF5DataLayer(_BaseDataLayer):
             raise self.error("hdf5_data_param.batch_size is required and must be positive")
         if not p.HasField("source"):
             raise self.error("hdf5_data_param.source (a text file listing .h5 files) is required")
-        _, self._rng, _ = self._rngs()
+        self._seed_value, _ = self._seed()
         self._shuffle = bool(p.shuffle)
         self._batch_size = int(p.batch_size)
         self._names = list(self.param.top)
         self._row_shapes: list[tuple[int, ...]] | None = None
+        self._file_rows: list[int] | None = None
+        self._loaded = -1
         try:
             self._source = p.source
             self._files = read_hdf5_source(p.source)
-            self._file_perm = np.arange(len(self._files))
-            if self._shuffle:
-                self._rng.shuffle(self._file_perm)
-            self._current_file = 0
-            self._load(self._file_perm[0])
+            self._pass, self._slot = 0, 0
+            self._open(0, 0, 0)
         except DataError as e:
             raise self._data_error(e) from e
         self._shapes = [(self._batch_size, *s) for s in self._row_shapes]
+
+    def _file_order(self, pass_: int) -> np.ndarray:
+        """The order of the files in pass ``pass_`` (shuffled per pass with ``shuffle``)."""
+        if self._shuffle and len(self._files) > 1:
+            return permutation(self._seed_value, 1, pass_, len(self._files))
+        return np.arange(len(self._files))
+
+    def _open(self, pass_: int, slot: int, row: int) -> None:
+        """Position the layer at row ``row`` of the ``slot``-th file of pass ``pass_``: load the
+        file (unless it is the one loaded) and draw its row order for this pass and slot."""
+        index = int(self._file_order(pass_)[slot])
+        if index != self._loaded:
+            self._load(index)
+        n = self._arrays[0].shape[0]
+        if self._shuffle:
+            self._row_perm = permutation(self._seed_value, 2, pass_ * len(self._files) + slot, n)
+        else:
+            self._row_perm = np.arange(n)
+        self._pass, self._slot, self._current_row = pass_, slot, row
 
     def _load(self, index: int) -> None:
         arrays = load_hdf5_file(self._files[index], self._names, source=self._source, index=int(index))
@@ -501,32 +530,43 @@ class HDF5DataLayer(_BaseDataLayer):
                 f"HDF5 file {self._files[index]!r} (entry {index + 1} of {self._source!r}): dataset "
                 f"{self._names[bad]!r} has rows of shape {shapes[bad]}, the first file's have {self._row_shapes[bad]}"
             )
+        if self._file_rows is not None and self._file_rows[index] != arrays[0].shape[0]:
+            raise DataError(
+                f"HDF5 file {self._files[index]!r} (entry {index + 1} of {self._source!r}) now has "
+                f"{arrays[0].shape[0]} rows, {self._file_rows[index]} when the layer counted them; was it changed?"
+            )
         self._arrays = arrays
-        self._row_perm = np.arange(arrays[0].shape[0])
-        if self._shuffle:
-            self._rng.shuffle(self._row_perm)
-        self._current_row = 0
+        self._loaded = index
 
     def _end_of_file(self) -> None:
-        if len(self._files) > 1:
-            self._current_file += 1
-            if self._current_file == len(self._files):
-                self._current_file = 0
-                if self._shuffle:
-                    self._rng.shuffle(self._file_perm)
-            self._load(self._file_perm[self._current_file])
+        if self._slot + 1 < len(self._files):
+            self._open(self._pass, self._slot + 1, 0)
         else:
-            if self._shuffle:
-                self._rng.shuffle(self._row_perm)
-            self._current_row = 0
+            self._open(self._pass + 1, 0, 0)
+
+    def _rows_per_file(self) -> list[int]:
+        """Every listed file's number of rows (read from the HDF5 metadata, once)."""
+        if self._file_rows is None:
+            rows = [count_hdf5_rows(f, self._names[0], source=self._source, index=i) for i, f in enumerate(self._files)]
+            self._file_rows = rows
+        return self._file_rows
 
     def _skip_rows(self, n: int) -> None:
-        while n > 0:
-            step = min(n, len(self._row_perm) - self._current_row)
-            self._current_row += step
-            n -= step
-            if self._current_row == len(self._row_perm):
-                self._end_of_file()
+        """Step over ``n`` rows by index arithmetic: at most one file is loaded."""
+        if self._current_row + n < len(self._row_perm):
+            self._current_row += n
+            return
+        rows = self._rows_per_file()
+        order = self._file_order(self._pass)
+        offset = sum(rows[int(i)] for i in order[: self._slot]) + self._current_row + n  # within this pass
+        pass_, offset = self._pass + offset // sum(rows), offset % sum(rows)
+        slot = 0
+        for index in self._file_order(pass_):
+            if offset < rows[int(index)]:
+                break
+            offset -= rows[int(index)]
+            slot += 1
+        self._open(pass_, slot, offset)
 
     def forward(self) -> tuple[torch.Tensor, ...]:
         bs = self._batch_size
@@ -636,17 +676,40 @@ def _legacy_4d(shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
     return tuple(shape) + (1,) * (4 - len(shape))  # type: ignore[return-value]
 
 
+_OUTPUT_FILES_OFF = threading.local()
+
+
+@contextlib.contextmanager
+def output_files_disabled():
+    """Within this block (in this thread) HDF5Output layers write nothing: for tools that run a
+    net only to look at it or time it (``caffe time``), so that the files the net names are
+    never created, truncated or appended to. Nestable."""
+    depth = getattr(_OUTPUT_FILES_OFF, "depth", 0)
+    _OUTPUT_FILES_OFF.depth = depth + 1
+    try:
+        yield
+    finally:
+        _OUTPUT_FILES_OFF.depth = depth
+
+
+def output_files_enabled() -> bool:
+    """False inside :func:`output_files_disabled` (in this thread)."""
+    return getattr(_OUTPUT_FILES_OFF, "depth", 0) == 0
+
+
 @register_layer("HDF5Output")
 class HDF5OutputLayer(Layer):
     """Caffe's HDF5OutputLayer: writes its two bottoms to ``hdf5_output_param.file_name``.
 
-    The file is created (truncated) at setup. Each forward writes bottom 0 to dataset ``data``
-    and bottom 1 to dataset ``label`` (Caffe's names, whatever the bottoms are called), as float32
-    with Caffe's legacy 4-D shape (N, C, H, W; a (N,) label becomes (N, 1, 1, 1)). No tops; no
-    gradient.
+    Each forward writes bottom 0 to dataset ``data`` and bottom 1 to dataset ``label`` (Caffe's
+    names, whatever the bottoms are called), as float32 with Caffe's legacy 4-D shape (N, C, H,
+    W; a (N,) label becomes (N, 1, 1, 1)). No tops; no gradient.
 
-    Difference from Caffe: each forward appends its rows to the datasets (Caffe's second forward
-    fails because the datasets already exist), so a test run collects every batch.
+    Differences from Caffe: the file is created (truncated) on the layer's first forward, not at
+    setup, so building a net to inspect it (``summary``, ``draw_net``) never touches the file;
+    setup only checks that its folder exists. Each forward appends its rows to the datasets
+    (Caffe's second forward fails because the datasets already exist), so a test run collects
+    every batch. Inside :func:`output_files_disabled` (``caffe time``) forward writes nothing.
     """
 
     host_side_effect = "writes its bottoms to a file"
@@ -659,6 +722,7 @@ class HDF5OutputLayer(Layer):
         if not p.file_name:
             raise self.error("hdf5_output_param.file_name is required")
         self.file_name = p.file_name
+        self._created = False
         for i, s in enumerate(bottom_shapes):
             if _legacy_4d(s) is None:
                 raise self.error(f"bottom {i} has {len(s)} axes; HDF5Output writes blobs of at most 4 axes")
@@ -666,10 +730,14 @@ class HDF5OutputLayer(Layer):
             raise self.error(
                 f"data and label bottoms must have the same batch size ({bottom_shapes[0]} vs {bottom_shapes[1]})"
             )
-        try:
-            create_hdf5(self.file_name)
-        except DataError as e:
-            raise self.error(str(e)) from e
+        folder = os.path.dirname(self.file_name) or "."
+        if not os.path.isdir(folder):
+            raise self.error(
+                f"could not create HDF5 file {self.file_name!r}: folder {folder!r} does not exist "
+                f"(hdf5_output_param.file_name; relative paths are read from {os.getcwd()!r})"
+            )
+        if os.path.isdir(self.file_name):
+            raise self.error(f"hdf5_output_param.file_name {self.file_name!r} is a directory; name a file")
 
     def top_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         return []
@@ -680,11 +748,16 @@ class HDF5OutputLayer(Layer):
             raise self.error("HDF5Output writes blobs of at most 4 axes")
         if shapes[0][0] != shapes[1][0]:
             raise self.error(f"data and label must have the same batch size ({shapes[0][0]} vs {shapes[1][0]})")
+        if not output_files_enabled():
+            return ()
         arrays = {
             name: t.detach().to("cpu", torch.float32).numpy().reshape(s)
             for name, t, s in (("data", data, shapes[0]), ("label", label, shapes[1]))
         }
         try:
+            if not self._created:  # Caffe truncates the file at setup; we do it at the first write
+                create_hdf5(self.file_name)
+                self._created = True
             append_hdf5(self.file_name, arrays)
         except DataError as e:
             raise self.error(str(e)) from e

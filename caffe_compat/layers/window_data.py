@@ -29,6 +29,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from caffe_compat.data.image_list import imread
+from caffe_compat.data.streams import RecordDraws, coin, uniform_int
 from caffe_compat.data.transformer import load_mean_file
 from caffe_compat.data.workers import Failed, map_in_order
 from caffe_compat.errors import DataError
@@ -74,10 +76,16 @@ class Window(NamedTuple):
 
 
 def _tokens(source: str):
-    with open(source, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            for tok in line.split():
-                yield tok, lineno
+    """The whitespace-separated tokens of ``source`` with their line, read as bytes as Caffe
+    reads them (a Latin-1 image path is decoded with ``os.fsdecode``)."""
+    from caffe_compat.data.image_list import read_list_bytes
+
+    data = read_list_bytes(source, "window_data_param.source")
+    for lineno, line in enumerate(data.split(b"\n"), start=1):
+        if b"\x00" in line:
+            raise DataError(f"{source}:{lineno}: unreadable line: it holds a NUL byte")
+        for tok in line.split():
+            yield os.fsdecode(tok), lineno
 
 
 def read_window_file(source: str, root_folder: str = "") -> tuple[list[WindowImage], list[Window]]:
@@ -88,7 +96,7 @@ def read_window_file(source: str, root_folder: str = "") -> tuple[list[WindowIma
     file that ends inside a block, a negative window count or a window with ``x2 < x1`` or
     ``y2 < y1``.
     """
-    if not os.path.isfile(source):
+    if not os.path.exists(source):
         raise DataError(f"window_data_param.source {source!r} not found (relative paths are read from {os.getcwd()!r})")
     toks = _tokens(source)
     images: list[WindowImage] = []
@@ -271,7 +279,7 @@ def warp_geometry(
 class _WindowSource:
     """Produces WindowData batches: (data N×C×crop×crop, labels N)."""
 
-    def __init__(self, layer: WindowDataLayer, rng: np.random.Generator):
+    def __init__(self, layer: WindowDataLayer, seed: int):
         self.images, self.fg, self.bg = layer.images, layer.fg_windows, layer.bg_windows
         self.source = layer.source
         self.batch_size, self.num_fg = layer.batch_size, layer.num_fg
@@ -279,22 +287,25 @@ class _WindowSource:
         self.mirror, self.scale, self.channels = layer.mirror, layer.scale, layer.channels
         self.mean, self.mean_off, self.mean_values = layer.mean, layer.mean_off, layer.mean_values
         self.cache = layer.cache
-        self.rng = rng
+        self.draws = RecordDraws(seed, 0)
+        self.k = 0  # the stream's items drawn so far
 
     def draw_batch(self) -> list[tuple[Window, bool]]:
         """The random draws of one batch, in Caffe's order: the background windows first, then
         the foreground ones; per window, its index (uniform, with replacement) then, when
-        ``mirror`` is on, the mirror coin."""
+        ``mirror`` is on, the mirror coin. Item ``k`` of the stream draws from its own words
+        (``streams.RecordDraws``: word 0 the index, word 1 the coin), so skipping is O(1)."""
         drawn = []
+        words = self.draws.block(self.k, self.batch_size)
         for k in range(self.batch_size):
             pool = self.fg if k >= self.batch_size - self.num_fg else self.bg
-            window = pool[int(self.rng.integers(len(pool)))]
-            drawn.append((window, self.mirror and int(self.rng.integers(2)) == 1))
+            window = pool[uniform_int(words[k][0], len(pool))]
+            drawn.append((window, self.mirror and coin(words[k][1])))
+        self.k += self.batch_size
         return drawn
 
     def skip(self, n_batches: int) -> None:
-        for _ in range(n_batches):
-            self.draw_batch()
+        self.k += n_batches * self.batch_size
 
     def read(self, window: Window) -> np.ndarray:
         image = self.images[window.image]
@@ -304,7 +315,7 @@ class _WindowSource:
         else:
             if not os.path.isfile(image.path):
                 raise DataError(f"{where}: image file {image.path!r} not found (working directory {os.getcwd()!r})")
-            img = cv2.imread(image.path, cv2.IMREAD_COLOR)
+            img = imread(image.path, cv2.IMREAD_COLOR)
         if img is None:
             raise DataError(f"{where}: could not decode image {image.path!r} (not an image OpenCV can read)")
         return img
@@ -493,9 +504,9 @@ class WindowDataLayer(_PrefetchingDataLayer):
             self.num_fg,
             self.batch_size,
         )
-        rng, _, _ = self._rngs()
+        seed, _ = self._seed()
         self._shapes = [(self.batch_size, self.channels, crop_size, crop_size), (self.batch_size,)]
-        self._start_prefetch(_WindowSource(self, rng), self.param.data_param.prefetch)
+        self._start_prefetch(_WindowSource(self, seed), self.param.data_param.prefetch)
 
     def _check_images(self, cache_images: bool) -> list[bytes] | None:
         """Check that every image file exists; with ``cache_images``, read their bytes."""

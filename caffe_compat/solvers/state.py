@@ -83,7 +83,7 @@ def write_state(state: SolverStateData, path: str | os.PathLike, hdf5: bool = Fa
     def fill(f) -> None:
         f.create_dataset("iter", data=np.int32(state.iter))
         if state.learned_net is not None:
-            f.create_dataset("learned_net", data=np.bytes_(state.learned_net.encode()))
+            f.create_dataset("learned_net", data=np.bytes_(os.fsencode(state.learned_net)))
         f.create_dataset("current_step", data=np.int32(state.current_step))
         g = f.create_group("history")
         for i, h in enumerate(state.history):
@@ -92,35 +92,86 @@ def write_state(state: SolverStateData, path: str | os.PathLike, hdf5: bool = Fa
     atomic_h5_write(path, fill)
 
 
+def _check_learned_net(state: SolverStateData, path: str) -> SolverStateData:
+    """Refuse a ``learned_net`` that exists but is not a regular file (a FIFO would block the
+    restore, a device would stream without end); a missing one is reported when it is read."""
+    if state.learned_net and os.path.exists(state.learned_net):
+        cio.check_regular_file(state.learned_net, f"the weights named by learned_net in {path}")
+    return state
+
+
 def read_state(path: str | os.PathLike) -> SolverStateData:
-    """Read a ``.solverstate`` (binary) or, for a name ending in ``.h5``, its HDF5 form."""
+    """Read a ``.solverstate`` (binary) or, for a name ending in ``.h5``, its HDF5 form.
+
+    The file (and the ``learned_net`` it names, when that exists) must be a regular file; every
+    HDF5 error names the file and the dataset."""
     path = os.fspath(path)
     if not path.endswith(".h5"):
-        return from_proto(cio.read_solverstate(path), path)
+        return _check_learned_net(from_proto(cio.read_solverstate(path), path), path)
     import h5py
 
-    if not os.path.isfile(path):
-        raise FormatError(f"{path}: no such file (expected a Caffe .solverstate.h5)")
+    cio.check_regular_file(path, "a Caffe .solverstate.h5")
     try:
         f = h5py.File(path, "r")
-    except OSError as e:
+    except Exception as e:  # OSError, or others from a damaged file
         raise FormatError(f"{path}: not a readable HDF5 file ({e})") from None
     with f:
-        for key in ("iter", "current_step", "history"):
-            if key not in f:
-                raise FormatError(f"{path}: not a Caffe HDF5 solver state (no '{key}')")
-        learned = None
-        if "learned_net" in f:
-            raw = f["learned_net"][()]
-            learned = raw.decode() if isinstance(raw, bytes) else str(raw)
-        g = f["history"]
-        n = len(g)
-        missing = [str(i) for i in range(n) if str(i) not in g]
-        if missing:
-            raise FormatError(f"{path}: history datasets must be named 0..{n - 1}; missing {missing}")
-        return SolverStateData(
-            iter=int(np.asarray(f["iter"][()])),
-            learned_net=learned,
-            current_step=int(np.asarray(f["current_step"][()])),
-            history=[np.asarray(g[str(i)], dtype=np.float32) for i in range(n)],
-        )
+        try:
+            return _check_learned_net(_read_h5_state(f, path), path)
+        except FormatError:
+            raise
+        except Exception as e:  # h5py's errors on a damaged file: KeyError, OSError, RuntimeError...
+            raise FormatError(f"{path}: HDF5 error ({e}); the file is corrupt or not a Caffe solver state") from None
+
+
+def _scalar(f, name: str, path: str) -> int:
+    ds = f[name]
+    import h5py
+
+    if not isinstance(ds, h5py.Dataset):
+        raise FormatError(f"{path}: '{name}' is not a dataset")
+    arr = cio.read_h5_dataset(path, ds, f"dataset {name!r}")
+    if arr.size != 1:
+        raise FormatError(f"{path}: dataset {name!r} holds {arr.size} values; expected one integer")
+    value = arr.reshape(()).item()
+    if not float(value).is_integer() or not -(2**31) <= value < 2**31:
+        raise FormatError(f"{path}: dataset {name!r} holds {value}; expected a 32-bit integer")
+    return int(value)
+
+
+def _read_h5_state(f, path: str) -> SolverStateData:
+    import h5py
+
+    for key in ("iter", "current_step", "history"):
+        if key not in f:
+            raise FormatError(f"{path}: not a Caffe HDF5 solver state (no '{key}')")
+    learned = None
+    if "learned_net" in f:
+        raw = f["learned_net"][()]
+        if isinstance(raw, np.ndarray) and raw.dtype.kind in "SO" and raw.size == 1:
+            raw = raw.reshape(()).item()
+        if isinstance(raw, bytes):
+            learned = os.fsdecode(raw)
+        elif isinstance(raw, str):
+            learned = raw
+        else:
+            raise FormatError(f"{path}: dataset 'learned_net' holds {type(raw).__name__}; expected a string")
+    g = f["history"]
+    if not isinstance(g, h5py.Group):
+        raise FormatError(f"{path}: 'history' is not a group of datasets 0, 1, ...")
+    n = len(g)
+    missing = [str(i) for i in range(n) if str(i) not in g]
+    if missing:
+        raise FormatError(f"{path}: history datasets must be named 0..{n - 1}; missing {missing}")
+    history = []
+    for i in range(n):
+        ds = g.get(str(i))
+        if not isinstance(ds, h5py.Dataset):
+            raise FormatError(f"{path}: history/{i} is not a dataset (a group or a dangling link)")
+        history.append(np.asarray(cio.read_h5_dataset(path, ds, f"dataset history/{i}"), dtype=np.float32))
+    return SolverStateData(
+        iter=_scalar(f, "iter", path),
+        learned_net=learned,
+        current_step=_scalar(f, "current_step", path),
+        history=history,
+    )
