@@ -229,7 +229,7 @@ def test_pycaffe_index_internals_share_with_and_load_hdf5(tmp_path):
         for a, b in zip(ps, fresh.params[name]):
             np.testing.assert_array_equal(a.data, b.data)
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
-    with pytest.raises(NetError, match="cannot be read as Caffe HDF5"):
+    with pytest.raises(caffe.errors.CaffeError, match="cannot be read as Caffe HDF5"):
         fresh.load_hdf5(str(tmp_path / "junk.h5"))
     other.share_with(fresh)  # pycaffe's name for share_trained_layers_with: the same storage
     first = next(iter(fresh.params))

@@ -107,7 +107,7 @@ class _LayerClock:
         return hook
 
     def arm_params(self) -> None:
-        for i, layer in enumerate(self.net.layers):
+        for i, layer in enumerate(self.net.modules_by_name.values()):
             for p in layer.blobs:
                 if p.requires_grad:
                     self._tensor_handles.append(p.register_hook(self._mark_end(i)))

@@ -626,6 +626,15 @@ class _AnnotatedSource:
         return data, label_rows(all_groups)
 
 
+def _layer_rngs() -> tuple[np.random.Generator, np.random.Generator]:
+    """Independent NumPy Generators (transform, skip) for AnnotatedData, seeded from one draw of
+    torch's global RNG (``caffe_compat.set_random_seed``). SSD's samplers draw a variable number
+    of values per record, so they cannot use the Data layers' counter-based record streams."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    transform, skip = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    return transform, skip
+
+
 @register_layer("AnnotatedData")
 class AnnotatedDataLayer(_PrefetchingDataLayer):
     """SSD's AnnotatedData layer: images and their boxes from an LMDB of ``AnnotatedDatum``
@@ -661,7 +670,7 @@ class AnnotatedDataLayer(_PrefetchingDataLayer):
             raise self.error("data_param.batch_size is required and must be positive")
         if not p.HasField("source"):
             raise self.error("data_param.source (the LMDB of AnnotatedDatum records) is required")
-        transform_rng, _, skip_rng = self._rngs()
+        transform_rng, skip_rng = _layer_rngs()
         try:
             if ap.label_map_file:
                 read_label_map(ap.label_map_file)
