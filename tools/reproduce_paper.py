@@ -24,7 +24,7 @@ try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first
 except ImportError:  # imported as the package (console scripts, tests)
     from tools._common import parse_gpus, report_error
 
-from caffe_compat.dental.pipeline import PRESETS, run_reproduction
+from caffe_compat.dental.pipeline import EXPECTED_TIME, PRESETS, run_reproduction
 from caffe_compat.errors import CaffeError
 from caffe_compat.solvers.log import setup_logging
 
@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         gpus = parse_gpus(args.gpu)
         if args.cuda_graph and not gpus:
             raise ValueError("--cuda_graph needs --gpu (CUDA graphs replay GPU work)")
+        print(
+            f"reproduce_paper.py: preset {args.preset}: expect {EXPECTED_TIME[args.preset][1]}; "
+            f"the run folder goes under {args.out}",
+            file=sys.stderr,
+            flush=True,
+        )
         result = run_reproduction(
             args.out,
             args.preset,
