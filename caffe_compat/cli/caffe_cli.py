@@ -1,15 +1,13 @@
 """The ``caffe`` binary's command line: ``caffe <command> <args>`` (BVLC/caffe tools/caffe.cpp).
 
-    python tools/caffe_cli.py train -solver solver.prototxt [-weights w.caffemodel] [-gpu 0]
-    python tools/caffe_cli.py test -model train_val.prototxt -weights w.caffemodel -iterations 100
-    python tools/caffe_cli.py time -model train_val.prototxt -iterations 10
-    python tools/caffe_cli.py device_query -gpu 0
+    caffe train -solver solver.prototxt [-weights w.caffemodel] [-gpu 0]
+    caffe test -model train_val.prototxt -weights w.caffemodel -iterations 100
+    caffe time -model train_val.prototxt -iterations 10
+    caffe device_query -gpu 0
 
-Installed as the ``caffe`` console script, so shell scripts written for Caffe
-(``caffe train -solver ... 2>&1 | tee log``) run unchanged. (This file is not named caffe.py:
-run as a script, its folder comes first on sys.path, where a ``caffe`` module would shadow an
-``import caffe`` in the user's code.) ``train``, ``test`` and ``time`` are
-``tools/train.py``, ``tools/test.py`` and ``tools/time.py`` with the same flags (gflags' one-dash
+Installed as the ``caffe`` console script (from a checkout: ``python tools/caffe_cli.py``), so shell
+scripts written for Caffe (``caffe train -solver ... 2>&1 | tee log``) run unchanged. ``train``,
+``test`` and ``time`` are ``caffe_compat.cli.train``, ``.test`` and ``.time`` with the same flags (gflags' one-dash
 spelling accepted); ``device_query`` prints the GPU's properties as torch reports them.
 """
 
@@ -18,11 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import ArgumentParser, UsageError, parse_gpus, report_error
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import ArgumentParser, UsageError, parse_gpus, report_error
-
+from caffe_compat.cli._common import ArgumentParser, UsageError, exits_130_on_interrupt, parse_gpus, report_error
 from caffe_compat.errors import CaffeError
 from caffe_compat.solvers.log import setup_logging
 
@@ -72,6 +66,7 @@ def device_query(argv: list[str]) -> int:
     return 0
 
 
+@exits_130_on_interrupt("caffe")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -79,17 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 1
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from tools import train
+        from caffe_compat.cli import train
 
-        return train.main(rest)
+        return train.main(rest, prog="caffe train")
     if command == "test":
-        from tools import test
+        from caffe_compat.cli import test
 
-        return test.main(rest)
+        return test.main(rest, prog="caffe test")
     if command == "time":
-        from tools import time as time_tool
+        from caffe_compat.cli import time as time_tool
 
-        return time_tool.main(rest)
+        return time_tool.main(rest, prog="caffe time")
     if command == "device_query":
         try:
             return device_query(rest)

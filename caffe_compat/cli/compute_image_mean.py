@@ -21,11 +21,7 @@ import sys
 
 import numpy as np
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import ArgumentParser, report_error
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import ArgumentParser, report_error
-
+from caffe_compat.cli._common import ArgumentParser, exits_130_on_interrupt, report_error
 from caffe_compat.data.leveldb_db import LevelDBReader
 from caffe_compat.data.lmdb_db import LMDBReader
 from caffe_compat.data.transformer import datum_to_array
@@ -87,6 +83,7 @@ def _parser() -> ArgumentParser:
     return p
 
 
+@exits_130_on_interrupt("compute_image_mean")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

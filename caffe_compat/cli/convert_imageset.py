@@ -28,11 +28,7 @@ import sys
 import cv2
 import numpy as np
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import ArgumentParser, report_error
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import ArgumentParser, report_error
-
+from caffe_compat.cli._common import ArgumentParser, exits_130_on_interrupt, report_error
 from caffe_compat.data.image_list import read_image_list
 from caffe_compat.data.lmdb_db import LEVELDB_HELP, LMDBWriter
 from caffe_compat.errors import CaffeError
@@ -152,6 +148,7 @@ def convert(args) -> int:
     return 0
 
 
+@exits_130_on_interrupt("convert_imageset")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import ArgumentParser, report_error
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import ArgumentParser, report_error
-
+from caffe_compat.cli._common import ArgumentParser, enable_python_layers, exits_130_on_interrupt, report_error
 from caffe_compat.errors import CaffeError
 
 __all__ = ["main", "build_parser"]
@@ -43,10 +39,12 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+@exits_130_on_interrupt("export_onnx.py")
 def main(argv: list[str] | None = None) -> int:
     prog = "export_onnx.py"
     try:
         args = build_parser().parse_args(argv)
+        enable_python_layers(args)
         import caffe_compat as caffe
         from caffe_compat.export import onnx as ox
 

@@ -18,14 +18,17 @@ from __future__ import annotations
 import logging
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import ArgumentParser, UsageError, parse_gpus, report_error, select_device
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import ArgumentParser, UsageError, parse_gpus, report_error, select_device
-
 import numpy as np
 import torch
 
+from caffe_compat.cli._common import (
+    ArgumentParser,
+    UsageError,
+    exits_130_on_interrupt,
+    parse_gpus,
+    report_error,
+    select_device,
+)
 from caffe_compat.data.lmdb_db import LEVELDB_HELP, LMDBWriter
 from caffe_compat.errors import CaffeError
 from caffe_compat.proto import caffe_pb2
@@ -125,6 +128,7 @@ def _extract(args) -> int:
     return 0
 
 
+@exits_130_on_interrupt("extract_features.py")
 def main(argv: list[str] | None = None) -> int:
     setup_logging(program="extract_features")
     try:

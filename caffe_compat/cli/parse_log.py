@@ -15,11 +15,7 @@ import logging
 import os
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import ArgumentParser, UsageError, report_error
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import ArgumentParser, UsageError, report_error
-
+from caffe_compat.cli._common import ArgumentParser, UsageError, exits_130_on_interrupt, report_error
 from caffe_compat.errors import CaffeError
 from caffe_compat.solvers.log import parse_log, setup_logging, write_log_csv
 
@@ -37,6 +33,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+@exits_130_on_interrupt("parse_log.py")
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)

@@ -21,11 +21,7 @@ import argparse
 import os
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import report_error
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import report_error
-
+from caffe_compat.cli._common import exits_130_on_interrupt, report_error
 from caffe_compat.dental.dataset import prepare, read_dataset
 from caffe_compat.dental.generator import generate_dataset
 from caffe_compat.dental.nets import DEFAULT_DATA_DIR
@@ -61,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exits_130_on_interrupt("prepare_dental.py")
 def main(argv: list[str] | None = None) -> int:
     setup_logging(program="prepare_dental")
     args = build_parser().parse_args(argv)

@@ -19,11 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import parse_gpus, report_error
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import parse_gpus, report_error
-
+from caffe_compat.cli._common import exits_130_on_interrupt, parse_gpus, report_error
 from caffe_compat.dental.pipeline import EXPECTED_TIME, PRESETS, run_reproduction
 from caffe_compat.errors import CaffeError
 from caffe_compat.solvers.log import setup_logging
@@ -48,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exits_130_on_interrupt("reproduce_paper.py")
 def main(argv: list[str] | None = None) -> int:
     setup_logging(program="reproduce_paper")
     args = build_parser().parse_args(argv)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    import _common  # noqa: F401
-except ImportError:  # imported as the package (console scripts, tests)
-    import tools._common  # noqa: F401
+from caffe_compat.cli._common import exits_130_on_interrupt
 
 __all__ = ["main"]
 
 
+@exits_130_on_interrupt("summary.py")
 def main(argv: list[str] | None = None) -> int:
     from caffe_compat.__main__ import main as cc_main
 

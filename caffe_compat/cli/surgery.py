@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import ArgumentParser, UsageError, report_error
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import ArgumentParser, UsageError, report_error
-
 from caffe_compat import io as cio
+from caffe_compat.cli._common import ArgumentParser, UsageError, exits_130_on_interrupt, report_error
 from caffe_compat.errors import CaffeError
 from caffe_compat.solvers.log import setup_logging
 from caffe_compat.surgery import copy_layers, parse_mapping
@@ -75,6 +71,7 @@ def _run(args) -> int:
     return 0
 
 
+@exits_130_on_interrupt("surgery.py")
 def main(argv: list[str] | None = None) -> int:
     setup_logging(program="surgery")
     try:

@@ -15,14 +15,19 @@ from __future__ import annotations
 import logging
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
-
 import numpy as np
 import torch
 
+from caffe_compat.cli._common import (
+    ArgumentParser,
+    UsageError,
+    enable_python_layers,
+    exits_130_on_interrupt,
+    parse_gpus,
+    report_error,
+    select_device,
+    stages_from_flag,
+)
 from caffe_compat.errors import CaffeError
 from caffe_compat.solvers.log import fmt, setup_logging
 
@@ -31,8 +36,8 @@ __all__ = ["main", "build_parser", "score"]
 log = logging.getLogger("caffe_compat")
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="test.py", description="Score a Caffe net over N batches (caffe test).", python_layers=True)
+def build_parser(prog: str = "test.py") -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description="Score a Caffe net over N batches (caffe test).", python_layers=True)
     p.add_argument("--model", default="", help="the net definition (.prototxt)")
     p.add_argument("--weights", default="", help="the trained weights (.caffemodel or .h5)")
     p.add_argument("--iterations", type=int, default=50, help="number of batches (50)")
@@ -106,12 +111,16 @@ def _test(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+@exits_130_on_interrupt("test.py")
+def main(argv: list[str] | None = None, prog: str = "test.py") -> int:
+    """``prog``: the name in usage and error lines (``caffe test`` when run as the caffe binary's command)."""
     setup_logging()
     try:
-        return _test(build_parser().parse_args(argv))
+        args = build_parser(prog).parse_args(argv)
+        enable_python_layers(args)
+        return _test(args)
     except (CaffeError, OSError) as e:
-        return report_error("test.py", e)
+        return report_error(prog, e)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,19 @@ import logging
 import sys
 import time as _time
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
-
 import numpy as np
 import torch
 
+from caffe_compat.cli._common import (
+    ArgumentParser,
+    UsageError,
+    enable_python_layers,
+    exits_130_on_interrupt,
+    parse_gpus,
+    report_error,
+    select_device,
+    stages_from_flag,
+)
 from caffe_compat.errors import CaffeError
 from caffe_compat.solvers.log import fmt, setup_logging
 
@@ -36,9 +41,9 @@ __all__ = ["main", "build_parser", "benchmark"]
 log = logging.getLogger("caffe_compat")
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(prog: str = "time.py") -> ArgumentParser:
     p = ArgumentParser(
-        prog="time.py", description="Time a Caffe net's forward and backward (caffe time).", python_layers=True
+        prog=prog, description="Time a Caffe net's forward and backward (caffe time).", python_layers=True
     )
     p.add_argument("--model", default="", help="the net definition (.prototxt)")
     p.add_argument("--iterations", type=int, default=50, help="number of timed passes (50)")
@@ -198,12 +203,16 @@ def _time_net(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+@exits_130_on_interrupt("time.py")
+def main(argv: list[str] | None = None, prog: str = "time.py") -> int:
+    """``prog``: the name in usage and error lines (``caffe time`` when run as the caffe binary's command)."""
     setup_logging()
     try:
-        return _time_net(build_parser().parse_args(argv))
+        args = build_parser(prog).parse_args(argv)
+        enable_python_layers(args)
+        return _time_net(args)
     except (CaffeError, OSError) as e:
-        return report_error("time.py", e)
+        return report_error(prog, e)
 
 
 if __name__ == "__main__":

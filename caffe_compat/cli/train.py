@@ -37,12 +37,17 @@ import logging
 import os
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
-
 from caffe_compat import io as cio
+from caffe_compat.cli._common import (
+    ArgumentParser,
+    UsageError,
+    enable_python_layers,
+    exits_130_on_interrupt,
+    parse_gpus,
+    report_error,
+    select_device,
+    stages_from_flag,
+)
 from caffe_compat.errors import CaffeError
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers import SignalHandler, distributed, solver_class
@@ -53,10 +58,8 @@ __all__ = ["main", "build_parser"]
 log = logging.getLogger("caffe_compat")
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(
-        prog="train.py", description="Train a Caffe net with a solver (caffe train).", python_layers=True
-    )
+def build_parser(prog: str = "train.py") -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description="Train a Caffe net with a solver (caffe train).", python_layers=True)
     p.add_argument("--solver", default="", help="the solver definition (.prototxt)")
     p.add_argument("--weights", default="", help="weights to finetune from: a.caffemodel[,b.caffemodel...]")
     p.add_argument("--snapshot", default="", help="a .solverstate to resume training from")
@@ -224,13 +227,16 @@ def _train(args) -> int:
     return _run(args, param)
 
 
-def main(argv: list[str] | None = None) -> int:
+@exits_130_on_interrupt("train.py")
+def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
+    """``prog``: the name in usage and error lines (``caffe train`` when run as the caffe binary's command)."""
     setup_logging()
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(prog).parse_args(argv)
+        enable_python_layers(args)
         return _train(args)
     except (CaffeError, OSError) as e:
-        status = report_error("train.py", e)
+        status = report_error(prog, e)
         if "data/dental" in str(e) and not os.path.isdir("data/dental"):
             print(
                 "train.py: hint: the paper app's solvers read data/dental/, which is not there yet: "

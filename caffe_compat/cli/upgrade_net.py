@@ -18,14 +18,8 @@ import argparse
 import logging
 import sys
 
-try:
-    import caffe_compat  # noqa: F401
-except ImportError:  # run from a source checkout without installing
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from caffe_compat import io as caffe_io
+from caffe_compat.cli._common import exits_130_on_interrupt
 from caffe_compat.errors import CaffeError
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.upgrade import net_needs_upgrade, upgrade_net, upgrade_solver
@@ -35,6 +29,7 @@ __all__ = ["main"]
 log = logging.getLogger("upgrade_net")
 
 
+@exits_130_on_interrupt("upgrade_net.py")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="upgrade_net.py", description="Upgrade a Caffe net (.prototxt), weights (.caffemodel) or solver."
