@@ -17,7 +17,9 @@ __all__ = ["plot_landmarks", "plot_learning_curves", "plot_reconstructions"]
 
 
 def _plt():
-    import matplotlib
+    from caffe_compat.extras import require
+
+    matplotlib = require("matplotlib", "drawing the figures")
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt

@@ -721,7 +721,9 @@ def run_reproduction(
     (``Solver.cuda_graph``; needs ``gpu``). Progress goes to ``progress_stream`` (stderr): see
     :mod:`caffe_compat.dental.progress`."""
     from caffe_compat import mode
+    from caffe_compat.extras import require
 
+    require("matplotlib", "the paper pipeline (its figures)")  # up front, not after an hour of training
     p = PRESETS[preset] if isinstance(preset, str) else preset
     run_dir = new_run_dir(out_root)
     handler = _open_log(run_dir)
