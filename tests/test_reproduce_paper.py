@@ -16,7 +16,7 @@ from caffe_compat.dental import evaluate
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    from tools import reproduce_paper
+    from caffe_compat.cli import reproduce_paper
 
     out = tmp_path_factory.mktemp("runs")
     assert reproduce_paper.main(["--preset", "smoke", "--out", str(out), "--seed", "0"]) == 0
@@ -159,7 +159,7 @@ def test_cuda_graph_training_gives_the_same_table(smoke_run, tmp_path, monkeypat
     the last digit (Dropout's masks included: the stand-in's capture draws none)."""
     from caffe_compat.dental.pipeline import run_reproduction
     from tests.test_cuda_graph import stand_in_graphs
-    from tools import reproduce_paper
+    from caffe_compat.cli import reproduce_paper
 
     graphed = stand_in_graphs(monkeypatch)
     other = run_reproduction(str(tmp_path), "smoke", seed=0, cuda_graph=True)
@@ -175,7 +175,7 @@ def test_cuda_graph_training_gives_the_same_table(smoke_run, tmp_path, monkeypat
 
 def test_cae_stuck_at_the_mean_image_is_flagged(smoke_run, tmp_path, monkeypatch):
     from caffe_compat.dental import pipeline
-    from tools import reproduce_paper
+    from caffe_compat.cli import reproduce_paper
 
     assert pipeline.cae_did_not_learn(0.0682, 0.0682) and pipeline.cae_did_not_learn(0.0680, 0.0682)
     assert not pipeline.cae_did_not_learn(0.0482, 0.0650)

@@ -205,7 +205,7 @@ def test_bad_rankdir_is_refused():
 
 
 def test_draw_net_tool(tmp_path, capsys, monkeypatch):
-    from tools import draw_net
+    from caffe_compat.cli import draw_net
 
     monkeypatch.setattr(draw.shutil, "which", lambda name: None)
     out = tmp_path / "tv.dot"
@@ -219,7 +219,7 @@ def test_draw_net_tool(tmp_path, capsys, monkeypatch):
 
 def test_python_m_summary_and_tools_summary(tmp_path, capsys, monkeypatch):
     from caffe_compat.__main__ import main
-    from tools import summary as summary_tool
+    from caffe_compat.cli import summary as summary_tool
 
     monkeypatch.setattr(draw.shutil, "which", lambda name: None)
     proto = CAFFE_REF / "realworld" / "lenet" / "deploy.prototxt"

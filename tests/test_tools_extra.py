@@ -22,8 +22,8 @@ import torch
 from caffe_compat.net import TEST, Net
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers.log import parse_log
-from tools import extract_features, train
-from tools import parse_log as parse_log_tool
+from caffe_compat.cli import extract_features, train
+from caffe_compat.cli import parse_log as parse_log_tool
 
 CLI = Path(__file__).parent / "fixtures" / "caffe_reference" / "cli" / "train_test_snapshot"
 CAFFE_LOG = CLI / "caffe_train.log"
@@ -200,7 +200,7 @@ def test_glog_log_dir_files_and_parse_log(tmp_path, monkeypatch, capsys):
 
 
 def test_caffe_command_line_dispatches_like_the_caffe_binary(tmp_path, monkeypatch, capsys):
-    from tools import caffe_cli
+    from caffe_compat.cli import caffe_cli
 
     d = tmp_path / "cli"
     shutil.copytree(CLI, d)
