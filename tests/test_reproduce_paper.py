@@ -157,9 +157,9 @@ def test_cuda_graph_training_gives_the_same_table(smoke_run, tmp_path, monkeypat
     """``--cuda_graph`` (here through the CPU stand-in for CUDA graphs, tests/test_cuda_graph.py):
     the CAE and the four regressors trained from replayed passes give the eager run's Table II to
     the last digit (Dropout's masks included: the stand-in's capture draws none)."""
+    from caffe_compat.cli import reproduce_paper
     from caffe_compat.dental.pipeline import run_reproduction
     from tests.test_cuda_graph import stand_in_graphs
-    from caffe_compat.cli import reproduce_paper
 
     graphed = stand_in_graphs(monkeypatch)
     other = run_reproduction(str(tmp_path), "smoke", seed=0, cuda_graph=True)
@@ -174,8 +174,8 @@ def test_cuda_graph_training_gives_the_same_table(smoke_run, tmp_path, monkeypat
 
 
 def test_cae_stuck_at_the_mean_image_is_flagged(smoke_run, tmp_path, monkeypatch):
-    from caffe_compat.dental import pipeline
     from caffe_compat.cli import reproduce_paper
+    from caffe_compat.dental import pipeline
 
     assert pipeline.cae_did_not_learn(0.0682, 0.0682) and pipeline.cae_did_not_learn(0.0680, 0.0682)
     assert not pipeline.cae_did_not_learn(0.0482, 0.0650)

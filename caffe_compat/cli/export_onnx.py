@@ -46,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         enable_python_layers(args)
         import caffe_compat as caffe
+        from caffe_compat.extras import available, require
+
+        require("onnx", "exporting to ONNX")
+        check = available("onnxruntime")
+        if not check:  # said before anything is written, not as a failure after it
+            print(
+                f"{prog}: note: onnxruntime is not installed, so the exported model is checked with "
+                "onnx.checker only, not run against the net: pip install 'caffe-compat[onnx]' for the comparison"
+            )
         from caffe_compat.export import onnx as ox
 
         net = caffe.Net(args.model, caffe.TEST, weights=args.weights or None)
@@ -60,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             f"wrote {args.out}: {len(model.graph.node)} ONNX nodes from {len(net.layers)} layers, opset {opset}; "
             "onnx.checker: ok"
         )
+        if not check:
+            return 0
         batch = net.blobs[net.inputs[0]].shape[0] if net.inputs and net.blobs[net.inputs[0]].shape else None
         batches = [batch]
         if args.dynamic_batch and batch is not None:
