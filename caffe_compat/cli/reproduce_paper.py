@@ -10,8 +10,11 @@ CAE training → surgery (conv1-5 and fc6 into the regressor) → the 4 regresso
 ({no CAE, CAE} × {fc6 frozen, fc6 fine-tuned}) → evaluation in mm. Every run writes a new folder
 ``<out>/run-<date>-<time>[-n]`` (never an earlier one): Table II (md, csv, json), the learning
 curves, CAE reconstructions and landmark figures (PNG), caffemodels, surgery reports and the log.
-Presets: ``smoke`` (tiny, seconds), ``quick`` (default, < 20 min on 2 CPU cores), ``paper``
-(the paper's 224×224 AlexNet, for a GPU). See docs/paper.md.
+Presets: ``smoke`` (tiny, under a minute), ``quick`` (default: about 7-12 min on 2 free CPU
+cores, much longer when they are shared), ``paper`` (the paper's 224×224 AlexNet, for a GPU).
+The expected time is printed at start; on a terminal a progress bar follows the run, elsewhere
+one line per stage with the time left. ``--write-doc docs/paper.md`` puts the run's Table II
+into the page (``--from-run RUN_DIR``: from a finished run). See docs/paper.md.
 """
 
 from __future__ import annotations
@@ -37,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="scale of the run (default quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, splits and fillers")
     p.add_argument(
+        "--write-doc",
+        default="",
+        metavar="PAGE",
+        help="after the run, write its Table II into PAGE (docs/paper.md) between the page's table2 markers",
+    )
+    p.add_argument(
+        "--from-run",
+        default="",
+        metavar="RUN_DIR",
+        help="with --write-doc: take the table from this finished run folder instead of running",
+    )
+    p.add_argument(
         "--cuda_graph",
         action="store_true",
         help="with --gpu: replay the training passes from CUDA graphs (the same kernels, less host time)",
@@ -49,9 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(program="reproduce_paper")
     args = build_parser().parse_args(argv)
     try:
+        if args.from_run:
+            if not args.write_doc:
+                raise ValueError("--from-run RUN_DIR only goes with --write-doc PAGE")
+            from caffe_compat.dental.paper_doc import write_doc
+
+            write_doc(args.from_run, args.write_doc)
+            print(f"wrote Table II of {args.from_run} into {args.write_doc}")
+            return 0
         gpus = parse_gpus(args.gpu)
         if args.cuda_graph and not gpus:
             raise ValueError("--cuda_graph needs --gpu (CUDA graphs replay GPU work)")
+        from caffe_compat.extras import require
+
+        require("matplotlib", "reproduce_paper.py (its figures)")
         print(
             f"reproduce_paper.py: preset {args.preset}: expect {EXPECTED_TIME[args.preset][1]}; "
             f"the run folder goes under {args.out}",
@@ -73,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     with open(result.tables["md"], encoding="utf-8") as f:
         print(f.read())
     print(f"run folder: {result.run_dir}")
+    if args.write_doc:
+        from caffe_compat.dental.paper_doc import write_doc
+
+        try:
+            write_doc(result.run_dir, args.write_doc)
+        except (CaffeError, OSError) as e:
+            return report_error("reproduce_paper.py", e)
+        print(f"wrote its Table II into {args.write_doc}")
     return 0
 
 
