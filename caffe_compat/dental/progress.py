@@ -2,7 +2,8 @@
 
 On a terminal: one tqdm bar for the whole run (iterations of every stage), with the log lines
 written above it (``logging_redirect_tqdm``) instead of into it. Elsewhere (a file, a pipe, CI):
-one line per stage on stderr with the time spent and an estimate of the time left, while the
+one line per stage on stderr with the time spent and an estimate of the time left (and, for a
+long stage, lines at 25, 50 and 75 % of it), while the
 console's INFO lines are held back (warnings still show); the run folder's log file keeps every
 line in glog's format either way.
 
@@ -32,6 +33,27 @@ def format_seconds(s: float) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+@contextlib.contextmanager
+def _no_solver_bars():
+    """While the run's own bar is shown, the solvers' per-``step`` bars stay off (one display).
+
+    Scoped to the ``with``: ``Solver.step`` opens ``progress_bar`` from its module's namespace;
+    it gets a bar-less stand-in until the run ends. (A solver option to turn its bar off would
+    make this unnecessary.)"""
+    from caffe_compat.solvers import base
+
+    @contextlib.contextmanager
+    def no_bar(*args, **kwargs):
+        yield None
+
+    saved = base.progress_bar
+    base.progress_bar = no_bar
+    try:
+        yield
+    finally:
+        base.progress_bar = saved
 
 
 @dataclass
@@ -66,6 +88,7 @@ class Progress:
                 tqdm(total=round(self.total), unit="it", file=self.stream, dynamic_ncols=True, leave=False)
             )
             self._stack.enter_context(logging_redirect_tqdm(loggers=[log]))
+            self._stack.enter_context(_no_solver_bars())
         else:
             for h in log.handlers:  # the console's glog lines: warnings only (the log file has all)
                 if not isinstance(h, logging.FileHandler):
@@ -98,6 +121,7 @@ class Progress:
     def stage(self, i: int):
         s = self.stages[i]
         start_done = self.done
+        self._current = (i, start_done, 1)  # (stage, its start, the next quarter to report)
         elapsed = time.monotonic() - self.t0
         left = self.left_s()
         eta = time.strftime("%H:%M", time.localtime(time.time() + left))
@@ -114,6 +138,17 @@ class Progress:
             self.bar.update(round(self.done) - self.bar.n)
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
+            return
+        i, start, quarter = getattr(self, "_current", (None, 0.0, 4))
+        if i is None or quarter > 3 or self.stages[i].units < 100:
+            return
+        s = self.stages[i]
+        if self.done - start >= s.units * quarter / 4:  # a long stage: a line at 25, 50 and 75 %
+            self._current = (i, start, quarter + 1)
+            self._say(
+                f"[{i + 1}/{len(self.stages)}] {s.name}: {25 * quarter} % done, "
+                f"about {format_seconds(self.left_s())} left"
+            )
 
     def finish(self) -> None:
         msg = f"done in {format_seconds(time.monotonic() - self.t0)}"
