@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from google.protobuf import text_format  # noqa: E402
 
+from caffe_compat.cli import convert_imageset  # noqa: E402
 from caffe_compat.layers.base import layer_class  # noqa: E402
 from caffe_compat.proto import caffe_pb2  # noqa: E402
-from tools import convert_imageset  # noqa: E402
 
 __all__ = ["main"]
 

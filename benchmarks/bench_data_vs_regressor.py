@@ -35,9 +35,9 @@ from google.protobuf import text_format  # noqa: E402
 
 import caffe_compat as caffe  # noqa: E402
 from caffe_compat import io as cio  # noqa: E402
+from caffe_compat.cli import convert_imageset  # noqa: E402
 from caffe_compat.layers.base import layer_class  # noqa: E402
 from caffe_compat.proto import caffe_pb2  # noqa: E402
-from tools import convert_imageset  # noqa: E402
 
 __all__ = ["main"]
 

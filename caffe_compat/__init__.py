@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys as _sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # CHANGELOG.md
 
 from caffe_compat import (
     coord_map,  # noqa: F401  (pycaffe's caffe.coord_map)

@@ -1,5 +1,6 @@
 """``python -m caffe_compat summary NET.prototxt [--draw out.dot|png] [--rankdir LR] [--phase TEST]``
 ``python -m caffe_compat run SCRIPT.py [ARGS...]``
+``python -m caffe_compat --version``
 
 ``summary`` builds the net (the prototxt's fillers give the weights; no data is read for deploy nets),
 prints its summary table (``caffe_compat.summary``: layers, bottoms -> tops, top shapes,
@@ -20,7 +21,10 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from caffe_compat import __version__
+
     p = argparse.ArgumentParser(prog="python -m caffe_compat", description="caffe_compat command-line helpers")
+    p.add_argument("--version", action="version", version=f"caffe-compat {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("summary", help="print a net's layers, shapes, parameters and FLOPs")
     s.add_argument("model", help="the net definition (.prototxt)")

@@ -196,9 +196,7 @@ def copy_layers(src, dst, mapping=None, *, reshape: bool = False, strict: bool =
                 out.append(a.reshape(shp))
                 reshaped = True
             else:
-                hint = (
-                    "" if reshape else " (for a fully-connected -> convolutional transplant use reshape / --fc-to-conv)"
-                )
+                hint = _mismatch_hint(src, s, d, a.shape, tuple(shp), reshape)
                 out.append(None)
                 fail(s, d, f"blob {k}: source shape {list(a.shape)}, destination shape {list(shp)}{hint}")
                 break
@@ -210,6 +208,60 @@ def copy_layers(src, dst, mapping=None, *, reshape: bool = False, strict: bool =
         log.info("surgery: copied %s -> %s%s", s, d, " (reshaped)" if reshaped else "")
     report.left_at_filler = [n for n in shapes if n not in written]
     return report
+
+
+def _outputs(lp) -> int | None:
+    if lp.type == "InnerProduct":
+        return lp.inner_product_param.num_output
+    if lp.type in ("Convolution", "Deconvolution"):
+        return lp.convolution_param.num_output
+    return None
+
+
+def _fitting_nets(src) -> list[str]:
+    """Net files that fit the weights ``src`` (a path): a reproduce_paper run keeps the nets its
+    weights were trained with in ``<run>/nets/``, next to ``<run>/<config>/<config>.caffemodel``;
+    those whose every InnerProduct and Convolution is in the weights with the same output count."""
+    import glob
+
+    from caffe_compat import io as cio
+
+    if not isinstance(src, (str, os.PathLike)):
+        return []
+    weights = load_weights(src)
+    here = os.path.dirname(os.path.abspath(src))
+    found = []
+    for nets in (os.path.join(here, "nets"), os.path.join(os.path.dirname(here), "nets")):
+        for path in sorted(glob.glob(os.path.join(nets, "*.prototxt"))):
+            try:
+                net = cio.read_net(path)
+            except Exception:  # noqa: BLE001 - a solver or another file: not a candidate
+                continue
+            widths = [(lp.name, _outputs(lp)) for lp in net.layer if _outputs(lp) is not None]
+            if widths and all(n in weights and weights[n][0].shape[0] == w for n, w in widths):
+                found.append(path)
+    return found
+
+
+def _mismatch_hint(src, s: str, d: str, src_shape: tuple, dst_shape: tuple, reshape: bool) -> str:
+    """What to do about a blob shape mismatch: --fc-to-conv only where it would help (an InnerProduct
+    weight into a convolution of the same size); for layers of different widths (fc -> fc, conv ->
+    conv), the net file the weights fit."""
+    same_size = int(np.prod(src_shape)) == int(np.prod(dst_shape))
+    if not reshape and same_size and len(src_shape) != len(dst_shape):
+        return " (for a fully-connected -> convolutional transplant use reshape / --fc-to-conv)"
+    if len(src_shape) == len(dst_shape) and src_shape[0] != dst_shape[0]:
+        nets = _fitting_nets(src)
+        fits = (
+            f": use the net file they were trained with: {', '.join(nets)}"
+            if nets
+            else ": use the net file they were trained with (a reproduce_paper run keeps its nets in <run>/nets/)"
+        )
+        return (
+            f" (the weights' {s} has {src_shape[0]} outputs, the net's {d} {dst_shape[0]}: they were trained for a "
+            f"net of another width{fits})"
+        )
+    return ""
 
 
 def fc_to_conv(src, dst, mapping) -> SurgeryReport:

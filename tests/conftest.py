@@ -33,3 +33,23 @@ def in_dir():
             os.chdir(old)
 
     return _cd
+
+
+#: tests/slow.txt: the node ids (or id prefixes: a file, a test without its parameters) of the
+#: slow minority, measured with --durations; they get the ``slow`` marker (setup.cfg), so
+#: ``pytest -m "not slow"`` (the README's quick command) leaves them to CI (.ci/run runs all).
+SLOW_LIST = Path(__file__).parent / "slow.txt"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not SLOW_LIST.is_file():
+        return
+    prefixes = [
+        line.split("#", 1)[0].strip()
+        for line in SLOW_LIST.read_text(encoding="utf-8").splitlines()
+        if line.split("#", 1)[0].strip()
+    ]
+    for item in items:
+        nodeid = item.nodeid
+        if any(nodeid == p or nodeid.startswith(p + "[") or nodeid.startswith(p + "::") for p in prefixes):
+            item.add_marker(pytest.mark.slow)

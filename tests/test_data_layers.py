@@ -226,7 +226,7 @@ def test_data_threads_give_the_same_batches_as_one_image_at_a_time(image_dir, tm
     to one thread's."""
     tp = "crop_size: 4 mirror: true mean_value: 10 scale: 0.5"
     if kind == "Data":
-        from tools import convert_imageset
+        from caffe_compat.cli import convert_imageset
 
         assert convert_imageset.main(["--encoded", "imgs/", "list.txt", str(tmp_path / "db")]) == 0
 

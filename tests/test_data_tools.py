@@ -14,9 +14,9 @@ import torch
 from google.protobuf import text_format
 
 import caffe_compat
+from caffe_compat.cli import compute_image_mean, convert_imageset
 from caffe_compat.layers.base import layer_class
 from caffe_compat.proto import caffe_pb2
-from tools import compute_image_mean, convert_imageset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "caffe_reference" / "data_layers"
 

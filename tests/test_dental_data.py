@@ -181,7 +181,7 @@ def test_prepare_scale_multiplies_the_data_and_is_recorded(tmp_path):
 
 
 def test_prepare_dental_tool_writes_default_layout(tmp_path, in_dir):
-    from tools import prepare_dental
+    from caffe_compat.cli import prepare_dental
 
     with in_dir(tmp_path):
         assert prepare_dental.main(["--num-images", "4", "--num-annotated", "3", "--size", "64"]) == 0
@@ -198,7 +198,7 @@ def test_prepare_dental_tool_writes_default_layout(tmp_path, in_dir):
 
 
 def test_prepare_dental_tool_reports_bad_csv(tmp_path, capsys):
-    from tools import prepare_dental
+    from caffe_compat.cli import prepare_dental
 
     _ = _bad_csv(tmp_path, _row(x2="nope"))
     assert prepare_dental.main(["--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 1

@@ -472,7 +472,7 @@ def test_process_group_teardown_leaves_no_gloo_threads(tmp_path):
 def test_train_tool_several_gpus_without_cuda_is_a_clear_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    from tools import train
+    from caffe_compat.cli import train
 
     assert train.main(["--solver", str(SOLVERS / "iter_size" / "solver.prototxt"), "--gpu", "0,1"]) == 1
     err = capsys.readouterr().err
@@ -480,7 +480,7 @@ def test_train_tool_several_gpus_without_cuda_is_a_clear_error(capsys):
 
 
 def test_train_tool_cpu_procs_with_gpu_is_refused(capsys):
-    from tools import train
+    from caffe_compat.cli import train
 
     assert train.main(["--solver", "x.prototxt", "--cpu-procs", "2", "--gpu", "0"]) == 1
     assert "cannot be combined with --gpu" in capsys.readouterr().err

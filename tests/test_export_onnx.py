@@ -450,7 +450,7 @@ def test_deploy_net_exports_and_matches(path, tmp_path):
 
 
 def test_tool_exports_squeezenet_with_a_caffemodel(tmp_path, capsys):
-    from tools import export_onnx as tool
+    from caffe_compat.cli import export_onnx as tool
 
     proto = CAFFE_REF / "realworld" / "squeezenet11" / "deploy.prototxt"
     net = caffe.Net(str(proto), caffe.TEST)
@@ -470,7 +470,7 @@ def test_tool_exports_squeezenet_with_a_caffemodel(tmp_path, capsys):
 
 
 def test_tool_dynamic_batch_checks_two_batch_sizes(tmp_path, capsys):
-    from tools import export_onnx as tool
+    from caffe_compat.cli import export_onnx as tool
 
     proto = CAFFE_REF / "realworld" / "cifar10_quick" / "deploy.prototxt"
     net = caffe.Net(str(proto), caffe.TEST)
@@ -494,7 +494,7 @@ def test_tool_dynamic_batch_checks_two_batch_sizes(tmp_path, capsys):
 
 
 def test_tool_fails_on_a_wrong_converter_naming_the_layer(tmp_path, capsys, monkeypatch):
-    from tools import export_onnx as tool
+    from caffe_compat.cli import export_onnx as tool
 
     def wrong_relu(g, layer, xs, bshapes, tops):
         return [g.node("Abs", xs, tops[0])]
@@ -509,7 +509,7 @@ def test_tool_fails_on_a_wrong_converter_naming_the_layer(tmp_path, capsys, monk
 
 
 def test_tool_fails_on_an_unexportable_layer(tmp_path, capsys):
-    from tools import export_onnx as tool
+    from caffe_compat.cli import export_onnx as tool
 
     proto = tmp_path / "loss.prototxt"
     proto.write_text(

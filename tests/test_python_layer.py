@@ -181,7 +181,7 @@ def test_tools_refuse_python_layers_without_the_flag(tmp_path, capsys):
     import os
 
     from caffe_compat import io as cio
-    from tools import time as time_tool
+    from caffe_compat.cli import time as time_tool
 
     model = tmp_path / "py.prototxt"
     cio.write_net(_scale_net("3"), str(model))

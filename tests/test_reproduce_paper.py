@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 import h5py
 import numpy as np
@@ -16,7 +17,7 @@ from caffe_compat.dental import evaluate
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    from tools import reproduce_paper
+    from caffe_compat.cli import reproduce_paper
 
     out = tmp_path_factory.mktemp("runs")
     assert reproduce_paper.main(["--preset", "smoke", "--out", str(out), "--seed", "0"]) == 0
@@ -157,9 +158,9 @@ def test_cuda_graph_training_gives_the_same_table(smoke_run, tmp_path, monkeypat
     """``--cuda_graph`` (here through the CPU stand-in for CUDA graphs, tests/test_cuda_graph.py):
     the CAE and the four regressors trained from replayed passes give the eager run's Table II to
     the last digit (Dropout's masks included: the stand-in's capture draws none)."""
+    from caffe_compat.cli import reproduce_paper
     from caffe_compat.dental.pipeline import run_reproduction
     from tests.test_cuda_graph import stand_in_graphs
-    from tools import reproduce_paper
 
     graphed = stand_in_graphs(monkeypatch)
     other = run_reproduction(str(tmp_path), "smoke", seed=0, cuda_graph=True)
@@ -174,8 +175,8 @@ def test_cuda_graph_training_gives_the_same_table(smoke_run, tmp_path, monkeypat
 
 
 def test_cae_stuck_at_the_mean_image_is_flagged(smoke_run, tmp_path, monkeypatch):
+    from caffe_compat.cli import reproduce_paper
     from caffe_compat.dental import pipeline
-    from tools import reproduce_paper
 
     assert pipeline.cae_did_not_learn(0.0682, 0.0682) and pipeline.cae_did_not_learn(0.0680, 0.0682)
     assert not pipeline.cae_did_not_learn(0.0482, 0.0650)
@@ -209,3 +210,49 @@ def test_cae_weight_decay_sets_only_the_cae_solver(tmp_path):
     assert cio.read_solver(os.path.join(nets_dir, "cae_solver.prototxt")).weight_decay == 0.0
     for name in ("landmarks_solver.prototxt", "landmarks_fc6_frozen_solver.prototxt"):
         assert cio.read_solver(os.path.join(nets_dir, name)).weight_decay == np.float32(base.weight_decay)
+
+
+def test_progress_off_a_terminal_is_one_line_per_stage_and_the_log_file_has_every_line(tmp_path):
+    """Not a TTY: the expected time, then one line per stage ([k/7] ..., time left), no glog INFO
+    lines on the console; the run's log.txt has the solver's glog lines."""
+    import io
+
+    from caffe_compat.dental.pipeline import run_reproduction
+    from caffe_compat.solvers.log import setup_logging
+
+    console = io.StringIO()
+    setup_logging(console)
+    try:
+        run = run_reproduction(str(tmp_path), "smoke", progress_stream=console).run_dir
+    finally:
+        setup_logging()
+    lines = [line for line in console.getvalue().splitlines() if line.strip()]
+    stages = [line for line in lines if re.match(r"\[\d/7\] ", line)]
+    assert [s[:5] for s in stages] == [f"[{k}/7]" for k in range(1, 8)], lines
+    assert all(re.search(r"elapsed, about .* left \(done ~\d\d:\d\d\)", s) for s in stages)
+    assert not [line for line in lines if line.startswith("I")], lines  # INFO stays in the log file
+    assert re.fullmatch(r"done in \d+ (s|min \d\d s|h \d\d min)", lines[-1]), lines[-1]
+    log_text = open(os.path.join(run, "log.txt"), encoding="utf-8").read()
+    assert re.search(r"^I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ \S+:\d+\] Iteration 6", log_text, re.M)
+    assert "[2/7] CAE: 6 iterations" in log_text
+
+
+def test_write_doc_puts_the_runs_table_between_the_markers(smoke_run, tmp_path, capsys):
+    from caffe_compat.cli import reproduce_paper
+    from caffe_compat.dental.paper_doc import BEGIN, END
+
+    _, run = smoke_run
+    page = tmp_path / "paper.md"
+    page.write_text(f"# Page\n\nbefore\n\n{BEGIN}\nold table\n{END}\n\nafter\n")
+    assert reproduce_paper.main(["--write-doc", str(page), "--from-run", run]) == 0
+    text = page.read_text()
+    assert text.startswith("# Page\n\nbefore\n\n") and text.endswith(f"{END}\n\nafter\n") and "old table" not in text
+    rows = json.load(open(os.path.join(run, "table2.json")))["rows"]
+    for r in rows:  # every row, its four means and stds, as table2.json has them
+        cells = " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(r["mean"], r["std"]))
+        assert f"| {r['label']} | {cells} | {r['mean_over_landmarks']:.4f} |" in text
+    assert "preset `smoke`, seed 0" in text and "CPU threads, torch" in text
+    page.write_text("no markers\n")
+    capsys.readouterr()
+    assert reproduce_paper.main(["--write-doc", str(page), "--from-run", run]) == 1
+    assert "the Table II markers are missing" in capsys.readouterr().err

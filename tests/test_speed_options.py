@@ -666,7 +666,7 @@ def test_memory_format_or_dtype_change_keeps_the_device(tmp_path):
 
 def test_train_tool_precision_flag(tmp_path, in_dir):
     from caffe_compat import mode
-    from tools import train
+    from caffe_compat.cli import train
 
     (tmp_path / "net.prototxt").write_text(
         NET.replace(

@@ -85,7 +85,7 @@ def test_fc_to_conv_computes_the_same_outputs(tmp_path):
 
 
 def test_caffemodel_to_caffemodel_tool(tmp_path, capsys):
-    from tools import surgery
+    from caffe_compat.cli import surgery
 
     src, _ = _net(FC_NET, tmp_path, "src", seed=5)
     dst, dst_proto = _net(CONV_NET, tmp_path, "dst", seed=6)

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+from caffe_compat.cli import extract_features, train
+from caffe_compat.cli import parse_log as parse_log_tool
 from caffe_compat.net import TEST, Net
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers.log import parse_log
-from tools import extract_features, train
-from tools import parse_log as parse_log_tool
 
 CLI = Path(__file__).parent / "fixtures" / "caffe_reference" / "cli" / "train_test_snapshot"
 CAFFE_LOG = CLI / "caffe_train.log"
@@ -200,7 +200,7 @@ def test_glog_log_dir_files_and_parse_log(tmp_path, monkeypatch, capsys):
 
 
 def test_caffe_command_line_dispatches_like_the_caffe_binary(tmp_path, monkeypatch, capsys):
-    from tools import caffe_cli
+    from caffe_compat.cli import caffe_cli
 
     d = tmp_path / "cli"
     shutil.copytree(CLI, d)
@@ -224,3 +224,28 @@ def test_caffe_command_line_dispatches_like_the_caffe_binary(tmp_path, monkeypat
     if not torch.cuda.is_available():
         assert caffe_cli.main(["device_query", "-gpu", "0"]) == 1
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_parse_log_plots_caffes_curves(tmp_path, capsys):
+    """--plot draws real Caffe's logged values (the numbers of its 'Train/Test net output' and
+    'lr = ' lines) against the iteration, train and test, and writes a PNG."""
+    pytest.importorskip("matplotlib", reason="--plot needs the [paper] extra")
+    import matplotlib.pyplot as plt
+
+    png = tmp_path / "curves.png"
+    assert parse_log_tool.main([str(CAFFE_LOG), "--plot", str(png)]) == 0
+    assert f"wrote {png}" in capsys.readouterr().out
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    train_rows, test_rows = parse_log(str(CAFFE_LOG))
+    fig = parse_log_tool.draw_curves(train_rows, test_rows)
+    loss, acc, lr = fig.axes
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in loss.lines}
+    assert lines["train loss"] == ([0.0, 2.0, 4.0, 6.0], [1.38919, 1.16553, 0.940875, 0.878576])
+    assert lines["test loss"] == ([0.0, 4.0, 8.0], [1.87234, 0.984055, 0.886448])
+    assert not acc.lines  # the fixture's net has no Accuracy layer: said in the panel
+    assert any("no accuracy output" in t.get_text() for t in acc.texts)
+    assert list(lr.lines[0].get_ydata()) == [0.02, 0.02, 0.02, 0.01]
+    plt.close(fig)
+    assert parse_log_tool.main([str(CAFFE_LOG)]) == 1
+    assert "give an OUTPUT_DIR for the CSV files, --plot curves.png, or both" in capsys.readouterr().err

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from caffe_compat import io as cio
+from caffe_compat.cli import test as test_tool
+from caffe_compat.cli import time as time_tool
+from caffe_compat.cli import train
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers import SignalHandler, get_solver
 from caffe_compat.solvers.state import read_state
-from tools import test as test_tool
-from tools import time as time_tool
-from tools import train
 
 CLI = Path(__file__).parent / "fixtures" / "caffe_reference" / "cli" / "train_test_snapshot"
 GLOG = re.compile(r"^[IWEF]\d{4,8} \d\d:\d\d:\d\d\.\d{6}\s+\d+ [^\]\s]+:\d+\] (.*)$")
@@ -283,7 +283,7 @@ def test_time_tool_reports_every_layer(cli_dir, capsys):
 def test_paper_solver_without_prepared_data_says_how_to_prepare(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
-    from tools import train
+    from caffe_compat.cli import train
 
     root = Path(__file__).resolve().parents[1]
     (tmp_path / "solvers").mkdir()
@@ -297,7 +297,7 @@ def test_paper_solver_without_prepared_data_says_how_to_prepare(tmp_path, monkey
 
 
 def test_single_dash_flags_as_the_caffe_binary(cli_dir, capsys):
-    from tools import train
+    from caffe_compat.cli import train
 
     assert train.main(["-solver", "solver.prototxt", "-weights", "init.caffemodel", "-iterations", "1"]) == 0
     assert "Optimization Done." in capsys.readouterr().err

@@ -1,103 +1,26 @@
-"""The ``caffe`` binary's command line: ``caffe <command> <args>`` (BVLC/caffe tools/caffe.cpp).
+#!/usr/bin/env python3
+"""the caffe binary: caffe train|test|time|device_query. From a checkout: ``python tools/caffe_cli.py --help``; installed: the ``caffe`` console script.
 
-    python tools/caffe_cli.py train -solver solver.prototxt [-weights w.caffemodel] [-gpu 0]
-    python tools/caffe_cli.py test -model train_val.prototxt -weights w.caffemodel -iterations 100
-    python tools/caffe_cli.py time -model train_val.prototxt -iterations 10
-    python tools/caffe_cli.py device_query -gpu 0
-
-Installed as the ``caffe`` console script, so shell scripts written for Caffe
-(``caffe train -solver ... 2>&1 | tee log``) run unchanged. (This file is not named caffe.py:
-run as a script, its folder comes first on sys.path, where a ``caffe`` module would shadow an
-``import caffe`` in the user's code.) ``train``, ``test`` and ``time`` are
-``tools/train.py``, ``tools/test.py`` and ``tools/time.py`` with the same flags (gflags' one-dash
-spelling accepted); ``device_query`` prints the GPU's properties as torch reports them.
+A thin wrapper: the tool is :mod:`caffe_compat.cli.caffe_cli` (see there). Run as a script, it
+imports the caffe_compat of the checkout it sits in (the folder above ``tools/``), installed or
+not, even when another copy is installed; imported, it changes nothing.
 """
 
-from __future__ import annotations
-
-import logging
+import os
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import ArgumentParser, UsageError, parse_gpus, report_error
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import ArgumentParser, UsageError, parse_gpus, report_error
 
-from caffe_compat.errors import CaffeError
-from caffe_compat.solvers.log import setup_logging
+def main(argv=None) -> int:
+    from caffe_compat.cli.caffe_cli import main as run
 
-__all__ = ["main", "device_query", "USAGE"]
-
-log = logging.getLogger("caffe_compat")
-
-USAGE = """caffe: command line brew
-usage: caffe <command> <args>
-
-commands:
-  train           train or finetune a model
-  test            score a model
-  device_query    show GPU diagnostic information
-  time            benchmark model execution time
-
-each command takes --help"""
-
-
-def device_query(argv: list[str]) -> int:
-    """Caffe's ``device_query``: the properties of each GPU named by ``-gpu`` (ids, or ``all``)."""
-    p = ArgumentParser(prog="caffe device_query", description="Show GPU diagnostic information.")
-    p.add_argument("--gpu", default="", help="GPU id(s): 0, 0,1 or all")
-    args = p.parse_args(argv)
-    if not args.gpu:
-        raise UsageError("Need a device ID to query (-gpu 0, -gpu 0,1 or -gpu all)")
-    import torch
-
-    setup_logging()
-    gpus = parse_gpus(args.gpu)
-    log.info("Querying GPUs %s", args.gpu)
-    for gpu in gpus:
-        props = torch.cuda.get_device_properties(gpu)
-        rows = [
-            ("Device id", gpu),
-            ("Major revision number", props.major),
-            ("Minor revision number", props.minor),
-            ("Name", props.name),
-            ("Total global memory", props.total_memory),
-            ("Number of multiprocessors", props.multi_processor_count),
-        ]
-        for name in ("warp_size", "max_threads_per_multi_processor", "L2_cache_size", "is_integrated"):
-            if hasattr(props, name):
-                rows.append((name.replace("_", " ").capitalize(), getattr(props, name)))
-        for name, value in rows:
-            log.info("%-30s%s", f"{name}:", value)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, file=sys.stderr)
-        return 0 if argv else 1
-    command, rest = argv[0], argv[1:]
-    if command == "train":
-        from tools import train
-
-        return train.main(rest)
-    if command == "test":
-        from tools import test
-
-        return test.main(rest)
-    if command == "time":
-        from tools import time as time_tool
-
-        return time_tool.main(rest)
-    if command == "device_query":
-        try:
-            return device_query(rest)
-        except (CaffeError, OSError) as e:
-            return report_error("caffe device_query", e)
-    print(f"caffe: unknown action: {command}\n\n{USAGE}", file=sys.stderr)
-    return 1
+    return run(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # sys.path[0] is this folder: replace it by the checkout's root (not at import time)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while torch and the package are still being imported
+        print("caffe_cli: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -1,77 +1,26 @@
-"""Reproduce the paper: CAE fine-tuning of AlexNet on dental X-ray halves, then landmark regression.
+#!/usr/bin/env python3
+"""the paper, end to end. From a checkout: ``python tools/reproduce_paper.py --help``; installed: the ``caffe-reproduce-paper`` console script.
 
-    python tools/reproduce_paper.py                                 # preset quick, synthetic data
-    python tools/reproduce_paper.py --preset smoke --out runs/
-    python tools/reproduce_paper.py --preset paper --gpu 0 \\
-        --imagenet-weights models/bvlc_alexnet/bvlc_alexnet.caffemodel --data my_xrays/
-
-Steps: data (``--data`` folder + landmarks.csv, else synthetic radiographs) → half-images →
-CAE training → surgery (conv1-5 and fc6 into the regressor) → the 4 regressor configurations
-({no CAE, CAE} × {fc6 frozen, fc6 fine-tuned}) → evaluation in mm. Every run writes a new folder
-``<out>/run-<date>-<time>[-n]`` (never an earlier one): Table II (md, csv, json), the learning
-curves, CAE reconstructions and landmark figures (PNG), caffemodels, surgery reports and the log.
-Presets: ``smoke`` (tiny, seconds), ``quick`` (default, < 20 min on 2 CPU cores), ``paper``
-(the paper's 224×224 AlexNet, for a GPU). See docs/paper.md.
+A thin wrapper: the tool is :mod:`caffe_compat.cli.reproduce_paper` (see there). Run as a script, it
+imports the caffe_compat of the checkout it sits in (the folder above ``tools/``), installed or
+not, even when another copy is installed; imported, it changes nothing.
 """
 
-from __future__ import annotations
-
-import argparse
+import os
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import parse_gpus, report_error
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import parse_gpus, report_error
 
-from caffe_compat.dental.pipeline import PRESETS, run_reproduction
-from caffe_compat.errors import CaffeError
-from caffe_compat.solvers.log import setup_logging
+def main(argv=None) -> int:
+    from caffe_compat.cli.reproduce_paper import main as run
 
-__all__ = ["main", "build_parser"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reproduce_paper.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/paper", help="where the run folder is created (default runs/paper)")
-    p.add_argument("--data", default="", help="folder of radiographs with landmarks.csv (default: synthetic)")
-    p.add_argument("--csv", default="", help="the landmark CSV (default <data>/landmarks.csv)")
-    p.add_argument("--imagenet-weights", default="", help="bvlc_alexnet.caffemodel (see models/bvlc_alexnet/readme.md)")
-    p.add_argument("--gpu", default="", help="GPU id; CPU when omitted")
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="scale of the run (default quick)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, splits and fillers")
-    p.add_argument(
-        "--cuda_graph",
-        action="store_true",
-        help="with --gpu: replay the training passes from CUDA graphs (the same kernels, less host time)",
-    )
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    setup_logging(program="reproduce_paper")
-    args = build_parser().parse_args(argv)
-    try:
-        gpus = parse_gpus(args.gpu)
-        if args.cuda_graph and not gpus:
-            raise ValueError("--cuda_graph needs --gpu (CUDA graphs replay GPU work)")
-        result = run_reproduction(
-            args.out,
-            args.preset,
-            data_dir=args.data or None,
-            csv_path=args.csv or None,
-            imagenet_weights=args.imagenet_weights or None,
-            gpu=gpus[0] if gpus else None,
-            seed=args.seed,
-            cuda_graph=args.cuda_graph,
-        )
-    except (CaffeError, OSError, ValueError) as e:
-        return report_error("reproduce_paper.py", e)
-    with open(result.tables["md"], encoding="utf-8") as f:
-        print(f.read())
-    print(f"run folder: {result.run_dir}")
-    return 0
+    return run(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # sys.path[0] is this folder: replace it by the checkout's root (not at import time)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while torch and the package are still being imported
+        print("reproduce_paper: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -1,27 +1,26 @@
-"""Print a net's summary (layers, bottoms -> tops, top shapes, parameters, FLOPs), optionally draw it.
+#!/usr/bin/env python3
+"""a net's layers, shapes, parameters, FLOPs. From a checkout: ``python tools/summary.py --help``; installed: the ``caffe-summary`` console script.
 
-    python tools/summary.py deploy.prototxt [--batch 1] [--draw net.png] [--rankdir LR]
-
-The same as ``python -m caffe_compat summary``.
+A thin wrapper: the tool is :mod:`caffe_compat.cli.summary` (see there). Run as a script, it
+imports the caffe_compat of the checkout it sits in (the folder above ``tools/``), installed or
+not, even when another copy is installed; imported, it changes nothing.
 """
 
-from __future__ import annotations
-
+import os
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    import _common  # noqa: F401
-except ImportError:  # imported as the package (console scripts, tests)
-    import tools._common  # noqa: F401
 
-__all__ = ["main"]
+def main(argv=None) -> int:
+    from caffe_compat.cli.summary import main as run
 
-
-def main(argv: list[str] | None = None) -> int:
-    from caffe_compat.__main__ import main as cc_main
-
-    return cc_main(["summary", *(sys.argv[1:] if argv is None else argv)])
+    return run(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # sys.path[0] is this folder: replace it by the checkout's root (not at import time)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while torch and the package are still being imported
+        print("summary: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

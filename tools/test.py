@@ -1,118 +1,26 @@
-"""Score a trained net: ``caffe test`` (BVLC/caffe tools/caffe.cpp ``test()``).
+#!/usr/bin/env python3
+"""caffe test: score a trained net. From a checkout: ``python tools/test.py --help``; installed: the ``caffe-test`` console script.
 
-    python tools/test.py --model train_val.prototxt --weights net.caffemodel --iterations 100
-
-Builds the net in TEST phase (``--level``, ``--stage`` complete its NetState), loads
-``--weights``, runs ``--iterations`` (50) forward passes and logs, as Caffe,
-``Batch i, <output> = v`` for every element of every output, ``Loss: <mean loss>`` and then
-``<output> = <mean>`` (with `` (* w = w*mean loss)`` for loss outputs). ``--gpu 0`` runs on
-that GPU (an error without CUDA); ``--cuda_graph`` with it replays the forward passes from a CUDA
-graph (``Net.use_cuda_graph``). Errors print one line and exit with status 1.
+A thin wrapper: the tool is :mod:`caffe_compat.cli.test` (see there). Run as a script, it
+imports the caffe_compat of the checkout it sits in (the folder above ``tools/``), installed or
+not, even when another copy is installed; imported, it changes nothing.
 """
 
-from __future__ import annotations
-
-import logging
+import os
 import sys
 
-try:  # run as a script: tools/ is sys.path[0]; _common puts this checkout first on sys.path
-    from _common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
-except ImportError:  # imported as the package (console scripts, tests)
-    from tools._common import ArgumentParser, UsageError, parse_gpus, report_error, select_device, stages_from_flag
 
-import numpy as np
-import torch
+def main(argv=None) -> int:
+    from caffe_compat.cli.test import main as run
 
-from caffe_compat.errors import CaffeError
-from caffe_compat.solvers.log import fmt, setup_logging
-
-__all__ = ["main", "build_parser", "score"]
-
-log = logging.getLogger("caffe_compat")
-
-
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="test.py", description="Score a Caffe net over N batches (caffe test).", python_layers=True)
-    p.add_argument("--model", default="", help="the net definition (.prototxt)")
-    p.add_argument("--weights", default="", help="the trained weights (.caffemodel or .h5)")
-    p.add_argument("--iterations", type=int, default=50, help="number of batches (50)")
-    p.add_argument("--gpu", default="", help="GPU id; CPU when omitted")
-    p.add_argument("--level", type=int, default=0, help="NetState level")
-    p.add_argument("--stage", default="", help="NetState stages, comma-separated")
-    p.add_argument(
-        "--cuda_graph",
-        action="store_true",
-        help="with --gpu: replay the forward passes from a CUDA graph (the same kernels, less host time)",
-    )
-    return p
-
-
-def score(net, iterations: int) -> tuple[float, list[tuple[str, float, float]]]:
-    """Run ``iterations`` forwards; log Caffe's lines. Returns (mean loss, [(name, mean, weight)])."""
-    f32 = np.float32
-    scores: list[np.ndarray] | None = None
-    loss = f32(0)
-    with torch.no_grad():
-        for i in range(iterations):
-            outputs = net.forward()
-            iter_loss = f32(0)
-            for name, blob in net.blobs.items():
-                w = net.blob_loss_weights.get(name, 0.0)
-                if w:
-                    iter_loss = f32(iter_loss + f32(w) * f32(np.sum(np.asarray(blob.data, dtype=np.float32))))
-            loss = f32(loss + iter_loss)
-            vals = [np.array(outputs[o], dtype=np.float32).ravel() for o in net.outputs]
-            for name, v in zip(net.outputs, vals):
-                for x in v:
-                    log.info("Batch %d, %s = %s", i, name, fmt(x))
-            if scores is None:
-                scores = vals
-            else:
-                for acc, v in zip(scores, vals):
-                    acc += v
-    loss = f32(loss / f32(iterations))
-    log.info("Loss: %s", fmt(loss))
-    results = []
-    for name, acc in zip(net.outputs, scores or []):
-        w = f32(net.blob_loss_weights.get(name, 0.0))
-        for x in acc:
-            mean = f32(x / f32(iterations))
-            extra = f" (* {fmt(w)} = {fmt(f32(w * mean))} loss)" if w else ""
-            log.info("%s = %s%s", name, fmt(mean), extra)
-            results.append((name, float(mean), float(w)))
-    return float(loss), results
-
-
-def _test(args) -> int:
-    from caffe_compat.net import TEST, Net
-
-    if not args.model:
-        raise UsageError("Need a model definition to score (--model net.prototxt)")
-    if not args.weights:
-        raise UsageError("Need model weights to score (--weights net.caffemodel)")
-    if args.iterations < 1:
-        raise UsageError(f"--iterations must be >= 1 (got {args.iterations})")
-    gpus = parse_gpus(args.gpu)
-    if args.cuda_graph and not gpus:
-        raise UsageError("--cuda_graph needs --gpu (CUDA graphs replay GPU work)")
-    select_device(gpus, log)
-    net = Net(args.model, phase=TEST, level=args.level, stages=stages_from_flag(args.stage))
-    net.copy_from(args.weights)
-    if args.cuda_graph:
-        net.use_cuda_graph()
-        log.info("Forward passes replayed from a CUDA graph (--cuda_graph)")
-    log.info("Running for %d iterations.", args.iterations)
-    score(net, args.iterations)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    try:
-        return _test(build_parser().parse_args(argv))
-    except (CaffeError, OSError) as e:
-        return report_error("test.py", e)
+    return run(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # sys.path[0] is this folder: replace it by the checkout's root (not at import time)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while torch and the package are still being imported
+        print("test: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

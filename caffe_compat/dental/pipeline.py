@@ -34,9 +34,11 @@ from google.protobuf import text_format
 from caffe_compat.dental import evaluate, figures, nets
 from caffe_compat.dental.dataset import PreparedData, prepare, read_dataset
 from caffe_compat.dental.generator import generate_dataset
+from caffe_compat.dental.progress import Progress, Stage
 
 __all__ = [
     "CAE_STUCK_RATIO",
+    "EXPECTED_TIME",
     "PRESETS",
     "Preset",
     "RunResult",
@@ -323,24 +325,25 @@ def _val_loss(solver) -> float:
     return total
 
 
-def _train(solver, iters: int, interval: int, desc: str) -> dict:
+def _train(solver, iters: int, interval: int, desc: str, progress: Progress | None = None, cost: float = 1.0) -> dict:
     """Train ``iters`` iterations; the train loss of every iteration, the validation loss every
-    ``interval`` iterations (and before the first)."""
-    from tqdm.auto import tqdm
-
+    ``interval`` iterations (and before the first). Each iteration advances ``progress`` by ``cost``."""
     train: list = []
-    solver.loss_observers.append(lambda it, loss: train.append((it, loss)))
     val = [(solver.iter, _val_loss(solver))]
+
+    def observe(it, loss):
+        train.append((it, loss))
+        if progress is not None:
+            progress.advance(cost, loss=f"{loss:.4g}", val=f"{val[-1][1]:.4g}")
+
+    solver.loss_observers.append(observe)
     try:
-        with tqdm(total=iters, desc=desc, disable=None, leave=False) as bar:
-            done = 0
-            while done < iters:
-                n = min(interval, iters - done)
-                solver.step(n)
-                done += n
-                val.append((solver.iter, _val_loss(solver)))
-                bar.update(n)
-                bar.set_postfix(train=f"{train[-1][1]:.4g}", val=f"{val[-1][1]:.4g}")
+        done = 0
+        while done < iters:
+            n = min(interval, iters - done)
+            solver.step(n)
+            done += n
+            val.append((solver.iter, _val_loss(solver)))
     finally:
         solver.loss_observers.pop()
     log.info(
@@ -412,6 +415,295 @@ def _mean_image_loss(train: np.ndarray, val: np.ndarray, arch: nets.Arch) -> flo
     return float(lw * 0.5 * (diff**2).sum() / len(val))
 
 
+#: What a run costs, said before it starts (``tools/reproduce_paper.py``, README, docs/paper.md):
+#: measured on 2 CPU cores; the same run took 1 h 32 min with the cores shared 4-fold.
+EXPECTED_TIME = {
+    "smoke": (60, "under a minute"),
+    "quick": (720, "about 7-12 min on 2 free CPU cores, much longer when they are shared"),
+    "paper": (3600, "about an hour on one GPU (hours on a CPU)"),
+}
+
+#: one CAE iteration costs about this many regressor iterations (encoder + decoder, bigger loss)
+_CAE_COST = 2.0
+
+
+@dataclass
+class _Run:
+    """What the steps of :func:`run_reproduction` share."""
+
+    p: Preset
+    run_dir: str
+    seed: int
+    cuda_graph: bool
+    imagenet_weights: str | None
+    progress: Progress
+    notes: list = field(default_factory=list)
+    prepared: PreparedData | None = None
+    paths: dict = field(default_factory=dict)
+    figs: dict = field(default_factory=dict)
+
+
+def _stages(p: Preset) -> list[Stage]:
+    return [
+        Stage("data: radiographs, halves, HDF5, nets", max(1.0, 0.02 * p.cae_iters * _CAE_COST)),
+        Stage(f"CAE: {p.cae_iters} iterations", p.cae_iters * _CAE_COST),
+        *[Stage(f"regressor {key}: {p.reg_iters} iterations", p.reg_iters) for key in evaluate.CONFIGS],
+        Stage("Table II and figures", 1.0),
+    ]
+
+
+def _step_data(run: _Run, data_dir: str | None, csv_path: str | None) -> None:
+    """Step 1: radiographs (given or synthetic) -> prepared halves -> the run's nets and solvers."""
+    p, run_dir = run.p, run.run_dir
+    if data_dir:
+        samples = read_dataset(data_dir, csv_path)
+        run.notes.append(f"data: {os.path.abspath(data_dir)} ({len(samples)} images)")
+    else:
+        raw = os.path.join(run_dir, "data", "raw")
+        generate_dataset(
+            raw, p.num_images, p.num_annotated, seed=run.seed, height=p.image_size[0], width=p.image_size[1]
+        )
+        samples = read_dataset(raw)
+        run.notes.append(
+            f"data: synthetic radiographs ({p.num_images} images, {p.num_annotated} annotated, "
+            f"seed {run.seed}), not the paper's X-rays"
+        )
+    data_scale = 1.0 if run.imagenet_weights else p.data_scale
+    data_mean = "imagenet" if run.imagenet_weights else p.data_mean
+    run.prepared = prepare(
+        samples,
+        os.path.join(run_dir, "data", "prepared"),
+        size=p.input_size,
+        seed=run.seed,
+        scale=data_scale,
+        mean=data_mean,
+    )
+    if run.imagenet_weights:
+        run.notes.append(f"ImageNet weights: {run.imagenet_weights}")
+    else:
+        run.notes.append(
+            f"no ImageNet weights given: the CAE and the 'no CAE' baseline start from Caffe's fillers "
+            f"({p.filler}), not from ImageNet's AlexNet as in the paper"
+        )
+    run.notes.append(
+        f"recipe: {p.solver_type} ({p.lr_policy}), base_lr CAE {p.cae_lr:g} / regressors {p.reg_lr:g}, "
+        f"batch {p.batch}, input = {data_scale:g} × (grey × 255 − {data_mean} mean)"
+    )
+    net_dir = os.path.join(run_dir, "nets")
+    os.makedirs(net_dir)
+    for d in ("cae", *evaluate.CONFIGS):
+        os.makedirs(os.path.join(run_dir, d))
+    run.paths = _write_nets(p, run.prepared, net_dir, run_dir, run.seed)
+
+
+def _step_cae(run: _Run) -> tuple[str, dict]:
+    """Step 2: train the CAE (from ImageNet's AlexNet when given); its caffemodel, curves, figures."""
+    from caffe_compat.net import TEST, Net
+    from caffe_compat.solvers import get_solver
+    from caffe_compat.surgery import copy_layers
+
+    p, run_dir, prepared = run.p, run.run_dir, run.prepared
+    solver = get_solver(run.paths["cae_solver"])
+    solver.cuda_graph = run.cuda_graph
+    if run.imagenet_weights:
+        rep = copy_layers(run.imagenet_weights, solver.net, IMAGENET_TO_CAE, strict=False)
+        rep.save(os.path.join(run_dir, "cae", "surgery_from_imagenet.json"))
+        log.info("CAE from ImageNet:\n%s", rep.to_text())
+    curves = _train(solver, p.cae_iters, p.test_interval, "CAE", run.progress, _CAE_COST)
+    cae_model = os.path.join(run_dir, "cae", "cae.caffemodel")
+    solver.net.save(cae_model)
+    del solver
+    cae_val_all = _load_h5(prepared.h5["cae_val"], ("data",))[0]
+    mean_loss = _mean_image_loss(_load_h5(prepared.h5["cae_train"], ("data",))[0], cae_val_all, p.arch())
+    final = curves["val"][-1][1]
+    run.notes.append(
+        f"CAE validation loss {final:.6g} (reconstructing every half as the training "
+        f"halves' mean image: {mean_loss:.6g}; at the start: {curves['val'][0][1]:.6g})"
+    )
+    log.info("CAE: validation loss %.6g, mean image %.6g", final, mean_loss)
+    if cae_did_not_learn(final, mean_loss):
+        warning = (
+            f"WARNING: the CAE did not learn: its validation loss {final:.6g} is not "
+            f"{100 * (1 - CAE_STUCK_RATIO):.0f} % below the loss of reconstructing every half as the "
+            f"training halves' mean image ({mean_loss:.6g}): it reconstructs no better than that "
+            "image. The CAE rows of Table II then say nothing about CAE pre-training: rerun with "
+            "another --seed, more CAE iterations, or --imagenet-weights."
+        )
+        run.notes.append(warning)
+        log.warning("%s", warning)
+    cae_val = cae_val_all[: p.figure_halves]
+    recon = _forward_batches(Net(run.paths["cae_deploy"], TEST, weights=cae_model), cae_val, "recon")
+    recon_gray = prepared.to_gray(recon / p.cae_target_scale)  # recon ≈ data × cae_target_scale
+    rows = prepared.rows("cae_val")[: p.figure_halves]
+    run.figs["cae_reconstructions"] = figures.plot_reconstructions(
+        prepared.to_gray(cae_val),
+        recon_gray,
+        os.path.join(run_dir, "cae_reconstructions.png"),
+        [f"{r['image']} ({r['side']})" for r in rows],
+        title=f"CAE reconstructions of held-out halves (preset {p.name}, {p.cae_iters} iterations)",
+    )
+    run.figs["cae_learning_curve"] = figures.plot_learning_curves(
+        {"CAE": curves},
+        os.path.join(run_dir, "cae_learning_curve.png"),
+        "CAE (Euclidean loss)",
+        {"validation halves reconstructed as the mean image": mean_loss},
+    )
+    return cae_model, curves
+
+
+def _step_fc6_scale(run: _Run, cae_model: str) -> float:
+    """Step 3 (``cae_fc6_scale_match`` only): the factor the CAE's fc6 is multiplied by, so that its
+    RMS after relu6 on the first training halves matches the no-CAE regressors' start."""
+    from caffe_compat.solvers import get_solver
+    from caffe_compat.surgery import copy_layers
+
+    p, paths = run.p, run.paths
+    if not p.cae_fc6_scale_match:
+        return 1.0
+    probe = _load_h5(run.prepared.h5["landmarks_train"], ("data",))[0][: p.max_val_batch]
+    reference = get_solver(paths["landmarks_solver"])  # the no-CAE start (same seed)
+    if run.imagenet_weights:
+        copy_layers(run.imagenet_weights, reference.net, TRANSFERRED, strict=False)
+    ref_rms = _fc6_rms(paths["landmark_deploy"], reference.net, probe)
+    del reference
+    cae_rms = _fc6_rms(paths["landmark_deploy"], cae_model, probe)
+    scale = ref_rms / cae_rms if cae_rms > 0 else 1.0
+    run.notes.append(
+        f"CAE fc6 scaled by {scale:.6g} before the regressors (fc6 RMS on the training halves: "
+        f"CAE {cae_rms:.6g}, no-CAE start {ref_rms:.6g})"
+    )
+    log.info("CAE fc6 scale match: x%.6g (CAE %.6g, no-CAE start %.6g)", scale, cae_rms, ref_rms)
+    return scale
+
+
+def _surgery(run: _Run, solver, key: str, source: str | None, fc6_scale: float, train_targets) -> None:
+    """Step 3: conv1-5 and fc6 from ``source`` (the CAE, ImageNet, or none: the fillers) into the
+    regressor ``key``'s net; its report in ``<key>/surgery.json|txt``."""
+    from caffe_compat.surgery import SurgeryReport, copy_layers
+
+    if source:
+        rep = copy_layers(source, solver.net, TRANSFERRED, strict=False)
+    else:
+        rep = SurgeryReport(left_at_filler=list(solver.net.params))
+        rep.skipped.append(
+            {
+                "src": "-",
+                "dst": ",".join(TRANSFERRED),
+                "reason": "no ImageNet weights given: conv1-5 and fc6 start from the fillers",
+            }
+        )
+    head_note = ""
+    if fc6_scale != 1.0:
+        for blob in solver.net.params["fc6"]:
+            blob.data[...] = blob.data * fc6_scale
+        head_note += f"fc6: weights and bias × {fc6_scale:.6g} (its RMS matched to the no-CAE start's)\n"
+    if run.p.head_bias_mean:  # every configuration alike: the regressor starts at the mean predictor's output
+        solver.net.params["fc8_landmarks"][1].data[...] = train_targets.mean(axis=0)
+        head_note += "fc8_landmarks: bias set to the mean of the training landmarks (weights at the filler)\n"
+    rep.save(os.path.join(run.run_dir, key, "surgery.json"))
+    with open(os.path.join(run.run_dir, key, "surgery.txt"), "w", encoding="utf-8") as f:
+        f.write(rep.to_text() + "\n" + head_note)
+    log.info("%s: surgery from %s\n%s", key, source or "fillers", rep.to_text())
+
+
+def _step_regressor(run: _Run, key: str, cae_model: str, fc6_scale: float, train_targets, val_data) -> dict:
+    """Step 4, one configuration: surgery, training, predictions and errors in mm."""
+    from caffe_compat.solvers import get_solver
+
+    use_cae, fc6_ft, _ = evaluate.CONFIGS[key]
+    solver = get_solver(run.paths["landmarks_solver" if fc6_ft else "landmarks_fc6_frozen_solver"])
+    solver.cuda_graph = run.cuda_graph
+    source = cae_model if use_cae else run.imagenet_weights
+    _surgery(run, solver, key, source, fc6_scale if use_cae else 1.0, train_targets)
+    curves = _train(solver, run.p.reg_iters, run.p.test_interval, key, run.progress)
+    model = os.path.join(run.run_dir, key, f"{key}.caffemodel")
+    solver.net.save(model)
+    del solver
+    pred = predict_landmarks(run.paths["landmark_deploy"], model, val_data)
+    errors = evaluate.landmark_errors_mm(pred, run.prepared.rows("landmarks_val"))
+    out = os.path.join(run.run_dir, key)
+    header = "u1,v1,u2,v2,u3,v3,u4,v4 (landmarks_val.h5 order)"
+    np.savetxt(os.path.join(out, "predictions.csv"), pred, delimiter=",", fmt="%.9g", header=header, comments="")
+    header = "landmark1,landmark2,landmark3,landmark4"
+    np.savetxt(os.path.join(out, "errors_mm.csv"), errors, delimiter=",", fmt="%.6f", header=header, comments="")
+    summary = evaluate.summarize(errors)
+    log.info("%s: mean error %.4f mm", key, summary["mean_over_landmarks"])
+    return {"model": model, "curves": curves, "pred": pred, "summary": summary}
+
+
+def _step_outputs(run: _Run, results: dict, regs: dict, cae_model: str, cae_curves: dict, t0: float) -> RunResult:
+    """Step 5: Table II, the learning curves and landmark figures, summary.json."""
+    p, prepared, run_dir = run.p, run.prepared, run.run_dir
+    curves = {evaluate.CONFIGS[k][2]: r["curves"] for k, r in regs.items()}
+    final_loss = {k: r["curves"]["train"][-1][1] for k, r in regs.items()}
+    run.notes.append(
+        "final training losses: "
+        + ", ".join(f"{k} {v:.6g}" for k, v in final_loss.items())
+        + " (paper: 0.003593 with CAE, 0.006545 without)"
+    )
+    tables = evaluate.write_table(results, run_dir, run.notes)
+    train_targets = _load_h5(prepared.h5["landmarks_train"], ("landmarks",))[0]
+    val_data, truth = _load_h5(prepared.h5["landmarks_val"], ("data", "landmarks"))
+    ref_loss = float(0.5 * ((truth - train_targets.mean(axis=0)) ** 2).sum(axis=1).mean())
+    run.figs["learning_curves"] = figures.plot_learning_curves(
+        curves,
+        os.path.join(run_dir, "learning_curves.png"),
+        "Landmark regressors (Euclidean loss)",
+        {"mean-landmark predictor (validation)": ref_loss},
+    )
+    val_rows = prepared.rows("landmarks_val")
+    n, size = min(p.figure_halves, len(val_rows)), p.input_size
+
+    def to_px(pred: np.ndarray) -> np.ndarray:
+        return pred[:n].reshape(n, 4, 2) * size - 0.5  # continuous -> pixel-centre coordinates
+
+    # millimetres per displayed pixel, horizontally: the half (half_width px) is resized to size px
+    mm_per_px = [float(r["spacing_mm"]) * int(r["half_width"]) / size for r in val_rows[:n]]
+    run.figs["landmarks"] = figures.plot_landmarks(
+        prepared.to_gray(val_data[:n]),
+        to_px(truth),
+        {
+            "w/o unsupervised fine-tuning": to_px(regs["nocae_fc6_finetuned"]["pred"]),
+            "with unsupervised fine-tuning": to_px(regs["cae_fc6_finetuned"]["pred"]),
+        },
+        os.path.join(run_dir, "landmarks.png"),
+        [f"{r['image']} ({r['side']})" for r in val_rows[:n]],
+        title="Held-out halves, fc6 fine-tuned (the paper's Fig. 8 setting)",
+        mm_per_px=mm_per_px,
+    )
+    models = {k: r["model"] for k, r in regs.items()}
+    models["cae"] = cae_model
+    result = RunResult(run_dir, results, tables, run.figs, models, run.notes, final_loss)
+    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(
+            {
+                "preset": asdict(p),
+                "seed": run.seed,
+                "seconds": time.time() - t0,
+                "results": results,
+                "tables": tables,
+                "figures": run.figs,
+                "caffemodels": models,
+                "notes": run.notes,
+                "final_train_loss": final_loss,
+                "curves": {"cae": cae_curves, **curves},
+            },
+            f,
+            indent=1,
+        )
+    return result
+
+
+def _open_log(run_dir: str) -> logging.Handler:
+    """Every line of the run, in glog's format, into ``<run>/log.txt``."""
+    from caffe_compat.solvers.log import GlogFormatter
+
+    handler = logging.FileHandler(os.path.join(run_dir, "log.txt"), encoding="utf-8")
+    handler.setFormatter(GlogFormatter())
+    log.addHandler(handler)
+    return handler
+
+
 def run_reproduction(
     out_root: str,
     preset: str | Preset = "quick",
@@ -421,258 +713,61 @@ def run_reproduction(
     gpu: int | None = None,
     seed: int = 0,
     cuda_graph: bool = False,
+    progress_stream=None,
 ) -> RunResult:
-    """Run every step of the paper's experiment into a new folder under ``out_root``.
+    """Run every step of the paper's experiment into a new folder under ``out_root``:
+    data (1), CAE (2), surgery (3) and the four regressors (4), Table II and figures (5).
     ``cuda_graph``: the CAE's and the regressors' training passes replayed from CUDA graphs
-    (``Solver.cuda_graph``; needs ``gpu``)."""
+    (``Solver.cuda_graph``; needs ``gpu``). Progress goes to ``progress_stream`` (stderr): see
+    :mod:`caffe_compat.dental.progress`."""
     from caffe_compat import mode
-    from caffe_compat.net import TEST, Net
-    from caffe_compat.solvers import get_solver
-    from caffe_compat.surgery import SurgeryReport, copy_layers
+    from caffe_compat.extras import require
 
+    require("matplotlib", "the paper pipeline (its figures)")  # up front, not after an hour of training
     p = PRESETS[preset] if isinstance(preset, str) else preset
     run_dir = new_run_dir(out_root)
-    handler = logging.FileHandler(os.path.join(run_dir, "log.txt"), encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler = _open_log(run_dir)
     old_level = log.level
-    log.addHandler(handler)
     if log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)
     t0 = time.time()
+    expected = EXPECTED_TIME.get(p.name, (0, ""))[0]
     try:
         if gpu is not None:
             mode.set_device(gpu)
             mode.set_mode_gpu()
         else:
             mode.set_mode_cpu()
-        notes: list[str] = [
-            f"preset {p.name!r}: input {p.input_size}x{p.input_size}, conv widths {list(p.conv)}, "
-            f"fc {p.fc}, code {p.code}, CAE {p.cae_iters} iterations, regressors {p.reg_iters} "
-            "iterations each"
-        ]
-        # 1. data
-        if data_dir:
-            samples = read_dataset(data_dir, csv_path)
-            notes.append(f"data: {os.path.abspath(data_dir)} ({len(samples)} images)")
-        else:
-            raw = os.path.join(run_dir, "data", "raw")
-            generate_dataset(
-                raw, p.num_images, p.num_annotated, seed=seed, height=p.image_size[0], width=p.image_size[1]
+        with Progress(_stages(p), expected, stream=progress_stream) as progress:
+            run = _Run(p, run_dir, seed, cuda_graph, imagenet_weights and os.path.abspath(imagenet_weights), progress)
+            run.notes.append(
+                f"preset {p.name!r}: input {p.input_size}x{p.input_size}, conv widths {list(p.conv)}, "
+                f"fc {p.fc}, code {p.code}, CAE {p.cae_iters} iterations, regressors {p.reg_iters} "
+                "iterations each"
             )
-            samples = read_dataset(raw)
-            notes.append(
-                f"data: synthetic radiographs ({p.num_images} images, {p.num_annotated} annotated, "
-                f"seed {seed}), not the paper's X-rays"
+            with progress.stage(0):
+                _step_data(run, data_dir, csv_path)
+            with progress.stage(1):
+                cae_model, cae_curves = _step_cae(run)
+            fc6_scale = _step_fc6_scale(run, cae_model)
+            train_targets = _load_h5(run.prepared.h5["landmarks_train"], ("landmarks",))[0]
+            val_data = _load_h5(run.prepared.h5["landmarks_val"], ("data",))[0]
+            val_rows = run.prepared.rows("landmarks_val")
+            ref = evaluate.mean_predictor(train_targets, len(val_rows))
+            results = {evaluate.MEAN_PREDICTOR[0]: evaluate.summarize(evaluate.landmark_errors_mm(ref, val_rows))}
+            log.info(
+                "mean-landmark predictor: mean error %.4f mm",
+                results[evaluate.MEAN_PREDICTOR[0]]["mean_over_landmarks"],
             )
-        data_scale = 1.0 if imagenet_weights else p.data_scale
-        data_mean = "imagenet" if imagenet_weights else p.data_mean
-        prepared = prepare(
-            samples,
-            os.path.join(run_dir, "data", "prepared"),
-            size=p.input_size,
-            seed=seed,
-            scale=data_scale,
-            mean=data_mean,
-        )
-        if imagenet_weights:
-            imagenet_weights = os.path.abspath(imagenet_weights)
-            notes.append(f"ImageNet weights: {imagenet_weights}")
-        else:
-            notes.append(
-                f"no ImageNet weights given: the CAE and the 'no CAE' baseline start from Caffe's fillers "
-                f"({p.filler}), not from ImageNet's AlexNet as in the paper"
-            )
-        notes.append(
-            f"recipe: {p.solver_type} ({p.lr_policy}), base_lr CAE {p.cae_lr:g} / regressors {p.reg_lr:g}, "
-            f"batch {p.batch}, input = {data_scale:g} × (grey × 255 − {data_mean} mean)"
-        )
-        net_dir = os.path.join(run_dir, "nets")
-        os.makedirs(net_dir)
-        for d in ("cae", *evaluate.CONFIGS):
-            os.makedirs(os.path.join(run_dir, d))
-        paths = _write_nets(p, prepared, net_dir, run_dir, seed)
-
-        # 2. CAE
-        solver = get_solver(paths["cae_solver"])
-        solver.cuda_graph = cuda_graph
-        if imagenet_weights:
-            rep = copy_layers(imagenet_weights, solver.net, IMAGENET_TO_CAE, strict=False)
-            rep.save(os.path.join(run_dir, "cae", "surgery_from_imagenet.json"))
-            log.info("CAE from ImageNet:\n%s", rep.to_text())
-        cae_curves = _train(solver, p.cae_iters, p.test_interval, "CAE")
-        cae_model = os.path.join(run_dir, "cae", "cae.caffemodel")
-        solver.net.save(cae_model)
-        del solver
-        cae_val_all = _load_h5(prepared.h5["cae_val"], ("data",))[0]
-        mean_loss = _mean_image_loss(_load_h5(prepared.h5["cae_train"], ("data",))[0], cae_val_all, p.arch())
-        cae_final = cae_curves["val"][-1][1]
-        notes.append(
-            f"CAE validation loss {cae_final:.6g} (reconstructing every half as the training "
-            f"halves' mean image: {mean_loss:.6g}; at the start: {cae_curves['val'][0][1]:.6g})"
-        )
-        log.info("CAE: validation loss %.6g, mean image %.6g", cae_final, mean_loss)
-        if cae_did_not_learn(cae_final, mean_loss):
-            warning = (
-                f"WARNING: the CAE did not learn: its validation loss {cae_final:.6g} is not "
-                f"{100 * (1 - CAE_STUCK_RATIO):.0f} % below the loss of reconstructing every half as the "
-                f"training halves' mean image ({mean_loss:.6g}): it reconstructs no better than that "
-                "image. The CAE rows of Table II then say nothing about CAE pre-training: rerun with "
-                "another --seed, more CAE iterations, or --imagenet-weights."
-            )
-            notes.append(warning)
-            log.warning("%s", warning)
-        cae_val = cae_val_all[: p.figure_halves]
-        recon = _forward_batches(Net(paths["cae_deploy"], TEST, weights=cae_model), cae_val, "recon")
-        recon_gray = prepared.to_gray(recon / p.cae_target_scale)  # recon ≈ data × cae_target_scale
-        rows = prepared.rows("cae_val")[: p.figure_halves]
-        figs = {
-            "cae_reconstructions": figures.plot_reconstructions(
-                prepared.to_gray(cae_val),
-                recon_gray,
-                os.path.join(run_dir, "cae_reconstructions.png"),
-                [f"{r['image']} ({r['side']})" for r in rows],
-            ),
-            "cae_learning_curve": figures.plot_learning_curves(
-                {"CAE": cae_curves},
-                os.path.join(run_dir, "cae_learning_curve.png"),
-                "CAE (Euclidean loss)",
-                {"validation halves reconstructed as the mean image": mean_loss},
-            ),
-        }
-
-        # 3.-4. surgery and the four regressors
-        val_data, _ = _load_h5(prepared.h5["landmarks_val"], ("data", "landmarks"))
-        val_rows = prepared.rows("landmarks_val")
-        results, curves, models, preds, final_loss = {}, {}, {}, {}, {}
-        train_targets = _load_h5(prepared.h5["landmarks_train"], ("landmarks",))[0]
-        ref = evaluate.mean_predictor(train_targets, len(val_rows))
-        results[evaluate.MEAN_PREDICTOR[0]] = evaluate.summarize(evaluate.landmark_errors_mm(ref, val_rows))
-        log.info(
-            "mean-landmark predictor: mean error %.4f mm", results[evaluate.MEAN_PREDICTOR[0]]["mean_over_landmarks"]
-        )
-        fc6_scale = 1.0
-        if p.cae_fc6_scale_match:
-            # the CAE's fc6 scaled (weights and bias, so its ReLU features keep their pattern) to the
-            # RMS the no-CAE regressors' fc6 starts with, on the first training halves
-            probe = _load_h5(prepared.h5["landmarks_train"], ("data",))[0][: p.max_val_batch]
-            reference = get_solver(paths["landmarks_solver"])  # the no-CAE start (same seed)
-            if imagenet_weights:
-                copy_layers(imagenet_weights, reference.net, TRANSFERRED, strict=False)
-            ref_rms = _fc6_rms(paths["landmark_deploy"], reference.net, probe)
-            del reference
-            cae_rms = _fc6_rms(paths["landmark_deploy"], cae_model, probe)
-            fc6_scale = ref_rms / cae_rms if cae_rms > 0 else 1.0
-            notes.append(
-                f"CAE fc6 scaled by {fc6_scale:.6g} before the regressors (fc6 RMS on the training halves: "
-                f"CAE {cae_rms:.6g}, no-CAE start {ref_rms:.6g})"
-            )
-            log.info("CAE fc6 scale match: x%.6g (CAE %.6g, no-CAE start %.6g)", fc6_scale, cae_rms, ref_rms)
-        for key, (use_cae, fc6_ft, label) in evaluate.CONFIGS.items():
-            solver = get_solver(paths["landmarks_solver" if fc6_ft else "landmarks_fc6_frozen_solver"])
-            solver.cuda_graph = cuda_graph
-            source = cae_model if use_cae else imagenet_weights
-            if source:
-                rep = copy_layers(source, solver.net, TRANSFERRED, strict=False)
-            else:
-                rep = SurgeryReport(left_at_filler=list(solver.net.params))
-                rep.skipped.append(
-                    {
-                        "src": "-",
-                        "dst": ",".join(TRANSFERRED),
-                        "reason": "no ImageNet weights given: conv1-5 and fc6 start from the fillers",
-                    }
-                )
-            head_note = ""
-            if use_cae and fc6_scale != 1.0:
-                for blob in solver.net.params["fc6"]:
-                    blob.data[...] = blob.data * fc6_scale
-                head_note += f"fc6: weights and bias × {fc6_scale:.6g} (its RMS matched to the no-CAE start's)\n"
-            if p.head_bias_mean:  # every configuration alike: the regressor starts at the mean predictor's output
-                solver.net.params["fc8_landmarks"][1].data[...] = train_targets.mean(axis=0)
-                head_note += "fc8_landmarks: bias set to the mean of the training landmarks (weights at the filler)\n"
-            rep.save(os.path.join(run_dir, key, "surgery.json"))
-            with open(os.path.join(run_dir, key, "surgery.txt"), "w", encoding="utf-8") as f:
-                f.write(rep.to_text() + "\n" + head_note)
-            log.info("%s: surgery from %s\n%s", key, source or "fillers", rep.to_text())
-            curves[label] = _train(solver, p.reg_iters, p.test_interval, key)
-            final_loss[key] = curves[label]["train"][-1][1]
-            models[key] = os.path.join(run_dir, key, f"{key}.caffemodel")
-            solver.net.save(models[key])
-            del solver
-            pred = predict_landmarks(paths["landmark_deploy"], models[key], val_data)
-            preds[key] = pred
-            errors = evaluate.landmark_errors_mm(pred, val_rows)
-            np.savetxt(
-                os.path.join(run_dir, key, "predictions.csv"),
-                pred,
-                delimiter=",",
-                fmt="%.9g",
-                header="u1,v1,u2,v2,u3,v3,u4,v4 (landmarks_val.h5 order)",
-                comments="",
-            )
-            np.savetxt(
-                os.path.join(run_dir, key, "errors_mm.csv"),
-                errors,
-                delimiter=",",
-                fmt="%.6f",
-                header="landmark1,landmark2,landmark3,landmark4",
-                comments="",
-            )
-            results[key] = evaluate.summarize(errors)
-            log.info("%s: mean error %.4f mm", key, results[key]["mean_over_landmarks"])
-
-        # 5. outputs
-        notes.append(
-            "final training losses: "
-            + ", ".join(f"{k} {v:.6g}" for k, v in final_loss.items())
-            + " (paper: 0.003593 with CAE, 0.006545 without)"
-        )
-        tables = evaluate.write_table(results, run_dir, notes)
-        val_targets = _load_h5(prepared.h5["landmarks_val"], ("landmarks",))[0]
-        ref_loss = float(0.5 * ((val_targets - train_targets.mean(axis=0)) ** 2).sum(axis=1).mean())
-        figs["learning_curves"] = figures.plot_learning_curves(
-            curves,
-            os.path.join(run_dir, "learning_curves.png"),
-            "Landmark regressors (Euclidean loss)",
-            {"mean-landmark predictor (validation)": ref_loss},
-        )
-        n = min(p.figure_halves, len(val_rows))
-        size = p.input_size
-
-        def to_px(pred: np.ndarray) -> np.ndarray:
-            return pred[:n].reshape(n, 4, 2) * size - 0.5  # continuous -> pixel-centre coordinates
-
-        truth = _load_h5(prepared.h5["landmarks_val"], ("landmarks",))[0]
-        figs["landmarks"] = figures.plot_landmarks(
-            prepared.to_gray(val_data[:n]),
-            to_px(truth),
-            {
-                "w/o unsupervised fine-tuning": to_px(preds["nocae_fc6_finetuned"]),
-                "with unsupervised fine-tuning": to_px(preds["cae_fc6_finetuned"]),
-            },
-            os.path.join(run_dir, "landmarks.png"),
-            [f"{r['image']} ({r['side']})" for r in val_rows[:n]],
-        )
-        models["cae"] = cae_model
-        result = RunResult(run_dir, results, tables, figs, models, notes, final_loss)
-        with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(
-                {
-                    "preset": asdict(p),
-                    "seed": seed,
-                    "seconds": time.time() - t0,
-                    "results": results,
-                    "tables": tables,
-                    "figures": figs,
-                    "caffemodels": models,
-                    "notes": notes,
-                    "final_train_loss": final_loss,
-                    "curves": {"cae": cae_curves, **curves},
-                },
-                f,
-                indent=1,
-            )
-        log.info("reproduction done in %.0f s: %s", time.time() - t0, run_dir)
+            regs = {}
+            for i, key in enumerate(evaluate.CONFIGS):
+                with progress.stage(2 + i):
+                    regs[key] = _step_regressor(run, key, cae_model, fc6_scale, train_targets, val_data)
+                    results[key] = regs[key]["summary"]
+            with progress.stage(len(progress.stages) - 1):
+                result = _step_outputs(run, results, regs, cae_model, cae_curves, t0)
+            log.info("reproduction done in %.0f s: %s", time.time() - t0, run_dir)
+            progress.finish()
         return result
     finally:
         log.removeHandler(handler)

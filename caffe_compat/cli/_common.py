@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
-if (_ROOT / "setup.cfg").is_file() and (_ROOT / "caffe_compat").is_dir() and sys.path[:1] != [str(_ROOT)]:
-    # a source checkout's tools run that checkout's library, even when another copy is installed
-    sys.path.insert(0, str(_ROOT))
+from caffe_compat.errors import CaffeError
 
-from caffe_compat.errors import CaffeError  # noqa: E402  (after the checkout is on sys.path)
-
-__all__ = ["UsageError", "ArgumentParser", "parse_gpus", "select_device", "report_error", "stages_from_flag"]
+__all__ = [
+    "UsageError",
+    "ArgumentParser",
+    "enable_python_layers",
+    "exits_130_on_interrupt",
+    "parse_gpus",
+    "select_device",
+    "report_error",
+    "stages_from_flag",
+]
 
 
 class UsageError(CaffeError):
@@ -44,18 +48,41 @@ class ArgumentParser(argparse.ArgumentParser):
             "-" + a if a[:1] == "-" and a[1:2] != "-" and "-" + a.partition("=")[0] in known else a
             for a in (sys.argv[1:] if args is None else list(args))
         ]
-        ns = super().parse_args(args, namespace)
-        if getattr(ns, "allow_python_layers", False):
-            import os
-
-            from caffe_compat.layers.python import allow_python_layers
-
-            allow_python_layers(True)
-            os.environ["CAFFE_COMPAT_ALLOW_PYTHON_LAYERS"] = "1"  # worker processes inherit it
-        return ns
+        return super().parse_args(args, namespace)
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see --help)")
+
+
+def enable_python_layers(args: argparse.Namespace) -> None:
+    """After parsing (``parse_args`` has no side effects): with ``--allow-python-layers``, let the
+    net's Python layers run, here and in the worker processes this tool starts (environment)."""
+    if getattr(args, "allow_python_layers", False):
+        import os
+
+        from caffe_compat.layers.python import allow_python_layers
+
+        allow_python_layers(True)
+        os.environ["CAFFE_COMPAT_ALLOW_PYTHON_LAYERS"] = "1"  # worker processes inherit it
+
+
+def exits_130_on_interrupt(prog: str):
+    """Decorate a tool's ``main``: Ctrl-C (KeyboardInterrupt, e.g. while a net is built or data is
+    read) prints one line and returns 130, the shell's status for SIGINT, without a traceback.
+    (Training itself handles SIGINT as Caffe does: ``--sigint_effect``.)"""
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+                return 130
+
+        return run
+
+    return wrap
 
 
 def stages_from_flag(stage: str) -> list[str]:
