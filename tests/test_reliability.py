@@ -81,7 +81,7 @@ def test_summary_does_not_create_the_file(tmp_path):
 
 def test_draw_net_and_inspection_leave_the_file_alone(tmp_path, monkeypatch):
     from caffe_compat import draw
-    from tools import draw_net
+    from caffe_compat.cli import draw_net
 
     monkeypatch.setattr(draw.shutil, "which", lambda name: None)
     out = tmp_path / "results.h5"
@@ -92,6 +92,18 @@ def test_draw_net_and_inspection_leave_the_file_alone(tmp_path, monkeypatch):
         net = caffe.Net(str(proto), phase)
         net.reshape()
         draw.draw_net_to_file(net, str(tmp_path / "m.dot"))
+    assert out.read_bytes() == before and out.stat().st_mtime_ns == mtime
+
+
+def test_time_tool_leaves_the_file_alone(tmp_path):
+    """``caffe time`` runs forward and backward passes only to time them: an HDF5Output layer's
+    existing file keeps its bytes."""
+    from caffe_compat.cli import time as time_tool
+
+    out = tmp_path / "results.h5"
+    before, mtime = _existing_h5(out)
+    proto = _hdf5_output_net(tmp_path, out)
+    assert time_tool.main(["--model", str(proto), "--iterations", "2"]) == 0
     assert out.read_bytes() == before and out.stat().st_mtime_ns == mtime
 
 
@@ -239,7 +251,7 @@ def _bad_paths(tmp_path: Path) -> dict[str, tuple[str, str]]:
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
 def test_weights_that_are_not_regular_files_are_refused_at_once(tmp_path, capsys, kind):
-    from tools import test as test_tool
+    from caffe_compat.cli import test as test_tool
 
     path, words = _bad_paths(tmp_path)[kind]
     proto = _lenet_like(tmp_path)

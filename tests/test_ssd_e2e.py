@@ -207,7 +207,7 @@ def test_tiny_ssd_layers_match_opencv(tiny_ssd):
 
 
 def test_detect_tool_draws_and_prints_the_opencv_boxes(tiny_ssd, capsys):
-    from tools import detect
+    from caffe_compat.cli import detect
 
     d, model, weights, image = tiny_ssd
     out_png, out_json = d / "boxes.png", d / "boxes.json"
@@ -257,7 +257,7 @@ def test_detect_tool_draws_and_prints_the_opencv_boxes(tiny_ssd, capsys):
 
 
 def test_detect_tool_errors_are_one_line(tiny_ssd, capsys, tmp_path):
-    from tools import detect
+    from caffe_compat.cli import detect
 
     _, model, weights, _ = tiny_ssd
     rc = detect.main(["--model", model, "--weights", weights, "--image", str(tmp_path / "nope.png"), "--out", "x.png"])

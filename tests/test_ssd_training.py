@@ -18,9 +18,9 @@ import torch
 from google.protobuf import text_format
 
 import caffe_compat as caffe
+from caffe_compat.cli import create_annoset
 from caffe_compat.errors import CaffeError
 from caffe_compat.proto import caffe_pb2
-from tools import create_annoset
 
 # BGR colours per class (label map: 0 background, 1 red, 2 green, 3 blue)
 COLOURS = {1: (0, 0, 230), 2: (0, 210, 0), 3: (230, 0, 0)}
