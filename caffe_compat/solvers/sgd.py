@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from caffe_compat.solvers.base import Solver, register_solver
+from caffe_compat.solvers.validate import check_range
 
 __all__ = ["SGDSolver"]
 
@@ -17,7 +18,8 @@ class SGDSolver(Solver):
         W <- W - V
 
     ``local_rate = rate * lr_mult``; ``g`` is the diff after clipping, 1/iter_size and weight
-    decay (see :class:`~caffe_compat.solvers.base.Solver`). Parameters: ``momentum`` (0).
+    decay (see :class:`~caffe_compat.solvers.base.Solver`). Parameters: ``momentum`` (0; in
+    [0, 1), a limit Caffe does not check).
 
     Difference from ``torch.optim.SGD`` (which keeps ``buf = m * buf + g`` and steps
     ``lr * buf``): Caffe's history holds the learning rate, so at a ``step``/``multistep``
@@ -32,6 +34,10 @@ class SGDSolver(Solver):
 
     diff_is_history = True
     momentum_sgd_rule = True
+
+    def check_param(self) -> None:
+        super().check_param()
+        check_range(self.param, self.source, "momentum", 0, 1, high_open=True)
 
     def update_history(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
         hist[0].mul_(float(self.param.momentum)).add_(g, alpha=local_rate)

@@ -41,7 +41,7 @@ def check_range(
     if ok:
         return
     interval = (
-        ("(" if low_open else "[")
+        ("(" if low_open or low is None else "[")
         + ("-inf" if low is None else f"{low:g}")
         + ", "
         + ("inf" if high is None else f"{high:g}")
