@@ -10,12 +10,13 @@ train and test nets; replaces the solver's ``weights``), ``--snapshot`` (resume 
 ``0,1``, ``all``), ``--level``, ``--stage`` (train net state),
 ``--sigint_effect`` / ``--sighup_effect`` (``stop``, ``snapshot``, ``none``; defaults ``stop`` and
 ``snapshot``). Additions: ``--sigterm_effect`` (default ``stop``: a pre-empted job writes its
-final snapshot and exits 0; Caffe dies without one; one process only: those of a multi-process
-run keep SIGTERM's default, with which their launcher ends them when a peer fails), ``--nan_policy stop|continue`` (default
-``stop``: a NaN/Inf loss or gradient ends training with status 1, naming the iteration and the
-layer, and no snapshot of non-finite weights is written; ``continue``: Caffe's behaviour; see
-``caffe_compat.solvers.nonfinite``), ``--iterations N`` sets ``max_iter``; ``--model M`` trains the net in
-``M`` instead of the solver's (``net: M``); speed opt-ins that depart from Caffe's float32 order
+final snapshot and exits 0, where Caffe dies without one; in one process only: those of a
+multi-process run keep SIGTERM's default, with which their launcher ends them when a peer
+fails); ``--nan_policy stop|continue`` (default ``stop``: a NaN/Inf loss or gradient ends
+training with status 1, naming the iteration and the layer, and no snapshot of non-finite
+weights is written; ``continue``: Caffe's behaviour; see ``caffe_compat.solvers.nonfinite``);
+``--iterations N`` sets ``max_iter``; ``--model M`` trains the net in ``M`` instead of the
+solver's (``net: M``); speed opt-ins that depart from Caffe's float32 order
 of operations (docs/benchmarks.md): ``--precision bf16|fp16`` (autocast, float32 master weights;
 fp16 with loss scaling), ``--channels_last`` (the nets' 4-D tensors in NHWC), ``--compile``
 (``torch.compile`` of the nets; the first iterations compile). ``--cuda_graph`` (one GPU)

@@ -384,14 +384,8 @@ class Solver:
         sync = getattr(self.net, "sync_host_params", None)
         if sync is not None:  # host writes through net.params[...] (GPU) land before the update
             sync()
-        check = self.nan_guard.gradients
-        if not self.nan_check_gradients:  # only the clipping's sum of squares, when computed
-            check = self._check_clipping_sumsq
-        self.engine.apply(rate, check)
-
-    def _check_clipping_sumsq(self, sumsq) -> None:
-        if isinstance(sumsq, float):
-            self.nan_guard.gradients(sumsq)
+        # the gradients' check: through the clipping's sum of squares, or an opt-in reduction
+        self.engine.apply(rate, self.nan_guard.gradients, reduce_gradients=self.nan_check_gradients)
 
     def clip_gradients(self) -> None:
         """If ``clip_gradients >= 0`` and the L2 norm of all diffs exceeds it, scale every diff

@@ -142,10 +142,11 @@ class UpdateEngine:
 
     # -- the pipeline ------------------------------------------------------------------------------
 
-    def apply(self, rate: float, check_gradients=None) -> bool:
+    def apply(self, rate: float, check_gradients=None, reduce_gradients: bool = False) -> bool:
         """One update from the accumulated diffs at learning rate ``rate``; False when the loss
-        scaler skipped it. ``check_gradients(sumsq)``, if given, is called with the diffs' sum of
-        squares (the clipping's, or one multi-tensor reduction) before anything is updated."""
+        scaler skipped it. ``check_gradients(sumsq)``, if given, is called before anything is
+        updated with the diffs' sum of squares when one is at hand: the clipping's, or with
+        ``reduce_gradients`` one multi-tensor reduction (a pass over every diff)."""
         s = self.solver
         params = s.net.learnable_params
         with torch.no_grad():
@@ -154,8 +155,10 @@ class UpdateEngine:
             if s.loss_scaler is not None and not s.loss_scaler.unscale_(params, s.iter):
                 return False
             sumsq = self.clip_gradients()
-            if check_gradients is not None:
-                check_gradients(self.gradient_sumsq() if sumsq is None else sumsq)
+            if sumsq is None and reduce_gradients and check_gradients is not None:
+                sumsq = self.gradient_sumsq()
+            if sumsq is not None and check_gradients is not None:
+                check_gradients(sumsq)
             # the update value is history 0: not written to the diff, which becomes its alias
             alias = s.diff_is_history and getattr(s.net, "supports_diff_alias", False)
             todo = list(range(len(params)))
