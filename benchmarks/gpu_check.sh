@@ -91,9 +91,9 @@ done
 
 say "== 3a. AlexNet float32, peak CUDA allocation [${SECONDS}s]"
 # session 8: SGD's whole-tensor update goes through torch._fused_sgd_ only where it is bit-identical here
-timeout "$(limit 30)" python3 -c "import torch; from caffe_compat.solvers import sgd; \
+timeout "$(limit 30)" python3 -c "import torch; from caffe_compat.solvers import update_engine; \
 print('torch._fused_sgd_ bit-identical to the foreach SGD update on this GPU (used if so):', \
-sgd._fused_sgd_matches(torch.device('$DEVICE', 0) if '$DEVICE' == 'cuda' else torch.device('cpu'), whole=True))" \
+update_engine.fused_sgd_matches(torch.device('$DEVICE', 0) if '$DEVICE' == 'cuda' else torch.device('cpu'), whole=True))" \
     2>&1 | tee -a "$LOG"
 bench 150 --batches 1,10,64,128 --reps 5 --iters 20 --memory
 say "== 3a0. batches 1-10, both sides reading the same results back (--host_reads both; session 9) [${SECONDS}s]"

@@ -362,10 +362,13 @@ class Net(PycaffeCalls, nn.Module):
         return pending
 
     def sync_host_params(self) -> None:
-        """Send parameter values and diffs written through ``net.params[...]`` on a GPU back to
-        the device (a no-op on the CPU, where those are views)."""
+        """Before an update: parameter values and diffs written through ``net.params[...]`` on a
+        GPU back to the device (on the CPU those are views), and the diffs a clear dropped
+        present again as zeros (a diff written by hand after ``clear_param_diffs`` updates its
+        parameter, the others none)."""
         if _blob.uses_host_mirror(self._state.device) and _blob.host_copies_out():
             _blob.sync_host_copies(None)
+        self._state.fill_missing_diffs()
 
     def clear_param_diffs(self) -> None:
         """Zero every learnable blob's diff (Caffe's ClearParamDiffs).
@@ -375,7 +378,8 @@ class Net(PycaffeCalls, nn.Module):
         zeros when read or after the next ``forward_backward``/``backward``, which then take
         autograd's gradient tensors as they are instead of adding them to zeros.
         """
-        self.sync_host_params()
+        if _blob.uses_host_mirror(self._state.device) and _blob.host_copies_out():
+            _blob.sync_host_copies(None)
         for p in self.learnable_params:
             _blob.clear_diff(p)
         self._state.diffs_cleared = True

@@ -329,11 +329,11 @@ def _kernel_worker(rank: int, world_size: int, d: str, out: str) -> int:
     """Rank 1 behaves as if torch's fused SGD kernel differed from the operations on its device."""
     import logging
 
-    from caffe_compat.solvers import sgd
+    from caffe_compat.solvers import update_engine
 
     logging.getLogger("caffe_compat").setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    sgd._FUSED_SGD_MATCHES[("cpu", None, False)] = rank == 0
+    update_engine._FUSED_SGD_MATCHES[("cpu", None, False)] = rank == 0
     _, params, solver = _train_in(Path(d), 3, rank)
     arrays = {f"p{i}": p for i, p in enumerate(params)}
     np.savez(os.path.join(out, f"kernel{rank}.npz"), fused_kernel=np.array(solver.fused_kernel), **arrays)

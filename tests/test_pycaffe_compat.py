@@ -198,9 +198,6 @@ def test_adam_solver_has_lr_too():
     assert math.isclose(s.lr, 0.001, rel_tol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs the lead's one line: class Solver(SolverLearningRate) in caffe_compat/solvers/base.py"
-)
 def test_sgd_solver_class_has_lr():
     s = caffe_compat.SGDSolver(_solver_param(lr_policy="fixed", base_lr=0.05))
     assert math.isclose(s.lr, 0.05, rel_tol=1e-6)

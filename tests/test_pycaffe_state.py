@@ -291,3 +291,24 @@ def test_layer_blobs_are_the_params_blobs(net):
             assert list(layer.blobs) == []
     net.layers[names.index("ip1")].blobs[0].data[...] = 0.5
     np.testing.assert_array_equal(net.params["ip1"][0].data, 0.5)
+
+
+def test_diff_written_by_hand_after_a_clear_is_what_the_update_applies(tmp_path):
+    """pycaffe: clear_param_diffs(), write one diff by hand, apply_update(): Caffe's SGD moves that
+    parameter by lr x diff and the others not at all (their diffs are zeros, not missing)."""
+    (tmp_path / "net.prototxt").write_text(NET)
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.5\nlr_policy: "fixed"\nmomentum: 0\nmax_iter: 1\n'
+    )
+    caffe.set_random_seed(4)
+    solver = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    net = solver.net
+    before = {n: [b.data.copy() for b in bs] for n, bs in net.params.items()}
+    net.clear_param_diffs()
+    net.params["ip2"][0].diff[...] = 2.0
+    solver.apply_update()
+    np.testing.assert_allclose(net.params["ip2"][0].data, before["ip2"][0] - 0.5 * 2.0, rtol=1e-6)
+    for n, bs in net.params.items():
+        for i, b in enumerate(bs):
+            if (n, i) != ("ip2", 0):
+                np.testing.assert_array_equal(b.data, before[n][i])

@@ -217,11 +217,11 @@ def test_fused_update_is_bit_identical(tmp_path, stype, extra):
 
 def _count_kernel_calls(monkeypatch) -> list[int]:
     """SGD's fused-kernel calls from now on (the size of each call's group), recorded in a list."""
-    from caffe_compat.solvers import sgd
+    from caffe_compat.solvers import update_engine
 
     calls: list[int] = []
-    real = sgd._fused_sgd
-    monkeypatch.setattr(sgd, "_fused_sgd", lambda *a: calls.append(len(a[0])) or real(*a))
+    real = update_engine._fused_sgd
+    monkeypatch.setattr(update_engine, "_fused_sgd", lambda *a: calls.append(len(a[0])) or real(*a))
     return calls
 
 
@@ -239,10 +239,10 @@ def _count_kernel_calls(monkeypatch) -> list[int]:
 def test_sgd_fused_kernel_is_bit_identical(tmp_path, monkeypatch, extra, kernel_used):
     """SGD's CPU update through torch._fused_sgd_ (vector part) plus the chunked operations
     (each parameter's last numel % 16 elements) gives the chunked path's values bit for bit."""
-    from caffe_compat.solvers import sgd
+    from caffe_compat.solvers import update_engine
 
     # this machine's torch: the kernel's vector loop reproduces the chunked operations
-    assert sgd._fused_sgd_matches(torch.device("cpu"), whole=False)
+    assert update_engine.fused_sgd_matches(torch.device("cpu"), whole=False)
     calls = _count_kernel_calls(monkeypatch)
     from google.protobuf import text_format
 
@@ -281,7 +281,7 @@ def test_sgd_fused_kernel_in_channels_last_is_bit_identical(tmp_path, monkeypatc
         solver.step(3)
         params = solver.net.learnable_params
         assert params[0].is_contiguous(memory_format=torch.channels_last) and not params[0].is_contiguous()
-        assert solver._flat_views(0) is not None  # the conv weight is one dense piece of memory: kernel-able
+        assert solver.engine.flat_views(0) is not None  # the conv weight is one dense piece of memory: kernel-able
         runs.append([p.detach().clone() for p in params] + [h.clone() for h in solver.history])
     assert calls
     for a, b in zip(*runs):
@@ -289,21 +289,21 @@ def test_sgd_fused_kernel_in_channels_last_is_bit_identical(tmp_path, monkeypatc
 
 
 def test_sgd_fused_kernel_probe_survives_a_kernel_that_raises(monkeypatch):
-    from caffe_compat.solvers import sgd
+    from caffe_compat.solvers import update_engine
 
     def broken(*args, **kwargs):
         raise RuntimeError("no such kernel for this device")
 
-    monkeypatch.setattr(sgd, "_FUSED_SGD_MATCHES", {})
+    monkeypatch.setattr(update_engine, "_FUSED_SGD_MATCHES", {})
     monkeypatch.setattr(torch, "_fused_sgd_", broken)
-    assert sgd._fused_sgd_matches(torch.device("cpu"), whole=False) is False
+    assert update_engine.fused_sgd_matches(torch.device("cpu"), whole=False) is False
 
 
 def test_sgd_fused_kernel_falls_back_when_it_differs(tmp_path, monkeypatch):
-    from caffe_compat.solvers import sgd
+    from caffe_compat.solvers import update_engine
 
-    monkeypatch.setattr(sgd, "_FUSED_SGD_MATCHES", {("cpu", None, False): False})
-    monkeypatch.setattr(sgd, "_fused_sgd", lambda *a: pytest.fail("the kernel was used"))
+    monkeypatch.setattr(update_engine, "_FUSED_SGD_MATCHES", {("cpu", None, False): False})
+    monkeypatch.setattr(update_engine, "_fused_sgd", lambda *a: pytest.fail("the kernel was used"))
     solver = _solver(tmp_path, "SGD", chunk=37)
     solver.step(2)
     ref = _solver(tmp_path, "SGD", chunk=37)
@@ -318,12 +318,12 @@ def _sgd_whole_kernel_runs(tmp_path, monkeypatch, device, extra=""):
     (taken whether or not the probe agrees) and with the foreach operations."""
     from google.protobuf import text_format
 
-    from caffe_compat.solvers import sgd
+    from caffe_compat.solvers import update_engine
 
     calls = _count_kernel_calls(monkeypatch)
     runs = []
     for kernel in (True, False):
-        monkeypatch.setitem(sgd._FUSED_SGD_MATCHES, (device.type, device.index, True), kernel)
+        monkeypatch.setitem(update_engine._FUSED_SGD_MATCHES, (device.type, device.index, True), kernel)
         solver = _solver(tmp_path, "SGD", fused=False, foreach=True, device=device)
         text_format.Merge(extra, solver.param)
         solver.fused_kernel = kernel
@@ -351,10 +351,10 @@ def test_sgd_whole_tensor_kernel_on_cpu_is_close(tmp_path, monkeypatch, extra):
 def test_sgd_whole_tensor_kernel_on_cuda(tmp_path, monkeypatch):
     """On a GPU the whole-tensor kernel is used only where the probe finds it bit-identical to the
     foreach operations; then a training run through it equals one through them, bit for bit."""
-    from caffe_compat.solvers import sgd
+    from caffe_compat.solvers import update_engine
 
     device = torch.device("cuda", torch.cuda.current_device())
-    matches = sgd._fused_sgd_matches(device, whole=True)
+    matches = update_engine.fused_sgd_matches(device, whole=True)
     print(f"torch._fused_sgd_ bit-identical to the foreach operations on {device}: {matches}")
     if not matches:
         pytest.skip("the kernel rounds differently on this GPU: the solver keeps the foreach operations")

@@ -9,8 +9,14 @@ train and test nets; replaces the solver's ``weights``), ``--snapshot`` (resume 
 ``.solverstate`` or ``.solverstate.h5``; not together with ``--weights``), ``--gpu`` (``0``,
 ``0,1``, ``all``), ``--level``, ``--stage`` (train net state),
 ``--sigint_effect`` / ``--sighup_effect`` (``stop``, ``snapshot``, ``none``; defaults ``stop`` and
-``snapshot``). Additions: ``--iterations N`` sets ``max_iter``; ``--model M`` trains the net in
-``M`` instead of the solver's (``net: M``); speed opt-ins that depart from Caffe's float32 order
+``snapshot``). Additions: ``--sigterm_effect`` (default ``stop``: a pre-empted job writes its
+final snapshot and exits 0, where Caffe dies without one; in one process only: those of a
+multi-process run keep SIGTERM's default, with which their launcher ends them when a peer
+fails); ``--nan_policy stop|continue`` (default ``stop``: a NaN/Inf loss or gradient ends
+training with status 1, naming the iteration and the layer, and no snapshot of non-finite
+weights is written; ``continue``: Caffe's behaviour; see ``caffe_compat.solvers.nonfinite``);
+``--iterations N`` sets ``max_iter``; ``--model M`` trains the net in ``M`` instead of the
+solver's (``net: M``); speed opt-ins that depart from Caffe's float32 order
 of operations (docs/benchmarks.md): ``--precision bf16|fp16`` (autocast, float32 master weights;
 fp16 with loss scaling), ``--channels_last`` (the nets' 4-D tensors in NHWC), ``--compile``
 (``torch.compile`` of the nets; the first iterations compile). ``--cuda_graph`` (one GPU)
@@ -28,7 +34,8 @@ torchrun's group: with ``--gpu`` (or ``solver_mode: GPU`` and CUDA) rank uses GP
 
 The log is Caffe's, in glog's format, on stderr; with ``GLOG_log_dir`` set also in glog's files
 there (``caffe.INFO`` links to the newest, as Caffe's; ``tools/parse_log.py`` reads it).
-``GLOG_minloglevel`` filters as glog's. Errors print one line and exit with status 1.
+``GLOG_minloglevel`` filters as glog's. Errors print one line and exit with status 1; Ctrl-C
+before the first iteration (while the nets are built) prints one line and exits with status 130.
 """
 
 from __future__ import annotations
@@ -77,6 +84,18 @@ def build_parser(prog: str = "train.py") -> ArgumentParser:
     p.add_argument("--stage", default="", help="the train net's NetState stages, comma-separated")
     p.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
     p.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
+    p.add_argument(
+        "--sigterm_effect",
+        default="stop",
+        choices=["stop", "snapshot", "none"],
+        help="what SIGTERM (a cluster's pre-emption) does: stop (with the final snapshot), snapshot, none",
+    )
+    p.add_argument(
+        "--nan_policy",
+        default="stop",
+        choices=["stop", "continue"],
+        help="a NaN/Inf loss or gradient: stop (an error naming the layer; no snapshot) or continue (Caffe's)",
+    )
     p.add_argument(
         "--precision",
         default="fp32",
@@ -139,7 +158,8 @@ def _run(args, param: caffe_pb2.SolverParameter) -> int:
     if getattr(args, "compile", False):
         mode.set_compile(True, **compile_before[1])
     try:
-        solver = solver_class(param.type)(param, source=args.solver)
+        solver = solver_class(param.type, args.solver)(param, source=args.solver)
+        solver.nan_policy = getattr(args, "nan_policy", "stop")
         if getattr(args, "channels_last", False):
             import torch
 
@@ -148,7 +168,10 @@ def _run(args, param: caffe_pb2.SolverParameter) -> int:
             log.info("Nets in channels_last memory format (--channels_last)")
         if getattr(args, "cuda_graph", False):
             solver.cuda_graph = True
-        with SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
+        # one process alone: the processes of --gpu 0,1 / --cpu-procs / torchrun keep SIGTERM's
+        # default, with which their launcher ends them when a peer fails
+        sigterm = getattr(args, "sigterm_effect", "stop") if not distributed.is_distributed() else None
+        with SignalHandler(args.sigint_effect, args.sighup_effect, sigterm) as handler:
             solver.set_action_function(handler.action)
             if args.snapshot:
                 log.info("Resuming from %s", args.snapshot)
@@ -244,6 +267,12 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
                 file=sys.stderr,
             )
         return status
+    except KeyboardInterrupt:  # Ctrl-C before the solver's signal handler is installed
+        print(
+            "train.py: interrupted (SIGINT) during start-up, before the first iteration; nothing was written",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

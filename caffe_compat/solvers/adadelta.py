@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from caffe_compat.solvers.base import Solver, register_solver
+from caffe_compat.solvers.validate import check_range
 
 __all__ = ["AdaDeltaSolver"]
 
@@ -19,10 +20,15 @@ class AdaDeltaSolver(Solver):
         W   <- W - local_rate * u
 
     Parameters: ``momentum`` (rho; 0 unless set, 0.95 is usual), ``delta`` (1e-8),
-    ``base_lr`` (1.0 in the paper). History: ``[Eg_0..Eg_{N-1}, Edx_0..Edx_{N-1}]``.
+    ``base_lr`` (1.0 in the paper); rho in [0, 1) and delta > 0 (limits Caffe does not check). History: ``[Eg_0..Eg_{N-1}, Edx_0..Edx_{N-1}]``.
     """
 
     num_history_sets = 2
+
+    def check_param(self) -> None:
+        super().check_param()
+        check_range(self.param, self.source, "momentum", 0, 1, high_open=True, why=" (AdaDelta's rho)")
+        check_range(self.param, self.source, "delta", 0, low_open=True)
 
     def update_rule(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
         eg, edx = hist

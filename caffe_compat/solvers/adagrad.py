@@ -6,6 +6,7 @@ import torch
 
 from caffe_compat.errors import SolverError
 from caffe_compat.solvers.base import Solver, register_solver
+from caffe_compat.solvers.validate import check_range
 
 __all__ = ["AdaGradSolver"]
 
@@ -17,7 +18,7 @@ class AdaGradSolver(Solver):
         H <- H + g^2
         W <- W - local_rate * g / (sqrt(H) + delta)
 
-    Parameters: ``delta`` (1e-8; torch's Adagrad eps default is 1e-10). ``momentum`` must be
+    Parameters: ``delta`` (1e-8, > 0; torch's Adagrad eps default is 1e-10). ``momentum`` must be
     unset or 0 (Caffe: "Momentum cannot be used with AdaGrad"). History: ``H``.
     """
 
@@ -28,6 +29,7 @@ class AdaGradSolver(Solver):
                 f"{self.source}: Momentum cannot be used with AdaGrad: remove 'momentum' "
                 f"(got momentum: {self.param.momentum:g})"
             )
+        check_range(self.param, self.source, "delta", 0, low_open=True)
 
     def update_rule(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
         h = hist[0]

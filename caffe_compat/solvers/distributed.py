@@ -63,6 +63,7 @@ from caffe_compat.blob import own_diff
 
 __all__ = [
     "NCCL",
+    "attach_solver",
     "has_nccl",
     "BUCKET_BYTES",
     "DEFAULT_TIMEOUT",
@@ -162,6 +163,35 @@ def quiet_non_root_logging() -> None:
     (Caffe's workers do not log training progress)."""
     if get_rank() != 0 and not any(isinstance(f, _DropInfoFilter) for f in _log.filters):
         _log.addFilter(_DropInfoFilter())
+
+
+def attach_solver(solver, seed: int, broadcast: bool = True) -> None:
+    """Make ``solver`` one rank of the initialized group (``Solver._init_distributed``): shard
+    its train net's data layers, average its gradients before every update (a
+    ``DistributedSync``), ``broadcast`` rank 0's weights, agree on the update path (every rank
+    updates its weights through the same operations) and seed each rank's own random draws."""
+    from caffe_compat.solvers.nets import DATA_LAYER_TYPES
+
+    _log.info("Training on %d processes (this is rank %d)", solver.world_size, solver.rank)
+    quiet_non_root_logging()
+    for layer in getattr(solver.net, "layers", []):
+        if hasattr(layer, "set_shard"):
+            layer.set_shard(solver.rank, solver.world_size)
+        elif getattr(layer, "type", "") in DATA_LAYER_TYPES:
+            _log.warning(
+                "layer %r (%s) cannot shard its data: every process reads the same batches",
+                getattr(layer, "name", "?"),
+                layer.type,
+            )
+    # Caffe's layer_wise_reduce (default true): reduce during the last backward pass
+    solver._sync = DistributedSync(solver.net.learnable_params, overlap=solver.param.layer_wise_reduce)
+    if broadcast:
+        solver._sync.broadcast(solver.net.learnable_params)
+    # every rank takes part in this reduction, whatever its own answer
+    if solver._sync.any(not (solver.fused_kernel and solver.engine.fused_kernel_usable())):
+        solver.fused_kernel = False
+    if seed >= 0:  # Dropout & co. draw differently on each rank from here on
+        torch.manual_seed(int(np.random.SeedSequence([seed, solver.rank]).generate_state(1)[0]))
 
 
 def agree_seed(seed: int) -> int:

@@ -106,23 +106,27 @@ LR_POLICIES: dict[str, LrPolicy] = {
 }
 
 
-def check_lr_policy(param) -> None:
-    """Raise ``SolverError`` naming the field when the policy cannot be evaluated."""
+def check_lr_policy(param, source: str | None = None) -> None:
+    """Raise ``SolverError`` naming the field (and the solver file ``source``) when the policy
+    cannot be evaluated."""
+    where = f"{source}: " if source else ""
     name = param.lr_policy
     if not param.HasField("lr_policy") or not name:
         raise SolverError(
-            "SolverParameter field 'lr_policy' is missing (it has no default in Caffe); "
+            f"{where}SolverParameter field 'lr_policy' is missing (it has no default in Caffe); "
             f"set lr_policy to one of: {', '.join(LR_POLICIES)}"
         )
     if name not in LR_POLICIES:
-        raise SolverError(f"Unknown learning rate policy lr_policy: {name!r}; known policies: {', '.join(LR_POLICIES)}")
+        raise SolverError(
+            f"{where}Unknown learning rate policy lr_policy: {name!r}; known policies: {', '.join(LR_POLICIES)}"
+        )
     if name == "step" and param.stepsize <= 0:
-        raise SolverError(f"lr_policy 'step' needs a positive 'stepsize' (got stepsize: {param.stepsize})")
+        raise SolverError(f"{where}lr_policy 'step' needs a positive 'stepsize' (got stepsize: {param.stepsize})")
     if name == "poly" and param.max_iter <= 0:
-        raise SolverError(f"lr_policy 'poly' needs a positive 'max_iter' (got max_iter: {param.max_iter})")
+        raise SolverError(f"{where}lr_policy 'poly' needs a positive 'max_iter' (got max_iter: {param.max_iter})")
 
 
-def get_learning_rate(param, it: int, current_step: int = 0) -> tuple[float, int]:
+def get_learning_rate(param, it: int, current_step: int = 0, source: str | None = None) -> tuple[float, int]:
     """The rate at iteration ``it`` and the new ``current_step`` (Caffe's GetLearningRate)."""
-    check_lr_policy(param)
+    check_lr_policy(param, source)
     return LR_POLICIES[param.lr_policy](param, it, current_step)

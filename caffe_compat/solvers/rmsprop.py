@@ -6,6 +6,7 @@ import torch
 
 from caffe_compat.errors import SolverError
 from caffe_compat.solvers.base import Solver, register_solver
+from caffe_compat.solvers.validate import check_range
 
 __all__ = ["RMSPropSolver"]
 
@@ -17,7 +18,7 @@ class RMSPropSolver(Solver):
         MS <- rms_decay * MS + (1 - rms_decay) * g^2
         W  <- W - local_rate * g / (sqrt(MS) + delta)
 
-    Parameters: ``rms_decay`` (0.99, must lie in [0, 1)), ``delta`` (1e-8). ``momentum`` must be
+    Parameters: ``rms_decay`` (0.99, must lie in [0, 1)), ``delta`` (1e-8, > 0). ``momentum`` must be
     unset or 0 (Caffe: "Momentum cannot be used with RMSProp"). History: ``MS``.
     Unlike ``torch.optim.RMSprop``, delta is added outside the square root and there is no
     momentum/centered variant.
@@ -30,8 +31,8 @@ class RMSPropSolver(Solver):
             raise SolverError(
                 f"{self.source}: Momentum cannot be used with RMSProp: remove 'momentum' (got momentum: {p.momentum:g})"
             )
-        if not 0 <= p.rms_decay < 1:
-            raise SolverError(f"{self.source}: rms_decay should lie between 0 and 1 (got rms_decay: {p.rms_decay:g})")
+        check_range(p, self.source, "rms_decay", 0, 1, high_open=True)
+        check_range(p, self.source, "delta", 0, low_open=True)
 
     def update_rule(self, i: int, g: torch.Tensor, hist: list[torch.Tensor], local_rate: float) -> None:
         ms = hist[0]
