@@ -135,8 +135,8 @@ def _identity(fn: Function) -> tuple:
 @dataclasses.dataclass(frozen=True)
 class _CoordMap:
     """How a layer type maps coordinates: ``map(fn) -> (axis, a, b)``; the keyword holding its
-    parameters for ``conv_params`` (pycaffe's ``L.Pooling(pooling_param=...)``); how many bottoms it maps (None: all;
-    Crop maps its first, the second only gives the size)."""
+    parameters for ``conv_params`` (pycaffe's ``L.Pooling(pooling_param=...)``); how many
+    bottoms it maps (None: all; Crop maps its first, the second only gives the size)."""
 
     map: Callable[[Function], tuple]
     params_field: str = ""
