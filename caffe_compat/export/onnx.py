@@ -1091,8 +1091,3 @@ def locate_divergence(
             if not d.relative <= tol:
                 return lname, t, d
     return None
-
-
-# the converters of the forks' layers register themselves in the table above
-# (caffe_compat/export/onnx_ssd.py, caffe_compat/export/onnx_forks.py)
-from caffe_compat.export import onnx_forks, onnx_ssd  # noqa: E402, F401
