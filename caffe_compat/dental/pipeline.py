@@ -412,6 +412,295 @@ def _mean_image_loss(train: np.ndarray, val: np.ndarray, arch: nets.Arch) -> flo
     return float(lw * 0.5 * (diff**2).sum() / len(val))
 
 
+@dataclass
+class _Run:
+    """What the steps of :func:`run_reproduction` share: the recipe, the run folder, the notes
+    written into the tables, and what each step leaves for the next."""
+
+    p: Preset
+    run_dir: str
+    seed: int
+    cuda_graph: bool
+    imagenet_weights: str | None
+    notes: list = field(default_factory=list)
+    prepared: PreparedData | None = None
+    paths: dict = field(default_factory=dict)
+    figs: dict = field(default_factory=dict)
+    cae_model: str = ""
+    cae_curves: dict = field(default_factory=dict)
+
+
+def _step_data(run: _Run, data_dir: str | None, csv_path: str | None) -> None:
+    """1. The data (the user's radiographs, or synthetic ones), prepared into HDF5 halves; the
+    nets and solvers written for them."""
+    p, run_dir, seed = run.p, run.run_dir, run.seed
+    if data_dir:
+        samples = read_dataset(data_dir, csv_path)
+        run.notes.append(f"data: {os.path.abspath(data_dir)} ({len(samples)} images)")
+    else:
+        raw = os.path.join(run_dir, "data", "raw")
+        generate_dataset(raw, p.num_images, p.num_annotated, seed=seed, height=p.image_size[0], width=p.image_size[1])
+        samples = read_dataset(raw)
+        run.notes.append(
+            f"data: synthetic radiographs ({p.num_images} images, {p.num_annotated} annotated, "
+            f"seed {seed}), not the paper's X-rays"
+        )
+    data_scale = 1.0 if run.imagenet_weights else p.data_scale
+    data_mean = "imagenet" if run.imagenet_weights else p.data_mean
+    run.prepared = prepare(
+        samples,
+        os.path.join(run_dir, "data", "prepared"),
+        size=p.input_size,
+        seed=seed,
+        scale=data_scale,
+        mean=data_mean,
+    )
+    if run.imagenet_weights:
+        run.imagenet_weights = os.path.abspath(run.imagenet_weights)
+        run.notes.append(f"ImageNet weights: {run.imagenet_weights}")
+    else:
+        run.notes.append(
+            f"no ImageNet weights given: the CAE and the 'no CAE' baseline start from Caffe's fillers "
+            f"({p.filler}), not from ImageNet's AlexNet as in the paper"
+        )
+    run.notes.append(
+        f"recipe: {p.solver_type} ({p.lr_policy}), base_lr CAE {p.cae_lr:g} / regressors {p.reg_lr:g}, "
+        f"batch {p.batch}, input = {data_scale:g} × (grey × 255 − {data_mean} mean)"
+    )
+    net_dir = os.path.join(run_dir, "nets")
+    os.makedirs(net_dir)
+    for d in ("cae", *evaluate.CONFIGS):
+        os.makedirs(os.path.join(run_dir, d))
+    run.paths = _write_nets(p, run.prepared, net_dir, run_dir, seed)
+
+
+def _step_cae(run: _Run) -> None:
+    """2. The CAE: trained (from ImageNet's weights when given), checked against the mean
+    image's loss, its reconstructions and learning curve drawn."""
+    from caffe_compat.net import TEST, Net
+    from caffe_compat.solvers import get_solver
+    from caffe_compat.surgery import copy_layers
+
+    p, run_dir, prepared, paths = run.p, run.run_dir, run.prepared, run.paths
+    solver = get_solver(paths["cae_solver"])
+    solver.cuda_graph = run.cuda_graph
+    if run.imagenet_weights:
+        rep = copy_layers(run.imagenet_weights, solver.net, IMAGENET_TO_CAE, strict=False)
+        rep.save(os.path.join(run_dir, "cae", "surgery_from_imagenet.json"))
+        log.info("CAE from ImageNet:\n%s", rep.to_text())
+    cae_curves = _train(solver, p.cae_iters, p.test_interval, "CAE")
+    cae_model = os.path.join(run_dir, "cae", "cae.caffemodel")
+    solver.net.save(cae_model)
+    del solver
+    cae_val_all = _load_h5(prepared.h5["cae_val"], ("data",))[0]
+    mean_loss = _mean_image_loss(_load_h5(prepared.h5["cae_train"], ("data",))[0], cae_val_all, p.arch())
+    cae_final = cae_curves["val"][-1][1]
+    run.notes.append(
+        f"CAE validation loss {cae_final:.6g} (reconstructing every half as the training "
+        f"halves' mean image: {mean_loss:.6g}; at the start: {cae_curves['val'][0][1]:.6g})"
+    )
+    log.info("CAE: validation loss %.6g, mean image %.6g", cae_final, mean_loss)
+    if cae_did_not_learn(cae_final, mean_loss):
+        warning = (
+            f"WARNING: the CAE did not learn: its validation loss {cae_final:.6g} is not "
+            f"{100 * (1 - CAE_STUCK_RATIO):.0f} % below the loss of reconstructing every half as the "
+            f"training halves' mean image ({mean_loss:.6g}): it reconstructs no better than that "
+            "image. The CAE rows of Table II then say nothing about CAE pre-training: rerun with "
+            "another --seed, more CAE iterations, or --imagenet-weights."
+        )
+        run.notes.append(warning)
+        log.warning("%s", warning)
+    cae_val = cae_val_all[: p.figure_halves]
+    recon = _forward_batches(Net(paths["cae_deploy"], TEST, weights=cae_model), cae_val, "recon")
+    recon_gray = prepared.to_gray(recon / p.cae_target_scale)  # recon ≈ data × cae_target_scale
+    rows = prepared.rows("cae_val")[: p.figure_halves]
+    run.figs["cae_reconstructions"] = figures.plot_reconstructions(
+        prepared.to_gray(cae_val),
+        recon_gray,
+        os.path.join(run_dir, "cae_reconstructions.png"),
+        [f"{r['image']} ({r['side']})" for r in rows],
+    )
+    run.figs["cae_learning_curve"] = figures.plot_learning_curves(
+        {"CAE": cae_curves},
+        os.path.join(run_dir, "cae_learning_curve.png"),
+        "CAE (Euclidean loss)",
+        {"validation halves reconstructed as the mean image": mean_loss},
+    )
+    run.cae_model, run.cae_curves = cae_model, cae_curves
+
+
+def _step_fc6_scale(run: _Run) -> float:
+    """3. Surgery's preparation: the factor the CAE's fc6 is scaled by (weights and bias, so its
+    ReLU features keep their pattern) to the RMS the no-CAE regressors' fc6 starts with, on the
+    first training halves (1.0 unless the preset asks for it)."""
+    from caffe_compat.solvers import get_solver
+    from caffe_compat.surgery import copy_layers
+
+    p, paths = run.p, run.paths
+    if not p.cae_fc6_scale_match:
+        return 1.0
+    probe = _load_h5(run.prepared.h5["landmarks_train"], ("data",))[0][: p.max_val_batch]
+    reference = get_solver(paths["landmarks_solver"])  # the no-CAE start (same seed)
+    if run.imagenet_weights:
+        copy_layers(run.imagenet_weights, reference.net, TRANSFERRED, strict=False)
+    ref_rms = _fc6_rms(paths["landmark_deploy"], reference.net, probe)
+    del reference
+    cae_rms = _fc6_rms(paths["landmark_deploy"], run.cae_model, probe)
+    fc6_scale = ref_rms / cae_rms if cae_rms > 0 else 1.0
+    run.notes.append(
+        f"CAE fc6 scaled by {fc6_scale:.6g} before the regressors (fc6 RMS on the training halves: "
+        f"CAE {cae_rms:.6g}, no-CAE start {ref_rms:.6g})"
+    )
+    log.info("CAE fc6 scale match: x%.6g (CAE %.6g, no-CAE start %.6g)", fc6_scale, cae_rms, ref_rms)
+    return fc6_scale
+
+
+def _surgery(run: _Run, solver, use_cae: bool, fc6_scale: float, train_targets: np.ndarray):
+    """The regressor's start: conv1-5 and fc6 from the CAE or ImageNet (or the fillers), fc6
+    scaled, the head's bias at the mean landmarks; returns the report and the head's note."""
+    from caffe_compat.surgery import SurgeryReport, copy_layers
+
+    source = run.cae_model if use_cae else run.imagenet_weights
+    if source:
+        rep = copy_layers(source, solver.net, TRANSFERRED, strict=False)
+    else:
+        rep = SurgeryReport(left_at_filler=list(solver.net.params))
+        rep.skipped.append(
+            {
+                "src": "-",
+                "dst": ",".join(TRANSFERRED),
+                "reason": "no ImageNet weights given: conv1-5 and fc6 start from the fillers",
+            }
+        )
+    head_note = ""
+    if use_cae and fc6_scale != 1.0:
+        for blob in solver.net.params["fc6"]:
+            blob.data[...] = blob.data * fc6_scale
+        head_note += f"fc6: weights and bias × {fc6_scale:.6g} (its RMS matched to the no-CAE start's)\n"
+    if run.p.head_bias_mean:  # every configuration alike: the regressor starts at the mean predictor's output
+        solver.net.params["fc8_landmarks"][1].data[...] = train_targets.mean(axis=0)
+        head_note += "fc8_landmarks: bias set to the mean of the training landmarks (weights at the filler)\n"
+    return rep, head_note, source
+
+
+def _step_regressors(run: _Run, fc6_scale: float) -> dict:
+    """4. The four landmark regressors (with/without the CAE, fc6 fine-tuned or frozen) and the
+    mean-landmark predictor: trained, evaluated on the validation halves in mm."""
+    from caffe_compat.solvers import get_solver
+
+    p, run_dir, prepared, paths = run.p, run.run_dir, run.prepared, run.paths
+    val_data, _ = _load_h5(prepared.h5["landmarks_val"], ("data", "landmarks"))
+    val_rows = prepared.rows("landmarks_val")
+    results, curves, models, preds, final_loss = {}, {}, {}, {}, {}
+    train_targets = _load_h5(prepared.h5["landmarks_train"], ("landmarks",))[0]
+    ref = evaluate.mean_predictor(train_targets, len(val_rows))
+    results[evaluate.MEAN_PREDICTOR[0]] = evaluate.summarize(evaluate.landmark_errors_mm(ref, val_rows))
+    log.info("mean-landmark predictor: mean error %.4f mm", results[evaluate.MEAN_PREDICTOR[0]]["mean_over_landmarks"])
+    for key, (use_cae, fc6_ft, label) in evaluate.CONFIGS.items():
+        solver = get_solver(paths["landmarks_solver" if fc6_ft else "landmarks_fc6_frozen_solver"])
+        solver.cuda_graph = run.cuda_graph
+        rep, head_note, source = _surgery(run, solver, use_cae, fc6_scale, train_targets)
+        rep.save(os.path.join(run_dir, key, "surgery.json"))
+        with open(os.path.join(run_dir, key, "surgery.txt"), "w", encoding="utf-8") as f:
+            f.write(rep.to_text() + "\n" + head_note)
+        log.info("%s: surgery from %s\n%s", key, source or "fillers", rep.to_text())
+        curves[label] = _train(solver, p.reg_iters, p.test_interval, key)
+        final_loss[key] = curves[label]["train"][-1][1]
+        models[key] = os.path.join(run_dir, key, f"{key}.caffemodel")
+        solver.net.save(models[key])
+        del solver
+        pred = predict_landmarks(paths["landmark_deploy"], models[key], val_data)
+        preds[key] = pred
+        errors = evaluate.landmark_errors_mm(pred, val_rows)
+        np.savetxt(
+            os.path.join(run_dir, key, "predictions.csv"),
+            pred,
+            delimiter=",",
+            fmt="%.9g",
+            header="u1,v1,u2,v2,u3,v3,u4,v4 (landmarks_val.h5 order)",
+            comments="",
+        )
+        np.savetxt(
+            os.path.join(run_dir, key, "errors_mm.csv"),
+            errors,
+            delimiter=",",
+            fmt="%.6f",
+            header="landmark1,landmark2,landmark3,landmark4",
+            comments="",
+        )
+        results[key] = evaluate.summarize(errors)
+        log.info("%s: mean error %.4f mm", key, results[key]["mean_over_landmarks"])
+    return {
+        "results": results,
+        "curves": curves,
+        "models": models,
+        "preds": preds,
+        "final_loss": final_loss,
+        "train_targets": train_targets,
+        "val_data": val_data,
+        "val_rows": val_rows,
+    }
+
+
+def _step_outputs(run: _Run, reg: dict, t0: float) -> RunResult:
+    """5. Table II, the learning curves, the landmark figure and summary.json."""
+    p, run_dir, prepared = run.p, run.run_dir, run.prepared
+    results, curves, models, final_loss = reg["results"], reg["curves"], reg["models"], reg["final_loss"]
+    val_rows, val_data, preds = reg["val_rows"], reg["val_data"], reg["preds"]
+    run.notes.append(
+        "final training losses: "
+        + ", ".join(f"{k} {v:.6g}" for k, v in final_loss.items())
+        + " (paper: 0.003593 with CAE, 0.006545 without)"
+    )
+    tables = evaluate.write_table(results, run_dir, run.notes)
+    val_targets = _load_h5(prepared.h5["landmarks_val"], ("landmarks",))[0]
+    ref_loss = float(0.5 * ((val_targets - reg["train_targets"].mean(axis=0)) ** 2).sum(axis=1).mean())
+    figs = run.figs
+    figs["learning_curves"] = figures.plot_learning_curves(
+        curves,
+        os.path.join(run_dir, "learning_curves.png"),
+        "Landmark regressors (Euclidean loss)",
+        {"mean-landmark predictor (validation)": ref_loss},
+    )
+    n = min(p.figure_halves, len(val_rows))
+    size = p.input_size
+
+    def to_px(pred: np.ndarray) -> np.ndarray:
+        return pred[:n].reshape(n, 4, 2) * size - 0.5  # continuous -> pixel-centre coordinates
+
+    truth = _load_h5(prepared.h5["landmarks_val"], ("landmarks",))[0]
+    figs["landmarks"] = figures.plot_landmarks(
+        prepared.to_gray(val_data[:n]),
+        to_px(truth),
+        {
+            "w/o unsupervised fine-tuning": to_px(preds["nocae_fc6_finetuned"]),
+            "with unsupervised fine-tuning": to_px(preds["cae_fc6_finetuned"]),
+        },
+        os.path.join(run_dir, "landmarks.png"),
+        [f"{r['image']} ({r['side']})" for r in val_rows[:n]],
+    )
+    models["cae"] = run.cae_model
+    result = RunResult(run_dir, results, tables, figs, models, run.notes, final_loss)
+    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(
+            {
+                "preset": asdict(p),
+                "seed": run.seed,
+                "seconds": time.time() - t0,
+                "results": results,
+                "tables": tables,
+                "figures": figs,
+                "caffemodels": models,
+                "notes": run.notes,
+                "final_train_loss": final_loss,
+                "curves": {"cae": run.cae_curves, **curves},
+            },
+            f,
+            indent=1,
+        )
+    return result
+
+
 def run_reproduction(
     out_root: str,
     preset: str | Preset = "quick",
@@ -422,13 +711,11 @@ def run_reproduction(
     seed: int = 0,
     cuda_graph: bool = False,
 ) -> RunResult:
-    """Run every step of the paper's experiment into a new folder under ``out_root``.
+    """Run every step of the paper's experiment into a new folder under ``out_root``: the data,
+    the CAE, the fc6 scale for surgery, the four regressors, the outputs (``_step_*``).
     ``cuda_graph``: the CAE's and the regressors' training passes replayed from CUDA graphs
     (``Solver.cuda_graph``; needs ``gpu``)."""
     from caffe_compat import mode
-    from caffe_compat.net import TEST, Net
-    from caffe_compat.solvers import get_solver
-    from caffe_compat.surgery import SurgeryReport, copy_layers
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
     run_dir = new_run_dir(out_root)
@@ -445,233 +732,17 @@ def run_reproduction(
             mode.set_mode_gpu()
         else:
             mode.set_mode_cpu()
-        notes: list[str] = [
+        run = _Run(p, run_dir, seed, cuda_graph, imagenet_weights)
+        run.notes.append(
             f"preset {p.name!r}: input {p.input_size}x{p.input_size}, conv widths {list(p.conv)}, "
             f"fc {p.fc}, code {p.code}, CAE {p.cae_iters} iterations, regressors {p.reg_iters} "
             "iterations each"
-        ]
-        # 1. data
-        if data_dir:
-            samples = read_dataset(data_dir, csv_path)
-            notes.append(f"data: {os.path.abspath(data_dir)} ({len(samples)} images)")
-        else:
-            raw = os.path.join(run_dir, "data", "raw")
-            generate_dataset(
-                raw, p.num_images, p.num_annotated, seed=seed, height=p.image_size[0], width=p.image_size[1]
-            )
-            samples = read_dataset(raw)
-            notes.append(
-                f"data: synthetic radiographs ({p.num_images} images, {p.num_annotated} annotated, "
-                f"seed {seed}), not the paper's X-rays"
-            )
-        data_scale = 1.0 if imagenet_weights else p.data_scale
-        data_mean = "imagenet" if imagenet_weights else p.data_mean
-        prepared = prepare(
-            samples,
-            os.path.join(run_dir, "data", "prepared"),
-            size=p.input_size,
-            seed=seed,
-            scale=data_scale,
-            mean=data_mean,
         )
-        if imagenet_weights:
-            imagenet_weights = os.path.abspath(imagenet_weights)
-            notes.append(f"ImageNet weights: {imagenet_weights}")
-        else:
-            notes.append(
-                f"no ImageNet weights given: the CAE and the 'no CAE' baseline start from Caffe's fillers "
-                f"({p.filler}), not from ImageNet's AlexNet as in the paper"
-            )
-        notes.append(
-            f"recipe: {p.solver_type} ({p.lr_policy}), base_lr CAE {p.cae_lr:g} / regressors {p.reg_lr:g}, "
-            f"batch {p.batch}, input = {data_scale:g} × (grey × 255 − {data_mean} mean)"
-        )
-        net_dir = os.path.join(run_dir, "nets")
-        os.makedirs(net_dir)
-        for d in ("cae", *evaluate.CONFIGS):
-            os.makedirs(os.path.join(run_dir, d))
-        paths = _write_nets(p, prepared, net_dir, run_dir, seed)
-
-        # 2. CAE
-        solver = get_solver(paths["cae_solver"])
-        solver.cuda_graph = cuda_graph
-        if imagenet_weights:
-            rep = copy_layers(imagenet_weights, solver.net, IMAGENET_TO_CAE, strict=False)
-            rep.save(os.path.join(run_dir, "cae", "surgery_from_imagenet.json"))
-            log.info("CAE from ImageNet:\n%s", rep.to_text())
-        cae_curves = _train(solver, p.cae_iters, p.test_interval, "CAE")
-        cae_model = os.path.join(run_dir, "cae", "cae.caffemodel")
-        solver.net.save(cae_model)
-        del solver
-        cae_val_all = _load_h5(prepared.h5["cae_val"], ("data",))[0]
-        mean_loss = _mean_image_loss(_load_h5(prepared.h5["cae_train"], ("data",))[0], cae_val_all, p.arch())
-        cae_final = cae_curves["val"][-1][1]
-        notes.append(
-            f"CAE validation loss {cae_final:.6g} (reconstructing every half as the training "
-            f"halves' mean image: {mean_loss:.6g}; at the start: {cae_curves['val'][0][1]:.6g})"
-        )
-        log.info("CAE: validation loss %.6g, mean image %.6g", cae_final, mean_loss)
-        if cae_did_not_learn(cae_final, mean_loss):
-            warning = (
-                f"WARNING: the CAE did not learn: its validation loss {cae_final:.6g} is not "
-                f"{100 * (1 - CAE_STUCK_RATIO):.0f} % below the loss of reconstructing every half as the "
-                f"training halves' mean image ({mean_loss:.6g}): it reconstructs no better than that "
-                "image. The CAE rows of Table II then say nothing about CAE pre-training: rerun with "
-                "another --seed, more CAE iterations, or --imagenet-weights."
-            )
-            notes.append(warning)
-            log.warning("%s", warning)
-        cae_val = cae_val_all[: p.figure_halves]
-        recon = _forward_batches(Net(paths["cae_deploy"], TEST, weights=cae_model), cae_val, "recon")
-        recon_gray = prepared.to_gray(recon / p.cae_target_scale)  # recon ≈ data × cae_target_scale
-        rows = prepared.rows("cae_val")[: p.figure_halves]
-        figs = {
-            "cae_reconstructions": figures.plot_reconstructions(
-                prepared.to_gray(cae_val),
-                recon_gray,
-                os.path.join(run_dir, "cae_reconstructions.png"),
-                [f"{r['image']} ({r['side']})" for r in rows],
-            ),
-            "cae_learning_curve": figures.plot_learning_curves(
-                {"CAE": cae_curves},
-                os.path.join(run_dir, "cae_learning_curve.png"),
-                "CAE (Euclidean loss)",
-                {"validation halves reconstructed as the mean image": mean_loss},
-            ),
-        }
-
-        # 3.-4. surgery and the four regressors
-        val_data, _ = _load_h5(prepared.h5["landmarks_val"], ("data", "landmarks"))
-        val_rows = prepared.rows("landmarks_val")
-        results, curves, models, preds, final_loss = {}, {}, {}, {}, {}
-        train_targets = _load_h5(prepared.h5["landmarks_train"], ("landmarks",))[0]
-        ref = evaluate.mean_predictor(train_targets, len(val_rows))
-        results[evaluate.MEAN_PREDICTOR[0]] = evaluate.summarize(evaluate.landmark_errors_mm(ref, val_rows))
-        log.info(
-            "mean-landmark predictor: mean error %.4f mm", results[evaluate.MEAN_PREDICTOR[0]]["mean_over_landmarks"]
-        )
-        fc6_scale = 1.0
-        if p.cae_fc6_scale_match:
-            # the CAE's fc6 scaled (weights and bias, so its ReLU features keep their pattern) to the
-            # RMS the no-CAE regressors' fc6 starts with, on the first training halves
-            probe = _load_h5(prepared.h5["landmarks_train"], ("data",))[0][: p.max_val_batch]
-            reference = get_solver(paths["landmarks_solver"])  # the no-CAE start (same seed)
-            if imagenet_weights:
-                copy_layers(imagenet_weights, reference.net, TRANSFERRED, strict=False)
-            ref_rms = _fc6_rms(paths["landmark_deploy"], reference.net, probe)
-            del reference
-            cae_rms = _fc6_rms(paths["landmark_deploy"], cae_model, probe)
-            fc6_scale = ref_rms / cae_rms if cae_rms > 0 else 1.0
-            notes.append(
-                f"CAE fc6 scaled by {fc6_scale:.6g} before the regressors (fc6 RMS on the training halves: "
-                f"CAE {cae_rms:.6g}, no-CAE start {ref_rms:.6g})"
-            )
-            log.info("CAE fc6 scale match: x%.6g (CAE %.6g, no-CAE start %.6g)", fc6_scale, cae_rms, ref_rms)
-        for key, (use_cae, fc6_ft, label) in evaluate.CONFIGS.items():
-            solver = get_solver(paths["landmarks_solver" if fc6_ft else "landmarks_fc6_frozen_solver"])
-            solver.cuda_graph = cuda_graph
-            source = cae_model if use_cae else imagenet_weights
-            if source:
-                rep = copy_layers(source, solver.net, TRANSFERRED, strict=False)
-            else:
-                rep = SurgeryReport(left_at_filler=list(solver.net.params))
-                rep.skipped.append(
-                    {
-                        "src": "-",
-                        "dst": ",".join(TRANSFERRED),
-                        "reason": "no ImageNet weights given: conv1-5 and fc6 start from the fillers",
-                    }
-                )
-            head_note = ""
-            if use_cae and fc6_scale != 1.0:
-                for blob in solver.net.params["fc6"]:
-                    blob.data[...] = blob.data * fc6_scale
-                head_note += f"fc6: weights and bias × {fc6_scale:.6g} (its RMS matched to the no-CAE start's)\n"
-            if p.head_bias_mean:  # every configuration alike: the regressor starts at the mean predictor's output
-                solver.net.params["fc8_landmarks"][1].data[...] = train_targets.mean(axis=0)
-                head_note += "fc8_landmarks: bias set to the mean of the training landmarks (weights at the filler)\n"
-            rep.save(os.path.join(run_dir, key, "surgery.json"))
-            with open(os.path.join(run_dir, key, "surgery.txt"), "w", encoding="utf-8") as f:
-                f.write(rep.to_text() + "\n" + head_note)
-            log.info("%s: surgery from %s\n%s", key, source or "fillers", rep.to_text())
-            curves[label] = _train(solver, p.reg_iters, p.test_interval, key)
-            final_loss[key] = curves[label]["train"][-1][1]
-            models[key] = os.path.join(run_dir, key, f"{key}.caffemodel")
-            solver.net.save(models[key])
-            del solver
-            pred = predict_landmarks(paths["landmark_deploy"], models[key], val_data)
-            preds[key] = pred
-            errors = evaluate.landmark_errors_mm(pred, val_rows)
-            np.savetxt(
-                os.path.join(run_dir, key, "predictions.csv"),
-                pred,
-                delimiter=",",
-                fmt="%.9g",
-                header="u1,v1,u2,v2,u3,v3,u4,v4 (landmarks_val.h5 order)",
-                comments="",
-            )
-            np.savetxt(
-                os.path.join(run_dir, key, "errors_mm.csv"),
-                errors,
-                delimiter=",",
-                fmt="%.6f",
-                header="landmark1,landmark2,landmark3,landmark4",
-                comments="",
-            )
-            results[key] = evaluate.summarize(errors)
-            log.info("%s: mean error %.4f mm", key, results[key]["mean_over_landmarks"])
-
-        # 5. outputs
-        notes.append(
-            "final training losses: "
-            + ", ".join(f"{k} {v:.6g}" for k, v in final_loss.items())
-            + " (paper: 0.003593 with CAE, 0.006545 without)"
-        )
-        tables = evaluate.write_table(results, run_dir, notes)
-        val_targets = _load_h5(prepared.h5["landmarks_val"], ("landmarks",))[0]
-        ref_loss = float(0.5 * ((val_targets - train_targets.mean(axis=0)) ** 2).sum(axis=1).mean())
-        figs["learning_curves"] = figures.plot_learning_curves(
-            curves,
-            os.path.join(run_dir, "learning_curves.png"),
-            "Landmark regressors (Euclidean loss)",
-            {"mean-landmark predictor (validation)": ref_loss},
-        )
-        n = min(p.figure_halves, len(val_rows))
-        size = p.input_size
-
-        def to_px(pred: np.ndarray) -> np.ndarray:
-            return pred[:n].reshape(n, 4, 2) * size - 0.5  # continuous -> pixel-centre coordinates
-
-        truth = _load_h5(prepared.h5["landmarks_val"], ("landmarks",))[0]
-        figs["landmarks"] = figures.plot_landmarks(
-            prepared.to_gray(val_data[:n]),
-            to_px(truth),
-            {
-                "w/o unsupervised fine-tuning": to_px(preds["nocae_fc6_finetuned"]),
-                "with unsupervised fine-tuning": to_px(preds["cae_fc6_finetuned"]),
-            },
-            os.path.join(run_dir, "landmarks.png"),
-            [f"{r['image']} ({r['side']})" for r in val_rows[:n]],
-        )
-        models["cae"] = cae_model
-        result = RunResult(run_dir, results, tables, figs, models, notes, final_loss)
-        with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(
-                {
-                    "preset": asdict(p),
-                    "seed": seed,
-                    "seconds": time.time() - t0,
-                    "results": results,
-                    "tables": tables,
-                    "figures": figs,
-                    "caffemodels": models,
-                    "notes": notes,
-                    "final_train_loss": final_loss,
-                    "curves": {"cae": cae_curves, **curves},
-                },
-                f,
-                indent=1,
-            )
+        _step_data(run, data_dir, csv_path)
+        _step_cae(run)
+        fc6_scale = _step_fc6_scale(run)
+        regressors = _step_regressors(run, fc6_scale)
+        result = _step_outputs(run, regressors, t0)
         log.info("reproduction done in %.0f s: %s", time.time() - t0, run_dir)
         return result
     finally:
