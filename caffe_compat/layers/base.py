@@ -107,7 +107,12 @@ class Layer(nn.Module):
     - ``top_shapes(bottom_shapes)``: only where running ``forward`` on meta tensors cannot give
       the shapes (side effects, data layers, data-dependent shapes).
 
-    Class attributes set the bottom/top counts Caffe checks and the loss-layer behaviour.
+    - ``flops(bottom_shapes, top_shapes)``: where one FLOP per top value is a poor estimate.
+    - ``set_shard`` / ``skip_batches``: layers that read a data stream.
+
+    Class attributes set the bottom/top counts Caffe checks, the loss-layer behaviour and the
+    facts other modules read (``host_side_effect``, ``moves_data_only``, ...); everything a
+    layer may implement is declared here with its default, so nothing probes with ``hasattr``.
     """
 
     caffe_type: str = ""
