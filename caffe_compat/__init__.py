@@ -6,14 +6,13 @@ interprets nets layer by layer with Caffe's numerics, and trains with Caffe's so
 
 from __future__ import annotations
 
-import sys as _sys
-
 __version__ = "0.2.0.dev0"  # CHANGELOG.md
 
 from caffe_compat import (
     coord_map,  # noqa: F401  (pycaffe's caffe.coord_map)
     io,  # noqa: F401  (pycaffe's caffe.io)
 )
+from caffe_compat._caffe import install_as_caffe
 from caffe_compat.classifier import Classifier
 from caffe_compat.detector import Detector
 from caffe_compat.errors import CaffeError, DataError, FormatError, LayerError, NetError, PrototxtError, SolverError
@@ -59,49 +58,6 @@ def init_log(*args, **kwargs) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-
-_CAFFE_SUBMODULES = ("io", "proto", "draw", "net_spec", "coord_map", "classifier", "detector")
-
-
-def install_as_caffe() -> bool:
-    """Make ``import caffe`` give caffe_compat, for code written for pycaffe that cannot be edited
-    (a Python layer's module, a third-party helper): ``caffe`` and ``caffe.io``, ``caffe.proto``
-    (with ``caffe.proto.caffe_pb2``), ``caffe.draw``, ``caffe.net_spec``, ``caffe.coord_map``,
-    ``caffe.classifier``, ``caffe.detector``, ``caffe.pycaffe`` and ``caffe._caffe`` are
-    registered in ``sys.modules``. ``caffe`` is an alias module (``_caffe.CaffeAlias``): every
-    name is caffe_compat's except ``caffe.__version__``, which is Caffe's (``1.0.0``). Also gives
-    caffe_compat's log glog's default of INFO lines on stderr (``_glog.install_default_handler``),
-    as pycaffe prints without ``init_log()``.
-
-    Does nothing, and returns False, when a real ``caffe`` module is importable (it is never
-    shadowed); returns True when ``import caffe`` gives caffe_compat. The Python layer does it
-    before importing the user's module."""
-    import importlib
-    import importlib.util
-
-    from caffe_compat import _caffe, _glog
-
-    this = _sys.modules[__name__]
-    current = _sys.modules.get("caffe")
-    if current is this or getattr(current, "_caffe_compat_alias", False):
-        return True
-    if current is not None:
-        return False
-    try:
-        if importlib.util.find_spec("caffe") is not None:
-            return False
-    except (ImportError, ValueError):
-        pass
-    alias = _caffe.CaffeAlias(this)
-    _sys.modules["caffe"] = alias
-    _sys.modules["caffe.pycaffe"] = alias
-    _sys.modules["caffe._caffe"] = _caffe
-    for sub in _CAFFE_SUBMODULES:
-        _sys.modules[f"caffe.{sub}"] = importlib.import_module(f"{__name__}.{sub}")
-    _sys.modules["caffe.proto.caffe_pb2"] = caffe_pb2
-    _glog.install_default_handler()
-    return True
 
 
 def log(message: str) -> None:

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.machinery
+import importlib.util
 import operator
+import sys
 import types
 
 import numpy as np
@@ -158,6 +160,48 @@ def _dims(shape: tuple, what: str) -> tuple[int, ...]:
     return tuple(dims)
 
 
+class PyBlob:
+    """A blob as a Python layer sees it: NumPy ``data``/``diff`` and ``reshape``."""
+
+    def __init__(self, data: np.ndarray | None = None, shape=()):
+        self.data = data if data is not None else np.zeros(shape, np.float32)
+        self._diff = None
+
+    @property
+    def diff(self) -> np.ndarray:
+        if self._diff is None or self._diff.shape != self.data.shape:
+            self._diff = np.zeros_like(self.data)
+        return self._diff
+
+    @diff.setter
+    def diff(self, value) -> None:
+        self.diff[...] = value
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def count(self) -> int:
+        return int(self.data.size)
+
+    def _legacy(self, i):
+        return self.data.shape[i] if i < self.data.ndim else 1
+
+    num = property(lambda self: self._legacy(0))
+    channels = property(lambda self: self._legacy(1))
+    height = property(lambda self: self._legacy(2))
+    width = property(lambda self: self._legacy(3))
+
+    def reshape(self, *shape) -> None:
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        shape = tuple(int(d) for d in shape)
+        if tuple(self.data.shape) != shape:
+            self.data = np.zeros(shape, np.float32)
+            self._diff = None
+
+
 class BlobVec(_Vec):
     """Caffe's ``vector<shared_ptr<Blob>>`` (a layer's ``blobs``, a net's ``_blobs``).
 
@@ -168,8 +212,6 @@ class BlobVec(_Vec):
     def add_blob(self, *shape, **kwargs) -> None:
         if kwargs:
             raise RuntimeError("BlobVec.add_blob takes no kwargs")
-        from caffe_compat.layers.python import PyBlob
-
         self.append(PyBlob(shape=_dims(shape, "BlobVec.add_blob")))
 
 
@@ -267,3 +309,46 @@ class CaffeAlias(types.ModuleType):
 
     def __dir__(self) -> list[str]:
         return sorted(set(dir(self.__dict__["_caffe_compat_target"])) | set(self.__dict__))
+
+
+_PACKAGE = __name__.rpartition(".")[0]
+_CAFFE_SUBMODULES = ("io", "proto", "draw", "net_spec", "coord_map", "classifier", "detector")
+
+
+def install_as_caffe() -> bool:
+    """Make ``import caffe`` give caffe_compat, for code written for pycaffe that cannot be edited
+    (a Python layer's module, a third-party helper): ``caffe`` and ``caffe.io``, ``caffe.proto``
+    (with ``caffe.proto.caffe_pb2``), ``caffe.draw``, ``caffe.net_spec``, ``caffe.coord_map``,
+    ``caffe.classifier``, ``caffe.detector``, ``caffe.pycaffe`` and ``caffe._caffe`` are
+    registered in ``sys.modules``. ``caffe`` is an alias module (``_caffe.CaffeAlias``): every
+    name is caffe_compat's except ``caffe.__version__``, which is Caffe's (``1.0.0``). Also gives
+    caffe_compat's log glog's default of INFO lines on stderr (``_glog.install_default_handler``),
+    as pycaffe prints without ``init_log()``.
+
+    Does nothing, and returns False, when a real ``caffe`` module is importable (it is never
+    shadowed); returns True when ``import caffe`` gives caffe_compat. The Python layer does it
+    before importing the user's module."""
+    from caffe_compat import _glog
+    from caffe_compat.proto import caffe_pb2
+
+    # the caffe_compat package: Python imports a package before any of its modules
+    this = sys.modules[_PACKAGE]
+    current = sys.modules.get("caffe")
+    if current is this or getattr(current, "_caffe_compat_alias", False):
+        return True
+    if current is not None:
+        return False
+    try:
+        if importlib.util.find_spec("caffe") is not None:
+            return False
+    except (ImportError, ValueError):
+        pass
+    alias = CaffeAlias(this)
+    sys.modules["caffe"] = alias
+    sys.modules["caffe.pycaffe"] = alias
+    sys.modules["caffe._caffe"] = sys.modules[__name__]
+    for sub in _CAFFE_SUBMODULES:
+        sys.modules[f"caffe.{sub}"] = importlib.import_module(f"{_PACKAGE}.{sub}")
+    sys.modules["caffe.proto.caffe_pb2"] = caffe_pb2
+    _glog.install_default_handler()
+    return True

@@ -7,7 +7,7 @@ lines Python drops by default; ``install_default_handler()`` gives the pycaffe-f
 glog's behaviour:
 
 - a handler on ``"caffe_compat"`` that writes each record to the current ``sys.stderr`` in
-  glog's format (``solvers.log.GlogFormatter``), and stays silent for a record that another
+  glog's format (``GlogFormatter``), and stays silent for a record that another
   handler prints (one the application put on the logger, on a ``caffe_compat.*`` child, or,
   while the logger propagates, on the root logger: ``logging.basicConfig``, ``caffe.init_log()``,
   pytest's capture), so no line is printed twice;
@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
-__all__ = ["DefaultStderrHandler", "install_default_handler", "LOGGER_NAME"]
+__all__ = ["DefaultStderrHandler", "GlogFormatter", "install_default_handler", "LOGGER_NAME"]
 
 LOGGER_NAME = "caffe_compat"
 #: The attribute by which ``solvers.log.setup_logging`` recognises (and replaces) its handlers.
@@ -43,14 +44,33 @@ def _glog_level() -> int:
         return logging.INFO
 
 
+_LEVEL_CHAR = {logging.DEBUG: "I", logging.INFO: "I", logging.WARNING: "W", logging.ERROR: "E", logging.CRITICAL: "F"}
+
+
+class GlogFormatter(logging.Formatter):
+    """``Lmmdd hh:mm:ss.uuuuuu pid file:line] message``, as glog prefixes Caffe's lines (here, not
+    in ``solvers.log``, so that the pycaffe alias does not import the solvers)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.localtime(record.created)
+        micros = int((record.created - int(record.created)) * 1e6)
+        prefix = (
+            f"{_LEVEL_CHAR.get(record.levelno, 'I')}{t.tm_mon:02d}{t.tm_mday:02d} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{micros:06d} {record.process} "
+            f"{record.filename}:{record.lineno}] "
+        )
+        msg = record.getMessage()
+        if record.exc_info:
+            msg = msg + "\n" + self.formatException(record.exc_info)
+        return prefix + msg
+
+
 class DefaultStderrHandler(logging.Handler):
     """Writes records to the current ``sys.stderr`` in glog's format, unless another handler
     on the record's way up the logger hierarchy will print it."""
 
     def __init__(self):
         super().__init__()
-        from caffe_compat.solvers.log import GlogFormatter
-
         self.setFormatter(GlogFormatter())
         setattr(self, _MARK, True)
 

@@ -11,6 +11,8 @@ layers). Per layer:
 - Crop: ``a = 1``, ``b = -offset`` on axis ``crop_param.axis - 1``;
 - pointwise layers (``PASS_THROUGH_LAYERS``): the identity.
 
+These facts are kept in one registry by type string, ``_COORD_MAPS``.
+
 Maps compose along a path; ``coord_map_from_to`` walks both tops back to a common ancestor.
 Parameters are read from the layer's keywords as given to ``L.<Type>(...)`` (pycaffe's
 defaults: axis 1, stride 1, pad 0, dilation 1; Crop axis 2, offset 0). Legacy ``kernel_h`` /
@@ -18,6 +20,9 @@ defaults: axis 1, stride 1, pad 0, dilation 1; Crop axis 2, offset 0). Legacy ``
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -71,9 +76,9 @@ def _as_dict(params) -> dict:
 
 def conv_params(fn: Function) -> tuple:
     """``(axis, stride, effective kernel, pad)`` of a Convolution/Deconvolution/Im2col/Pooling."""
-    params = _as_dict(fn.params.get("convolution_param", fn.params))
-    if fn.type_name == "Pooling" and "pooling_param" in fn.params:
-        params = _as_dict(fn.params["pooling_param"])
+    entry = _COORD_MAPS.get(fn.type_name)
+    field = entry.params_field if entry is not None and entry.params_field else "convolution_param"
+    params = _as_dict(fn.params.get(field, fn.params))
     legacy = {"pad_h", "pad_w", "kernel_h", "kernel_w", "stride_h", "stride_w"} & set(params)
     if legacy:
         raise ValueError(
@@ -108,20 +113,53 @@ class AxisMismatchException(Exception):
     """Two maps to compose act on different axes."""
 
 
+def _strided(fn: Function) -> tuple:
+    axis, stride, ks, pad = conv_params(fn)
+    return axis, 1 / stride, (pad - (ks - 1) / 2) / stride
+
+
+def _upsampling(fn: Function) -> tuple:
+    axis, stride, ks, pad = conv_params(fn)
+    return axis, stride, (ks - 1) / 2 - pad
+
+
+def _cropping(fn: Function) -> tuple:
+    axis, offset = crop_params(fn)
+    return axis - 1, 1, -offset
+
+
+def _identity(fn: Function) -> tuple:
+    return None, 1, 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _CoordMap:
+    """How a layer type maps coordinates: ``map(fn) -> (axis, a, b)``; the keyword holding its
+    parameters for ``conv_params`` (pycaffe's ``L.Pooling(pooling_param=...)``); how many
+    bottoms it maps (None: all; Crop maps its first, the second only gives the size)."""
+
+    map: Callable[[Function], tuple]
+    params_field: str = ""
+    mapped_bottoms: int | None = None
+
+
+#: The one registry of the layer types that have a coordinate map, by Caffe's type string.
+_COORD_MAPS: dict[str, _CoordMap] = {
+    "Convolution": _CoordMap(_strided, "convolution_param"),
+    "Pooling": _CoordMap(_strided, "pooling_param"),
+    "Im2col": _CoordMap(_strided, "convolution_param"),
+    "Deconvolution": _CoordMap(_upsampling, "convolution_param"),
+    "Crop": _CoordMap(_cropping, mapped_bottoms=1),
+    **{t: _CoordMap(_identity) for t in PASS_THROUGH_LAYERS},
+}
+
+
 def coord_map(fn: Function) -> tuple:
     """The ``(axis, scale, shift)`` map of one layer; see the module docstring."""
-    if fn.type_name in ("Convolution", "Pooling", "Im2col"):
-        axis, stride, ks, pad = conv_params(fn)
-        return axis, 1 / stride, (pad - (ks - 1) / 2) / stride
-    if fn.type_name == "Deconvolution":
-        axis, stride, ks, pad = conv_params(fn)
-        return axis, stride, (ks - 1) / 2 - pad
-    if fn.type_name in PASS_THROUGH_LAYERS:
-        return None, 1, 0
-    if fn.type_name == "Crop":
-        axis, offset = crop_params(fn)
-        return axis - 1, 1, -offset
-    raise UndefinedMapException(fn.type_name)
+    entry = _COORD_MAPS.get(fn.type_name)
+    if entry is None:
+        raise UndefinedMapException(fn.type_name)
+    return entry.map(fn)
 
 
 def compose(base_map: tuple, next_map: tuple) -> tuple:
@@ -144,10 +182,10 @@ def inverse(cmap: tuple) -> tuple:
 
 
 def _bottoms(top: Top) -> tuple:
-    # Crop maps only its first bottom; the second just gives the size
+    entry = _COORD_MAPS.get(top.fn.type_name)
     bottoms = top.fn.inputs
-    if top.fn.type_name == "Crop":
-        bottoms = bottoms[:1]
+    if entry is not None and entry.mapped_bottoms is not None:
+        bottoms = bottoms[: entry.mapped_bottoms]
     return bottoms
 
 

@@ -33,8 +33,7 @@ import numpy as np
 
 from caffe_compat.errors import DataError, FormatError
 from caffe_compat.proto import caffe_pb2
-
-# caffe_compat.io re-exports this module's names, so it is imported lazily here (no cycle).
+from caffe_compat.rawio import array_to_blob, blob_to_array
 
 __all__ = [
     "blobproto_to_array",
@@ -65,8 +64,6 @@ def blobproto_to_array(blob: caffe_pb2.BlobProto, return_diff: bool = False) -> 
     several values or none, ``return_diff`` on a blob without diff) raise ``BlobShapeError``,
     a ``ValueError`` as in pycaffe.
     """
-    from caffe_compat.io import blob_to_array
-
     try:
         values = blob_to_array(blob, diff=return_diff, what="blobproto_to_array")
     except FormatError as e:  # pycaffe's reshape raises ValueError there: scripts catch that
@@ -81,8 +78,6 @@ class BlobShapeError(FormatError, ValueError):
 
 def array_to_blobproto(arr: np.ndarray, diff: np.ndarray | None = None) -> caffe_pb2.BlobProto:
     """A ``BlobProto`` with ``shape`` = ``arr.shape`` and float32 ``data`` (and ``diff``)."""
-    from caffe_compat.io import array_to_blob
-
     return array_to_blob(np.asarray(arr), None if diff is None else np.asarray(diff))
 
 

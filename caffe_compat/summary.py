@@ -3,7 +3,8 @@
     rows = summarize(net)            # list of LayerSummary, in the net's layer order
     print(format_summary(rows))      # a text table with totals
 
-FLOPs are for one forward pass at the net's current input shapes:
+FLOPs are for one forward pass at the net's current input shapes, as each layer class declares
+them (``Layer.flops``; one FLOP per top value unless the class overrides it):
 
 - Convolution: ``2 · top_count · (C/group) · Πkernel`` (multiply-adds × 2; the bias is not
   counted); Deconvolution: ``2 · bottom_count · (num_output/group) · Πkernel``; InnerProduct:
@@ -13,8 +14,9 @@ FLOPs are for one forward pass at the net's current input shapes:
   ``2 · count``; Scale ``count`` (+ ``count`` with a bias); Eltwise ``(bottoms − 1) · count``
   (+ ``count`` per coefficient ≠ 1); Softmax ``3 · count``; neuron layers ``count``; LSTM / RNN
   their products (input, recurrent, RNN's output transform) plus ~10·H (LSTM) per row; SPP one
-  read of the bottom per level; blob plumbing (Split, Concat, Slice, Reshape, Flatten, Crop,
-  TEST Dropout, Input, Im2col, Filter, BatchReindex) 0.
+  read of the bottom per level; blob plumbing (``Layer.moves_data_only``: Split, Concat, Slice,
+  Reshape, Flatten, Crop, Tile, Silence, Input, Parameter, DummyData, Im2col, Filter,
+  BatchReindex) and TEST Dropout 0. The forks' depthwise convolutions count as Convolution.
 
 Parameters are counted once per blob: a blob shared through ``ParamSpec.name`` counts at its
 first owner only.
@@ -23,20 +25,8 @@ first owner only.
 from __future__ import annotations
 
 import dataclasses
-import math
-
-from caffe_compat.proto import caffe_pb2
 
 __all__ = ["LayerSummary", "summarize", "format_summary", "totals", "human"]
-
-_NEURONS = {
-    "ReLU", "PReLU", "Sigmoid", "TanH", "ELU", "AbsVal", "BNLL", "Power", "Exp", "Log", "Threshold",
-    "Clip", "Swish", "Bias",
-}  # fmt: skip
-_FREE = {
-    "Input", "Split", "Concat", "Slice", "Reshape", "Flatten", "Crop", "Silence", "Parameter",
-    "DummyData", "Tile",
-}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -52,62 +42,6 @@ class LayerSummary:
     flops: int
 
 
-def _count(shape) -> int:
-    return math.prod(shape) if shape is not None else 0
-
-
-def _flops(layer, bshapes: list[tuple[int, ...]], tshapes: list[tuple[int, ...]]) -> int:
-    t = layer.type
-    top = sum(_count(s) for s in tshapes)
-    bottom = _count(bshapes[0]) if bshapes else 0
-    if t == "Convolution":
-        k = math.prod(layer.kernel)
-        return 2 * top * (layer.channels // layer.group) * k
-    if t == "Deconvolution":
-        k = math.prod(layer.kernel)
-        return 2 * sum(_count(s) for s in bshapes) * (layer.num_output // layer.group) * k
-    if t == "InnerProduct":
-        return 2 * (bottom // layer.K) * layer.K * layer.num_output
-    if t == "Pooling":
-        if layer.global_pooling:
-            return bottom
-        return _count(tshapes[0]) * math.prod(layer.kernel)
-    if t == "LRN":
-        if layer.region == caffe_pb2.LRNParameter.ACROSS_CHANNELS:
-            return bottom * (layer.size + 3)
-        return bottom * (layer.size * layer.size + 3)
-    if t == "BatchNorm":
-        return 2 * bottom
-    if t == "Scale":
-        return top * (2 if layer.bias_term else 1)
-    if t == "Eltwise":
-        extra = sum(1 for c in getattr(layer, "coeff", []) if c != 1)
-        return (len(bshapes) - 1 + extra) * top
-    if t in ("LSTM", "RNN"):
-        # T·N rows: the input transform 2·K·G, the recurrent product 2·H·G, the step's
-        # element-wise work (LSTM ~10·H: 3 sigmoids, 2 tanh, 5 products and sums; RNN the tanh),
-        # RNN also its output transform 2·H·H + tanh; plus the static transform once per stream
-        T, n, H = bshapes[0][0], bshapes[0][1], layer.num_output
-        G = layer.blobs[0].shape[0]
-        per_row = 2 * layer.K * G + 2 * H * G + (10 * H if t == "LSTM" else H + 2 * H * H + H)
-        return T * n * per_row + (2 * layer.K_static * G * n if layer.static_input else 0)
-    if t == "LSTMUnit":
-        return 10 * _count(tshapes[0])
-    if t == "SPP":
-        return len(layer.levels_for(tuple(bshapes[0]))) * bottom  # each level reads every pixel once
-    if t in ("Im2col", "Filter", "BatchReindex"):
-        return 0  # copies
-    if t == "Softmax":
-        return 3 * top
-    if t == "Dropout":
-        return top if getattr(layer, "train_phase", False) else 0
-    if t in _NEURONS:
-        return top
-    if t in _FREE:
-        return 0
-    return top
-
-
 def summarize(net, *, splits: bool = False) -> list[LayerSummary]:
     """One ``LayerSummary`` per layer of ``net`` (the Split layers Caffe inserts only with ``splits``)."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -117,7 +51,7 @@ def summarize(net, *, splits: bool = False) -> list[LayerSummary]:
         bottoms = list(net.bottom_names[name])
         tops = list(net.top_names[name])
         bshapes = [shapes.get(b, tuple(net.blobs[b].shape)) for b in bottoms]
-        if getattr(layer, "is_net_input", False):
+        if layer.is_net_input:
             tshapes = [tuple(net.blobs[t].shape) for t in tops]
         else:
             tshapes = [tuple(s) for s in layer.top_shapes(bshapes)]
@@ -130,7 +64,7 @@ def summarize(net, *, splits: bool = False) -> list[LayerSummary]:
                 params += p.numel()
         if layer.type == "Split" and not splits:
             continue
-        rows.append(LayerSummary(name, layer.type, bottoms, tops, tshapes, params, _flops(layer, bshapes, tshapes)))
+        rows.append(LayerSummary(name, layer.type, bottoms, tops, tshapes, params, layer.flops(bshapes, tshapes)))
     return rows
 
 

@@ -25,7 +25,7 @@ ImageEntry = tuple[str, int, int]
 def read_list_bytes(source: str, what: str) -> bytes:
     """The bytes of the list file ``source``, refused at once (naming it) when it is missing or
     not a regular file (a FIFO, a device, a directory)."""
-    from caffe_compat.io import read_regular_file
+    from caffe_compat.rawio import read_regular_file
 
     if not os.path.exists(source):
         raise DataError(f"{what} {source!r} not found (relative paths are read from {os.getcwd()!r})")
@@ -72,7 +72,7 @@ def read_image_list(source: str, *, what: str = "source") -> list[ImageEntry]:
 
 def _check_image_file(path: str, prefix: str = "") -> None:
     """Refuse an image path that is a FIFO, a device or a directory (OpenCV would block on a FIFO)."""
-    from caffe_compat.io import check_regular_file
+    from caffe_compat.rawio import check_regular_file
 
     try:
         check_regular_file(path, "an image file", error=DataError)

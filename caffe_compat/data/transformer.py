@@ -82,11 +82,11 @@ def datum_to_array(datum, force_color: bool = False, force_gray: bool = False, *
 
 def load_mean_file(path: str) -> np.ndarray:
     """Read a mean ``.binaryproto`` (Caffe's ``BlobProto``) as a float32 C×H×W array."""
-    from caffe_compat.io import blob_to_array, read_blobproto
+    from caffe_compat.rawio import blob_to_array, read_blobproto
 
     if not os.path.exists(path):
         raise DataError(f"mean_file {path!r} not found (relative paths are read from {os.getcwd()!r})")
-    from caffe_compat.io import check_regular_file
+    from caffe_compat.rawio import check_regular_file
 
     check_regular_file(path, "a mean_file (.binaryproto)", error=DataError)
     try:

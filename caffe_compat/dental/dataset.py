@@ -161,6 +161,67 @@ class _rows_with_line_numbers:
             raise DataError(f"{self.path}:{self.reader.line_num + 1}: unreadable CSV line ({e})") from None
 
 
+def _row_numbers(row: list[str], col: dict[str, int], bad) -> tuple[np.ndarray | None, float | None]:
+    """The 16 landmark coordinates (None: the row gives none) and the pixel spacing of one CSV
+    row; each problem goes to ``bad(column, message)``."""
+    cells = [row[col[c]].strip() for c in CSV_COLUMNS[1:17]]
+    filled = [bool(c) for c in cells]
+    coords = None
+    if any(filled) and not all(filled):
+        missing = [CSV_COLUMNS[1 + i] for i, f_ in enumerate(filled) if not f_]
+        bad(
+            CSV_COLUMNS[1 + filled.index(False)],
+            f"landmarks partly given; fill all 16 coordinates or none (missing: {', '.join(missing)})",
+        )
+    elif all(filled):
+        coords = np.zeros(16)
+        for i, c in enumerate(cells):
+            try:
+                coords[i] = float(c)
+            except ValueError:
+                bad(CSV_COLUMNS[1 + i], f"{c!r} is not a number")
+                continue
+            if not np.isfinite(coords[i]):
+                bad(CSV_COLUMNS[1 + i], f"{c!r} is not a finite number")
+    spacing = None
+    sp = row[col["spacing_mm"]].strip()
+    if sp:
+        try:
+            spacing = float(sp)
+            if not (np.isfinite(spacing) and spacing > 0):
+                bad("spacing_mm", f"pixel spacing must be a positive number of mm, got {sp!r}")
+        except ValueError:
+            bad("spacing_mm", f"{sp!r} is not a number")
+    elif coords is not None:
+        bad("spacing_mm", "annotated images need a pixel spacing in mm (errors are reported in mm)")
+    return coords, spacing
+
+
+def _landmarks_outside(lm: np.ndarray, shape: tuple[int, int], name: str, where: str, col: dict[str, int]) -> list[str]:
+    """Problems with landmarks ``lm`` (8 × (x, y)) of image ``name`` of ``shape``: outside the
+    image, or on the wrong half (1-4 left, 5-8 their right-side mirrors). ``where``: ``csv:line``."""
+    problems: list[str] = []
+    hgt, wid = shape
+    half = wid // 2
+    for k in range(8):
+        x, y = lm[k]
+        cx_, cy_ = col[f"x{k + 1}"] + 1, col[f"y{k + 1}"] + 1
+        if not (-0.5 <= y <= hgt - 0.5):
+            problems.append(f"{where}:{cy_} (column 'y{k + 1}'): y={y} is outside the image {name!r} (height {hgt})")
+        if k < 4 and not (-0.5 <= x < half - 0.5):
+            problems.append(
+                f"{where}:{cx_} (column 'x{k + 1}'): landmark {k + 1} must lie "
+                f"on the left half (x < {half - 0.5} for width {wid}), got x={x}"
+            )
+        if k >= 4 and not (wid - half - 0.5 <= x <= wid - 0.5):
+            problems.append(
+                f"{where}:{cx_} (column 'x{k + 1}'): landmark {k + 1} must lie "
+                f"on the right half (x >= {wid - half - 0.5} for width {wid}), got x={x}; "
+                "landmarks 5-8 are the right-side mirrors of 1-4"
+            )
+    return problems
+
+
 def read_dataset(folder: str, csv_path: str | None = None, *, include_unlisted: bool = True) -> list[Sample]:
     """Read a folder of radiographs and its landmark CSV (``folder/landmarks.csv`` by default).
 
@@ -219,36 +280,7 @@ def read_dataset(folder: str, csv_path: str | None = None, *, include_unlisted: 
                 continue
             seen[name] = line
             n_bad = len(problems)
-            cells = [row[col[c]].strip() for c in CSV_COLUMNS[1:17]]
-            filled = [bool(c) for c in cells]
-            coords = None
-            if any(filled) and not all(filled):
-                missing = [CSV_COLUMNS[1 + i] for i, f_ in enumerate(filled) if not f_]
-                bad(
-                    CSV_COLUMNS[1 + filled.index(False)],
-                    f"landmarks partly given; fill all 16 coordinates or none (missing: {', '.join(missing)})",
-                )
-            elif all(filled):
-                coords = np.zeros(16)
-                for i, c in enumerate(cells):
-                    try:
-                        coords[i] = float(c)
-                    except ValueError:
-                        bad(CSV_COLUMNS[1 + i], f"{c!r} is not a number")
-                        continue
-                    if not np.isfinite(coords[i]):
-                        bad(CSV_COLUMNS[1 + i], f"{c!r} is not a finite number")
-            spacing = None
-            sp = row[col["spacing_mm"]].strip()
-            if sp:
-                try:
-                    spacing = float(sp)
-                    if not (np.isfinite(spacing) and spacing > 0):
-                        bad("spacing_mm", f"pixel spacing must be a positive number of mm, got {sp!r}")
-                except ValueError:
-                    bad("spacing_mm", f"{sp!r} is not a number")
-            elif coords is not None:
-                bad("spacing_mm", "annotated images need a pixel spacing in mm (errors are reported in mm)")
+            coords, spacing = _row_numbers(row, col, bad)
             path = os.path.join(folder, name)
             try:
                 img = _read_image(path, f"{csv_path}:{line}:{col['image'] + 1}")
@@ -261,27 +293,7 @@ def read_dataset(folder: str, csv_path: str | None = None, *, include_unlisted: 
             lm = None
             if coords is not None:
                 lm = coords.reshape(8, 2)
-                hgt, wid = gray.shape
-                half = wid // 2
-                for k in range(8):
-                    x, y = lm[k]
-                    cx_, cy_ = col[f"x{k + 1}"] + 1, col[f"y{k + 1}"] + 1
-                    if not (-0.5 <= y <= hgt - 0.5):
-                        problems.append(
-                            f"{csv_path}:{line}:{cy_} (column 'y{k + 1}'): y={y} is outside the "
-                            f"image {name!r} (height {hgt})"
-                        )
-                    if k < 4 and not (-0.5 <= x < half - 0.5):
-                        problems.append(
-                            f"{csv_path}:{line}:{cx_} (column 'x{k + 1}'): landmark {k + 1} must lie "
-                            f"on the left half (x < {half - 0.5} for width {wid}), got x={x}"
-                        )
-                    if k >= 4 and not (wid - half - 0.5 <= x <= wid - 0.5):
-                        problems.append(
-                            f"{csv_path}:{line}:{cx_} (column 'x{k + 1}'): landmark {k + 1} must lie "
-                            f"on the right half (x >= {wid - half - 0.5} for width {wid}), got x={x}; "
-                            "landmarks 5-8 are the right-side mirrors of 1-4"
-                        )
+                problems.extend(_landmarks_outside(lm, gray.shape, name, f"{csv_path}:{line}", col))
             samples.append(Sample(name=name, image=gray, landmarks=lm, spacing_mm=spacing))
     if problems:
         more = f"\n... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# the converters of the forks' layers register themselves in onnx.ONNX_CONVERTERS; importing
+# them here (not from onnx.py) runs them whenever caffe_compat.export.onnx is imported, since
+# Python imports this package first; onnx.py itself does not import them (no import cycle)
+from caffe_compat.export import onnx_forks, onnx_ssd  # noqa: F401
 from caffe_compat.export.onnx import (
     DEFAULT_OPSET,
     ONNX_CONVERTERS,

@@ -872,7 +872,7 @@ def export_onnx(
     batch = shapes[inputs[0]][0] if inputs and shapes[inputs[0]] else None
 
     for li, (lname, layer) in enumerate(zip(names, net.modules_by_name.values())):
-        if getattr(layer, "is_net_input", False):
+        if layer.is_net_input:
             continue
         g.layer_name, g.layer_type = lname, layer.type
         conv = ONNX_CONVERTERS.get(layer.type)
@@ -980,7 +980,7 @@ def randomize_params(net, seed: int = 0) -> None:
                     v = [r * 2.0, (torch.rand(p.shape, generator=gen) + 0.5) * 2.0, torch.full(p.shape, 2.0)][k]
                 elif p.dim() >= 2:
                     v = r / math.sqrt(max(1, p.numel() // p.shape[0]))
-                elif layer.type == "Scale" and k == 0 and getattr(layer, "learned_scale", True):
+                elif layer.type == "Scale" and k == 0 and layer.learned_scale:
                     v = 1.0 + 0.1 * r
                 elif layer.type == "PReLU":
                     v = 0.25 + 0.1 * r
@@ -1091,8 +1091,3 @@ def locate_divergence(
             if not d.relative <= tol:
                 return lname, t, d
     return None
-
-
-# the converters of the forks' layers register themselves in the table above
-# (caffe_compat/export/onnx_ssd.py, caffe_compat/export/onnx_forks.py)
-from caffe_compat.export import onnx_forks, onnx_ssd  # noqa: E402, F401

@@ -14,6 +14,8 @@ parameter sharing and which blobs need a gradient.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -105,7 +107,12 @@ class Layer(nn.Module):
     - ``top_shapes(bottom_shapes)``: only where running ``forward`` on meta tensors cannot give
       the shapes (side effects, data layers, data-dependent shapes).
 
-    Class attributes set the bottom/top counts Caffe checks and the loss-layer behaviour.
+    - ``flops(bottom_shapes, top_shapes)``: where one FLOP per top value is a poor estimate.
+    - ``set_shard`` / ``skip_batches``: layers that read a data stream.
+
+    Class attributes set the bottom/top counts Caffe checks, the loss-layer behaviour and the
+    facts other modules read (``host_side_effect``, ``moves_data_only``, ...); everything a
+    layer may implement is declared here with its default, so nothing probes with ``hasattr``.
     """
 
     caffe_type: str = ""
@@ -130,6 +137,8 @@ class Layer(nn.Module):
     #: What the layer's forward does on the host besides computing its tops (a CUDA graph's
     #: replay would skip it): "" for none, else a phrase for messages ("writes its bottoms to a file").
     host_side_effect: str = ""
+    #: The layer only moves or copies values (Split, Concat, Reshape, Input, ...): ``flops`` is 0.
+    moves_data_only: bool = False
 
     def __init__(self, param, bottom_shapes: list[tuple[int, ...]], phase: int):
         super().__init__()
@@ -199,6 +208,24 @@ class Layer(nn.Module):
         if self.is_loss:
             return bottom_index != 1
         return True
+
+    def flops(self, bottom_shapes: list[tuple[int, ...]], top_shapes: list[tuple[int, ...]]) -> int:
+        """FLOPs of one forward pass at these shapes (``caffe_compat.summary``): an estimate of one
+        FLOP per elementary operation. Default: one per top value (0 when ``moves_data_only``);
+        layers with products (Convolution, InnerProduct, LRN, LSTM, ...) override it."""
+        if self.moves_data_only:
+            return 0
+        return sum(math.prod(s) for s in top_shapes)
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Distributed training: read only batches ``rank``, ``rank + world_size``, ... of this
+        layer's data stream (the solver calls it on every layer of its train net before the first
+        pass). Default: nothing (a layer without a data stream); data layers override it."""
+
+    def skip_batches(self, n: int) -> None:
+        """Step over the next ``n`` batches this layer would produce, as ``n`` forwards would
+        (the solver calls it on every layer when it restores a snapshot). Default: nothing (a
+        layer without a data stream); data layers override it."""
 
     # -- helpers for subclasses ----------------------------------------------------------------
 

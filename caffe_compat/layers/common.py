@@ -165,6 +165,10 @@ class InnerProductLayer(Layer):
     #: The backward needs the bottom and the weights, not the top (see EagerRunner.run_steps).
     top_overwritable = True
 
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """``2 · M · K · N``: M rows of K inputs, N outputs."""
+        return 2 * (math.prod(bottom_shapes[0]) // self.K) * self.K * self.num_output
+
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         p = self.param.inner_product_param
         self.num_output = int(p.num_output)
@@ -247,6 +251,11 @@ class EltwiseLayer(Layer):
     min_bottom = 2
     exact_num_top = 1
 
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """``(bottoms − 1) · count``, plus ``count`` per coefficient other than 1."""
+        extra = sum(1 for c in self.coeff if c != 1)
+        return (len(bottom_shapes) - 1 + extra) * sum(math.prod(s) for s in top_shapes)
+
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         p = self.param.eltwise_param
         E = caffe_pb2.EltwiseParameter
@@ -315,6 +324,8 @@ class ConcatLayer(Layer):
     shares the data).
     """
 
+    moves_data_only = True
+
     min_bottom = 1
     exact_num_top = 1
 
@@ -350,6 +361,8 @@ class SliceLayer(Layer):
     equal parts (the axis size must divide evenly). Bottom: any shape. Tops: the pieces, copies
     (as Caffe copies); one top aliases the bottom.
     """
+
+    moves_data_only = True
 
     exact_num_bottom = 1
     min_top = 1
@@ -397,6 +410,8 @@ class SplitLayer(Layer):
     Bottom: any shape. Tops: >= 1, that shape.
     """
 
+    moves_data_only = True
+
     exact_num_bottom = 1
     min_top = 1
 
@@ -411,6 +426,8 @@ class FlattenLayer(Layer):
     Parameters (``flatten_param``): ``axis`` (1), ``end_axis`` (-1). Bottom: any shape.
     Top: ``shape[:axis] + (prod(shape[axis:end_axis+1]),) + shape[end_axis+1:]`` (aliases the data).
     """
+
+    moves_data_only = True
 
     exact_num_bottom = 1
     exact_num_top = 1
@@ -439,6 +456,8 @@ class ReshapeLayer(Layer):
     (negative ``axis`` counts from the end, -1 meaning after the last axis).
     Bottom: any shape. Top: the new shape, same count.
     """
+
+    moves_data_only = True
 
     exact_num_bottom = 1
     exact_num_top = 1
@@ -515,6 +534,8 @@ class CropLayer(Layer):
     Gradient: to bottom 0 only (zeros outside the crop); bottom 1 gets none.
     """
 
+    moves_data_only = True
+
     exact_num_bottom = 2
     exact_num_top = 1
 
@@ -568,6 +589,8 @@ class TileLayer(Layer):
     Bottom: any shape. Top: ``shape[axis] * tiles`` along ``axis``. Gradient: the sum of the copies.
     """
 
+    moves_data_only = True
+
     exact_num_bottom = 1
     exact_num_top = 1
 
@@ -591,6 +614,8 @@ class SilenceLayer(Layer):
 
     Bottoms: >= 1, any shapes. Tops: none.
     """
+
+    moves_data_only = True
 
     min_bottom = 1
     exact_num_top = 0
@@ -649,6 +674,10 @@ class ScaleLayer(Layer):
     min_bottom = 1
     max_bottom = 2
     exact_num_top = 1
+
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """``count``, plus ``count`` for the bias."""
+        return sum(math.prod(s) for s in top_shapes) * (2 if self.bias_term else 1)
 
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         p = self.param.scale_param
@@ -829,6 +858,10 @@ class SoftmaxLayer(Layer):
     exact_num_bottom = 1
     exact_num_top = 1
 
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """``3 · count``: the exponentials, the sums and the divisions."""
+        return 3 * sum(math.prod(s) for s in top_shapes)
+
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         self.axis_param = int(self.param.softmax_param.axis)
         canonical_axis(self, self.axis_param, len(bottom_shapes[0]), "softmax_param.axis")
@@ -951,6 +984,8 @@ class ParameterLayer(Layer):
     fills nothing; its fresh blobs are zero). Bottoms: none. Top: ``p`` (its gradient is ``p``'s).
     """
 
+    moves_data_only = True
+
     exact_num_bottom = 0
     exact_num_top = 1
 
@@ -971,6 +1006,8 @@ class InputLayer(_SourceLayer):
     Bottoms: none. Tops: >= 1. ``forward`` gives zeros of those shapes; the net does not run it
     (``is_net_input``), it keeps the caller's data.
     """
+
+    moves_data_only = True
 
     min_top = 1
     is_net_input = True
@@ -1006,6 +1043,8 @@ class DummyDataLayer(_SourceLayer):
     difference: a constant top is rebuilt each forward, so values written into it by the caller
     do not persist as they would in Caffe. Bottoms: none. Tops: >= 1. No gradient.
     """
+
+    moves_data_only = True
 
     min_top = 1
 
@@ -1083,6 +1122,8 @@ class FilterLayer(Layer):
     divides by the top's zero item count).
     """
 
+    moves_data_only = True
+
     min_bottom = 2
     min_top = 1
 
@@ -1134,6 +1175,8 @@ class BatchReindexLayer(Layer):
     Differences from Caffe: where Caffe aborts because a backward reaches ``permut``, it is simply
     given no gradient.
     """
+
+    moves_data_only = True
 
     exact_num_bottom = 2
     exact_num_top = 1

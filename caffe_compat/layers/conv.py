@@ -213,6 +213,10 @@ class ConvolutionLayer(_BaseConvolution):
     Differences from Caffe: 1 to 3 spatial axes only (Caffe's im2col takes any number).
     """
 
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """``2 · top_count · (C/group) · Πkernel``: the multiply-adds (×2); the bias is not counted."""
+        return 2 * sum(math.prod(s) for s in top_shapes) * (self.channels // self.group) * math.prod(self.kernel)
+
     def _out_size(self, size, k, s, p, d):
         return conv_out_size(size, k, s, p, d)
 
@@ -250,6 +254,11 @@ class DeconvolutionLayer(_BaseConvolution):
     """
 
     reverse = True
+
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """``2 · bottom_count · (num_output/group) · Πkernel``: the multiply-adds (×2), no bias."""
+        k = math.prod(self.kernel)
+        return 2 * sum(math.prod(s) for s in bottom_shapes) * (self.num_output // self.group) * k
 
     def _out_size(self, size, k, s, p, d):
         return s * (size - 1) + d * (k - 1) + 1 - 2 * p
@@ -372,6 +381,8 @@ class Im2colLayer(Layer):
     Differences from Caffe: an output size ≤ 0 and a dilation of 0 raise (Caffe makes an empty
     top or aborts, resp. reads the same pixel for every kernel offset).
     """
+
+    moves_data_only = True
 
     exact_num_bottom = 1
     exact_num_top = 1

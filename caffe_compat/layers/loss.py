@@ -163,7 +163,7 @@ _RAW_LABEL_CHECK = 4096
 
 
 def _label_error(layer: Layer, value: int, num_classes: int):
-    hint = " or set loss_param.ignore_label to skip it" if layer.type != "Accuracy" else ""
+    hint = " or set loss_param.ignore_label to skip it" if layer.is_loss else ""  # not Accuracy
     raise layer.error(
         f"label value {value} in bottom {_bottom_name(layer, 1)} is out of range: "
         f"labels must be integers in [0, {num_classes}); fix the labels{hint}"
@@ -177,13 +177,19 @@ def _counted_range(labels: Tensor, valid: Tensor | None) -> Tensor:
 
 
 def _check_label_range(
-    layer: Layer, labels: Tensor, valid: Tensor | None, num_classes: int, raw: Tensor | None = None
+    layer: Layer,
+    labels: Tensor,
+    valid: Tensor | None,
+    num_classes: int,
+    raw: Tensor | None = None,
+    ignore_label: int | None = None,
 ) -> Tensor:
     """Raise naming the layer when a (non-ignored) label is outside ``[0, num_classes)``; returns
     the labels to index with. Inside ``deferred_label_checks`` on a GPU: records the labels (or
     their range) for a later check on the host, copied now behind the pass, and returns them
     clamped into range (the check happens later, before any update). ``raw``: the label bottom
-    as given (a copy of it is checked when it is small)."""
+    as given (a copy of it is checked when it is small); ``ignore_label``: the layer's ignore_label
+    when it has one (such labels are not checked)."""
     if labels.device.type == "meta" or labels.numel() == 0:
         return labels
     if _net_compiles and torch.compiler.is_compiling():
@@ -192,7 +198,7 @@ def _check_label_range(
         layer._label_range = (_counted_range(labels, valid), num_classes)
         return labels.clamp(0, num_classes - 1)
     if _defers(labels):
-        ignore = layer.ignore_label if getattr(layer, "has_ignore_label", False) else None
+        ignore = ignore_label
         if raw is not None and raw.numel() <= _RAW_LABEL_CHECK:
             values = raw.detach()
         else:
@@ -490,7 +496,9 @@ class SoftmaxWithLossLayer(Layer):
         outer, channels, inner, fixed = self._plan(x, label)
         labels = _as_labels(label).reshape((outer, inner, 1) if inner > 1 else (outer,))
         valid = labels != self.ignore_label if self.has_ignore_label else None  # None: no mask
-        labels = _check_label_range(self, labels, valid, channels, raw=label)
+        labels = _check_label_range(
+            self, labels, valid, channels, raw=label, ignore_label=self.ignore_label if self.has_ignore_label else None
+        )
         if inner > 1:
             scores = x.reshape(outer, channels, inner, 1)
         else:  # (outer, C) as given: no view, nor its node in the backward
@@ -792,7 +800,14 @@ class AccuracyLayer(Layer):
                 valid = labels != self.ignore_label
             else:
                 valid = torch.ones_like(labels, dtype=torch.bool)
-            labels = _check_label_range(self, labels, valid, channels, raw=label)
+            labels = _check_label_range(
+                self,
+                labels,
+                valid,
+                channels,
+                raw=label,
+                ignore_label=self.ignore_label if self.has_ignore_label else None,
+            )
             target = torch.where(valid, labels, torch.zeros_like(labels))
             true_score = scores.gather(1, target)
             # Counts the true class itself too, hence the -1 (as Caffe's num_better_predictions).

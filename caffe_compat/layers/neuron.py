@@ -357,6 +357,10 @@ class DropoutLayer(_NeuronLayer):
     Bottom: any shape. Top: same shape.
     """
 
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """``count`` in TRAIN (the mask and scale), 0 in TEST (a copy)."""
+        return sum(math.prod(s) for s in top_shapes) if self.train_phase else 0
+
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         from caffe_compat.proto import caffe_pb2
 

@@ -3,6 +3,8 @@ batch_norm_layer.cpp, mvn_layer.cpp)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -198,6 +200,11 @@ class LRNLayer(Layer):
     exact_num_bottom = 1
     exact_num_top = 1
 
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """``count · (local_size + 3)`` across channels, ``count · (local_size² + 3)`` within."""
+        n = self.size if self.region == _LRN.ACROSS_CHANNELS else self.size * self.size
+        return math.prod(bottom_shapes[0]) * (n + 3)
+
     def setup(self, bottom_shapes):
         lp = self.param.lrn_param
         if lp.local_size % 2 != 1:
@@ -250,6 +257,10 @@ class BatchNormLayer(Layer):
     exact_num_bottom = 1
     exact_num_top = 1
     blobs_have_gradient = False
+
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """``2 · count``: subtract the mean, divide by the deviation."""
+        return 2 * math.prod(bottom_shapes[0])
 
     def setup(self, bottom_shapes):
         bp = self.param.batch_norm_param

@@ -145,6 +145,12 @@ class PoolingLayer(Layer):
     min_top = 1
     max_top = 2
 
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """``top_count · Πkernel`` (global pooling: ``bottom_count``, one read of each value)."""
+        if self.global_pooling:
+            return math.prod(bottom_shapes[0])
+        return math.prod(top_shapes[0]) * math.prod(self.kernel)
+
     def setup(self, bottom_shapes):
         pp = self.param.pooling_param
         if len(self.param.top) == 2 and pp.pool != _PP.MAX:
@@ -313,6 +319,10 @@ class SPPLayer(Layer):
     exact_num_top = 1
     #: How many bottom sizes keep their pyramid levels cached.
     _MAX_CACHED_SIZES = 64
+
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """One read of the bottom per pyramid level."""
+        return len(self.levels_for(tuple(bottom_shapes[0]))) * math.prod(bottom_shapes[0])
 
     def setup(self, bottom_shapes):
         sp = self.param.spp_param

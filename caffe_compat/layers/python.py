@@ -31,7 +31,8 @@ import os
 import numpy as np
 import torch
 
-from caffe_compat._caffe import BlobVec, RawBlobVec
+from caffe_compat import _caffe
+from caffe_compat._caffe import BlobVec, PyBlob, RawBlobVec
 from caffe_compat.errors import LayerError
 from caffe_compat.layers.base import Layer, layer_class, register_layer
 
@@ -56,48 +57,6 @@ def allow_python_layers(allow: bool = True) -> None:
 
 def python_layers_allowed() -> bool:
     return _allowed["value"] or os.environ.get(_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-class PyBlob:
-    """A blob as a Python layer sees it: NumPy ``data``/``diff`` and ``reshape``."""
-
-    def __init__(self, data: np.ndarray | None = None, shape=()):
-        self.data = data if data is not None else np.zeros(shape, np.float32)
-        self._diff = None
-
-    @property
-    def diff(self) -> np.ndarray:
-        if self._diff is None or self._diff.shape != self.data.shape:
-            self._diff = np.zeros_like(self.data)
-        return self._diff
-
-    @diff.setter
-    def diff(self, value) -> None:
-        self.diff[...] = value
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape)
-
-    @property
-    def count(self) -> int:
-        return int(self.data.size)
-
-    def _legacy(self, i):
-        return self.data.shape[i] if i < self.data.ndim else 1
-
-    num = property(lambda self: self._legacy(0))
-    channels = property(lambda self: self._legacy(1))
-    height = property(lambda self: self._legacy(2))
-    width = property(lambda self: self._legacy(3))
-
-    def reshape(self, *shape) -> None:
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        shape = tuple(int(d) for d in shape)
-        if tuple(self.data.shape) != shape:
-            self.data = np.zeros(shape, np.float32)
-            self._diff = None
 
 
 _PyBlob = PyBlob  # the earlier private name
@@ -376,9 +335,7 @@ class PythonLayer(Layer):
 
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
-        import caffe_compat
-
-        caffe_compat.install_as_caffe()  # the user's module was written for pycaffe: `import caffe`
+        _caffe.install_as_caffe()  # the user's module was written for pycaffe: `import caffe`
         try:
             mod = importlib.import_module(pp.module)
         except ImportError as e:

@@ -107,6 +107,10 @@ class LSTMUnitLayer(Layer):
     exact_num_bottom = 3
     exact_num_top = 2
 
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """``10 · count``: 3 sigmoids, 2 tanh, 5 products and sums per hidden value."""
+        return 10 * math.prod(top_shapes[0])
+
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         self._check_shapes(bottom_shapes)  # Caffe's Reshape CHECKs, run at setup too
 
@@ -181,6 +185,18 @@ class RecurrentLayer(Layer):
     #: Names of the recurrent state inputs / outputs, in Caffe's order.
     state_input_names: tuple[str, ...] = ()
     state_output_names: tuple[str, ...] = ()
+
+    def flops(self, bottom_shapes, top_shapes) -> int:
+        """Per row of the T·N rows: the input transform ``2·K·G``, the recurrent product
+        ``2·H·G`` and the step's element-wise work (``_step_flops``); plus the static input's
+        transform ``2·K_static·G`` once per stream."""
+        T, n, H = bottom_shapes[0][0], bottom_shapes[0][1], self.num_output
+        G = self.blobs[0].shape[0]
+        per_row = 2 * self.K * G + 2 * H * G + self._step_flops(H)
+        return T * n * per_row + (2 * self.K_static * G * n if self.static_input else 0)
+
+    def _step_flops(self, H: int) -> int:
+        raise NotImplementedError(f"{type(self).__name__}._step_flops")
 
     def _check_counts(self, nb: int, nt: int) -> None:
         expose = bool(self.param.recurrent_param.expose_hidden)
@@ -384,6 +400,9 @@ class LSTMLayer(RecurrentLayer):
     state_input_names = ("h_0", "c_0")
     state_output_names = ("h_T", "c_T")
 
+    def _step_flops(self, H: int) -> int:
+        return 10 * H  # 3 sigmoids, 2 tanh, 5 products and sums
+
     def make_blobs(self, p) -> None:
         g = 4 * self.num_output
         self.add_blob((g, self.K), p.weight_filler)
@@ -426,6 +445,9 @@ class RNNLayer(RecurrentLayer):
 
     state_input_names = ("h_0",)
     state_output_names = ("h_T",)
+
+    def _step_flops(self, H: int) -> int:
+        return H + 2 * H * H + H  # the tanh, the output transform 2·H·H and its tanh
 
     def make_blobs(self, p) -> None:
         hdim = self.num_output

@@ -170,19 +170,10 @@ def attach_solver(solver, seed: int, broadcast: bool = True) -> None:
     its train net's data layers, average its gradients before every update (a
     ``DistributedSync``), ``broadcast`` rank 0's weights, agree on the update path (every rank
     updates its weights through the same operations) and seed each rank's own random draws."""
-    from caffe_compat.solvers.nets import DATA_LAYER_TYPES
-
     _log.info("Training on %d processes (this is rank %d)", solver.world_size, solver.rank)
     quiet_non_root_logging()
-    for layer in getattr(solver.net, "layers", []):
-        if hasattr(layer, "set_shard"):
-            layer.set_shard(solver.rank, solver.world_size)
-        elif getattr(layer, "type", "") in DATA_LAYER_TYPES:
-            _log.warning(
-                "layer %r (%s) cannot shard its data: every process reads the same batches",
-                getattr(layer, "name", "?"),
-                layer.type,
-            )
+    for layer in solver.net.layers:
+        layer.set_shard(solver.rank, solver.world_size)  # Layer.set_shard: data layers keep their share
     # Caffe's layer_wise_reduce (default true): reduce during the last backward pass
     solver._sync = DistributedSync(solver.net.learnable_params, overlap=solver.param.layer_wise_reduce)
     if broadcast:

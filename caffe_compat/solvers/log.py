@@ -21,38 +21,14 @@ import re
 import sys
 import time
 
-import numpy as np
+from caffe_compat._glog import GlogFormatter
+from caffe_compat.logfmt import fmt
 
 __all__ = ["logger", "fmt", "GlogFormatter", "setup_logging", "progress_bar", "parse_log", "write_log_csv"]
 
 logger = logging.getLogger("caffe_compat")
 
-_LEVEL_CHAR = {logging.DEBUG: "I", logging.INFO: "I", logging.WARNING: "W", logging.ERROR: "E", logging.CRITICAL: "F"}
 _GLOG_LEVELS = {0: logging.INFO, 1: logging.WARNING, 2: logging.ERROR, 3: logging.CRITICAL}
-
-
-def fmt(x) -> str:
-    """A number as C++'s ``ostream << x`` prints it (precision 6, like ``%g``)."""
-    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-        return str(int(x))
-    return format(float(x), "g")
-
-
-class GlogFormatter(logging.Formatter):
-    """``Lmmdd hh:mm:ss.uuuuuu pid file:line] message``, as glog prefixes Caffe's lines."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        t = time.localtime(record.created)
-        micros = int((record.created - int(record.created)) * 1e6)
-        prefix = (
-            f"{_LEVEL_CHAR.get(record.levelno, 'I')}{t.tm_mon:02d}{t.tm_mday:02d} "
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{micros:06d} {record.process} "
-            f"{record.filename}:{record.lineno}] "
-        )
-        msg = record.getMessage()
-        if record.exc_info:
-            msg = msg + "\n" + self.formatException(record.exc_info)
-        return prefix + msg
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -152,12 +152,5 @@ def skip_batches(net, n: int) -> None:
     """Advance the data layers of ``net`` by ``n`` batches (``Solver.restore``)."""
     if n <= 0:
         return
-    import torch
-
     for layer in net.layers:
-        if hasattr(layer, "skip_batches"):
-            layer.skip_batches(n)
-        elif getattr(layer, "type", "") in DATA_LAYER_TYPES:
-            with torch.no_grad():
-                for _ in range(n):
-                    layer()
+        layer.skip_batches(n)  # Layer.skip_batches: data layers seek, others have no stream
