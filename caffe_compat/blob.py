@@ -300,6 +300,17 @@ class Blob(_HostSynced):
         self._store = self._synced = None
         self._drop_host_copies()
 
+    @property
+    def _gpu_data_ptr(self) -> int:
+        """pycaffe's ``Blob._gpu_data_ptr``: the device address of the data (host copies written
+        back first, as Caffe's ``mutable_gpu_data``); a CUDA blob only."""
+        return _gpu_ptr(self, self.tensor, "data")
+
+    @property
+    def _gpu_diff_ptr(self) -> int:
+        """pycaffe's ``Blob._gpu_diff_ptr``: the device address of the diff (see ``_gpu_data_ptr``)."""
+        return _gpu_ptr(self, self.diff_tensor, "diff")
+
     def __repr__(self) -> str:
         return f"Blob({self.name!r}, shape={self._shape})"
 
@@ -342,5 +353,28 @@ class ParamBlob(_HostSynced):
             self.param.grad = torch.zeros_like(self.param.data)
         self._drop_host_copies()
 
+    @property
+    def _gpu_data_ptr(self) -> int:
+        """pycaffe's ``Blob._gpu_data_ptr`` for a parameter (a CUDA net only)."""
+        return _gpu_ptr(self, self.param.data, "data")
+
+    @property
+    def _gpu_diff_ptr(self) -> int:
+        """pycaffe's ``Blob._gpu_diff_ptr`` for a parameter: its own diff storage (a CUDA net only)."""
+        own_diff(self.param)
+        if self.param.grad is None:
+            self.param.grad = torch.zeros_like(self.param.data)
+        return _gpu_ptr(self, self.param.grad, "diff")
+
     def __repr__(self) -> str:
         return f"ParamBlob(shape={self.shape})"
+
+
+def _gpu_ptr(holder: _HostSynced, t: torch.Tensor, which: str) -> int:
+    if t.device.type != "cuda":
+        raise AttributeError(
+            f"_gpu_{which}_ptr: the blob is on {t.device}; caffe_compat.set_mode_gpu() first (pycaffe's "
+            "CPU-only build has no GPU pointer either)"
+        )
+    holder.sync_to_device(which)
+    return t.data_ptr()

@@ -297,3 +297,35 @@ def test_solver_step_logs_to_stderr_once_without_init_log(mode):
         if mode in ("plain", "tools"):  # glog's prefix: Lmmdd hh:mm:ss.uuuuuu pid file:line]
             assert hits[0][0] == "I" and "] Iteration" in hits[0]
     assert r.stdout == ""
+
+
+def test_gpu_pointers_exist_and_refuse_a_cpu_blob():
+    """pycaffe's Blob._gpu_data_ptr / _gpu_diff_ptr: on a CPU net they refuse with the reason
+    (the GPU case waits for a device: tests/test_layers_cuda.py style)."""
+    sp = _solver_param(lr_policy="fixed", base_lr=0.05)
+    net = caffe_compat.Net(sp.net_param, caffe_compat.TRAIN)
+    blob = next(iter(net.blobs.values()))
+    param = next(iter(net.params.values()))[0]
+    for b in (blob, param):
+        for attr in ("_gpu_data_ptr", "_gpu_diff_ptr"):
+            with pytest.raises(AttributeError, match="set_mode_gpu"):
+                getattr(b, attr)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_gpu_pointers_are_the_device_storage():
+    import torch
+
+    sp = _solver_param(lr_policy="fixed", base_lr=0.05)
+    caffe_compat.set_mode_gpu()
+    try:
+        net = caffe_compat.Net(sp.net_param, caffe_compat.TRAIN)
+        net.forward()
+        name = next(iter(net.params))
+        p = net.params[name][0]
+        assert p._gpu_data_ptr == p.param.data.data_ptr()
+        b = net.blobs[net.outputs[0]]
+        assert b._gpu_data_ptr == b.tensor.data_ptr()
+        assert isinstance(b._gpu_diff_ptr, int) and torch.cuda.is_available()
+    finally:
+        caffe_compat.set_mode_cpu()

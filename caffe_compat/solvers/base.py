@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
+from caffe_compat import _glog
 from caffe_compat import io as cio
 from caffe_compat._caffe import SolverLearningRate
 from caffe_compat.errors import CaffeError, SolverError
@@ -203,6 +204,9 @@ class Solver(SolverLearningRate):
         test_nets=None,
         distributed: bool | None = None,
     ):
+        # pycaffe's solvers log through glog to stderr without init_log(): the same default here
+        # (silent where the application or the tools configured logging)
+        _glog.install_default_handler()
         if isinstance(param, caffe_pb2.SolverParameter) and source is not None:
             self.param = caffe_pb2.SolverParameter()
             self.param.CopyFrom(param)
