@@ -384,9 +384,6 @@ class Net(PycaffeCalls, nn.Module):
             _blob.clear_diff(p)
         self._state.diffs_cleared = True
 
-    def _fill_missing_diffs(self) -> None:
-        self._state.fill_missing_diffs()
-
     def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Differentiable forward for PyTorch users: input tensors in, output tensors out.
 

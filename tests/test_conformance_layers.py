@@ -25,11 +25,12 @@ def _close(ours, ref) -> bool:
     return ours.shape == ref.shape and np.allclose(ours, ref, rtol=RTOL, atol=ATOL)
 
 
-def replay_case(case: str, gpu: bool = False, channels_last: bool = False):
+def replay_case(case: str, gpu: bool = False, channels_last: bool = False, folder: str = "layers"):
     """Build the case's net as the README says, set its inputs and top diffs from Caffe's arrays,
     run forward (and backward); returns ``(net, reference arrays, whether backward ran)``.
-    ``channels_last``: the net's 4-D parameters in channels_last (the speed opt-in)."""
-    d = CAFFE_REF / "layers" / case
+    ``channels_last``: the net's 4-D parameters in channels_last (the speed opt-in). ``folder``:
+    the fixtures' folder of the case (``forks/layers`` for the forks' cases)."""
+    d = CAFFE_REF / folder / case
     ref = np.load(d / "blobs.npz")
     phase = caffe.TRAIN if case == "batchnorm_train" else caffe.TEST
     backward = not case.startswith("forward_only")

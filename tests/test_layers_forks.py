@@ -6,7 +6,6 @@ re-reading of a fork's parameters under another fork's field number."""
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import numpy as np
@@ -19,6 +18,7 @@ from caffe_compat.errors import CaffeError, LayerError
 from caffe_compat.layers import layer_class
 from caffe_compat.proto import caffe_pb2
 from tests.conftest import CAFFE_REF
+from tests.test_conformance_layers import replay_case
 
 FIX_RTOL, FIX_ATOL = 1e-4, 1e-5  # the fixture README's tolerance
 RTOL, ATOL = 1e-5, 1e-6  # float64 NumPy references against float32 layers
@@ -53,23 +53,7 @@ def gradcheck(layer, inputs, which):
 
 @pytest.mark.parametrize("case", FORK_CASES)
 def test_fork_case_matches_caffe(case):
-    d = CAFFE_REF / "forks" / "layers" / case
-    ref = np.load(d / "blobs.npz")
-    backward = not case.startswith("forward_only")
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        net = caffe.Net("net.prototxt", "weights.caffemodel", caffe.TEST)
-    finally:
-        os.chdir(old)
-    for b in net.inputs:
-        net.blobs[b].data[...] = ref["data__" + b]
-    net.forward()
-    if backward:
-        for k in ref.files:
-            if k.startswith("topdiff__"):
-                net.blobs[k[len("topdiff__") :]].diff[...] = ref[k]
-        net.backward()
+    net, ref, backward = replay_case(case, folder="forks/layers")
     checked = 0
     for k in ref.files:
         kind, _, rest = k.partition("__")

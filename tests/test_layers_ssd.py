@@ -6,7 +6,6 @@ prior_box_layer.cpp and bbox_util.cpp written here; the fork's field numbers."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from caffe_compat.errors import LayerError
 from caffe_compat.layers import layer_class
 from caffe_compat.proto import caffe_pb2
 from tests.conftest import CAFFE_REF
-from tests.test_conformance_layers import GPU, mismatches
+from tests.test_conformance_layers import GPU, mismatches, replay_case
 
 RTOL, ATOL = 1e-4, 1e-5  # the fixture README's tolerance
 FORKS = CAFFE_REF / "forks" / "layers"
@@ -35,28 +34,7 @@ SSD_CASES = [
 
 
 def replay_fork_case(case: str):
-    d = FORKS / case
-    ref = np.load(d / "blobs.npz")
-    backward = not case.startswith("forward_only")
-    old = os.getcwd()
-    os.chdir(d)
-    if GPU:  # CAFFE_COMPAT_TEST_GPU=1, as for the BVLC cases
-        caffe.set_mode_gpu()
-    try:
-        caffe.set_random_seed(1)
-        net = caffe.Net("net.prototxt", "weights.caffemodel", caffe.TEST)
-        for b in net.inputs:
-            net.blobs[b].data[...] = ref["data__" + b]
-        net.forward()
-        if backward:
-            for k in ref.files:
-                if k.startswith("topdiff__"):
-                    net.blobs[k[len("topdiff__") :]].diff[...] = ref[k]
-            net.backward()
-    finally:
-        os.chdir(old)
-        caffe.set_mode_cpu()
-    return net, ref, backward
+    return replay_case(case, gpu=GPU, folder="forks/layers")
 
 
 @pytest.mark.parametrize("case", SSD_CASES)

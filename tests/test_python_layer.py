@@ -348,8 +348,8 @@ def test_exception_in_backward_reaches_the_caller_as_its_own_type():
     assert exc.value.method == "backward" and "'layer'" in str(exc.value)
 
 
-def test_times_ten_chain_forward_backward_and_reshape():
-    """pycaffe's test_forward / test_backward / test_reshape on three x10 layers."""
+def _times_ten_net():
+    """pycaffe's test net: data (10, 9, 8) through three x10 Python layers, force_backward."""
     caffe.allow_python_layers()
     n = net_spec.NetSpec()
     n.data = L.Input(shape=dict(dim=[10, 9, 8]))
@@ -358,7 +358,12 @@ def test_times_ten_chain_forward_backward_and_reshape():
     n.three = L.Python(n.two, python_param=dict(module="pycaffe_layers", layer="TimesTen"))
     proto = n.to_proto()
     proto.force_backward = True
-    net = caffe.Net(proto, caffe.TRAIN)
+    return caffe.Net(proto, caffe.TRAIN)
+
+
+def test_times_ten_chain_forward_backward_and_reshape():
+    """pycaffe's test_forward / test_backward / test_reshape on three x10 layers."""
+    net = _times_ten_net()
     net.blobs["data"].data[...] = 8
     net.forward()
     np.testing.assert_array_equal(net.blobs["three"].data, np.full((10, 9, 8), 10**3 * 8, np.float32))
@@ -438,15 +443,7 @@ def test_times_ten_backward_without_a_forward():
     """pycaffe's test_backward runs on a net whose forward never ran: Caffe's Backward reads only
     the blobs, so each layer's user backward (10 x top diff) applies, the user's forward is not
     called (it may have side effects)."""
-    caffe.allow_python_layers()
-    n = net_spec.NetSpec()
-    n.data = L.Input(shape=dict(dim=[10, 9, 8]))
-    n.one = L.Python(n.data, python_param=dict(module="pycaffe_layers", layer="TimesTen"))
-    n.two = L.Python(n.one, python_param=dict(module="pycaffe_layers", layer="TimesTen"))
-    n.three = L.Python(n.two, python_param=dict(module="pycaffe_layers", layer="TimesTen"))
-    proto = n.to_proto()
-    proto.force_backward = True
-    net = caffe.Net(proto, caffe.TRAIN)
+    net = _times_ten_net()
     calls = []
     for layer in net.layers[1:]:
         user = layer.user

@@ -16,7 +16,6 @@ import logging
 import torch
 
 from caffe_compat.layers import loss as _loss_layers
-from caffe_compat.runners.base import PendingLoss
 from caffe_compat.runners.eager import EagerRunner
 
 __all__ = ["CompiledRunner"]
@@ -67,9 +66,6 @@ class CompiledRunner(EagerRunner):
         if checks is None:  # the ranges the graph computed
             checks, self._checks = self._checks, []
         return list(checks)
-
-    def train_pass(self, loss_scale: float = 1.0) -> PendingLoss:
-        return super().train_pass(loss_scale)
 
     # -- the compiled function --------------------------------------------------------------------
 

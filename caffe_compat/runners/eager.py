@@ -16,8 +16,6 @@ blobs.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.nn.modules import module as _module_mod
 
@@ -300,6 +298,3 @@ class EagerRunner(Runner):
     def run_differentiable(self) -> None:
         """The whole net with torch's gradient rules (``Net.run``: inputs already set)."""
         self.run_steps(0, len(self.state.plan.steps) - 1, caffe_grads=False)
-
-
-_nullcontext = contextlib.nullcontext
