@@ -3,6 +3,7 @@ from the fixture images feed the Data layer with the same batches as ImageData o
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def run_batches(layer, n):
 
 
 def records(db: str) -> list[tuple[bytes, caffe_pb2.Datum]]:
+    # LMDB allows one environment per database and process: a dropped net of an earlier test
+    # that read this fixture may still hold the library's (nets are freed by the cyclic GC)
+    gc.collect()
     env = lmdb.open(db, readonly=True, lock=False)
     out = []
     with env.begin() as txn:
