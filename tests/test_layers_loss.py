@@ -12,6 +12,7 @@ from google.protobuf import text_format
 
 from caffe_compat.errors import LayerError
 from caffe_compat.layers import layer_class
+from caffe_compat.layers.base import LabelChecks
 from caffe_compat.proto import caffe_pb2
 
 FIXTURES = Path(__file__).parent / "fixtures" / "caffe_reference" / "layers"
@@ -681,16 +682,80 @@ def _defer_net(tmp_path, labels, ignore: bool):
     return net
 
 
+def _assert_no_label_checks_left(net):
+    """After a pass the label-checking layers are back to their default and hold no record."""
+    layers = [m for m in net.modules_by_name.values() if m.checks_labels]
+    assert layers
+    for layer in layers:
+        assert layer.label_checks is LabelChecks.NOW and layer.label_record is None
+        assert "label_checks" not in vars(layer) and "label_record" not in vars(layer)
+
+
 @pytest.fixture(params=["raw", "range"])
 def defer_on_cpu(monkeypatch, request):
     """Take the GPU's deferred label checks on CPU tensors, checking copies of the labels (small
     label bottoms) or their [min, max] (large ones)."""
     from caffe_compat.layers import loss as loss_mod
 
-    monkeypatch.setattr(loss_mod, "_defers", lambda labels: getattr(loss_mod._deferred, "records", None) is not None)
+    monkeypatch.setattr(loss_mod, "_defers", lambda layer, labels: layer.label_checks is LabelChecks.DEFER)
     if request.param == "range":
         monkeypatch.setattr(loss_mod, "_RAW_LABEL_CHECK", 0)
     return loss_mod
+
+
+def test_label_checks_follow_each_layers_own_policy(defer_on_cpu):
+    """How a layer checks is its own attribute for the pass, not a module's state: a DEFER layer
+    clamps and leaves a record while another layer of the same type raises at once."""
+    deferring = make_layer("SoftmaxWithLoss", [(3, 4), (3,)], name="deferring")
+    checking = make_layer("SoftmaxWithLoss", [(3, 4), (3,)], name="checking")
+    deferring.label_checks = LabelChecks.DEFER
+    x, y = torch.zeros(3, 4), torch.tensor([0.0, 9.0, 1.0])
+    assert torch.isfinite(deferring.forward(x, y)[0])  # labels clamped into range
+    values, classes, ignore = deferring.label_record
+    assert classes == 4 and ignore is None
+    assert values.reshape(-1).tolist() in ([0.0, 9.0, 1.0], [0.0, 9.0])  # the labels or their range
+    with pytest.raises(LayerError, match=r"layer 'deferring'.*label value 9 in bottom 'b1' is out of range"):
+        defer_on_cpu.verify_deferred([(deferring, values, classes, ignore)])
+    with pytest.raises(LayerError, match=r"layer 'checking'.*label value 9 in bottom 'b1' is out of range"):
+        checking.forward(x, y)
+    assert checking.label_record is None
+
+
+def test_a_runner_hands_label_checks_for_its_block_and_takes_the_records(tmp_path, defer_on_cpu):
+    net = _defer_net(tmp_path, [0, 7, 1], ignore=False)
+    runner = net._runner(True)
+    layers = runner.label_layers
+    assert [layer.name for layer in layers] == ["acc", "loss"]  # the label-checking layers, in order
+    with runner.label_checks(LabelChecks.DEFER) as outer:
+        with runner.label_checks(LabelChecks.TRACED) as inner:
+            assert all(layer.label_checks is LabelChecks.TRACED for layer in layers)
+        assert all(layer.label_checks is LabelChecks.DEFER for layer in layers)
+        with torch.no_grad():
+            runner.run_steps(0, len(net.layers) - 1)
+        assert outer == []  # filled when the block ends
+    assert inner == [] and [r[0].name for r in outer] == ["acc", "loss"]
+    _assert_no_label_checks_left(net)
+    with pytest.raises(LayerError, match=r"layer 'acc'.*label value 7"):
+        defer_on_cpu.verify_deferred(outer)
+
+
+def test_label_checking_layers_read_no_module_state():
+    """Requirement (a) of issue 21: no module global or thread-local decides how a layer checks
+    its labels; the modules defining label-checking layers declare neither."""
+    import ast
+    import inspect
+    import sys
+
+    from caffe_compat.layers.base import LAYER_REGISTRY
+
+    modules = {cls.__module__ for cls in LAYER_REGISTRY.values() if cls.checks_labels}
+    assert "caffe_compat.layers.loss" in modules
+    for name in modules:
+        tree = ast.parse(inspect.getsource(sys.modules[name]))
+        for node in ast.walk(tree):
+            assert not isinstance(node, ast.Global), f"{name}:{node.lineno}: global {node.names}"
+            if isinstance(node, ast.Attribute) and node.attr == "local":
+                assert ast.unparse(node) != "threading.local", f"{name}:{node.lineno}: threading.local"
 
 
 @pytest.mark.parametrize("raw_limit", [4096, 0])
@@ -703,14 +768,14 @@ def test_deferred_label_check_gives_the_same_pass(tmp_path, monkeypatch, ignore,
 
     calls = []
     monkeypatch.setattr(
-        loss_mod, "_defers", lambda t: calls.append(1) or getattr(loss_mod._deferred, "records", None) is not None
+        loss_mod, "_defers", lambda layer, t: calls.append(1) or layer.label_checks is LabelChecks.DEFER
     )
     monkeypatch.setattr(loss_mod, "_RAW_LABEL_CHECK", raw_limit)
     net = _defer_net(tmp_path, labels, ignore)
     net.clear_param_diffs()
     assert net.forward_backward() == ref_loss
     assert len(calls) == 2  # the Accuracy and the loss layer took the deferred path
-    assert loss_mod._deferred.records is None
+    _assert_no_label_checks_left(net)
     for name in ("acc", "loss"):
         np.testing.assert_array_equal(net.blobs[name].data, ref.blobs[name].data)
     for a, b in zip(net.learnable_params, ref.learnable_params):
@@ -748,7 +813,7 @@ def test_deferred_label_check_raises_before_the_update(tmp_path, defer_on_cpu, l
     solver = SGDSolver(sp, source="<test>", net=net, device=torch.device("cpu"))
     with pytest.raises(LayerError, match=rf"layer 'acc'.*label value {value} in bottom 'label' is out of range"):
         solver.step(1)
-    assert defer_on_cpu._deferred.records is None
+    _assert_no_label_checks_left(net)
     for p, b in zip(net.learnable_params, before):
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
     assert solver.iter == 0

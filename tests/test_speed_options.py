@@ -608,6 +608,32 @@ def test_compiled_pass_checks_labels(tmp_path):
     assert net._compile_options is not None
 
 
+def test_compiled_passes_do_not_recompile(tmp_path):
+    """The runner hands the label-checking layers ``LabelChecks.TRACED`` for each compiled call
+    (an attribute torch.compile guards on): passes after the first of each kind reuse the graph."""
+    from torch import _dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    _dynamo.reset()
+    counter = CompileCounter()
+    net = _net(tmp_path).compile(backend=counter, fullgraph=True)
+
+    def passes():
+        net.clear_param_diffs()
+        net.forward_backward()
+        with torch.no_grad():
+            net.forward()
+        net.forward_backward()
+
+    passes()
+    first = counter.frame_count
+    assert first >= 1
+    for _ in range(3):
+        passes()
+    assert counter.frame_count == first
+    assert net._compile_options is not None
+
+
 def test_compile_failure_falls_back_with_warning(tmp_path, monkeypatch):
     ref = _net(tmp_path)
     loss_ref = ref.forward_backward()
@@ -726,4 +752,4 @@ def test_label_check_under_a_users_own_compile_reads_the_host(tmp_path):
     run = torch.compile(net.run, backend="eager")
     with pytest.raises(LayerError, match=r"label value 4 in bottom 'label' is out of range"):
         run(data=torch.from_numpy(np.array(net.blobs["data"].data)))
-    assert not any("_label_range" in vars(layer) for layer in net.layers)
+    assert not any(layer.label_record is not None for layer in net.modules_by_name.values())

@@ -14,6 +14,7 @@ parameter sharing and which blobs need a gradient.
 
 from __future__ import annotations
 
+import enum
 import math
 
 import torch
@@ -21,7 +22,16 @@ from torch import nn
 
 from caffe_compat.errors import LayerError
 
-__all__ = ["Layer", "BlobList", "register_layer", "scalar_tensor", "layer_class", "registered_types", "LAYER_REGISTRY"]
+__all__ = [
+    "Layer",
+    "LabelChecks",
+    "BlobList",
+    "register_layer",
+    "scalar_tensor",
+    "layer_class",
+    "registered_types",
+    "LAYER_REGISTRY",
+]
 
 LAYER_REGISTRY: dict[str, type[Layer]] = {}
 
@@ -78,6 +88,28 @@ def scalar_tensor(value: float, dtype: torch.dtype, device: torch.device | str =
             _SCALARS.clear()
         t = _SCALARS[key] = torch.tensor(value, dtype=dtype, device=device)
     return t
+
+
+class LabelChecks(enum.Enum):
+    """How a layer that reads class labels (``Layer.checks_labels``) verifies that they lie in
+    ``[0, classes)`` during one pass. The runner running the pass chooses and hands it to each
+    such layer as ``layer.label_checks`` (``Runner.label_checks``); outside a runner's pass a
+    layer has the class default, ``NOW``.
+
+    - ``NOW``: read the labels' range on the host at once and raise naming the bad label.
+    - ``DEFER`` (a solver's pass): labels on a GPU are not read back in the middle of the pass
+      (a synchronisation that would stall the device): the layer clamps them into range for its
+      indexing kernels and leaves a record for the runner (``Layer.label_record``), which
+      verifies it on the host with the loss, before anything uses the pass's gradients. CPU
+      labels are checked ``NOW`` (reading them costs no synchronisation).
+    - ``TRACED`` (a ``torch.compile``'d pass): while traced, the layer records the labels'
+      [min, max] as a tensor that leaves the graph (a host read would break it) and clamps; the
+      runner verifies it after the graph. Outside a trace (a pass finishing eagerly) as ``NOW``.
+    """
+
+    NOW = "now"
+    DEFER = "defer"
+    TRACED = "traced"
 
 
 _BLOB_KEYS = tuple(str(i) for i in range(16))
@@ -139,6 +171,17 @@ class Layer(nn.Module):
     host_side_effect: str = ""
     #: The layer only moves or copies values (Split, Concat, Reshape, Input, ...): ``flops`` is 0.
     moves_data_only: bool = False
+    #: The layer reads class labels from a bottom and checks their range (the loss layers that
+    #: index by label, Accuracy): the runner hands it ``label_checks`` for each pass.
+    checks_labels: bool = False
+    #: How this pass checks the labels (``LabelChecks``): an instance attribute the runner sets
+    #: for the duration of a pass on the layers with ``checks_labels``; otherwise this default.
+    label_checks: LabelChecks = LabelChecks.NOW
+    #: What a ``DEFER``/``TRACED`` check left to verify after the pass: ``(values, classes,
+    #: ignore)``, the labels as given or their [min, max] (a tensor) and the ``ignore_label`` to
+    #: skip (or None). Written by the layer during the pass, taken off it by the runner that set
+    #: ``label_checks`` (``Runner.label_checks``); None otherwise.
+    label_record: tuple | None = None
 
     def __init__(self, param, bottom_shapes: list[tuple[int, ...]], phase: int):
         super().__init__()

@@ -9,22 +9,23 @@ Where Caffe's backward is not the autograd of its forward (the ``FLT_MIN`` / ``k
 clamps, ContrastiveLoss's ``1e-4`` in the denominator) the gradient is written out in a
 ``torch.autograd.Function`` so that it is exactly the one Caffe computes.
 
-Labels are read like Caffe's ``static_cast<int>(label)``: truncated toward zero.
+Labels are read like Caffe's ``static_cast<int>(label)``: truncated toward zero. The layers that
+index by label (``checks_labels``) raise naming the layer, the bottom and the value for a label
+outside ``[0, classes)``; when is the runner's choice for the pass (``layer.label_checks``, see
+``caffe_compat.layers.base.LabelChecks``), never a module global.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import threading
 
 import torch
 from torch import Tensor
 
 from caffe_compat.errors import CaffeError
 from caffe_compat.io import blob_to_array, read_blobproto
-from caffe_compat.layers.base import Layer, register_layer, scalar_tensor
+from caffe_compat.layers.base import LabelChecks, Layer, register_layer, scalar_tensor
 from caffe_compat.proto import caffe_pb2
 
 __all__ = [
@@ -79,36 +80,16 @@ def _as_labels(label: Tensor) -> Tensor:
     return label.detach().to(torch.long)
 
 
-# Label range checks deferred to the end of Net.forward_backward (see ``deferred_label_checks``),
-# per thread: ``records`` is None outside it, else the list of (layer, [min, max] tensor, number
-# of classes) to verify.
-_deferred = threading.local()
-
-
-@contextlib.contextmanager
-def deferred_label_checks():
-    """Within the block, loss layers on a GPU do not read their labels' range back to the host
-    (a synchronisation in the middle of the forward pass that stalls the GPU while the host
-    prepares the backward): they clamp the labels into range for their indexing kernels and
-    record the range; the caller verifies the records with ``verify_deferred`` (at the one host
-    read it makes anyway, the loss value) and raises before anything uses the pass's gradients.
-    Yields the list of records."""
-    outer = getattr(_deferred, "records", None)
-    _deferred.records = records = []
-    try:
-        yield records
-    finally:
-        _deferred.records = outer
-
-
-def _defers(labels: Tensor) -> bool:
-    return labels.device.type != "cpu" and getattr(_deferred, "records", None) is not None
+def _defers(layer: Layer, labels: Tensor) -> bool:
+    """Whether this check is left for the runner (``LabelChecks.DEFER``, labels off the CPU)."""
+    return layer.label_checks is LabelChecks.DEFER and labels.device.type != "cpu"
 
 
 def verify_deferred(records: list[tuple[Layer, Tensor, int, int | None]]) -> None:
     """Raise like ``_check_label_range`` for the first record whose labels leave ``[0, classes)``.
-    A record's tensor (on the host once its copy is complete) holds either the labels as given
-    or their [min, max] (ignored positions counted as 0); both are truncated toward zero here,
+    A record ``(layer, values, classes, ignore)`` is a layer's ``label_record`` as the runner
+    took it, its tensor on the host once its copy is complete: either the labels as given or
+    their [min, max] (ignored positions counted as 0); both are truncated toward zero here,
     positions equal to ``ignore`` skipped."""
     for layer, values, num_classes, ignore in records:
         ints = values.reshape(-1).to(torch.long).tolist()  # toward zero, as _as_labels (NaN: a bad label too)
@@ -118,43 +99,6 @@ def verify_deferred(records: list[tuple[Layer, Tensor, int, int | None]]) -> Non
             lo, hi = min(ints), max(ints)
             if lo < 0 or hi >= num_classes:
                 _label_error(layer, lo if lo < 0 else hi, num_classes)
-
-
-# True while a compiled runner's graph runs (``compiled_label_checks``), which collects the label
-# ranges its loss layers leave on themselves; other traced code keeps the checks with a host read.
-# (torch.compile reads a module global as a guarded constant; a thread-local it cannot trace.)
-_net_compiles = False
-
-
-@contextlib.contextmanager
-def no_deferred_label_checks():
-    """What ``deferred_label_checks`` yields where a runner collects the checks otherwise: None."""
-    yield None
-
-
-class _CompiledRanges:
-    def collect(self, layers) -> list:
-        """``(layer, [min, max] tensor, classes)`` for each layer that recorded its labels' range
-        in the compiled pass (taken off the layer)."""
-        out = []
-        for layer in layers:
-            recorded = layer.__dict__.pop("_label_range", None)
-            if recorded is not None:
-                out.append((layer, *recorded))
-        return out
-
-
-@contextlib.contextmanager
-def compiled_label_checks():
-    """Within the block (a compiled runner's pass), loss layers traced by torch.compile record
-    their labels' [min, max] as a tensor on themselves instead of reading it on the host; the
-    yielded object's ``collect(layers)`` takes the records for a check after the pass."""
-    global _net_compiles
-    _net_compiles = True
-    try:
-        yield _CompiledRanges()
-    finally:
-        _net_compiles = False
 
 
 # Labels up to this many values are checked on the host from a copy of themselves (one copy, no
@@ -185,19 +129,21 @@ def _check_label_range(
     ignore_label: int | None = None,
 ) -> Tensor:
     """Raise naming the layer when a (non-ignored) label is outside ``[0, num_classes)``; returns
-    the labels to index with. Inside ``deferred_label_checks`` on a GPU: records the labels (or
-    their range) for a later check on the host, copied now behind the pass, and returns them
-    clamped into range (the check happens later, before any update). ``raw``: the label bottom
-    as given (a copy of it is checked when it is small); ``ignore_label``: the layer's ignore_label
-    when it has one (such labels are not checked)."""
+    the labels to index with. When depends on the layer's ``label_checks`` for this pass (``LabelChecks``,
+    set by the runner): at once on the host (``NOW``); or, for ``DEFER`` on a GPU and ``TRACED``
+    inside torch.compile's graph, the labels (or their range) left on the layer as its
+    ``label_record`` for the runner to verify after the pass, before any update, and the labels
+    returned clamped into range. ``raw``: the label bottom as given (a copy of it is recorded when
+    it is small); ``ignore_label``: the layer's ignore_label when it has one (such labels are not
+    checked)."""
     if labels.device.type == "meta" or labels.numel() == 0:
         return labels
-    if _net_compiles and torch.compiler.is_compiling():
+    if layer.label_checks is LabelChecks.TRACED and torch.compiler.is_compiling():
         # inside Net.compile's graph: no host read (a graph break); the range leaves the graph
-        # as a tensor on the layer, and the net checks it after the compiled pass
-        layer._label_range = (_counted_range(labels, valid), num_classes)
+        # as a tensor on the layer, and the runner checks it after the compiled pass
+        layer.label_record = (_counted_range(labels, valid), num_classes, None)
         return labels.clamp(0, num_classes - 1)
-    if _defers(labels):
+    if _defers(layer, labels):
         ignore = ignore_label
         if raw is not None and raw.numel() <= _RAW_LABEL_CHECK:
             values = raw.detach()
@@ -205,8 +151,8 @@ def _check_label_range(
             values, ignore = _counted_range(labels, valid), None
         if not (values.is_cuda and torch.cuda.is_current_stream_capturing()):
             values = values.to("cpu", non_blocking=True, copy=True)
-        # else: a CUDA graph's capture (caffe_compat.cuda_graph), which copies them after each replay
-        _deferred.records.append((layer, values, num_classes, ignore))
+        # else: a CUDA graph's capture (runners/cuda_graph.py), which copies them after each replay
+        layer.label_record = (values, num_classes, ignore)
         return labels.clamp(0, num_classes - 1)
     if valid is None:
         if labels.device.type == "cpu" and labels.numel() <= _RAW_LABEL_CHECK:
@@ -457,6 +403,7 @@ class SoftmaxWithLossLayer(Layer):
     min_top = 1
     max_top = 2
     is_loss = True
+    checks_labels = True
 
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         lp = self.param.loss_param
@@ -572,6 +519,7 @@ class HingeLossLayer(Layer):
     exact_num_bottom = 2
     exact_num_top = 1
     is_loss = True
+    checks_labels = True
 
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         self.norm = self.param.hinge_loss_param.norm
@@ -617,6 +565,7 @@ class InfogainLossLayer(Layer):
     max_bottom = 3
     exact_num_top = 1
     is_loss = True
+    checks_labels = True
 
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         ip, lp = self.param.infogain_loss_param, self.param.loss_param
@@ -733,6 +682,7 @@ class MultinomialLogisticLossLayer(Layer):
     exact_num_bottom = 2
     exact_num_top = 1
     is_loss = True
+    checks_labels = True
 
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         self._check(bottom_shapes)
@@ -767,6 +717,7 @@ class AccuracyLayer(Layer):
     exact_num_bottom = 2
     min_top = 1
     max_top = 2
+    checks_labels = True
 
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         ap = self.param.accuracy_param

@@ -9,6 +9,10 @@ A runner executes a :class:`~caffe_compat.plan.Plan` over its blobs. The interfa
 - ``backward(start, end)``: Caffe's ``BackwardFromTo`` over what the blobs hold (the tape of the
   last whole forward when it still describes them, else each layer recomputed from its bottoms).
 
+Each runner owns its modes: autocast, capture, and how the layers that read class labels check
+their range during its passes (``label_checks``: it hands them a ``LabelChecks`` for the pass and
+takes back what they recorded), so that no module global changes what a layer does.
+
 ``RunState`` is the one object a runner and the ``Net`` façade share: the plan, where the net
 lives, pycaffe's per-layer callbacks, and what the last pass left (the tape, whether in-place
 layers overwrote blobs). A runner reads and writes it and the blobs; it never sees the ``Net``.
@@ -16,6 +20,7 @@ layers overwrote blobs). A runner reads and writes it and the blobs; it never se
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +28,7 @@ import torch
 from caffe_compat import blob as _blob
 from caffe_compat.errors import CaffeError
 from caffe_compat.layers import loss as _loss_layers
+from caffe_compat.layers.base import LabelChecks
 from caffe_compat.plan import Plan, readable
 
 __all__ = ["RunState", "Runner", "PendingLoss", "LOW_PRECISION"]
@@ -187,6 +193,33 @@ class Runner:
 
     def __init__(self, state: RunState):
         self.state = state
+        #: the layers that check labels (``Layer.checks_labels``), in the order they run
+        self.label_layers = [s.layer for s in state.plan.steps if s.layer.checks_labels]
+
+    @contextlib.contextmanager
+    def label_checks(self, mode: LabelChecks):
+        """Within the block the label-checking layers check by ``mode`` (their ``label_checks``;
+        the enclosing block's mode, or the layers' default, again after it). Yields a list that
+        holds, once the block ends, the records they left (``Layer.label_record``), taken off
+        them in the order they ran: ``(layer, values, classes, ignore)`` for
+        ``RunState.verify_labels``."""
+        layers = self.label_layers
+        outer = [layer.__dict__.get("label_checks") for layer in layers]
+        for layer in layers:
+            layer.label_checks = mode
+        records: list = []
+        try:
+            yield records
+        finally:
+            for layer, before in zip(layers, outer):
+                if before is None:
+                    del layer.label_checks  # the class default again
+                else:
+                    layer.label_checks = before
+                record = layer.label_record
+                if record is not None:
+                    del layer.label_record
+                    records.append((layer, *record))
 
     def forward(self, start: int, end: int) -> None:
         raise NotImplementedError

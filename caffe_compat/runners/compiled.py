@@ -4,8 +4,9 @@
 Used for a solver's training pass and for pycaffe's whole ``forward()`` without autograd; other
 passes (``start``/``end``, ``backward()``'s recomputation, ``run``) go layer by layer. Layers
 without bottoms (data layers, Input) run eagerly first; every blob is still set after the pass.
-The loss layers' label checks cannot read the host inside the graph: their ranges leave the
-graph as tensors (``caffe_compat.layers.loss.compiled_label_checks``) and are checked after it.
+The loss layers' label checks cannot read the host inside the graph: the runner hands them
+``LabelChecks.TRACED`` for the compiled call, their ranges leave the graph as tensors and are
+checked after it.
 If compiling fails, a warning is logged, the pass finishes eagerly and the runner stays eager.
 """
 
@@ -15,7 +16,7 @@ import logging
 
 import torch
 
-from caffe_compat.layers import loss as _loss_layers
+from caffe_compat.layers.base import LabelChecks
 from caffe_compat.runners.eager import EagerRunner
 
 __all__ = ["CompiledRunner"]
@@ -59,13 +60,14 @@ class CompiledRunner(EagerRunner):
         self._run()
         return st.loss()
 
-    def label_checks(self):
-        return _loss_layers.no_deferred_label_checks() if not self.failed else super().label_checks()
+    def train_label_checks(self) -> LabelChecks:
+        # the compiled call traces them (``_run``); layers that run eagerly because compiling
+        # failed check at once
+        return LabelChecks.NOW if not self.failed else super().train_label_checks()
 
-    def collected_checks(self, checks: list | None) -> list:
-        if checks is None:  # the ranges the graph computed
-            checks, self._checks = self._checks, []
-        return list(checks)
+    def collected_checks(self, checks: list) -> list:
+        graph, self._checks = self._checks, []  # the ranges the graph computed
+        return graph + checks
 
     # -- the compiled function --------------------------------------------------------------------
 
@@ -107,7 +109,7 @@ class CompiledRunner(EagerRunner):
             self._fn = torch.compile(self._layers, **self.options)
         feeds = {b: st.plan.blobs[b].tensor for b in self._feeds}
         try:
-            with _loss_layers.compiled_label_checks() as ranges:
+            with self.label_checks(LabelChecks.TRACED) as ranges:
                 tops = self._fn(feeds)
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back to eager)
             log.warning("torch.compile of net %r failed (%s: %s); running it uncompiled", st.name, type(e).__name__, e)
@@ -124,6 +126,6 @@ class CompiledRunner(EagerRunner):
             st.overwritten = True
         # the loss layers' label ranges, computed in the graph: copied to the host behind the pass
         self._checks = [
-            (layer, values.to("cpu", non_blocking=True, copy=True), classes, None)
-            for layer, values, classes in ranges.collect(step.layer for step in steps[k:])
+            (layer, values.to("cpu", non_blocking=True, copy=True), classes, ignore)
+            for layer, values, classes, ignore in ranges
         ]

@@ -36,7 +36,7 @@ import torch
 
 from caffe_compat import blob as _blob
 from caffe_compat.errors import NetError
-from caffe_compat.layers import loss as _loss_layers
+from caffe_compat.layers.base import LabelChecks
 from caffe_compat.mode import autocast_dtype
 from caffe_compat.runners.base import PendingLoss
 from caffe_compat.runners.eager import EagerRunner
@@ -322,11 +322,11 @@ class GraphRunner(EagerRunner):
             for p in params:  # autograd hands its gradient tensors over, as after a clear
                 p.grad = None
             grad = torch.enable_grad() if train else torch.no_grad()
-            with grad, _loss_layers.deferred_label_checks() as records:
+            with grad, self.label_checks(LabelChecks.DEFER) as records:
                 loss = layers()
                 if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
                     torch.autograd.backward([loss], inputs=params)
-            return loss, [p.grad for p in params], list(records)
+            return loss, [p.grad for p in params], records
 
         return body
 

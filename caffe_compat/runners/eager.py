@@ -21,7 +21,7 @@ from torch.nn.modules import module as _module_mod
 
 from caffe_compat import blob as _blob
 from caffe_compat.errors import CaffeError, LayerError
-from caffe_compat.layers import loss as _loss_layers
+from caffe_compat.layers.base import LabelChecks
 from caffe_compat.layers.python import PythonLayerError
 from caffe_compat.mode import autocast_dtype
 from caffe_compat.runners.base import LOW_PRECISION, PendingLoss, Runner
@@ -173,7 +173,7 @@ class EagerRunner(Runner):
         low = autocast_dtype()
         # on a GPU the loss layers' label checks are read back with the loss (one synchronisation
         # per pass, at its end, made by PendingLoss.value())
-        with torch.enable_grad(), self.label_checks() as checks:
+        with torch.enable_grad(), self.label_checks(self.train_label_checks()) as checks:
             if low is None:
                 loss = self.forward_loss()
             else:
@@ -194,12 +194,14 @@ class EagerRunner(Runner):
         st.diffs_cleared = False
         return PendingLoss(st, loss, self.collected_checks(checks))
 
-    def label_checks(self):
-        """The loss layers' label checks of a pass: deferred to the loss's read on a GPU."""
-        return _loss_layers.deferred_label_checks()
+    def train_label_checks(self) -> LabelChecks:
+        """How the label-checking layers check in a training pass: deferred to the loss's read
+        on a GPU."""
+        return LabelChecks.DEFER
 
-    def collected_checks(self, checks: list | None) -> list:
-        return list(checks or [])
+    def collected_checks(self, checks: list) -> list:
+        """The label records a training pass leaves for ``PendingLoss`` to verify."""
+        return checks
 
     def backward_loss(self, loss: torch.Tensor, params: list) -> None:
         """A training pass's backward into ``params``' diffs."""
