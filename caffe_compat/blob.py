@@ -8,11 +8,12 @@ Only blobs whose ``data`` was handed out pay that copy (``Blob.exported``); the 
 tensor the layer made. On a GPU they are host copies that the net copies back before the next
 forward/backward (Caffe's SyncedMemory, in small).
 
-Parameter diffs follow one rule, owned here: a parameter's diff storage belongs to the parameter
-(``param.grad``). A solver may lend it its history instead of copying the update value into it
-(``alias_diff``) and whoever writes into or hands out the diff first takes it back (``own_diff``);
-once a NumPy view of a diff was handed out (``ParamBlob.diff``), that storage is kept: clearing
-zeroes it in place and an update value is copied into it.
+Parameter diffs have one owner each, a ``ParamDiff`` (``diff_owner(param)``), which every writer
+asks: a solver may lend the diff its history instead of copying the update value into it
+(``lend``); writes go to storage of the parameter's own (``own``/``writable`` copy a lent diff
+first; ``prepare_accumulation`` before autograd adds into it); once a NumPy view of a diff was
+handed out (``ParamBlob.diff``), that storage is kept: clearing zeroes it in place and a lent
+value is copied into it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import weakref
 import numpy as np
 import torch
 
-__all__ = ["Blob", "ParamBlob", "alias_diff", "clear_diff", "diff_is_exported", "own_diff", "uses_host_mirror"]
+__all__ = ["Blob", "ParamBlob", "ParamDiff", "diff_owner", "uses_host_mirror"]
 
 
 def uses_host_mirror(device: torch.device) -> bool:
@@ -30,44 +31,129 @@ def uses_host_mirror(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def alias_diff(param: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Make ``value`` (e.g. SGD's momentum history, which equals the update value Caffe leaves in
-    the diff) the parameter's diff without copying it; ``own_diff`` gives the parameter a copy of
-    its own before anything writes into or hands out the diff. A diff whose NumPy view was handed
-    out keeps its storage: ``value`` is copied into it."""
-    if param.__dict__.get("_caffe_diff_exported") and param.grad is not None and param.grad.shape == value.shape:
+class ParamDiff:
+    """The owner of one parameter's diff storage (``param.grad``, Caffe's diff); reach it with
+    ``diff_owner(param)``. Everything that writes, lends, clears or hands out a parameter's
+    diff asks this object, so the rule holds by construction:
+
+    - ``lend(value)``: a solver lends a tensor of its own as the diff (SGD's history, which
+      equals the update value Caffe leaves in the diff) instead of copying it in;
+    - ``own()`` / ``writable()``: the diff as storage of the parameter's own, a lent tensor
+      copied first, so that no write reaches the lender (``writable`` makes a zero diff where
+      there is none);
+    - ``export()``: the diff for a NumPy view that outlives passes (``ParamBlob.diff``): from
+      then on its storage is kept (``exported``): clearing zeroes it in place and a lent value
+      is copied into it;
+    - ``clear()``: Caffe's ClearParamDiffs, lazily where no view was handed out;
+    - ``prepare_accumulation(cleared)``: before autograd accumulates into the diff, which it
+      does in place: a lent diff copied, or a cleared one dropped so that autograd hands its
+      gradient tensor over;
+    - ``accumulate(g)`` / ``replace(t)``: a runner adds a pass's gradient into the diff, or
+      makes a tensor of its own the diff (a CUDA graph's gradient, a new shape).
+
+    A tensor set as ``param.grad`` by anyone else ends a loan by itself (the loan holds only
+    while the diff *is* the lent tensor). The owner refers to its parameter weakly (no cycle
+    through the parameter's ``__dict__``, where it is kept)."""
+
+    __slots__ = ("_ref", "_lent", "exported")
+
+    def __init__(self, param: torch.nn.Parameter | None = None):
+        self._ref = weakref.ref(param) if param is not None else None
+        self._lent: torch.Tensor | None = None
+        #: a NumPy view of the diff was handed out: its storage must be kept
+        self.exported = False
+
+    def __reduce__(self):
+        # a pickled parameter comes back without its diff (torch pickles no .grad), so without
+        # a loan or a view: a fresh owner (``diff_owner`` binds it)
+        return (ParamDiff, ())
+
+    @property
+    def param(self) -> torch.nn.Parameter | None:
+        return self._ref() if self._ref is not None else None
+
+    def lend(self, value: torch.Tensor) -> None:
+        """Make ``value`` the diff without copying it (the lender keeps it; the first write to
+        the diff copies it, see ``own``). An exported diff keeps its storage: ``value`` is
+        copied into it."""
+        p = self.param
+        if self.exported and p.grad is not None and p.grad.shape == value.shape:
+            with torch.no_grad():
+                p.grad.copy_(value)
+            return
+        p.grad = self._lent = value
+
+    def own(self) -> torch.Tensor | None:
+        """The diff as storage of the parameter's own: a lent diff is replaced by a copy. None
+        while the diff is cleared lazily (see ``clear``)."""
+        p = self.param
+        lent, self._lent = self._lent, None
+        if lent is not None and p.grad is lent:
+            with torch.no_grad():
+                p.grad = lent.clone()
+        return p.grad
+
+    def writable(self) -> torch.Tensor:
+        """``own()``, with a zero diff made where there is none."""
+        d = self.own()
+        if d is None:
+            p = self.param
+            d = p.grad = torch.zeros_like(p.data)
+        return d
+
+    def export(self) -> torch.Tensor:
+        """The diff to hand out as a NumPy view (``writable``); on the CPU, where the view shares
+        its storage, that storage is kept from then on (``exported``)."""
+        d = self.writable()
+        if not uses_host_mirror(d.device):
+            self.exported = True
+        return d
+
+    def clear(self) -> bool:
+        """Zero the diff (Caffe's ClearParamDiffs): in place where a view of it was handed out,
+        else lazily (the diff is dropped; autograd's next gradient is taken as it is). Returns
+        whether it was dropped."""
+        p = self.param
+        if self.exported and p.grad is not None:
+            with torch.no_grad():
+                self.own().zero_()
+            return False
+        self.replace(None)
+        return True
+
+    def prepare_accumulation(self, cleared: bool) -> None:
+        """Before autograd adds a pass's gradient into the diff (in place): a diff dropped by a
+        clear (``cleared``) and not exported is left to autograd, which then hands its gradient
+        tensor over instead of adding it to zeros; any other is made the parameter's own."""
+        if cleared and not self.exported:
+            self.replace(None)
+        else:
+            self.own()
+
+    def accumulate(self, g: torch.Tensor, take: bool = False) -> None:
+        """Add a pass's gradient ``g`` into the diff (Caffe accumulates parameter diffs). Where
+        there is no diff: a zero diff plus ``g``, or with ``take`` ``g`` itself (a gradient
+        tensor nothing else holds, handed over)."""
+        if take and self.own() is None:
+            self.param.grad = g
+            return
         with torch.no_grad():
-            param.grad.copy_(value)
-        return
-    param.grad = value
-    param._caffe_diff_alias = value
+            self.writable().add_(g)
+
+    def replace(self, value: torch.Tensor | None) -> None:
+        """Make ``value`` (or no diff, None) the diff: a tensor the caller hands over (a runner's
+        own gradient tensor, a diff of a new shape); a loan ends."""
+        self._lent = None
+        self.param.grad = value
 
 
-def diff_is_exported(param: torch.nn.Parameter) -> bool:
-    """Whether a NumPy view of the parameter's diff was handed out (its storage must be kept)."""
-    return bool(param.__dict__.get("_caffe_diff_exported"))
-
-
-def clear_diff(param: torch.nn.Parameter) -> bool:
-    """Zero the diff (Caffe's ClearParamDiffs): in place where a view of it was handed out, else
-    lazily (the diff is dropped; autograd's next gradient is taken as it is). Returns whether it
-    was dropped."""
-    if diff_is_exported(param) and param.grad is not None:
-        own_diff(param)
-        with torch.no_grad():
-            param.grad.zero_()
-        return False
-    param.grad = None
-    return True
-
-
-def own_diff(param: torch.nn.Parameter) -> None:
-    """If the parameter's diff is an alias set by ``alias_diff``, replace it by a copy (so that
-    writes into the diff never reach the tensor it aliases)."""
-    alias = param.__dict__.pop("_caffe_diff_alias", None)
-    if alias is not None and param.grad is alias:
-        with torch.no_grad():
-            param.grad = alias.clone()
+def diff_owner(param: torch.nn.Parameter) -> ParamDiff:
+    """The one ``ParamDiff`` of ``param`` (made at the first call, kept on the parameter, shared
+    by every net and solver that uses it)."""
+    owner = param.__dict__.get("_caffe_diff")
+    if owner is None or owner.param is not param:
+        owner = param._caffe_diff = ParamDiff(param)
+    return owner
 
 
 # Blobs holding host copies not yet sent back (weakly: a dropped net takes its blobs along), so
@@ -328,13 +414,7 @@ class ParamBlob(_HostSynced):
 
     @property
     def diff(self) -> np.ndarray:
-        p = self.param
-        own_diff(p)
-        if p.grad is None:
-            p.grad = torch.zeros_like(p.data)
-        if not uses_host_mirror(p.grad.device):
-            p._caffe_diff_exported = True  # the view outlives passes: keep this storage
-        return self._host("diff", p.grad)
+        return self._host("diff", diff_owner(self.param).export())
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -350,7 +430,7 @@ class ParamBlob(_HostSynced):
         shape = tuple(int(d) for d in shape)
         with torch.no_grad():
             self.param.data = torch.zeros(shape, dtype=self.param.dtype, device=self.param.device)
-            self.param.grad = torch.zeros_like(self.param.data)
+            diff_owner(self.param).replace(torch.zeros_like(self.param.data))
         self._drop_host_copies()
 
     @property
@@ -361,10 +441,7 @@ class ParamBlob(_HostSynced):
     @property
     def _gpu_diff_ptr(self) -> int:
         """pycaffe's ``Blob._gpu_diff_ptr`` for a parameter: its own diff storage (a CUDA net only)."""
-        own_diff(self.param)
-        if self.param.grad is None:
-            self.param.grad = torch.zeros_like(self.param.data)
-        return _gpu_ptr(self, self.param.grad, "diff")
+        return _gpu_ptr(self, diff_owner(self.param).writable(), "diff")
 
     def __repr__(self) -> str:
         return f"ParamBlob(shape={self.shape})"

@@ -79,8 +79,8 @@ class Net(PycaffeCalls, nn.Module):
     ``share_trained_layers_with(train_net)``; ``to_proto()``; ``blob_loss_weights``.
     """
 
-    #: A solver may leave a parameter's diff as an alias of its history (``blob.alias_diff``);
-    #: the rule that keeps that safe lives in ``caffe_compat.blob``.
+    #: A solver may lend a parameter's diff its history (``ParamDiff.lend``): every writer of a
+    #: diff here asks its owner (``caffe_compat.blob.diff_owner``), which keeps that safe.
     supports_diff_alias = True
 
     def __init__(
@@ -381,7 +381,7 @@ class Net(PycaffeCalls, nn.Module):
         if _blob.uses_host_mirror(self._state.device) and _blob.host_copies_out():
             _blob.sync_host_copies(None)
         for p in self.learnable_params:
-            _blob.clear_diff(p)
+            _blob.diff_owner(p).clear()
         self._state.diffs_cleared = True
 
     def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """The shape of the package (issue 21): no import cycles inside ``caffe_compat`` (imports at
 module level and inside functions alike: a function-level import that closes a loop is a cycle
 too, only a later one), the net's runtime never imports the solvers, and no class over 600
-lines or function over 120 lines outside a named allow-list.
+lines or function over 120 lines outside a named allow-list; a parameter's diff is set by its
+owner alone (``caffe_compat.blob.ParamDiff``).
 
 The import graph is read from the source with ``ast`` (nothing is imported): an edge
 ``a -> b`` for every ``import caffe_compat.b`` / ``from caffe_compat.b import x`` in ``a``
@@ -252,3 +253,46 @@ def test_oversize_measure_counts_lines():
         "m.py:Big": MAX_CLASS_LINES + 2,
         "m.py:Big.m": MAX_CLASS_LINES + 1,
     }
+
+
+#: The one class that may assign a parameter's ``.grad`` (the diff's owner).
+DIFF_OWNER = "caffe_compat/blob.py:ParamDiff"
+
+
+def _grad_assignments(rel: str, source: str) -> list[str]:
+    """``path:qualified name:line`` of each assignment to an attribute ``.grad`` in ``source``."""
+    found: list[str] = []
+
+    def visit(node: ast.AST, scope: list[str]) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = scope
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner = [*scope, child.name]
+            elif isinstance(child, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                targets = child.targets if isinstance(child, ast.Assign) else [child.target]
+                for target in targets:
+                    for t in ast.walk(target):
+                        if isinstance(t, ast.Attribute) and t.attr == "grad" and isinstance(t.ctx, ast.Store):
+                            found.append(f"{rel}:{'.'.join(scope)}:{child.lineno}")
+            visit(child, inner)
+
+    visit(ast.parse(source), [])
+    return found
+
+
+def test_grad_assignment_finder_sees_chained_and_nested_assignments():
+    source = (
+        "def f(p, q):\n    p.grad = q.grad = None\n    x = p.grad\nclass C:\n    def g(self, p):\n        p.grad += 1\n"
+    )
+    assert _grad_assignments("m.py", source) == ["m.py:f:2", "m.py:f:2", "m.py:C.g:6"]
+
+
+def test_only_the_diff_owner_sets_a_parameter_diff():
+    """Every writer of a parameter's diff asks its owner (issue 21: lent diffs are copied before a
+    write by construction, not by each writer remembering to)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        found += _grad_assignments(path.relative_to(ROOT).as_posix(), path.read_text(encoding="utf-8"))
+    owner = [f for f in found if f.startswith(DIFF_OWNER + ".")]
+    assert owner  # the finder sees the owner's own assignments
+    assert sorted(set(found) - set(owner)) == [], "set a diff through caffe_compat.blob.diff_owner(param)"

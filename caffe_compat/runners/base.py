@@ -139,10 +139,11 @@ class RunState:
                 b.set_tensor(b._data.float())
 
     def fill_missing_diffs(self) -> None:
+        """After a pass: a zero diff for each learnable parameter left without one."""
         for lp in self.plan.learnable:
             p = lp.param
             if p.grad is None:
-                p.grad = torch.zeros_like(p.data)
+                _blob.diff_owner(p).replace(torch.zeros_like(p.data))
 
     def verify_labels(self, checks: list) -> None:
         """Raise for the first bad label in the loss layers' records (host copies, complete)."""

@@ -154,20 +154,15 @@ class GraphRunner(EagerRunner):
             kept = {}
             for lp in st.plan.learnable:
                 p = lp.param
-                _blob.own_diff(p)
-                d = p.grad
+                d = _blob.diff_owner(p).own()
                 if d is not None:  # a diff the graph writes is overwritten by the replay: keep a copy
                     kept[p] = d.clone() if d.data_ptr() in ours else d
         loss, grads, records, _ = self._replay(rec, "train")
         for p, g in zip(self._params(), grads):
             d = kept.get(p) if kept is not None else None
-            if d is None:
-                p.grad = g
-            elif g is not None:
+            if d is not None and g is not None:
                 d.add_(g)
-                p.grad = d
-            else:
-                p.grad = d
+            _blob.diff_owner(p).replace(g if d is None else d)
         checks = [(layer, _host_copy(v), n, ig) for layer, v, n, ig in records]
         st.fill_missing_diffs()
         st.diffs_cleared = False
@@ -231,7 +226,7 @@ class GraphRunner(EagerRunner):
                 blob._data = static
             blob._grad_tensor = static
         for p in rec.params:  # the graph writes its own gradient tensors (and a re-run must not add)
-            p.grad = None
+            _blob.diff_owner(p).replace(None)
         rec.graph.replay()
         for blob, data, grad_tensor in rec.bound:  # an eager pass in between rebinds them
             blob._data, blob._grad_tensor = data, grad_tensor
@@ -320,7 +315,7 @@ class GraphRunner(EagerRunner):
 
         def body() -> tuple:
             for p in params:  # autograd hands its gradient tensors over, as after a clear
-                p.grad = None
+                _blob.diff_owner(p).replace(None)
             grad = torch.enable_grad() if train else torch.no_grad()
             with grad, self.label_checks(LabelChecks.DEFER) as records:
                 loss = layers()

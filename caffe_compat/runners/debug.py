@@ -18,6 +18,7 @@ import logging
 import numpy as np
 import torch
 
+from caffe_compat.blob import diff_owner
 from caffe_compat.logfmt import fmt
 from caffe_compat.runners.eager import EagerRunner
 
@@ -107,10 +108,9 @@ class DebugRunner(EagerRunner):
                     where.append((li, j, len(bottoms)))
                     bottoms.append(t)
         grads = torch.autograd.grad([loss], bottoms + params, allow_unused=True)
-        with torch.no_grad():
-            for p, g in zip(params, grads[len(bottoms) :]):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad.add_(g)
+        for p, g in zip(params, grads[len(bottoms) :]):
+            if g is not None:
+                diff_owner(p).accumulate(g, take=True)
         diff_of = {(li, j): grads[i] for li, j, i in where}
         for step in reversed(steps):
             if step.need_backward and step.index in self._bottoms:

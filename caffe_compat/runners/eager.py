@@ -31,13 +31,9 @@ __all__ = ["EagerRunner", "add_param_grads"]
 
 def add_param_grads(params: list, grads) -> None:
     """Add each gradient into its parameter's diff (Caffe accumulates parameter diffs)."""
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            if g is not None:
-                _blob.own_diff(p)
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p.data)
-                p.grad.add_(g)
+    for p, g in zip(params, grads):
+        if g is not None:
+            _blob.diff_owner(p).accumulate(g)
 
 
 class EagerRunner(Runner):
@@ -182,12 +178,8 @@ class EagerRunner(Runner):
                 st.outputs_to_float32()
             params = [lp.param for lp in st.plan.learnable if lp.param.requires_grad]
             if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
-                for p in params:
-                    if st.diffs_cleared and not _blob.diff_is_exported(p):
-                        # Let autograd hand over its gradient tensors instead of adding them to zeros.
-                        p.grad = None
-                    else:  # autograd adds into the diffs in place
-                        _blob.own_diff(p)
+                for p in params:  # autograd adds into the diffs in place, or hands its tensors over
+                    _blob.diff_owner(p).prepare_accumulation(st.diffs_cleared)
                 scaled = loss * loss_scale if loss_scale != 1.0 else loss
                 self.backward_loss(scaled, params)
         st.fill_missing_diffs()

@@ -157,9 +157,9 @@ class Solver(SolverLearningRate):
     num_history_sets: ClassVar[int] = 1
     #: True when the update value is history set 0 itself (SGD): the type implements
     #: ``update_history`` (its rule without writing the update into the diff), and the update of
-    #: a net with ``supports_diff_alias`` (``Net``) makes the diff an alias of the history instead
-    #: of a copy (``caffe_compat.blob.alias_diff``; a writer of the diff first gives it a copy of
-    #: its own, ``own_diff``). Saves one pass over the parameters.
+    #: a net with ``supports_diff_alias`` (``Net``) lends the history to the diff instead of
+    #: copying it (``caffe_compat.blob.ParamDiff.lend``; the diff's owner gives it a copy of its
+    #: own before anything writes into it). Saves one pass over the parameters.
     diff_is_history: ClassVar[bool] = False
     #: True when the rule is momentum SGD (``V = momentum * V + local_rate * g; W -= V``): the
     #: update engine may then run it through its foreach, fused-kernel and compiled paths.

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from caffe_compat.blob import own_diff
+from caffe_compat.blob import diff_owner
 
 __all__ = [
     "NCCL",
@@ -284,11 +284,7 @@ class DistributedSync:
     def _grads(self, idx: Sequence[int]) -> list[torch.Tensor]:
         grads = []
         for i in idx:
-            p = self.params[i]
-            own_diff(p)
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
+            grads.append(diff_owner(self.params[i]).writable())
         return grads
 
     def _arrive(self, b: int) -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from caffe_compat.blob import alias_diff, own_diff
+from caffe_compat.blob import diff_owner
 from caffe_compat.solvers.log import fmt, logger
 
 __all__ = ["UpdateEngine", "LossScaler", "fused_sgd_matches"]
@@ -150,8 +150,8 @@ class UpdateEngine:
         s = self.solver
         params = s.net.learnable_params
         with torch.no_grad():
-            for p in params:  # diffs still aliasing a history: copies of their own
-                own_diff(p)
+            for p in params:  # diffs still lent by a history: copies of their own
+                diff_owner(p).own()
             if s.loss_scaler is not None and not s.loss_scaler.unscale_(params, s.iter):
                 return False
             sumsq = self.clip_gradients()
@@ -237,7 +237,7 @@ class UpdateEngine:
                 s.update_rule(i, g, hist, local_rate)
                 w.sub_(g)
         if alias:
-            alias_diff(s.net.learnable_params[i], self.history_of(i)[0])
+            diff_owner(s.net.learnable_params[i]).lend(self.history_of(i)[0])
 
     def update_pieces(self, i: int):
         """``(W, diff, [history...])`` pieces of parameter i to update one after the other: on the
@@ -322,7 +322,7 @@ class UpdateEngine:
                 torch._foreach_add_([hs[j] for j in sel], [gs[j] for j in sel], alpha=local_rate)
             torch._foreach_sub_(ws, hs)
         for i, h in zip(indices, hs):
-            alias_diff(params[i], h)
+            diff_owner(params[i]).lend(h)
         return True
 
     def _whole_kernel_step(self, indices: list[int], rate: float, ws: list, gs: list, hs: list) -> bool:
@@ -412,7 +412,7 @@ class UpdateEngine:
                 s.update_history(i, g, [h], local_rate)
                 w.sub_(h)
             for i, _ in members:
-                alias_diff(params[i], s.history[i])
+                diff_owner(params[i]).lend(s.history[i])
                 done.add(i)
         return done
 
