@@ -384,6 +384,12 @@ class Net(PycaffeCalls, nn.Module):
             _blob.diff_owner(p).clear()
         self._state.diffs_cleared = True
 
+    def gradient_witness(self) -> list:
+        """Per learnable parameter (``learnable_params`` order): a ``Certificate`` that its diff
+        is finite, from the bounds the training passes since the last clear recorded, or None:
+        read the diff itself (``caffe_compat.runners.grad_witness``; a solver's check)."""
+        return self._state.witness.certificates()
+
     def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Differentiable forward for PyTorch users: input tensors in, output tensors out.
 

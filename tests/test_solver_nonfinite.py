@@ -93,9 +93,9 @@ def test_nan_policy_continue_is_caffes_behaviour(tmp_path, monkeypatch, capsys):
     assert np.isfinite(np.asarray(ip.blobs[0].data)).all()
 
 
-def test_non_finite_gradient_stops_at_the_next_loss_and_names_the_weights(tmp_path, monkeypatch, capsys):
-    """A finite loss with an infinite gradient: the update of iteration 0 makes ip1's weights
-    NaN; the run stops before anything of them is written, naming iteration 0 and 'ip1'."""
+def test_non_finite_gradient_stops_before_its_update(tmp_path, monkeypatch, capsys):
+    """A finite loss with an infinite gradient (ip1's and its top's): the check before the
+    update of iteration 0 stops the run, naming ip1, before anything is written."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "net.prototxt").write_text(SQRT_NET)
     (tmp_path / "solver.prototxt").write_text(
@@ -103,8 +103,8 @@ def test_non_finite_gradient_stops_at_the_next_loss_and_names_the_weights(tmp_pa
     )
     status, err = _train(capsys)
     assert status == 1
-    assert "solver.prototxt: iteration 0: a non-finite gradient made the weights non-finite" in err
-    assert "layer 'ip1' (InnerProduct): parameter 0 (its data) holds nan" in err
+    assert "solver.prototxt: iteration 0: the gradients are non-finite" in err
+    assert "layer 'ip1' (InnerProduct): the gradient of parameter 0 holds" in err
     assert not list(tmp_path.glob("snap_iter_*"))
 
 
@@ -116,10 +116,11 @@ def _sqrt_solver(tmp_path, extra: str = ""):
     return get_solver(str(tmp_path / "solver.prototxt"))
 
 
-@pytest.mark.parametrize("how", ["nan_check_gradients", "clip_gradients"])
+@pytest.mark.parametrize("how", ["default", "nan_check_gradients", "clip_gradients"])
 def test_gradient_check_stops_before_the_update(tmp_path, monkeypatch, how):
-    """With the opt-in per-iteration check, or through clipping's sum of squares, a non-finite
-    gradient stops iteration 0 before its update: the weights are the initial ones."""
+    """By default (InnerProduct weights through their witnesses), reading every gradient
+    (``nan_check_gradients``), or through clipping's sum of squares, a non-finite gradient stops
+    iteration 0 before its update: the weights are the initial ones."""
     monkeypatch.chdir(tmp_path)
     solver = _sqrt_solver(tmp_path, "clip_gradients: 10" if how == "clip_gradients" else "")
     solver.nan_check_gradients = how == "nan_check_gradients"
@@ -155,3 +156,143 @@ def test_loss_scaling_leaves_non_finite_gradients_to_the_scaler(tmp_path, monkey
         mode.set_precision("fp32")
     assert solver.loss_scaler.skipped == 2
     assert all(torch.isfinite(p).all() for p in solver.net.learnable_params)
+
+
+# ---------------------------------------------------------------------------------------------
+# a gradient that overflows while the loss and every top stay finite: an input of ~1e38 in a
+# column whose weights are still 0 (that column is 0 in every earlier record), times a top diff
+# of (y - label) ~ -label. Only the layer's weight gradient can show it.
+
+LAYER = {
+    "InnerProduct": 'type: "InnerProduct" inner_product_param { num_output: 1',
+    "Convolution": 'type: "Convolution" convolution_param { num_output: 1 kernel_size: 1',
+}
+
+
+def _huge_case(d: Path, kind: str, value: float, label: float, columns: tuple, at: int = 3, extra: str = "") -> None:
+    """Records of 2 channels, 0 in ``columns`` but ``value`` at record ``at``; labels ``label``."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((8, 2, 1, 1)).astype(np.float32)
+    for c in columns:
+        data[:, c] = 0
+        data[at, c] = value
+    with h5py.File(d / "d.h5", "w") as f:
+        f["data"] = data
+        f["label"] = np.full((8, 1, 1, 1), label, dtype=np.float32)
+    (d / "list.txt").write_text("d.h5\n")
+    (d / "net.prototxt").write_text(
+        'name: "huge"\n'
+        'layer { name: "data" type: "HDF5Data" top: "data" top: "label" '
+        'hdf5_data_param { source: "list.txt" batch_size: 1 } }\n'
+        f'layer {{ name: "fc" bottom: "data" top: "fc" {LAYER[kind]} weight_filler {{ type: "constant" value: 0 }} }} }}\n'
+        'layer { name: "loss" type: "EuclideanLoss" bottom: "fc" bottom: "label" top: "loss" }\n'
+    )
+    (d / "solver.prototxt").write_text(
+        'net: "net.prototxt" base_lr: 0.01 lr_policy: "fixed" momentum: 0.9 max_iter: 6 '
+        f'snapshot: 1 snapshot_prefix: "snap" random_seed: 1 {extra}'
+    )
+
+
+def test_overflowing_inner_product_gradient_stops_that_iteration(tmp_path, monkeypatch, capsys):
+    """tools/train.py: iteration 3's InnerProduct weight gradient is -inf, its loss finite: exit
+    status 1 naming iteration 3 and the layer, the snapshots of iterations 1-3 only."""
+    monkeypatch.chdir(tmp_path)
+    _huge_case(tmp_path, "InnerProduct", 3e38, 10.0, columns=(1,))
+    status, err = _train(capsys)
+    assert status == 1
+    line = [x for x in err.splitlines() if x.startswith("train.py: error:")]
+    assert len(line) == 1
+    assert "solver.prototxt: iteration 3: the gradients are non-finite" in line[0]
+    assert "layer 'fc' (InnerProduct): the gradient of parameter 0 holds inf" in line[0]
+    assert "the last snapshot: snap_iter_3.solverstate" in line[0]
+    assert sorted(p.name for p in tmp_path.glob("snap_iter_*.caffemodel")) == [
+        f"snap_iter_{k}.caffemodel" for k in (1, 2, 3)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["InnerProduct", "Convolution"])
+@pytest.mark.parametrize("runner", ["eager", "cuda_graph"])
+def test_overflowing_gradient_stops_before_its_update(tmp_path, monkeypatch, kind, runner):
+    """The InnerProduct's gradient through its witness, the convolution's read itself; a
+    training pass replayed from a (stand-in) CUDA graph leaves no witness: read itself too."""
+    from tests.test_cuda_graph import ReplayingGraph
+
+    monkeypatch.chdir(tmp_path)
+    _huge_case(tmp_path, kind, 3e38, 10.0, columns=(1,))
+    solver = get_solver("solver.prototxt")
+    if runner == "cuda_graph":
+        solver.net.use_cuda_graph(True, warmup=1, graph_factory=ReplayingGraph)
+    witnessed, witness = [], solver.net.gradient_witness
+    monkeypatch.setattr(solver.net, "gradient_witness", lambda: witnessed.append(witness()[0] is not None) or witness())
+    solver.step(3)
+    before = [p.detach().clone() for p in solver.net.learnable_params]
+    with pytest.raises(NonFiniteError, match="iteration 3: the gradients are non-finite") as e:
+        solver.step(1)
+    # the weight's certificate at each iteration's check (the graph's: the eager warm-up pass only)
+    assert witnessed == [kind == "InnerProduct" and (runner == "eager" or k == 0) for k in range(4)]
+    assert f"layer 'fc' ({kind}): the gradient of parameter 0 holds inf" in str(e.value)
+    assert solver.iter == 3
+    for p, w in zip(solver.net.learnable_params, before):
+        assert torch.equal(p.detach(), w)
+
+
+@pytest.mark.parametrize("kind", ["InnerProduct", "Convolution"])
+def test_a_bound_or_sum_that_overflows_with_finite_gradients_trains_on(tmp_path, monkeypatch, kind):
+    """Record 3 is 2e38 in both channels and the top diff about -1: the InnerProduct's bound
+    (about 2e38) fails, the convolution's sum of its two gradients (-3.9e38) overflows, yet every
+    gradient is finite (-1.9e38): the check reads the diff and training goes on."""
+    from caffe_compat.solvers import nonfinite
+
+    monkeypatch.chdir(tmp_path)
+    _huge_case(tmp_path, kind, 2e38, 1.0, columns=(0, 1))
+    suspected = []
+    suspects = nonfinite.GradientCheck.suspects
+
+    def spy(check):
+        found = suspects(check)
+        suspected.append(found)
+        return found
+
+    monkeypatch.setattr(nonfinite.GradientCheck, "suspects", spy)
+    solver = get_solver("solver.prototxt")
+    solver.step(6)
+    assert solver.iter == 6
+    assert [k for k, found in enumerate(suspected) if found] == [3]  # the false alarm, cleared
+    w = solver.net.learnable_params[0].detach()
+    assert torch.isfinite(w).all() and w.abs().max() > 1e36
+
+
+def test_losses_read_late_stop_at_the_next_read_before_any_snapshot(tmp_path, monkeypatch):
+    """A GPU's path (forced on the CPU): the check's values are read with the loss, once the
+    update is queued. The run stops before the snapshot after it, naming iteration 3 (whose
+    update made the weights non-finite); a bound that fails on finite gradients trains on."""
+    from caffe_compat.solvers import base
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(base, "_reads_late", lambda net: True)
+    _huge_case(tmp_path, "InnerProduct", 3e38, 10.0, columns=(1,))
+    solver = get_solver("solver.prototxt")
+    with pytest.raises(NonFiniteError, match="iteration 3: the gradients are non-finite") as e:
+        solver.step(6)
+    assert "layer 'fc' (InnerProduct): parameter 0 (its data) holds" in str(e.value)
+    assert sorted(p.name for p in tmp_path.glob("snap_iter_*.caffemodel")) == [
+        f"snap_iter_{k}.caffemodel" for k in (1, 2, 3)
+    ]
+    (tmp_path / "late").mkdir()
+    monkeypatch.chdir(tmp_path / "late")
+    _huge_case(tmp_path / "late", "InnerProduct", 2e38, 1.0, columns=(0, 1))
+    solver = get_solver("solver.prototxt")
+    solver.step(6)
+    assert solver.iter == 6
+
+
+def test_nan_policy_continue_applies_the_overflowing_gradient(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _huge_case(tmp_path, "InnerProduct", 3e38, 10.0, columns=(1,))
+    solver = get_solver("solver.prototxt")
+    solver.nan_policy = "continue"
+    solver.step(4)
+    assert solver.iter == 4
+    assert not torch.isfinite(solver.net.learnable_params[0].detach()).all()

@@ -30,6 +30,7 @@ from caffe_compat.errors import CaffeError
 from caffe_compat.layers import loss as _loss_layers
 from caffe_compat.layers.base import LabelChecks
 from caffe_compat.plan import Plan, readable
+from caffe_compat.runners.grad_witness import GradientWitness
 
 __all__ = ["RunState", "Runner", "PendingLoss", "LOW_PRECISION"]
 
@@ -63,6 +64,12 @@ class RunState:
     inplace_inputs: dict[int, list] = field(default_factory=dict)
     #: blobs whose data views were handed out (kept current after each pass)
     exported: list = field(default_factory=list)
+    #: the training passes' gradient witnesses (``caffe_compat.runners.grad_witness``)
+    witness: GradientWitness | None = None
+
+    def __post_init__(self) -> None:
+        if self.witness is None:
+            self.witness = GradientWitness(self.plan)
 
     @property
     def source(self) -> str:

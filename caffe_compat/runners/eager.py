@@ -78,6 +78,8 @@ class EagerRunner(Runner):
         observes = self.observes
         steps = st.plan.steps
         keep_inplace = st.inplace_inputs
+        witness = st.witness  # a training pass's InnerProduct bounds (runners.grad_witness)
+        watch = witness.watch if witness.recording else None
         for li in range(start, end + 1):
             step = steps[li]
             if observes:
@@ -146,6 +148,8 @@ class EagerRunner(Runner):
                         fresh.add(tnames[j])
                     else:
                         fresh.discard(tnames[j])
+            if watch is not None and li in watch:
+                witness.forward(step, bottoms[0], tops[0])
             if observes:
                 self.after_step(li, bottoms)
         if overwrote:
@@ -164,12 +168,17 @@ class EagerRunner(Runner):
     def train_pass(self, loss_scale: float = 1.0) -> PendingLoss:
         """Caffe's ForwardBackward: the loss, and its gradients added into the learnable
         parameters' diffs (handed over as they are after a clear). Under bf16/fp16 precision the
-        forward runs in ``torch.autocast``; ``loss_scale`` scales what is backpropagated."""
+        forward runs in ``torch.autocast``; ``loss_scale`` scales what is backpropagated. The
+        pass records its gradient witnesses (``caffe_compat.runners.grad_witness``)."""
         st = self.state
         low = autocast_dtype()
         # on a GPU the loss layers' label checks are read back with the loss (one synchronisation
         # per pass, at its end, made by PendingLoss.value())
-        with torch.enable_grad(), self.label_checks(self.train_label_checks()) as checks:
+        with (
+            torch.enable_grad(),
+            self.label_checks(self.train_label_checks()) as checks,
+            st.witness.training_pass(st.diffs_cleared),
+        ):
             if low is None:
                 loss = self.forward_loss()
             else:

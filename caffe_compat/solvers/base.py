@@ -168,8 +168,8 @@ class Solver(SolverLearningRate):
     #: iteration and the layer; no snapshot of non-finite weights) or "continue" (Caffe's).
     #: See ``caffe_compat.solvers.nonfinite``.
     nan_policy: str = "stop"
-    #: Opt-in: check the gradients before every update (one more pass over them; see
-    #: ``caffe_compat.solvers.nonfinite`` for the cost), not only through the loss and clipping.
+    #: Read every gradient itself in the check before each update, without the InnerProduct
+    #: weights' witnesses (``caffe_compat.solvers.nonfinite``: what it costs).
     nan_check_gradients: bool = False
     #: The update engine's speed switches, read at every update (their paths and costs:
     #: ``caffe_compat.solvers.update_engine``; all give Caffe's float32 values but the opt-in
@@ -389,8 +389,10 @@ class Solver(SolverLearningRate):
         sync = getattr(self.net, "sync_host_params", None)
         if sync is not None:  # host writes through net.params[...] (GPU) land before the update
             sync()
-        # the gradients' check: through the clipping's sum of squares, or an opt-in reduction
-        self.engine.apply(rate, self.nan_guard.gradients, reduce_gradients=self.nan_check_gradients)
+        if self.param.clip_gradients < 0:  # (with clipping, its sum of squares is the check)
+            # read with this iteration's loss where that is read late (after the update is queued)
+            self.nan_guard.check_gradients(defer=bool(self._lagged) and self._lagged[-1][0] == self.iter)
+        self.engine.apply(rate, self.nan_guard.gradients)
 
     def clip_gradients(self) -> None:
         """If ``clip_gradients >= 0`` and the L2 norm of all diffs exceeds it, scale every diff
@@ -536,6 +538,7 @@ class Solver(SolverLearningRate):
             self._step(p, start_iter, self.iter + int(iters))
         except BaseException:
             self._lagged = []
+            self.nan_guard.forget()
             raise
 
     def _step(self, p, start_iter: int, stop_iter: int) -> None:

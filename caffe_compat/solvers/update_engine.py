@@ -142,11 +142,10 @@ class UpdateEngine:
 
     # -- the pipeline ------------------------------------------------------------------------------
 
-    def apply(self, rate: float, check_gradients=None, reduce_gradients: bool = False) -> bool:
+    def apply(self, rate: float, check_gradients=None) -> bool:
         """One update from the accumulated diffs at learning rate ``rate``; False when the loss
         scaler skipped it. ``check_gradients(sumsq)``, if given, is called before anything is
-        updated with the diffs' sum of squares when one is at hand: the clipping's, or with
-        ``reduce_gradients`` one multi-tensor reduction (a pass over every diff)."""
+        updated with the clipping's sum of squares (when clipping is on)."""
         s = self.solver
         params = s.net.learnable_params
         with torch.no_grad():
@@ -155,8 +154,6 @@ class UpdateEngine:
             if s.loss_scaler is not None and not s.loss_scaler.unscale_(params, s.iter):
                 return False
             sumsq = self.clip_gradients()
-            if sumsq is None and reduce_gradients and check_gradients is not None:
-                sumsq = self.gradient_sumsq()
             if sumsq is not None and check_gradients is not None:
                 check_gradients(sumsq)
             # the update value is history 0: not written to the diff, which becomes its alias
@@ -169,21 +166,6 @@ class UpdateEngine:
                     continue
                 self._update_param(i, rate, alias)
         return True
-
-    def gradient_sumsq(self) -> torch.Tensor | None:
-        """The sum of the diffs' squared L2 norms as one 0-d tensor on their device (one
-        multi-tensor reduction, not read back here); None without diffs."""
-        grads = [p.grad for p in self.solver.net.learnable_params if p.grad is not None]
-        if not grads:
-            return None
-        by_device: dict[tuple, list] = {}
-        for g in grads:
-            by_device.setdefault((g.device, g.dtype), []).append(g)
-        total = None
-        for group in by_device.values():
-            part = torch.stack(torch._foreach_norm(group)).float().square().sum()
-            total = part if total is None else total + part.to(total.device)
-        return total
 
     def clip_gradients(self) -> float | None:
         """If ``clip_gradients >= 0``: the diffs' sum of squares (Caffe's, in double then float),
