@@ -267,7 +267,7 @@ class Blob(_HostSynced):
                 with torch.no_grad():
                     store.copy_(t.detach())
         else:  # a new shape: views of the old storage end here (as Caffe's after a reshape)
-            self._store = t.detach()
+            self._store = t.detach() if t.is_contiguous() else t.detach().contiguous()
         self._synced = t
 
     def current(self) -> torch.Tensor:
@@ -340,7 +340,8 @@ class Blob(_HostSynced):
             return self._host("data", t)
         store = self._store
         if store is None or store.shape != t.shape or store.dtype != t.dtype or store.device != t.device:
-            self._store = store = t.detach()  # adopt the tensor's storage: no copy
+            # adopt the tensor's storage (no copy), or a C-contiguous copy of a channels-last one
+            self._store = store = t.detach() if t.is_contiguous() else t.detach().contiguous()
             self._synced = t
             exports = self._exports
             if exports is not None and self not in exports:
@@ -410,7 +411,12 @@ class ParamBlob(_HostSynced):
 
     @property
     def data(self) -> np.ndarray:
-        return self._host("data", self.param.data)
+        p = self.param
+        if not uses_host_mirror(p.device):
+            # a view outlives this call and its writes move no version counter: whoever caches
+            # something made of these values (``runners/inference.py``) compares them instead
+            p._caffe_data_viewed = True
+        return self._host("data", p.data)
 
     @property
     def diff(self) -> np.ndarray:

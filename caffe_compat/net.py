@@ -36,7 +36,8 @@ from caffe_compat.plan import build_plan, filter_net, insert_splits, split_sourc
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.pycaffe_layer import LayerView
 from caffe_compat.pycaffe_net import PycaffeCalls
-from caffe_compat.runners import CompiledRunner, DebugRunner, EagerRunner, PendingLoss, Runner, RunState
+from caffe_compat.runners import CompiledRunner, DebugRunner, PendingLoss, Runner, RunState
+from caffe_compat.runners.inference import InferenceRunner
 
 __all__ = ["Net", "PendingLoss", "filter_net", "insert_splits", "state_meets_rule", "TRAIN", "TEST"]
 
@@ -142,7 +143,7 @@ class Net(PycaffeCalls, nn.Module):
         self._state = RunState(plan, self.name, self.force_backward, split_source)
         for b in plan.blobs.values():
             b._exports = self._state.exported
-        self._eager = EagerRunner(self._state)
+        self._eager = InferenceRunner(self._state)  # eager, with an inference program for deploy nets
         self._debug = DebugRunner(self._state)
         self._fast: Runner = self._eager  # what whole passes use: eager, compiled or CUDA graphs
         self._layer_names = [s.name for s in steps]
@@ -504,6 +505,15 @@ class Net(PycaffeCalls, nn.Module):
         if enable and self._graphed is not None:
             raise NetError(f"{self.source}: CUDA graphs and Net.compile exclude each other; use one of them")
         self._fast = CompiledRunner(self._state, options) if enable else self._eager
+        return self
+
+    def use_inference_program(self, enable: bool = True) -> Net:
+        """Whole forward passes of a net that computes no gradient run on the CPU as an inference
+        program (the default: packed oneDNN convolutions with the in-place BatchNorm/Scale/ReLU
+        after them folded in; ``caffe_compat.runners.inference``), which agrees with the
+        layer-by-layer pass to float32 rounding. ``enable=False`` runs every layer's own forward,
+        as the other runners do. Returns the net."""
+        self._eager.program_enabled = bool(enable)
         return self
 
     def use_cuda_graph(self, enable: bool = True, warmup: int = 2, graph_factory=None) -> Net:

@@ -140,7 +140,7 @@ def _write(dst, name: str, arrays: list[np.ndarray]) -> None:
         layer = dst.modules_by_name[name]
         with torch.no_grad():
             for p, a in zip(layer.blobs, arrays):
-                p.data.copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(p.device, p.dtype))
+                p.detach().copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(p.device, p.dtype))
         return
     from caffe_compat import io as cio
 

@@ -58,7 +58,7 @@ def copy_from_proto(layer_dict: dict, src, source: str = "<NetParameter>") -> No
             staged.append((p, arr))
     with torch.no_grad():
         for p, arr in staged:
-            p.data.copy_(torch.from_numpy(np.ascontiguousarray(arr).reshape(tuple(p.shape))))
+            p.detach().copy_(torch.from_numpy(np.ascontiguousarray(arr).reshape(tuple(p.shape))))
 
 
 def _shared_indices(layer_dict: dict) -> dict[str, tuple[int, list[int]]]:
@@ -92,7 +92,7 @@ def copy_from_hdf5(layer_dict: dict, path: str) -> None:
             staged.append((p, arr))
     with torch.no_grad():
         for p, arr in staged:
-            p.data.copy_(torch.from_numpy(arr.astype(np.float32).reshape(tuple(p.shape))))
+            p.detach().copy_(torch.from_numpy(arr.astype(np.float32).reshape(tuple(p.shape))))
 
 
 def to_proto(name: str, layers, write_diff: bool = False):

@@ -267,7 +267,12 @@ def test_real_world_deploy_nets_graph_their_forward(name):
     for graphed in (False, True):
         caffe.set_random_seed(9)
         net = caffe.Net(deploy, caffe.TEST)
-        nets.append(net.use_cuda_graph(True, warmup=1, graph_factory=ReplayingGraph) if graphed else net)
+        # the reference: every layer's own forward, the kernels the graph replays
+        nets.append(
+            net.use_cuda_graph(True, warmup=1, graph_factory=ReplayingGraph)
+            if graphed
+            else net.use_inference_program(False)
+        )
     rng = np.random.default_rng(0)
     for _ in range(3):
         inputs = {b: rng.standard_normal(nets[0].blobs[b].shape).astype(np.float32) for b in nets[0].inputs}

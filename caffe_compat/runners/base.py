@@ -60,6 +60,11 @@ class RunState:
     graph_forward: bool = False
     #: (blob, tensor, version) of every blob after a whole forward under autograd, or None
     tape: list | None = None
+    #: blobs the inference runner left in channels-last layout (made contiguous before any
+    #: other pass reads them: ``prepare_inputs``)
+    channels_last: list = field(default_factory=list)
+    #: (parameter, version) of the learnable parameters when the tape was kept
+    tape_params: list = field(default_factory=list)
     #: in-place layers' bottoms as the last forward read them (Caffe's layers keep them)
     inplace_inputs: dict[int, list] = field(default_factory=dict)
     #: blobs whose data views were handed out (kept current after each pass)
@@ -90,6 +95,12 @@ class RunState:
         if _blob.uses_host_mirror(self.device) and _blob.host_copies_out():
             _blob.sync_host_copies("data", recomputed=plan.recomputed if whole else ())
         self.tape = None
+        if self.channels_last:
+            for blob in self.channels_last:
+                t = blob._data
+                if t is not None and not t.is_contiguous():
+                    blob._data = t.contiguous()
+            self.channels_last = []
         self.graph_forward = False
         for blob in self.exported:
             store = blob._store
@@ -117,12 +128,15 @@ class RunState:
         """After a whole forward under autograd: its graph serves ``backward()`` until a blob's
         tensor is replaced or written."""
         self.tape = [(b, b._data, b._data._version) for b in self.plan.blobs.values() if b._data is not None]
+        self.tape_params = [(p, p._version) for p in (lp.param for lp in self.plan.learnable)]
 
     def tape_usable(self) -> bool:
         if not self.tape or self.overwritten or self.graph_forward:
             return False
         if any(b._data is not t or t._version != v for b, t, v in self.tape):
             return False
+        if any(p._version != v for p, v in self.tape_params):
+            return False  # weights updated since (the graph kept the old ones' place)
         return not any(b.written_since_pass() for b in self.exported)
 
     def loss(self) -> torch.Tensor | float:

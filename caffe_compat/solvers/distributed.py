@@ -345,7 +345,7 @@ class DistributedSync:
             for ts in groups.values():
                 flat = self._flat([t.data for t in ts])
                 dist.broadcast(flat, src=src)
-                self._unflatten(flat, [t.data for t in ts])
+                self._unflatten(flat, [t.detach() for t in ts])
 
     def any(self, flag: bool) -> bool:
         """Whether any rank passes ``flag`` true (e.g. a stop requested during rank 0's test)."""

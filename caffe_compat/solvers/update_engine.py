@@ -165,6 +165,9 @@ class UpdateEngine:
                 if s.compiled_update and s.momentum_sgd_rule and self._compiled_step(i, rate):
                     continue
                 self._update_param(i, rate, alias)
+            # the paths above write through ``.data``: tell torch the weights changed (a packed
+            # copy of them, ``runners/inference.py``, or a kept autograd graph then knows)
+            torch.autograd.graph.increment_version(params)
         return True
 
     def clip_gradients(self) -> float | None:

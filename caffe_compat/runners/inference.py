@@ -1,0 +1,281 @@
+"""The inference runner: whole forward passes of a net that computes no gradient, on the CPU.
+
+A deploy net (no loss, no ``force_backward``: Caffe's rules backpropagate nothing) is what a user
+runs to classify or detect, batch after batch. For it the eager loop does work that only
+training needs, and calls torch's convolution in the layout-neutral way, which reorders the
+weights into oneDNN's blocked format at every call and the activations into and out of it at
+every layer. This runner executes such passes as an *inference program* instead:
+
+- each 2-D ``Convolution`` runs as oneDNN's convolution on weights packed once per input shape
+  (``torch.ops.mkldnn._convolution_pointwise`` on a weight from ``_reorder_convolution_weight``;
+  packed again when a parameter's values change), and its top stays in channels-last layout for
+  the layers that take any layout (:data:`LAYOUT_NEUTRAL`); the others get a contiguous copy;
+- the in-place ``BatchNorm`` (global statistics), ``Scale`` and ``ReLU`` layers that follow a
+  convolution on its own top are folded into it: the normalisation and the scale into its weights
+  and bias (computed in float64, rounded once to float32), the ReLU as oneDNN's fused post-op.
+  Only the final value of an in-place chain is a blob's value, in Caffe as here, so nothing a
+  pycaffe script can read changes but rounding: the results agree with the layer-by-layer pass
+  to float32 rounding (about 1e-6 relative), as a different convolution algorithm would.
+
+Everything else is the eager runner: partial passes (``start``/``end``), passes under autograd
+of nets that backpropagate, other devices and dtypes, autocast, per-module hooks, and nets with
+no convolution to pack. Blobs left in channels-last layout are read by pycaffe as C-contiguous
+arrays (``Blob.data`` copies once) and by the eager loop as contiguous tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.modules import module as _module_mod
+
+from caffe_compat.errors import CaffeError, LayerError
+from caffe_compat.layers.conv import ConvolutionLayer
+from caffe_compat.layers.python import PythonLayerError
+from caffe_compat.runners.eager import EagerRunner
+
+__all__ = ["InferenceRunner", "LAYOUT_NEUTRAL", "ConvKernel"]
+
+#: Layer types whose forward gives the same values for a channels-last bottom (elementwise,
+#: pooling, concatenation along channels); they receive the convolutions' tops as they are.
+LAYOUT_NEUTRAL = frozenset({"ReLU", "Pooling", "Eltwise", "Concat", "Dropout", "Split", "Convolution"})
+
+_CL = torch.channels_last
+
+
+def _mkldnn_ready() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class ConvKernel:
+    """A convolution step with the in-place BatchNorm/Scale/ReLU steps folded into it."""
+
+    def __init__(self, step, folded: list):
+        self.step = step
+        self.layer: ConvolutionLayer = step.layer
+        self.folded = folded  # the absorbed steps, in net order
+        relu = [s.layer for s in folded if s.layer.type == "ReLU"]
+        slope = relu[0].negative_slope if relu else None
+        if slope is None:
+            self.attr, self.scalars = "none", [None]
+        elif slope == 0.0:
+            self.attr, self.scalars = "relu", [None]
+        else:
+            self.attr, self.scalars = "leaky_relu", [slope]
+        self._params = [p for s in [step, *folded] for p in s.layer.blobs]
+        self._key = None
+        self._packed = None
+        self._viewed: list = []  # per parameter: the values packed, where pycaffe viewed it
+
+    def _fold(self):
+        """Weights and bias with the absorbed BatchNorm/Scale applied (float64, then float32)."""
+        layer = self.layer
+        w = layer.blobs[0].detach()
+        bias = layer.blobs[1].detach() if layer.bias_term else None
+        if not any(s.layer.type != "ReLU" for s in self.folded):
+            return w, bias
+        a = torch.ones(layer.num_output, dtype=torch.float64)
+        c = bias.double() if bias is not None else torch.zeros(layer.num_output, dtype=torch.float64)
+        for s in self.folded:
+            lay = s.layer
+            if lay.type == "BatchNorm":
+                mean_acc, var_acc, factor = (b.detach().double() for b in lay.blobs)
+                f = 0.0 if float(factor[0]) == 0.0 else 1.0 / float(factor[0])
+                std = (var_acc * f + lay.eps).sqrt()
+                a, c = a / std, (c - mean_acc * f) / std
+            elif lay.type == "Scale":
+                gamma = lay.blobs[0].detach().double()
+                a, c = a * gamma, c * gamma
+                if lay.bias_term:
+                    c = c + lay.blobs[1].detach().double()
+        w = (w.double() * a.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+        return w, c.to(w.dtype)
+
+    def _current(self, shape: tuple) -> bool:
+        """Whether the packed weights were made for this input shape from the parameters' present
+        values: their version counters (torch's in-place writes, the solvers' updates, loading
+        weights) and, for parameters whose NumPy view pycaffe handed out (writes through it move
+        no counter), a comparison with the values they were packed from."""
+        key = (shape, *[(p._version, p.data_ptr()) for p in self._params])
+        if key != self._key:
+            return False
+        for p, kept in zip(self._params, self._viewed):
+            if p.__dict__.get("_caffe_data_viewed") and (kept is None or not torch.equal(p.detach(), kept)):
+                return False
+        return True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        shape = tuple(x.shape)
+        if not self._current(shape):
+            w, b = self._fold()
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                w, list(layer.pad), list(layer.stride), list(layer.dilation), layer.group, list(shape)
+            )
+            self._key = (shape, *[(p._version, p.data_ptr()) for p in self._params])
+            self._viewed = [p.detach().clone() if p.__dict__.get("_caffe_data_viewed") else None for p in self._params]
+            self._packed = (packed, b)
+        packed, b = self._packed
+        if not x.is_contiguous(memory_format=_CL):
+            x = x.contiguous(memory_format=_CL)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, b, list(layer.pad), list(layer.stride), list(layer.dilation), layer.group,
+            self.attr, self.scalars, "",
+        )  # fmt: skip
+
+
+def _packable(step) -> bool:
+    layer = step.layer
+    return (
+        isinstance(layer, ConvolutionLayer)
+        and layer.num_spatial == 2
+        and layer.axis == 1
+        and len(step.bottoms) == 1
+        and len(step.tops) == 1
+        and not step.is_input
+    )
+
+
+def _foldable(step, top: str, seen_relu: bool) -> bool:
+    """Whether ``step`` is an in-place BatchNorm (global statistics), Scale (a learned per-channel
+    scale) or ReLU on ``top`` that a convolution can absorb after what it absorbed so far."""
+    if step.bottoms != [top] or step.tops != [top] or seen_relu:
+        return False
+    layer = step.layer
+    if layer.type == "ReLU":
+        return True
+    if layer.type == "BatchNorm":
+        return bool(layer.use_global_stats)
+    if layer.type == "Scale":
+        return layer.learned_scale and tuple(layer.blobs[0].shape) == (layer_channels(step),) and _axis1(layer)
+    return False
+
+
+def layer_channels(step) -> int:
+    return int(step.top_blobs[0].shape[1]) if len(step.top_blobs[0].shape) > 1 else -1
+
+
+def _axis1(layer) -> bool:
+    return layer.axis_param in (1, -3)
+
+
+def build_program(plan) -> list | None:
+    """The inference program of a plan: per step index, a ``ConvKernel``, ``None`` (run the
+    layer) or ``False`` (folded into the kernel before it). None when the plan backpropagates
+    somewhere or has nothing to pack."""
+    steps = plan.steps
+    if any(s.need_backward for s in steps):
+        return None
+    program: list = [None] * len(steps)
+    i = 0
+    kernels = 0
+    while i < len(steps):
+        step = steps[i]
+        if _packable(step):
+            folded = []
+            j = i + 1
+            while j < len(steps) and _foldable(steps[j], step.tops[0], any(s.layer.type == "ReLU" for s in folded)):
+                folded.append(steps[j])
+                j += 1
+            program[i] = ConvKernel(step, folded)
+            kernels += 1
+            for k in range(i + 1, j):
+                program[k] = False
+            i = j
+        else:
+            i += 1
+    return program if kernels else None
+
+
+class InferenceRunner(EagerRunner):
+    """Eager, with whole no-gradient CPU float32 passes run as an inference program (see the
+    module's doc)."""
+
+    kind = "eager"
+    #: ``Net.use_inference_program``
+    program_enabled = True
+
+    def __init__(self, state):
+        super().__init__(state)
+        self._program: list | None | bool = False  # False: not built yet
+
+    def program(self) -> list | None:
+        if self._program is False:
+            self._program = build_program(self.state.plan) if _mkldnn_ready() else None
+        return self._program
+
+    def applies(self) -> bool:
+        """Whether a whole forward now runs as the inference program."""
+        st = self.state
+        return (
+            self.program_enabled
+            and st.device.type == "cpu"
+            and st.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not (_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
+            and self.program() is not None
+        )
+
+    def forward(self, start: int, end: int) -> None:
+        st = self.state
+        if start != 0 or end != len(st.plan.steps) - 1 or not self.applies():
+            super().forward(start, end)
+            return
+        st.channels_last = []  # this pass recomputes them
+        st.prepare_inputs(whole=True)
+        st.overwritten = False
+        with torch.no_grad():
+            self._run_program(self.program())
+        st.channels_last = [b for b in st.plan.blobs.values() if b._data is not None and not b._data.is_contiguous()]
+
+    def _run_program(self, program: list) -> None:
+        st = self.state
+        for step, kernel in zip(st.plan.steps, program):
+            if kernel is False or step.is_input:
+                continue
+            layer = step.layer
+            neutral = layer.type in LAYOUT_NEUTRAL
+            bottoms = []
+            for blob in step.bottom_blobs:
+                t = blob._data
+                if t is None or t.shape != blob._shape:
+                    t = blob.tensor
+                if not neutral and not t.is_contiguous():
+                    t = t.contiguous()
+                bottoms.append(t)
+            try:
+                if kernel is not None:
+                    tops = (self._conv(kernel, bottoms[0]),)
+                elif layer._forward_hooks or layer._forward_pre_hooks:
+                    tops = layer(*bottoms)
+                else:
+                    tops = layer.forward(*bottoms)
+            except PythonLayerError:
+                raise
+            except CaffeError as e:
+                raise st.readable_error(e) from None
+            except Exception as e:
+                raise LayerError(
+                    f"{e} (while running layer {step.name!r} ({layer.type}) with bottom "
+                    f"shapes {[list(t.shape) for t in bottoms]})"
+                ) from e
+            for blob, top in zip(step.top_blobs, tops):
+                if top.dtype is not torch.float32 and top.is_floating_point():
+                    top = top.float()  # as the eager loop: float tops in the net's dtype
+                blob._data = top
+                if top.shape != blob._shape:
+                    blob._shape = tuple(top.shape)
+
+    def _conv(self, kernel: ConvKernel, x: torch.Tensor) -> torch.Tensor:
+        layer = kernel.layer
+        shape = x.shape
+        if (
+            layer._forward_hooks
+            or layer._forward_pre_hooks
+            or any(layer.per_shape("_tail_plan", shape, lambda: layer.tail_pads(tuple(shape[2:]))))
+        ):
+            # Caffe's overhanging last window, or a hooked module: the layers one by one
+            y = layer(x.contiguous())[0]
+            for s in kernel.folded:
+                y = s.layer(y)[0]
+            return y
+        return kernel(x)

@@ -1,0 +1,120 @@
+"""The inference runner (caffe_compat/runners/inference.py): whole passes of nets that compute no
+gradient run as packed oneDNN convolutions with the in-place BatchNorm/Scale/ReLU folded in. They
+must give every blob the layer-by-layer pass gives it, within Caffe's conformance tolerance, and
+leave pycaffe's view of the blobs as it was."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import caffe_compat as caffe
+from caffe_compat.export import onnx as ox
+from caffe_compat.runners.eager import EagerRunner
+from caffe_compat.runners.inference import InferenceRunner, build_program
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REF = os.path.join(HERE, "fixtures", "caffe_reference")
+NETS = {
+    "resnet50": os.path.join(REF, "realworld", "resnet50", "deploy.prototxt"),
+    "mobilenet": os.path.join(REF, "realworld", "mobilenet", "deploy.prototxt"),
+    "squeezenet": os.path.join(REF, "realworld", "squeezenet11", "deploy.prototxt"),
+    "alexnet": os.path.join(REF, "zoo", "bvlc_alexnet", "deploy.prototxt"),
+}
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs torch's oneDNN")
+
+
+def _net(name: str, size: int | None = None) -> caffe.Net:
+    net = caffe.Net(NETS[name], caffe.TEST)
+    ox.randomize_params(net, seed=1)
+    inp = net.inputs[0]
+    shape = list(net.blobs[inp].shape)
+    shape[0] = 1 if name == "resnet50" else 2  # (ResNet-50's 7×7 pool5 needs 224×224 inputs)
+    if size is not None:
+        shape[2:] = [size, size]
+    net.blobs[inp].reshape(*shape)
+    net.reshape()
+    return net
+
+
+def _eager_blobs(net) -> dict[str, np.ndarray]:
+    """Every blob after a layer-by-layer pass (the eager runner on the same state)."""
+    with torch.no_grad():
+        EagerRunner(net._state).forward(0, len(net.plan.steps) - 1)
+    return {name: blob.tensor.contiguous().numpy().copy() for name, blob in net.blobs.items()}
+
+
+def _close(a: np.ndarray, b: np.ndarray, name: str) -> None:
+    scale = max(1.0, float(np.abs(b).max()))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=f"blob {name!r}")
+
+
+@pytest.mark.parametrize(
+    "name,size,folded",
+    [("resnet50", None, ("BatchNorm", "Scale", "ReLU")), ("mobilenet", 64, ("BatchNorm", "Scale", "ReLU")),
+     ("squeezenet", 67, ("ReLU",)), ("alexnet", None, ("ReLU",))],
+)  # fmt: skip
+def test_every_blob_matches_the_layer_by_layer_pass(name, size, folded):
+    net = _net(name, size)
+    runner = net._eager
+    assert isinstance(runner, InferenceRunner) and runner.applies()
+    kernels = [k for k in runner.program() if k]
+    absorbed = {s.layer.type for k in kernels for s in k.folded}
+    assert set(folded) <= absorbed, f"{name}: folded {sorted(absorbed)}"
+    x = np.random.default_rng(0).standard_normal(net.blobs[net.inputs[0]].shape).astype(np.float32)
+    out = net.forward(**{net.inputs[0]: x})
+    ours = {b: net.blobs[b].data.copy() for b in net.blobs}
+    assert all(net.blobs[b].data.flags.c_contiguous for b in net.blobs)
+    net.blobs[net.inputs[0]].data[...] = x
+    ref = _eager_blobs(net)
+    for b in net.blobs:
+        _close(ours[b], ref[b], b)
+    for b, v in out.items():
+        _close(v, ref[b], b)
+
+
+def test_new_weights_are_packed_again():
+    net = _net("mobilenet", 32)
+    x = np.random.default_rng(1).standard_normal(net.blobs["data"].shape).astype(np.float32)
+    first = net.forward(data=x)[net.outputs[0]].copy()
+    net.params["conv1"][0].data[...] *= -1.5  # through a pycaffe view
+    net.params["conv1/bn"][1].data[...] += 0.25  # a folded BatchNorm's variance
+    second = net.forward(data=x)[net.outputs[0]].copy()
+    assert not np.allclose(first, second)
+    ref = _eager_blobs(net)
+    _close(second, ref[net.outputs[0]], net.outputs[0])
+
+
+def test_a_partial_pass_after_it_reads_contiguous_blobs():
+    net = _net("squeezenet", 67)
+    x = np.random.default_rng(2).standard_normal(net.blobs["data"].shape).astype(np.float32)
+    net.forward(data=x)
+    assert net._state.channels_last, "the program left no channels-last top: nothing tested"
+    full = net.blobs[net.outputs[0]].data.copy()
+    # from the layer after the first convolution on: the eager runner reads the stored tops
+    start = net._layer_names[2]
+    net.forward(start=start)
+    assert not net._state.channels_last
+    _close(net.blobs[net.outputs[0]].data, full, net.outputs[0])
+
+
+def test_nets_that_backpropagate_or_observe_stay_eager():
+    proto = NETS["squeezenet"]
+    assert build_program(caffe.Net(proto, caffe.TEST).plan) is not None
+    text = "force_backward: true\n" + open(proto).read()
+    path = os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), "squeezenet_fb.prototxt")
+    with open(path, "w") as f:
+        f.write(text)
+    assert build_program(caffe.Net(path, caffe.TEST).plan) is None
+    net = _net("squeezenet", 67)
+    seen = []
+    handle = net._eager.state.plan.steps[1].layer.register_forward_hook(lambda *a: seen.append(1))
+    net.forward(data=np.zeros(net.blobs["data"].shape, np.float32))
+    handle.remove()
+    assert seen == [1]  # a hooked convolution still runs as a module
+    assert net._eager.applies()
+    assert not net.use_inference_program(False)._eager.applies()
