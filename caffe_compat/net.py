@@ -507,6 +507,14 @@ class Net(PycaffeCalls, nn.Module):
         self._fast = CompiledRunner(self._state, options) if enable else self._eager
         return self
 
+    def disable_output_files(self, disable: bool = True) -> Net:
+        """Layers that write files as they run (``HDF5Output``) write nothing (``disable``) or
+        write again: for tools that run a net only to look at it or time it (``caffe time``), so
+        that the files the net names are never created, truncated or appended to. Returns the net."""
+        for layer in self.modules_by_name.values():
+            layer.writes_files = not disable
+        return self
+
     def use_inference_program(self, enable: bool = True) -> Net:
         """Whole forward passes of a net that computes no gradient run on the CPU as an inference
         program (the default: packed oneDNN convolutions with the in-place BatchNorm/Scale/ReLU

@@ -296,3 +296,29 @@ def test_only_the_diff_owner_sets_a_parameter_diff():
     owner = [f for f in found if f.startswith(DIFF_OWNER + ".")]
     assert owner  # the finder sees the owner's own assignments
     assert sorted(set(found) - set(owner)) == [], "set a diff through caffe_compat.blob.diff_owner(param)"
+
+
+# Module-level caches of what the machine can do (not of any mode): the only globals a layer
+# module may assign.
+CAPABILITY_CACHES = {"_onednn_linear_works"}
+
+
+def test_no_module_global_or_thread_local_changes_a_layer():
+    """Issue 21: how a layer behaves is decided by its own attributes (set by its runner or the
+    net: ``label_checks``, ``writes_files``), never by module state. Every module that defines a
+    registered layer declares no ``threading.local`` and assigns no global but capability caches."""
+    import ast
+    import inspect
+    import sys
+
+    from caffe_compat.layers.base import LAYER_REGISTRY
+
+    modules = {cls.__module__ for cls in LAYER_REGISTRY.values() if cls.__module__.startswith("caffe_compat.")}
+    assert {"caffe_compat.layers.loss", "caffe_compat.layers.data"} <= modules
+    for name in sorted(modules):
+        tree = ast.parse(inspect.getsource(sys.modules[name]))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Global):
+                assert set(node.names) <= CAPABILITY_CACHES, f"{name}:{node.lineno}: global {node.names}"
+            if isinstance(node, ast.Attribute) and node.attr == "local":
+                assert ast.unparse(node) != "threading.local", f"{name}:{node.lineno}: threading.local"

@@ -108,16 +108,15 @@ def test_time_tool_leaves_the_file_alone(tmp_path):
 
 
 def test_hdf5output_opens_on_first_forward_and_not_when_disabled(tmp_path):
-    from caffe_compat.layers.data import output_files_disabled
-
     out = tmp_path / "results.h5"
     before, mtime = _existing_h5(out)
     proto = _hdf5_output_net(tmp_path, out)
     net = caffe.Net(str(proto), caffe.TEST)
-    with output_files_disabled():  # what `caffe time` runs its passes in
-        net.forward()
-        net.backward()
+    net.disable_output_files()  # what `caffe time` does
+    net.forward()
+    net.backward()
     assert out.read_bytes() == before and out.stat().st_mtime_ns == mtime
+    net.disable_output_files(False)
     net.blobs["y"].data[...] = [3.0, 4.0]
     net.forward()  # first real forward: the file is truncated, then this batch is written
     net.forward()

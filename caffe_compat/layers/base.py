@@ -169,6 +169,9 @@ class Layer(nn.Module):
     #: What the layer's forward does on the host besides computing its tops (a CUDA graph's
     #: replay would skip it): "" for none, else a phrase for messages ("writes its bottoms to a file").
     host_side_effect: str = ""
+    #: Whether a layer that writes files as it runs (HDF5Output) may write them: set per layer
+    #: by ``Net.disable_output_files`` (tools that only look at a net or time it).
+    writes_files: bool = True
     #: The layer only moves or copies values (Split, Concat, Reshape, Input, ...): ``flops`` is 0.
     moves_data_only: bool = False
     #: The layer reads class labels from a bottom and checks their range (the loss layers that

@@ -36,9 +36,7 @@ solver i mod N); we interleave *batches*, which makes N processes equal ``iter_s
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 import weakref
 
 import numpy as np
@@ -61,7 +59,6 @@ __all__ = [
     "HDF5OutputLayer",
     "ImageDataLayer",
     "MemoryDataLayer",
-    "output_files_disabled",
 ]
 
 _LEGACY_TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
@@ -676,27 +673,6 @@ def _legacy_4d(shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
     return tuple(shape) + (1,) * (4 - len(shape))  # type: ignore[return-value]
 
 
-_OUTPUT_FILES_OFF = threading.local()
-
-
-@contextlib.contextmanager
-def output_files_disabled():
-    """Within this block (in this thread) HDF5Output layers write nothing: for tools that run a
-    net only to look at it or time it (``caffe time``), so that the files the net names are
-    never created, truncated or appended to. Nestable."""
-    depth = getattr(_OUTPUT_FILES_OFF, "depth", 0)
-    _OUTPUT_FILES_OFF.depth = depth + 1
-    try:
-        yield
-    finally:
-        _OUTPUT_FILES_OFF.depth = depth
-
-
-def output_files_enabled() -> bool:
-    """False inside :func:`output_files_disabled` (in this thread)."""
-    return getattr(_OUTPUT_FILES_OFF, "depth", 0) == 0
-
-
 @register_layer("HDF5Output")
 class HDF5OutputLayer(Layer):
     """Caffe's HDF5OutputLayer: writes its two bottoms to ``hdf5_output_param.file_name``.
@@ -709,7 +685,8 @@ class HDF5OutputLayer(Layer):
     setup, so building a net to inspect it (``summary``, ``draw_net``) never touches the file;
     setup only checks that its folder exists. Each forward appends its rows to the datasets
     (Caffe's second forward fails because the datasets already exist), so a test run collects
-    every batch. Inside :func:`output_files_disabled` (``caffe time``) forward writes nothing.
+    every batch. With ``writes_files`` false (``Net.disable_output_files``, which ``caffe time``
+    uses) forward writes nothing.
     """
 
     host_side_effect = "writes its bottoms to a file"
@@ -748,7 +725,7 @@ class HDF5OutputLayer(Layer):
             raise self.error("HDF5Output writes blobs of at most 4 axes")
         if shapes[0][0] != shapes[1][0]:
             raise self.error(f"data and label must have the same batch size ({shapes[0][0]} vs {shapes[1][0]})")
-        if not output_files_enabled():
+        if not self.writes_files:
             return ()
         arrays = {
             name: t.detach().to("cpu", torch.float32).numpy().reshape(s)
