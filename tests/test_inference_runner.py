@@ -118,3 +118,44 @@ def test_nets_that_backpropagate_or_observe_stay_eager():
     assert seen == [1]  # a hooked convolution still runs as a module
     assert net._eager.applies()
     assert not net.use_inference_program(False)._eager.applies()
+
+
+def _cases():
+    for folder in ("layers", os.path.join("forks", "layers")):
+        root = os.path.join(REF, folder)
+        for case in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+            if os.path.exists(os.path.join(root, case, "net.prototxt")):
+                yield folder, case
+
+
+def test_layout_neutral_layers_give_the_same_values_for_channels_last_bottoms():
+    """``Layer.layout_neutral`` is a promise: on every real-Caffe layer case (BVLC's and the
+    forks'), each such layer's forward on channels-last copies of its 4-D bottoms equals its
+    forward on the contiguous ones, bit for bit."""
+    checked = set()
+    for folder, case in _cases():
+        d = os.path.join(REF, folder, case)
+        ref = np.load(os.path.join(d, "blobs.npz"))
+        old = os.getcwd()
+        os.chdir(d)
+        try:
+            caffe.set_random_seed(1)
+            net = caffe.Net("net.prototxt", "weights.caffemodel", caffe.TEST)
+            for b in net.inputs:
+                net.blobs[b].data[...] = ref["data__" + b]
+            with torch.no_grad():
+                EagerRunner(net._state).forward(0, len(net.plan.steps) - 1)
+                for step in net.plan.steps:
+                    layer = step.layer
+                    bottoms = [blob.tensor.contiguous() for blob in step.bottom_blobs]
+                    if not layer.layout_neutral or step.is_input or not any(t.dim() == 4 for t in bottoms):
+                        continue
+                    if layer.type == "Dropout" and layer.phase == caffe.TRAIN:
+                        continue  # (draws a new mask each call)
+                    cl = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in bottoms]
+                    for a, b in zip(layer.forward(*bottoms), layer.forward(*cl)):
+                        assert torch.equal(a, b), f"{case}: layer {step.name!r} ({layer.type})"
+                    checked.add(layer.type)
+        finally:
+            os.chdir(old)
+    assert {"ReLU", "Pooling", "Eltwise", "Concat", "Split"} <= checked, sorted(checked)

@@ -169,6 +169,10 @@ class Layer(nn.Module):
     #: What the layer's forward does on the host besides computing its tops (a CUDA graph's
     #: replay would skip it): "" for none, else a phrase for messages ("writes its bottoms to a file").
     host_side_effect: str = ""
+    #: The forward gives the same values for a channels-last bottom as for a contiguous one
+    #: (elementwise, pooling, concatenation): the inference runner hands it the channels-last
+    #: tops of its packed convolutions as they are (``runners/inference.py``); others get a copy.
+    layout_neutral: bool = False
     #: Whether a layer that writes files as it runs (HDF5Output) may write them: set per layer
     #: by ``Net.disable_output_files`` (tools that only look at a net or time it).
     writes_files: bool = True
@@ -232,6 +236,18 @@ class Layer(nn.Module):
     @property
     def has_forward_inplace(self) -> bool:
         return type(self).forward_inplace is not Layer.forward_inplace
+
+    def channel_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """If the forward is, per channel of axis 1 of a 4-D bottom, ``y = a·x + c`` with fixed
+        ``a`` and ``c`` (BatchNorm with global statistics, a learned Scale): ``(a, c)`` in float64,
+        one value per channel; else None (the default). The inference runner folds such in-place
+        layers into the convolution before them."""
+        return None
+
+    def fused_activation(self) -> tuple[str, list] | None:
+        """If the forward is an elementwise activation oneDNN applies after a convolution:
+        its post-op name and scalars (ReLU: ``("relu", [None])``); else None (the default)."""
+        return None
 
     def recompute(self, bottoms: list[torch.Tensor], tops: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The forward again, under autograd, for a backward pass that reads the blobs (pycaffe's

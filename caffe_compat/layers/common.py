@@ -248,6 +248,9 @@ class EltwiseLayer(Layer):
     Bottoms: >= 2, all the same shape. Top: that shape.
     """
 
+    #: (``Layer.layout_neutral``) the same values for a channels-last bottom
+    layout_neutral = True
+
     min_bottom = 2
     exact_num_top = 1
 
@@ -323,6 +326,9 @@ class ConcatLayer(Layer):
     ``axis``. Top: the sizes along ``axis`` summed. One bottom: the top aliases it (as Caffe
     shares the data).
     """
+
+    #: (``Layer.layout_neutral``) the same values for a channels-last bottom
+    layout_neutral = True
 
     moves_data_only = True
 
@@ -409,6 +415,9 @@ class SplitLayer(Layer):
     autograd keeps each top's gradient apart; the bottom's gradient is their sum.
     Bottom: any shape. Tops: >= 1, that shape.
     """
+
+    #: (``Layer.layout_neutral``) the same values for a channels-last bottom
+    layout_neutral = True
 
     moves_data_only = True
 
@@ -696,6 +705,14 @@ class ScaleLayer(Layer):
             num_axes = len(bottom_shapes[1]) if len(bottom_shapes) > 1 else int(p.num_axes)
             bshape = _learned_shape(self, shape, self.axis_param, num_axes, "scale_param")
             self.add_blob(bshape, p.bias_filler)
+
+    def channel_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A learned per-channel scale (one 1-D blob along axis 1) and its bias: ``(gamma, beta)``."""
+        if not self.learned_scale or self.blobs[0].dim() != 1 or self.axis_param not in (1, -3):
+            return None
+        gamma = self.blobs[0].detach().double()
+        beta = self.blobs[1].detach().double() if self.bias_term else torch.zeros_like(gamma)
+        return gamma, beta
 
     def forward(self, x: torch.Tensor, *scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
         s = scale[0] if scale else self.blobs[0]

@@ -60,8 +60,14 @@ class ReLULayer(_NeuronLayer):
     for an in-place ReLU (top == bottom) when nothing else needs the bottom's old values.
     """
 
+    layout_neutral = True
+
     def setup(self, bottom_shapes: list[tuple[int, ...]]) -> None:
         self.negative_slope = float(self.param.relu_param.negative_slope)
+
+    def fused_activation(self) -> tuple[str, list]:
+        """oneDNN's ``relu``, or ``leaky_relu`` with the negative slope."""
+        return ("relu", [None]) if self.negative_slope == 0.0 else ("leaky_relu", [self.negative_slope])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.negative_slope == 0.0:
@@ -356,6 +362,9 @@ class DropoutLayer(_NeuronLayer):
     Parameters (``dropout_param``): ``dropout_ratio`` p (0.5), must lie in [0, 1).
     Bottom: any shape. Top: same shape.
     """
+
+    #: (``Layer.layout_neutral``) the same values for a channels-last bottom
+    layout_neutral = True
 
     def flops(self, bottom_shapes, top_shapes) -> int:
         """``count`` in TRAIN (the mask and scale), 0 in TEST (a copy)."""

@@ -300,6 +300,16 @@ class BatchNormLayer(Layer):
     def forward(self, x):
         return self._normalize(x, update=True)
 
+    def channel_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """With global statistics: ``a = 1/√(σ² + eps)``, ``c = −μ·a`` (μ, σ² the accumulators
+        divided by the scale factor s, 0 when s = 0), in float64."""
+        if not self.use_global_stats:
+            return None
+        mean_acc, var_acc, s = (b.detach().double() for b in self.blobs)
+        f = 0.0 if float(s[0]) == 0.0 else 1.0 / float(s[0])
+        a = 1.0 / (var_acc * f + self.eps).sqrt()
+        return a, -mean_acc * f * a
+
     def recompute(self, bottoms, tops):
         """The same normalisation (batch statistics in training) without updating the
         accumulators a second time."""

@@ -141,6 +141,9 @@ class PoolingLayer(Layer):
     skips it.
     """
 
+    #: (``Layer.layout_neutral``) the same values for a channels-last bottom
+    layout_neutral = True
+
     exact_num_bottom = 1
     min_top = 1
     max_top = 2

@@ -9,10 +9,12 @@ every layer. This runner executes such passes as an *inference program* instead:
 - each 2-D ``Convolution`` runs as oneDNN's convolution on weights packed once per input shape
   (``torch.ops.mkldnn._convolution_pointwise`` on a weight from ``_reorder_convolution_weight``;
   packed again when a parameter's values change), and its top stays in channels-last layout for
-  the layers that take any layout (:data:`LAYOUT_NEUTRAL`); the others get a contiguous copy;
-- the in-place ``BatchNorm`` (global statistics), ``Scale`` and ``ReLU`` layers that follow a
-  convolution on its own top are folded into it: the normalisation and the scale into its weights
-  and bias (computed in float64, rounded once to float32), the ReLU as oneDNN's fused post-op.
+  the layers that take any layout (``Layer.layout_neutral``); the others get a contiguous copy;
+- the in-place layers that follow a convolution on its own top and are a per-channel affine map
+  (``Layer.channel_affine``: BatchNorm with global statistics, a learned Scale) or an activation
+  oneDNN applies after it (``Layer.fused_activation``: ReLU) are folded into it: the affine maps
+  into its weights and bias (computed in float64, rounded once to float32), the activation as
+  oneDNN's post-op.
   Only the final value of an in-place chain is a blob's value, in Caffe as here, so nothing a
   pycaffe script can read changes but rounding: the results agree with the layer-by-layer pass
   to float32 rounding (about 1e-6 relative), as a different convolution algorithm would.
@@ -33,11 +35,7 @@ from caffe_compat.layers.conv import ConvolutionLayer
 from caffe_compat.layers.python import PythonLayerError
 from caffe_compat.runners.eager import EagerRunner
 
-__all__ = ["InferenceRunner", "LAYOUT_NEUTRAL", "ConvKernel"]
-
-#: Layer types whose forward gives the same values for a channels-last bottom (elementwise,
-#: pooling, concatenation along channels); they receive the convolutions' tops as they are.
-LAYOUT_NEUTRAL = frozenset({"ReLU", "Pooling", "Eltwise", "Concat", "Dropout", "Split", "Convolution"})
+__all__ = ["InferenceRunner", "ConvKernel", "build_program"]
 
 _CL = torch.channels_last
 
@@ -52,15 +50,9 @@ class ConvKernel:
     def __init__(self, step, folded: list):
         self.step = step
         self.layer: ConvolutionLayer = step.layer
-        self.folded = folded  # the absorbed steps, in net order
-        relu = [s.layer for s in folded if s.layer.type == "ReLU"]
-        slope = relu[0].negative_slope if relu else None
-        if slope is None:
-            self.attr, self.scalars = "none", [None]
-        elif slope == 0.0:
-            self.attr, self.scalars = "relu", [None]
-        else:
-            self.attr, self.scalars = "leaky_relu", [slope]
+        self.folded = folded  # the absorbed steps, in net order (affine maps, then an activation)
+        post = [a for a in (s.layer.fused_activation() for s in folded) if a is not None]
+        self.attr, self.scalars = post[0] if post else ("none", [None])
         self._params = [p for s in [step, *folded] for p in s.layer.blobs]
         self._key = None
         self._packed = None
@@ -71,22 +63,13 @@ class ConvKernel:
         layer = self.layer
         w = layer.blobs[0].detach()
         bias = layer.blobs[1].detach() if layer.bias_term else None
-        if not any(s.layer.type != "ReLU" for s in self.folded):
+        maps = [m for m in (s.layer.channel_affine() for s in self.folded) if m is not None]
+        if not maps:
             return w, bias
         a = torch.ones(layer.num_output, dtype=torch.float64)
         c = bias.double() if bias is not None else torch.zeros(layer.num_output, dtype=torch.float64)
-        for s in self.folded:
-            lay = s.layer
-            if lay.type == "BatchNorm":
-                mean_acc, var_acc, factor = (b.detach().double() for b in lay.blobs)
-                f = 0.0 if float(factor[0]) == 0.0 else 1.0 / float(factor[0])
-                std = (var_acc * f + lay.eps).sqrt()
-                a, c = a / std, (c - mean_acc * f) / std
-            elif lay.type == "Scale":
-                gamma = lay.blobs[0].detach().double()
-                a, c = a * gamma, c * gamma
-                if lay.bias_term:
-                    c = c + lay.blobs[1].detach().double()
+        for scale, shift in maps:  # y = scale·(a·conv + c) + shift
+            a, c = a * scale, c * scale + shift
         w = (w.double() * a.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
         return w, c.to(w.dtype)
 
@@ -135,27 +118,18 @@ def _packable(step) -> bool:
     )
 
 
-def _foldable(step, top: str, seen_relu: bool) -> bool:
-    """Whether ``step`` is an in-place BatchNorm (global statistics), Scale (a learned per-channel
-    scale) or ReLU on ``top`` that a convolution can absorb after what it absorbed so far."""
-    if step.bottoms != [top] or step.tops != [top] or seen_relu:
+def _foldable(step, conv, activated: bool) -> bool:
+    """Whether ``step`` works in place on the top of ``conv`` (a convolution step) and is a
+    per-channel affine map of its channels or an activation that the convolution can absorb
+    after what it absorbed so far (nothing after an activation)."""
+    top = conv.tops[0]
+    if step.bottoms != [top] or step.tops != [top] or activated:
         return False
     layer = step.layer
-    if layer.type == "ReLU":
+    if layer.fused_activation() is not None:
         return True
-    if layer.type == "BatchNorm":
-        return bool(layer.use_global_stats)
-    if layer.type == "Scale":
-        return layer.learned_scale and tuple(layer.blobs[0].shape) == (layer_channels(step),) and _axis1(layer)
-    return False
-
-
-def layer_channels(step) -> int:
-    return int(step.top_blobs[0].shape[1]) if len(step.top_blobs[0].shape) > 1 else -1
-
-
-def _axis1(layer) -> bool:
-    return layer.axis_param in (1, -3)
+    affine = layer.channel_affine()
+    return affine is not None and tuple(affine[0].shape) == (conv.layer.num_output,)
 
 
 def build_program(plan) -> list | None:
@@ -173,7 +147,7 @@ def build_program(plan) -> list | None:
         if _packable(step):
             folded = []
             j = i + 1
-            while j < len(steps) and _foldable(steps[j], step.tops[0], any(s.layer.type == "ReLU" for s in folded)):
+            while j < len(steps) and _foldable(steps[j], step, any(s.layer.fused_activation() for s in folded)):
                 folded.append(steps[j])
                 j += 1
             program[i] = ConvKernel(step, folded)
@@ -233,7 +207,7 @@ class InferenceRunner(EagerRunner):
             if kernel is False or step.is_input:
                 continue
             layer = step.layer
-            neutral = layer.type in LAYOUT_NEUTRAL
+            neutral = kernel is not None or layer.layout_neutral  # (a kernel takes channels-last)
             bottoms = []
             for blob in step.bottom_blobs:
                 t = blob._data
