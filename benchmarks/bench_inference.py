@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -39,6 +37,9 @@ import torch  # noqa: E402
 import caffe_compat as caffe  # noqa: E402
 from caffe_compat.export import onnx as ox  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_onnx import _medians_ms  # noqa: E402
+
 __all__ = ["main", "NETS"]
 
 _REF = os.path.join(ROOT, "tests", "fixtures", "caffe_reference")
@@ -48,24 +49,6 @@ NETS = {
     "mobilenet": os.path.join(_REF, "realworld", "mobilenet", "deploy.prototxt"),
     "squeezenet": os.path.join(_REF, "realworld", "squeezenet11", "deploy.prototxt"),
 }
-
-
-def _medians_ms(fns: list, runs: int, warmup: int, settle: float) -> list[float]:
-    """Median time of each function. The runs interleave the functions (round robin), each
-    preceded by ``settle`` seconds of sleep: onnxruntime's and OpenCV's worker threads keep
-    spinning for a while after a call, and would otherwise take the cores from whichever engine
-    runs next (measured: our SqueezeNet at batch 1 took 34 ms right after OpenCV, 11 ms alone)."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(runs):
-        for i, fn in enumerate(fns):
-            time.sleep(settle)
-            t = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t)
-    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 def _engines(name: str, proto: str, batch: int, tmp: str, threads: int, ours_modes: list[str]):

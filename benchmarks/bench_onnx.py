@@ -41,15 +41,18 @@ PROTO = os.path.join(
 )  # fmt: skip
 
 
-def _medians_ms(fns: list, runs: int, warmup: int) -> list[float]:
+def _medians_ms(fns: list, runs: int, warmup: int, settle: float = 0.0) -> list[float]:
     """Median time of each function; runs interleave the functions (round robin) so that a
-    change of the machine's load affects all of them alike."""
+    change of the machine's load affects all of them alike. ``settle``: seconds of sleep before
+    each timed call (onnxruntime's and OpenCV's worker threads keep spinning for a while after a
+    call and would otherwise take the cores from whichever engine runs next)."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(runs):
         for i, fn in enumerate(fns):
+            time.sleep(settle)
             t = time.perf_counter()
             fn()
             times[i].append(time.perf_counter() - t)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from caffe_compat import blob as _blob
-from caffe_compat.errors import CaffeError
+from caffe_compat.errors import CaffeError, LayerError
 from caffe_compat.layers import loss as _loss_layers
 from caffe_compat.layers.base import LabelChecks
 from caffe_compat.plan import Plan, readable
@@ -84,6 +84,17 @@ class RunState:
         """``e`` with inserted Split tops named after the blobs they copy."""
         message = readable(str(e), self.split_source)
         return e if message == str(e) else type(e)(message).with_traceback(e.__traceback__)
+
+    def forward_error(self, step, bottoms: list, e: Exception) -> Exception:
+        """What a layer's forward that raised ``e`` raises from a runner's loop: a ``CaffeError``
+        readable (``readable_error``), anything else as a ``LayerError`` naming the layer and its
+        bottom shapes. (A Python layer's own exception is re-raised as it is, by the caller.)"""
+        if isinstance(e, CaffeError):
+            return self.readable_error(e)
+        return LayerError(
+            f"{e} (while running layer {step.name!r} ({step.layer.type}) with bottom "
+            f"shapes {[list(t.shape) for t in bottoms]})"
+        )
 
     # -- a pass's bookkeeping -----------------------------------------------------------------
 

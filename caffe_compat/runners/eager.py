@@ -121,13 +121,8 @@ class EagerRunner(Runner):
                     tops = layer.forward(*bottoms)
             except PythonLayerError:  # the user's own exception: its type, args and traceback kept
                 raise
-            except CaffeError as e:
-                raise st.readable_error(e) from None
             except Exception as e:
-                raise LayerError(
-                    f"{e} (while running layer {step.name!r} ({layer.type}) with bottom "
-                    f"shapes {[list(t.shape) for t in bottoms]})"
-                ) from e
+                raise st.forward_error(step, bottoms, e) from (None if isinstance(e, CaffeError) else e)
             tnames, inplace_tops = step.tops, step.inplace
             for j, blob in enumerate(step.top_blobs):
                 top = tops[j]

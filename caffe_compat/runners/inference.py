@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch.nn.modules import module as _module_mod
 
-from caffe_compat.errors import CaffeError, LayerError
+from caffe_compat.errors import CaffeError
 from caffe_compat.layers.conv import ConvolutionLayer
 from caffe_compat.layers.python import PythonLayerError
 from caffe_compat.runners.eager import EagerRunner
@@ -225,13 +225,8 @@ class InferenceRunner(EagerRunner):
                     tops = layer.forward(*bottoms)
             except PythonLayerError:
                 raise
-            except CaffeError as e:
-                raise st.readable_error(e) from None
             except Exception as e:
-                raise LayerError(
-                    f"{e} (while running layer {step.name!r} ({layer.type}) with bottom "
-                    f"shapes {[list(t.shape) for t in bottoms]})"
-                ) from e
+                raise st.forward_error(step, bottoms, e) from (None if isinstance(e, CaffeError) else e)
             for blob, top in zip(step.top_blobs, tops):
                 if top.dtype is not torch.float32 and top.is_floating_point():
                     top = top.float()  # as the eager loop: float tops in the net's dtype
