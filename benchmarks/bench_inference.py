@@ -2,13 +2,19 @@
 
     python benchmarks/bench_inference.py [--nets alexnet,resnet50,mobilenet,squeezenet]
         [--batches 1,10] [--runs 15] [--warmup 3] [--threads 0] [--ours forward,run]
+        [--settle 0.05] [--block 5]
 
 Each net is a deploy prototxt shipped with the tests (AlexNet from the model zoo, ResNet-50,
 MobileNet v1 and SqueezeNet 1.1 from the real-world set) with seeded random weights
 (``randomize_params``), saved as a .caffemodel (which OpenCV reads) and exported to ONNX by
 ``caffe_compat.export.onnx`` (which onnxruntime runs). For each net and batch size every engine
-runs ``--warmup`` times untimed, then ``--runs`` timed forwards of the same random input, the
-engines taking turns (round robin) so that a change of load hits all of them alike. The table gives
+runs ``--warmup`` times untimed, then the engines take ``--runs`` turns each (round robin, so that
+a change of load hits all of them alike) on the same random input. A turn is a ``--settle`` sleep,
+one untimed call (it absorbs what switching engines costs: the previous engine's spinning worker
+threads, caches it evicted) and ``--block`` timed calls back to back: the steady state of a
+program that runs batch after batch. ``--block 1`` times the single call right after the sleep
+instead: a request that arrives at an idle process (torch's OpenMP workers then pay for waking
+up, onnxruntime's much less), the protocol before session 13. The table gives
 each engine's median and its ratio to onnxruntime's (ours / onnxruntime: below 1.00 we are
 faster), and the largest difference of each output to our Net's, relative to its scale.
 
@@ -95,11 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nets", default=",".join(NETS), help="comma-separated: " + ", ".join(NETS))
     ap.add_argument("--batches", default="1,10", help="comma-separated batch sizes")
-    ap.add_argument("--runs", type=int, default=15, help="timed runs per engine, net and batch")
+    ap.add_argument("--runs", type=int, default=15, help="turns per engine, net and batch")
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs of each engine first")
     ap.add_argument("--threads", type=int, default=0, help="threads for every engine (0: defaults)")
     ap.add_argument("--ours", default="forward", help="comma-separated: forward, run")
-    ap.add_argument("--settle", type=float, default=0.05, help="seconds of sleep before each timed call")
+    ap.add_argument("--settle", type=float, default=0.05, help="seconds of sleep before each engine's turn")
+    ap.add_argument(
+        "--block", type=int, default=5,
+        help="timed calls per turn after one untimed call (steady state); 1: one call per turn, cold",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     nets = [n for n in args.nets.split(",") if n]
     unknown = [n for n in nets if n not in NETS]
@@ -111,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         cv2.setNumThreads(args.threads)
     caffe.set_mode_cpu()
 
-    print(f"CPU forward, float32: median of {args.runs} interleaved runs after {args.warmup} warm-up runs (ms)")
+    turn = f"{args.block} timed calls after an untimed one" if args.block > 1 else "one timed call"
+    print(
+        f"CPU forward, float32: median over {args.runs} interleaved turns of {turn} per engine, "
+        f"{args.settle:g} s of sleep before each turn, after {args.warmup} warm-up runs (ms)"
+    )
     print(
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__}, "
         f"OpenCV {cv2.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start"
@@ -130,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 got = fn()
                 got = got.numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
                 diffs.append(float(np.abs(got.reshape(ref.shape) - ref).max()) / scale)
-            medians = _medians_ms([fn for _, fn in engines], args.runs, args.warmup, args.settle)
+            medians = _medians_ms([fn for _, fn in engines], args.runs, args.warmup, args.settle, args.block)
             ort_ms = medians[[label for label, _ in engines].index("onnxruntime (our ONNX export)")]
             for (label, _), ms, diff in zip(engines, medians, diffs):
                 print(f"{name:<10} {n:>5}  {label:<30}  {ms:>10.2f}  {ms / ort_ms:>6.2f}x  {diff:>12.2e}")

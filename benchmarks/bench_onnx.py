@@ -41,11 +41,17 @@ PROTO = os.path.join(
 )  # fmt: skip
 
 
-def _medians_ms(fns: list, runs: int, warmup: int, settle: float = 0.0) -> list[float]:
+def _medians_ms(fns: list, runs: int, warmup: int, settle: float = 0.0, block: int = 1) -> list[float]:
     """Median time of each function; runs interleave the functions (round robin) so that a
     change of the machine's load affects all of them alike. ``settle``: seconds of sleep before
-    each timed call (onnxruntime's and OpenCV's worker threads keep spinning for a while after a
-    call and would otherwise take the cores from whichever engine runs next)."""
+    each turn (onnxruntime's and OpenCV's worker threads keep spinning for a while after a call
+    and would otherwise take the cores from whichever engine runs next).
+
+    ``block`` > 1: each turn is one untimed call, which takes whatever the switch from the other
+    engine costs (their spinning threads, cold caches, sleeping worker threads), then ``block``
+    timed calls back to back: an engine's steady state, as a program that runs batch after batch
+    sees it. ``block`` = 1: one timed call per turn, right after the settle sleep: the cost of a
+    call that arrives at an idle process."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -53,9 +59,12 @@ def _medians_ms(fns: list, runs: int, warmup: int, settle: float = 0.0) -> list[
     for _ in range(runs):
         for i, fn in enumerate(fns):
             time.sleep(settle)
-            t = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t)
+            if block > 1:
+                fn()
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - t)
     return [statistics.median(ts) * 1e3 for ts in times]
 
 
