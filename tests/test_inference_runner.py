@@ -14,7 +14,7 @@ import torch
 import caffe_compat as caffe
 from caffe_compat.export import onnx as ox
 from caffe_compat.runners.eager import EagerRunner
-from caffe_compat.runners.inference import InferenceRunner, build_program
+from caffe_compat.runners.inference import IN_PLACE, ConvKernel, InferenceRunner, build_program
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF = os.path.join(HERE, "fixtures", "caffe_reference")
@@ -62,7 +62,7 @@ def test_every_blob_matches_the_layer_by_layer_pass(name, size, folded):
     net = _net(name, size)
     runner = net._eager
     assert isinstance(runner, InferenceRunner) and runner.applies()
-    kernels = [k for k in runner.program() if k]
+    kernels = [k for k in runner.program() if isinstance(k, ConvKernel)]
     absorbed = {s.layer.type for k in kernels for s in k.folded}
     assert set(folded) <= absorbed, f"{name}: folded {sorted(absorbed)}"
     x = np.random.default_rng(0).standard_normal(net.blobs[net.inputs[0]].shape).astype(np.float32)
@@ -75,6 +75,28 @@ def test_every_blob_matches_the_layer_by_layer_pass(name, size, folded):
         _close(ours[b], ref[b], b)
     for b, v in out.items():
         _close(v, ref[b], b)
+
+
+def test_relus_after_new_tensors_run_in_place_without_touching_other_blobs():
+    """ResNet-50's ReLU after each residual sum, AlexNet's after fc6 and fc7, overwrite the sum's
+    and the product's new tensors; the blobs those were computed from keep their values."""
+    for name, expected in (("resnet50", "Eltwise"), ("alexnet", "InnerProduct")):
+        net = _net(name)
+        program = net._eager.program()
+        steps = net.plan.steps
+        in_place = [s for s, op in zip(steps, program) if op is IN_PLACE]
+        assert in_place and all(s.layer.type == "ReLU" for s in in_place)
+        makers = {t: s.layer.type for s in steps for t in s.tops if t not in s.bottoms}
+        assert expected in {makers[s.bottoms[0]] for s in in_place}
+        x = np.random.default_rng(3).standard_normal(net.blobs[net.inputs[0]].shape).astype(np.float32)
+        net.forward(**{net.inputs[0]: x})
+        ours = {b: net.blobs[b].data.copy() for b in net.blobs}
+        net.blobs[net.inputs[0]].data[...] = x
+        ref = _eager_blobs(net)
+        for b in net.blobs:
+            _close(ours[b], ref[b], b)
+        if name == "resnet50":  # a residual sum's bottoms: the shortcut and the branch
+            assert (ours["res2a_branch2c"] < 0).any() and (ours["res2a"] >= 0).all()
 
 
 def test_new_weights_are_packed_again():

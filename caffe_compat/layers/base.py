@@ -163,8 +163,9 @@ class Layer(nn.Module):
     blobs_have_gradient: bool = True
     #: Input-like layers: the net keeps their tops as the net's inputs and never calls forward.
     is_net_input: bool = False
-    #: The layer's backward does not read its tops (Convolution, InnerProduct): an in-place layer
-    #: after it may overwrite them (``forward_inplace``) in passes that need no blob diffs.
+    #: The layer's forward makes its tops as new tensors and its backward does not read them
+    #: (Convolution, InnerProduct, Eltwise but for its naive product gradient): an in-place
+    #: layer after it may overwrite them (``forward_inplace``) in passes that need no blob diffs.
     top_overwritable: bool = False
     #: What the layer's forward does on the host besides computing its tops (a CUDA graph's
     #: replay would skip it): "" for none, else a phrase for messages ("writes its bottoms to a file").

@@ -271,6 +271,9 @@ class EltwiseLayer(Layer):
             )
         self.coeff = [float(c) for c in p.coeff] or [1.0] * len(bottom_shapes)
         self.stable_prod_grad = bool(p.stable_prod_grad)
+        # (``Layer.top_overwritable``) two or more bottoms: the top is always a new tensor; only
+        # Caffe's ``dy * y / x_i`` product gradient reads it
+        self.top_overwritable = not (self.op == E.PROD and not self.stable_prod_grad)
 
     def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         E = caffe_pb2.EltwiseParameter

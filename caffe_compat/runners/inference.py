@@ -54,8 +54,12 @@ class ConvKernel:
         post = [a for a in (s.layer.fused_activation() for s in folded) if a is not None]
         self.attr, self.scalars = post[0] if post else ("none", [None])
         self._params = [p for s in [step, *folded] for p in s.layer.blobs]
+        layer = self.layer
+        self._geometry = (list(layer.pad), list(layer.stride), list(layer.dilation), layer.group)
+        self._layers = [s.layer for s in [step, *folded]]
         self._key = None
         self._packed = None
+        self._overhangs = False  # for the packed shape: Caffe's overhanging last window
         self._viewed: list = []  # per parameter: the values packed, where pycaffe viewed it
 
     def _fold(self):
@@ -87,23 +91,28 @@ class ConvKernel:
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
         shape = tuple(x.shape)
         if not self._current(shape):
             w, b = self._fold()
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                w, list(layer.pad), list(layer.stride), list(layer.dilation), layer.group, list(shape)
-            )
+            pad, stride, dilation, group = self._geometry
+            packed = torch.ops.mkldnn._reorder_convolution_weight(w, pad, stride, dilation, group, list(shape))
             self._key = (shape, *[(p._version, p.data_ptr()) for p in self._params])
             self._viewed = [p.detach().clone() if p.__dict__.get("_caffe_data_viewed") else None for p in self._params]
             self._packed = (packed, b)
+            self._overhangs = any(self.layer.tail_pads(shape[2:]))
+        if self._overhangs or any(m._forward_hooks or m._forward_pre_hooks for m in self._layers):
+            # Caffe's overhanging last window, or a hooked module: the layers one by one
+            y = self.layer(x.contiguous())[0]
+            for layer in self._layers[1:]:
+                y = layer(y)[0]
+            return y
         packed, b = self._packed
         if not x.is_contiguous(memory_format=_CL):
             x = x.contiguous(memory_format=_CL)
+        pad, stride, dilation, group = self._geometry
         return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, b, list(layer.pad), list(layer.stride), list(layer.dilation), layer.group,
-            self.attr, self.scalars, "",
-        )  # fmt: skip
+            x, packed, b, pad, stride, dilation, group, self.attr, self.scalars, ""
+        )
 
 
 def _packable(step) -> bool:
@@ -132,10 +141,20 @@ def _foldable(step, conv, activated: bool) -> bool:
     return affine is not None and tuple(affine[0].shape) == (conv.layer.num_output,)
 
 
+#: A program entry: run the layer's ``forward_inplace`` (its bottom is a tensor this pass made).
+IN_PLACE = "in place"
+
+
 def build_program(plan) -> list | None:
     """The inference program of a plan: per step index, a ``ConvKernel``, ``None`` (run the
-    layer) or ``False`` (folded into the kernel before it). None when the plan backpropagates
-    somewhere or has nothing to pack."""
+    layer), ``IN_PLACE`` (run it in place) or ``False`` (nothing to run: a net input, or a step
+    folded into the kernel before it). None when the plan backpropagates somewhere or has
+    nothing to pack.
+
+    A layer that can work in place on its bottom (``Layer.forward_inplace``, ReLU) does so when
+    the eager loop would in a pass without autograd: the bottom's tensor was made in this pass
+    by a kernel or a layer whose top is a new tensor (``Layer.top_overwritable``), and nothing
+    overwrote it since."""
     steps = plan.steps
     if any(s.need_backward for s in steps):
         return None
@@ -144,7 +163,10 @@ def build_program(plan) -> list | None:
     kernels = 0
     while i < len(steps):
         step = steps[i]
-        if _packable(step):
+        if step.is_input:
+            program[i] = False
+            i += 1
+        elif _packable(step):
             folded = []
             j = i + 1
             while j < len(steps) and _foldable(steps[j], step, any(s.layer.fused_activation() for s in folded)):
@@ -157,7 +179,24 @@ def build_program(plan) -> list | None:
             i = j
         else:
             i += 1
-    return program if kernels else None
+    if not kernels:
+        return None
+    fresh: set[str] = set()  # blobs holding a tensor this pass made, not overwritten since
+    for step, op in zip(steps, program):
+        if op is False:
+            continue
+        if isinstance(op, ConvKernel):
+            fresh.add(step.tops[0])
+        elif step.can_inplace and step.bottoms[0] in fresh:
+            program[step.index] = IN_PLACE
+            fresh.discard(step.bottoms[0])
+        else:
+            for top, inplace in zip(step.tops, step.inplace):
+                if step.overwritable and not inplace:
+                    fresh.add(top)
+                else:
+                    fresh.discard(top)
+    return program
 
 
 class InferenceRunner(EagerRunner):
@@ -203,11 +242,11 @@ class InferenceRunner(EagerRunner):
 
     def _run_program(self, program: list) -> None:
         st = self.state
-        for step, kernel in zip(st.plan.steps, program):
-            if kernel is False or step.is_input:
+        for step, op in zip(st.plan.steps, program):
+            if op is False:
                 continue
             layer = step.layer
-            neutral = kernel is not None or layer.layout_neutral  # (a kernel takes channels-last)
+            neutral = op is not None or layer.layout_neutral  # (a kernel takes channels-last)
             bottoms = []
             for blob in step.bottom_blobs:
                 t = blob._data
@@ -217,12 +256,13 @@ class InferenceRunner(EagerRunner):
                     t = t.contiguous()
                 bottoms.append(t)
             try:
-                if kernel is not None:
-                    tops = (self._conv(kernel, bottoms[0]),)
-                elif layer._forward_hooks or layer._forward_pre_hooks:
-                    tops = layer(*bottoms)
+                if op is None or op is IN_PLACE:
+                    if layer._forward_hooks or layer._forward_pre_hooks:
+                        tops = layer(*bottoms)
+                    else:
+                        tops = layer.forward(*bottoms) if op is None else layer.forward_inplace(*bottoms)
                 else:
-                    tops = layer.forward(*bottoms)
+                    tops = (op(bottoms[0]),)  # a ConvKernel
             except PythonLayerError:
                 raise
             except Exception as e:
@@ -233,18 +273,3 @@ class InferenceRunner(EagerRunner):
                 blob._data = top
                 if top.shape != blob._shape:
                     blob._shape = tuple(top.shape)
-
-    def _conv(self, kernel: ConvKernel, x: torch.Tensor) -> torch.Tensor:
-        layer = kernel.layer
-        shape = x.shape
-        if (
-            layer._forward_hooks
-            or layer._forward_pre_hooks
-            or any(layer.per_shape("_tail_plan", shape, lambda: layer.tail_pads(tuple(shape[2:]))))
-        ):
-            # Caffe's overhanging last window, or a hooked module: the layers one by one
-            y = layer(x.contiguous())[0]
-            for s in kernel.folded:
-                y = s.layer(y)[0]
-            return y
-        return kernel(x)
