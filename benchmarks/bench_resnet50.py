@@ -12,7 +12,8 @@ and fc1000). Ours is that prototxt: the TEST net as it is (global statistics, th
 ``prob``), and a TRAIN net with ``data`` (batch, 3, 224, 224) and ``label`` (batch,) inputs,
 every BatchNorm's ``use_global_stats`` cleared (batch statistics, as Caffe's training prototxts
 have it) and a SoftmaxWithLoss on ``fc1000`` instead of the Softmax; both get the same seeded
-random weights (``caffe_compat.export.onnx.randomize_params``, seed 0). The baseline is
+random weights (``caffe_compat.export.onnx.randomize_params``, seed 0), which the baseline
+starts from too (``load_caffe_weights``: the same activations on both sides). The baseline is
 idiomatic PyTorch (``TorchResNet50``: ``nn.Conv2d``, ``nn.BatchNorm2d`` for BatchNorm + Scale,
 ``nn.ReLU(inplace=True)``, ``nn.MaxPool2d(ceil_mode=True)``, ``nn.AvgPool2d``, ``nn.Linear``)
 under ``F.cross_entropy`` and ``torch.optim.SGD`` (``bench_alexnet.Baseline``).
@@ -154,6 +155,52 @@ class TorchResNet50(nn.Module):
         return self.fc(torch.flatten(self.features(x), 1))
 
 
+def _caffe_layers(net: Net, kind: str) -> list:
+    return [layer for layer in net.modules_by_name.values() if layer.type == kind]
+
+
+def _torch_conv_bn(model: TorchResNet50) -> list[tuple[torch.nn.Conv2d, torch.nn.BatchNorm2d]]:
+    """The (conv, BatchNorm) pairs in the prototxt's order (a block's projection shortcut first)."""
+    f = model.features
+    pairs = [(f[0], f[1])]
+    for block in f[4:-1]:
+        if block.branch1 is not None:
+            pairs.append((block.branch1[0], block.branch1[1]))
+        b = block.branch2
+        pairs += [(b[0], b[1]), (b[3], b[4]), (b[6], b[7])]
+    return pairs
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+def load_caffe_weights(model: TorchResNet50, net: Net) -> None:
+    """Give the hand-written model the Caffe net's weights: conv (+ conv1's bias), BatchNorm's
+    statistics (blob / scale factor) with the Scale's gamma and beta, fc1000."""
+    convs, bns, scales = (_caffe_layers(net, k) for k in ("Convolution", "BatchNorm", "Scale"))
+    pairs = _torch_conv_bn(model)
+    if not len(pairs) == len(convs) == len(bns) == len(scales) == 53:
+        raise ValueError("the net is not the 53-convolution ResNet-50 of the prototxt")
+    with torch.no_grad():
+        for (conv, bn), c, n, s in zip(pairs, convs, bns, scales):
+            _copy(conv.weight, c.blobs[0])
+            if (conv.bias is not None) != (len(c.blobs) == 2):
+                raise ValueError(f"{c.name}: bias term differs")
+            if conv.bias is not None:
+                _copy(conv.bias, c.blobs[1])
+            factor = float(n.blobs[2])
+            _copy(bn.running_mean, n.blobs[0] / factor)
+            _copy(bn.running_var, n.blobs[1] / factor)
+            _copy(bn.weight, s.blobs[0])
+            _copy(bn.bias, s.blobs[1])
+        (fc,) = _caffe_layers(net, "InnerProduct")
+        _copy(model.fc.weight, fc.blobs[0])
+        _copy(model.fc.bias, fc.blobs[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # the measured callables
 
@@ -249,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(batch, 3, SIZE, SIZE)
         y = torch.randint(0, NUM_CLASSES, (batch,))
         ours = Ours(batch, device, x, y, args.channels_last)
-        base = Baseline(device, x, y, args.channels_last, model=TorchResNet50())
+        model = TorchResNet50()
+        load_caffe_weights(model, ours.train_net)  # the same weights on both sides
+        base = Baseline(device, x, y, args.channels_last, model=model)
         before = ours.loss(), _baseline_loss(base)
         for what in whats:
             t_ours, t_base = [], []
