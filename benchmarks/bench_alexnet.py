@@ -258,7 +258,7 @@ class Ours:
 
 
 class Baseline:
-    """The hand-written model under torch.optim.SGD."""
+    """The hand-written model (``model``; ``TorchAlexNet()`` by default) under torch.optim.SGD."""
 
     def __init__(
         self,
@@ -271,8 +271,9 @@ class Baseline:
         compile_mode: str = "",
         reads: bool = False,
         graph: bool = False,
+        model: nn.Module | None = None,
     ):
-        self.model = TorchAlexNet().to(device)
+        self.model = (TorchAlexNet() if model is None else model).to(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=fmt)
         self.x = x.to(device).contiguous(memory_format=fmt)
