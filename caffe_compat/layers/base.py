@@ -250,6 +250,23 @@ class Layer(nn.Module):
         its post-op name and scalars (ReLU: ``("relu", [None])``); else None (the default)."""
         return None
 
+    def channel_params(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """If the forward is ``y = x·scale + shift`` per channel of axis 1 with learned
+        parameters (a Scale with one bottom): those parameters themselves, ``shift`` None
+        without a bias; else None (the default). The eager runner hands them to the layer
+        before it when that one offers ``forward_with_affine``."""
+        return None
+
+    def forward_with_affine(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None):
+        """Optional: ``forward`` (one bottom, one top) followed by the per-channel affine map of
+        an in-place layer after it (``channel_params``), as one op. Layers that offer it
+        (BatchNorm) override this method."""
+        raise NotImplementedError(f"{type(self).__name__}.forward_with_affine")
+
+    @property
+    def has_forward_with_affine(self) -> bool:
+        return type(self).forward_with_affine is not Layer.forward_with_affine
+
     def recompute(self, bottoms: list[torch.Tensor], tops: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The forward again, under autograd, for a backward pass that reads the blobs (pycaffe's
         ``net.backward()`` when the last forward's autograd graph is gone or stale): the tops as

@@ -695,6 +695,7 @@ class ScaleLayer(Layer):
         p = self.param.scale_param
         self.axis_param = int(p.axis)
         shape = bottom_shapes[0]
+        self.channel_axis = self.axis_param + len(shape) if self.axis_param < 0 else self.axis_param
         self.learned_scale = len(bottom_shapes) == 1
         if self.learned_scale:
             sshape = _learned_shape(self, shape, self.axis_param, int(p.num_axes), "scale_param")
@@ -716,6 +717,12 @@ class ScaleLayer(Layer):
         gamma = self.blobs[0].detach().double()
         beta = self.blobs[1].detach().double() if self.bias_term else torch.zeros_like(gamma)
         return gamma, beta
+
+    def channel_params(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The learned per-channel gamma (and beta) when they apply along axis 1."""
+        if not self.learned_scale or self.blobs[0].dim() != 1 or self.channel_axis != 1:
+            return None
+        return self.blobs[0], (self.blobs[1] if self.bias_term else None)
 
     def forward(self, x: torch.Tensor, *scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
         s = scale[0] if scale else self.blobs[0]

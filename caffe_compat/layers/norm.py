@@ -315,36 +315,58 @@ class BatchNormLayer(Layer):
         accumulators a second time."""
         return self._normalize(bottoms[0], update=False)
 
-    def _normalize(self, x, update: bool):
+    def forward_with_affine(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None):
+        """The forward (statistics updated alike) followed by the per-channel affine map
+        ``y·scale + shift`` of a Scale layer working in place on the top (``scale``, ``shift``:
+        its parameters, one value per channel), in one ``batch_norm`` op where the bottom has
+        channels at axis 1: one pass over the data instead of three, forward and backward, and
+        the same values to float32 rounding (torch applies ``x·(scale/σ) + (shift − μ·scale/σ)``)."""
+        return self._normalize(x, update=True, affine=(scale, shift))
+
+    def _normalize(self, x, update: bool, affine: tuple | None = None):
         xc = self._as_nc(x)
+        fused = affine if affine is not None and xc is x else (None, None)
         mean_acc, var_acc, s = self.blobs
         if self.use_global_stats:
             with torch.no_grad():
                 factor = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
                 mean = (mean_acc * factor).to(x.dtype)
                 var = (var_acc * factor).to(x.dtype)
-            y = F.batch_norm(xc, mean, var, None, None, training=False, eps=self.eps)
-            return (y.reshape(x.shape),)
+            y = F.batch_norm(xc, mean, var, *fused, training=False, eps=self.eps)
+            return (_apply_affine(y.reshape(x.shape), affine, fused),)
         m = xc.numel() // self.channels
         if m > 1:
             mean = torch.zeros(self.channels, dtype=x.dtype, device=x.device)
             var = torch.ones(self.channels, dtype=x.dtype, device=x.device)
             # momentum 1 makes torch leave the batch mean and the m/(m-1)-unbiased variance there
-            y = F.batch_norm(xc, mean, var, None, None, training=True, momentum=1.0, eps=self.eps)
+            y = F.batch_norm(xc, mean, var, *fused, training=True, momentum=1.0, eps=self.eps)
         else:
+            fused = (None, None)
             dims = [d for d in range(xc.dim()) if d != 1]
             mu = xc.mean(dim=dims, keepdim=True)
             d = xc - mu
             y = d / ((d * d).mean(dim=dims, keepdim=True) + self.eps).sqrt()
             mean = mu.detach().reshape(-1)
             var = torch.zeros_like(mean)  # one value per channel: variance 0, factor 1
+        y = _apply_affine(y.reshape(x.shape), affine, fused)
         if not update:
-            return (y.reshape(x.shape),)
+            return (y,)
         with torch.no_grad():
             s.mul_(self.fraction).add_(1.0)
             mean_acc.mul_(self.fraction).add_(mean.to(mean_acc.dtype))
             var_acc.mul_(self.fraction).add_(var.to(var_acc.dtype))
-        return (y.reshape(x.shape),)
+        return (y,)
+
+
+def _apply_affine(y: torch.Tensor, affine: tuple | None, fused: tuple) -> torch.Tensor:
+    """``y·scale + shift`` along axis 1 (a 1-D ``y`` is one channel), unless ``batch_norm``
+    applied it already (``fused`` holds the parameters it was given)."""
+    if affine is None or fused[0] is not None:
+        return y
+    scale, shift = affine
+    view = (1, -1) + (1,) * (y.dim() - 2) if y.dim() > 1 else (-1,)
+    y = y * scale.view(view)
+    return y + shift.view(view) if shift is not None else y
 
 
 class _MVNVariance(torch.autograd.Function):

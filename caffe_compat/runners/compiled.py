@@ -27,6 +27,8 @@ log = logging.getLogger("caffe_compat")
 class CompiledRunner(EagerRunner):
     """``torch.compile`` of the computing layers (see the module's doc)."""
 
+    fuses_affine = False  # (the loop is traced / captured: layer by layer)
+
     kind = "compiled"
 
     def __init__(self, state, options: dict):

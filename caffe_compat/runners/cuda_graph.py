@@ -76,6 +76,8 @@ class GraphRunner(EagerRunner):
     tests' stand-in for a CUDA graph re-runs ``body`` and copies into those).
     """
 
+    fuses_affine = False  # (the loop is traced / captured: layer by layer)
+
     kind = "cuda_graph"
 
     def __init__(self, state, warmup: int = 2, graph_factory: Callable[[torch.device], object] | None = None):

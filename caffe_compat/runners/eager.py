@@ -36,12 +36,54 @@ def add_param_grads(params: list, grads) -> None:
             _blob.diff_owner(p).accumulate(g)
 
 
+class _Normalized:
+    """What an in-place Scale step read in a pass where its BatchNorm applied it
+    (``Layer.forward_with_affine``): the BatchNorm's output, recomputed from its bottom when a
+    layer-wise backward asks for it."""
+
+    def __init__(self, layer, x: torch.Tensor):
+        self.layer, self.x = layer, x
+
+    def value(self) -> list:
+        with torch.no_grad():
+            return [self.layer.recompute([self.x], [])[0]]
+
+
+def affine_partners(plan) -> dict[int, int]:
+    """Step index -> the index of the next step, where the next one is a per-channel affine
+    layer with learned parameters (``Layer.channel_params``) working in place on the top of a
+    one-bottom, one-top layer that can apply it itself (``Layer.forward_with_affine``): Caffe's
+    ``BatchNorm`` + ``Scale`` pairs."""
+    steps = plan.steps
+    partners = {}
+    for step, nxt in zip(steps, steps[1:]):
+        if (
+            step.layer.has_forward_with_affine
+            and len(step.bottoms) == 1
+            and len(step.tops) == 1
+            and nxt.bottoms == nxt.tops == step.tops
+            and nxt.layer.channel_params() is not None
+        ):
+            partners[step.index] = nxt.index
+    return partners
+
+
 class EagerRunner(Runner):
     """Layer by layer (see the module's doc)."""
 
     kind = "eager"
     #: call ``before_step``/``after_step`` around each layer (``DebugRunner``)
     observes = False
+    #: in passes that need no blob diffs, a layer applies the in-place per-channel affine layer
+    #: after it itself (``affine_partners``); not where the loop is traced or recorded
+    fuses_affine = True
+    _partners: dict[int, int] | None = None
+
+    def partners(self) -> dict[int, int]:
+        """``affine_partners`` of the plan, computed once."""
+        if self._partners is None:
+            self._partners = affine_partners(self.state.plan)
+        return self._partners
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -80,7 +122,11 @@ class EagerRunner(Runner):
         keep_inplace = st.inplace_inputs
         witness = st.witness  # a training pass's InnerProduct bounds (runners.grad_witness)
         watch = witness.watch if witness.recording else None
+        partners = self.partners() if overwrite and self.fuses_affine and not (observes or hooked or low) else {}
+        applied = -1  # the index of a step its predecessor applied
         for li in range(start, end + 1):
+            if li == applied:
+                continue
             step = steps[li]
             if observes:
                 self.before_step(li)
@@ -110,8 +156,19 @@ class EagerRunner(Runner):
                 keep_inplace[li] = bottoms
             inplace = overwrite and step.can_inplace and not detached and step.bottoms[0] in fresh
             overwritable = overwrite and step.overwritable
+            partner = partners.get(li)
+            affine = None
+            if partner is not None and partner <= end:
+                nxt = steps[partner]
+                if not (grad_on and caffe_grads and not nxt.grad_bottoms[0]) and not (
+                    layer._forward_hooks or layer._forward_pre_hooks or nxt.layer._forward_hooks
+                    or nxt.layer._forward_pre_hooks
+                ):  # fmt: skip
+                    affine = nxt.layer.channel_params()
             try:
-                if inplace:
+                if affine is not None:
+                    tops = layer.forward_with_affine(bottoms[0], *affine)
+                elif inplace:
                     fresh.discard(step.bottoms[0])
                     overwrote = overwrote or grad_on
                     tops = layer.forward_inplace(*bottoms)
@@ -143,6 +200,10 @@ class EagerRunner(Runner):
                         fresh.add(tnames[j])
                     else:
                         fresh.discard(tnames[j])
+            if affine is not None:  # the partner's step is done: what it read, and a new top
+                applied = partner
+                keep_inplace[partner] = _Normalized(layer, bottoms[0])
+                fresh.add(tnames[0])  # (batch_norm's backward does not read its output)
             if watch is not None and li in watch:
                 witness.forward(step, bottoms[0], tops[0])
             if observes:
@@ -260,6 +321,8 @@ class EagerRunner(Runner):
         if not any(want) and not params:
             return
         kept = st.inplace_inputs.get(step.index) if step.any_inplace else None
+        if isinstance(kept, _Normalized):
+            kept = st.inplace_inputs[step.index] = kept.value()
         bottoms = []
         for j, blob in enumerate(step.bottom_blobs):
             x = None
