@@ -333,7 +333,7 @@ class BatchNormLayer(Layer):
                 mean = (mean_acc * factor).to(x.dtype)
                 var = (var_acc * factor).to(x.dtype)
             y = F.batch_norm(xc, mean, var, *fused, training=False, eps=self.eps)
-            return (_apply_affine(y.reshape(x.shape), affine, fused),)
+            return (_apply_affine(_as_shape(y, x), affine, fused),)
         m = xc.numel() // self.channels
         if m > 1:
             mean = torch.zeros(self.channels, dtype=x.dtype, device=x.device)
@@ -348,7 +348,7 @@ class BatchNormLayer(Layer):
             y = d / ((d * d).mean(dim=dims, keepdim=True) + self.eps).sqrt()
             mean = mu.detach().reshape(-1)
             var = torch.zeros_like(mean)  # one value per channel: variance 0, factor 1
-        y = _apply_affine(y.reshape(x.shape), affine, fused)
+        y = _apply_affine(_as_shape(y, x), affine, fused)
         if not update:
             return (y,)
         with torch.no_grad():
@@ -356,6 +356,12 @@ class BatchNormLayer(Layer):
             mean_acc.mul_(self.fraction).add_(mean.to(mean_acc.dtype))
             var_acc.mul_(self.fraction).add_(var.to(var_acc.dtype))
         return (y,)
+
+
+def _as_shape(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` in ``x``'s shape; ``y`` itself where it has it (a same-shape reshape is a view, and an
+    in-place ReLU on a view makes autograd rebuild the whole base in its backward)."""
+    return y if y.shape == x.shape else y.reshape(x.shape)
 
 
 def _apply_affine(y: torch.Tensor, affine: tuple | None, fused: tuple) -> torch.Tensor:
