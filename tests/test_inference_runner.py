@@ -181,3 +181,21 @@ def test_layout_neutral_layers_give_the_same_values_for_channels_last_bottoms():
         finally:
             os.chdir(old)
     assert {"ReLU", "Pooling", "Eltwise", "Concat", "Split"} <= checked, sorted(checked)
+
+
+def test_a_new_thread_count_packs_again():
+    """oneDNN chooses the packed weight layout for the thread count too: weights packed for two
+    threads and run on one would be reordered at every call."""
+    net = _net("squeezenet", 67)
+    x = np.random.default_rng(4).standard_normal(net.blobs["data"].shape).astype(np.float32)
+    first = net.forward(data=x)[net.outputs[0]].copy()
+    kernel = next(k for k in net._eager.program() if isinstance(k, ConvKernel))
+    packed = kernel._packed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        second = net.forward(data=x)[net.outputs[0]].copy()
+        assert kernel._packed is not packed
+    finally:
+        torch.set_num_threads(threads)
+    _close(second, first, net.outputs[0])

@@ -77,12 +77,17 @@ class ConvKernel:
         w = (w.double() * a.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
         return w, c.to(w.dtype)
 
+    def _key_of(self, shape: tuple) -> tuple:
+        # oneDNN picks the packed layout for the input shape and the thread count: packed for
+        # another count, every call would reorder the weights again (about 9x slower)
+        return (shape, torch.get_num_threads(), *[(p._version, p.data_ptr()) for p in self._params])
+
     def _current(self, shape: tuple) -> bool:
-        """Whether the packed weights were made for this input shape from the parameters' present
-        values: their version counters (torch's in-place writes, the solvers' updates, loading
-        weights) and, for parameters whose NumPy view pycaffe handed out (writes through it move
-        no counter), a comparison with the values they were packed from."""
-        key = (shape, *[(p._version, p.data_ptr()) for p in self._params])
+        """Whether the packed weights were made for this input shape and thread count from the
+        parameters' present values: their version counters (torch's in-place writes, the solvers'
+        updates, loading weights) and, for parameters whose NumPy view pycaffe handed out (writes
+        through it move no counter), a comparison with the values they were packed from."""
+        key = self._key_of(shape)
         if key != self._key:
             return False
         for p, kept in zip(self._params, self._viewed):
@@ -96,7 +101,7 @@ class ConvKernel:
             w, b = self._fold()
             pad, stride, dilation, group = self._geometry
             packed = torch.ops.mkldnn._reorder_convolution_weight(w, pad, stride, dilation, group, list(shape))
-            self._key = (shape, *[(p._version, p.data_ptr()) for p in self._params])
+            self._key = self._key_of(shape)
             self._viewed = [p.detach().clone() if p.__dict__.get("_caffe_data_viewed") else None for p in self._params]
             self._packed = (packed, b)
             self._overhangs = any(self.layer.tail_pads(shape[2:]))
