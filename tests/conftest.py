@@ -1,7 +1,9 @@
-"""Shared fixtures: paths to the real-Caffe reference data copied into tests/fixtures."""
+"""Shared fixtures: paths to the real-Caffe reference data copied into tests/fixtures, and the
+``caffe_compat`` logger restored after each test."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +13,24 @@ os.environ.setdefault("CAFFE_COMPAT_TEST", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CAFFE_REF = FIXTURES / "caffe_reference"
+
+
+@pytest.fixture(autouse=True)
+def _caffe_compat_logger_as_it_was():
+    """Each test leaves the ``caffe_compat`` logger as it found it: the tools' ``setup_logging``
+    stops it propagating (glog's own handlers), which would hide later tests' records from
+    pytest's ``caplog`` depending on the order the tests run in."""
+    logger = logging.getLogger("caffe_compat")
+    saved = (logger.propagate, logger.level, list(logger.handlers))
+    yield
+    logger.propagate, level, handlers = saved
+    logger.setLevel(level)
+    for h in list(logger.handlers):
+        if h not in handlers:
+            logger.removeHandler(h)
+    for h in handlers:
+        if h not in logger.handlers:
+            logger.addHandler(h)
 
 
 @pytest.fixture
