@@ -41,9 +41,9 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "
 """
 
 
-def _solver(tmp_path, fused: bool) -> SGDSolver:
+def _solver(tmp_path, fused: bool, text: str = NET) -> SGDSolver:
     path = tmp_path / "net.prototxt"
-    path.write_text(NET)
+    path.write_text(text)
     sp = caffe_pb2.SolverParameter(
         net=str(path), base_lr=0.1, lr_policy="fixed", momentum=0.9, weight_decay=1e-3,
         max_iter=100, display=0, random_seed=3,
@@ -77,11 +77,26 @@ def test_the_partners_are_each_batchnorm_and_the_scale_in_place_after_it(tmp_pat
     assert pairs == {"bn1": "scale1", "bn2": "scale2"}
 
 
-def test_solver_steps_match_the_layer_by_layer_pass(tmp_path, monkeypatch):
+# fine-tuning with frozen statistics: BatchNorm on its accumulators in TRAIN, Scale still learned
+FROZEN = NET.replace(
+    'name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }',
+    'name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" batch_norm_param { use_global_stats: true } }',
+)
+
+
+@pytest.mark.parametrize("text", [NET, FROZEN], ids=["batch_statistics", "frozen_statistics"])
+def test_solver_steps_match_the_layer_by_layer_pass(tmp_path, monkeypatch, text):
     calls = []
     forward = ScaleLayer.forward
     monkeypatch.setattr(ScaleLayer, "forward", lambda self, *a: calls.append(self.name) or forward(self, *a))
-    fused, plain = _solver(tmp_path, True), _solver(tmp_path, False)
+    fused, plain = _solver(tmp_path, True, text), _solver(tmp_path, False, text)
+    if text is FROZEN:  # accumulators that normalise to something else than the batch's
+        assert "use_global_stats: true" in text
+        for solver in (fused, plain):
+            bn = solver.net.params["bn1"]
+            bn[0].data[...] = np.linspace(-0.5, 0.5, 6)
+            bn[1].data[...] = np.linspace(0.5, 2.0, 6)
+            bn[2].data[...] = 1.0
     for it in range(4):
         calls.clear()
         fused.step(1)
