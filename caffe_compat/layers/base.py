@@ -174,6 +174,14 @@ class Layer(nn.Module):
     #: (elementwise, pooling, concatenation): the inference runner hands it the channels-last
     #: tops of its packed convolutions as they are (``runners/inference.py``); others get a copy.
     layout_neutral: bool = False
+    #: The forward takes a channels-last 4-D bottom and gives the values it gives for a
+    #: contiguous one to float32 rounding (convolutions, BatchNorm, Scale, InnerProduct; the
+    #: ``layout_neutral`` layers bit for bit): in CPU float32 training passes the eager runner
+    #: hands it channels-last tensors as they are; a layer without it gets a contiguous copy.
+    accepts_channels_last: bool = False
+    #: The layer runs faster on channels-last bottoms (oneDNN's convolutions): in CPU float32
+    #: training passes the eager runner converts its 4-D bottoms (``runners/eager.py``).
+    wants_channels_last: bool = False
     #: Whether a layer that writes files as it runs (HDF5Output) may write them: set per layer
     #: by ``Net.disable_output_files`` (tools that only look at a net or time it).
     writes_files: bool = True

@@ -164,6 +164,9 @@ class InnerProductLayer(Layer):
     exact_num_top = 1
     #: The backward needs the bottom and the weights, not the top (see EagerRunner.run_steps).
     top_overwritable = True
+    #: (``Layer.accepts_channels_last``) ``flatten`` reads a 4-D bottom in (C, H, W) order
+    #: whatever its layout
+    accepts_channels_last = True
 
     def flops(self, bottom_shapes, top_shapes) -> int:
         """``2 · M · K · N``: M rows of K inputs, N outputs."""
@@ -697,6 +700,8 @@ class ScaleLayer(Layer):
         shape = bottom_shapes[0]
         self.channel_axis = self.axis_param + len(shape) if self.axis_param < 0 else self.axis_param
         self.learned_scale = len(bottom_shapes) == 1
+        # (``Layer.accepts_channels_last``) a scale from a second bottom is viewed as its shape
+        self.accepts_channels_last = self.learned_scale
         if self.learned_scale:
             sshape = _learned_shape(self, shape, self.axis_param, int(p.num_axes), "scale_param")
             if p.HasField("filler"):

@@ -213,6 +213,11 @@ class ConvolutionLayer(_BaseConvolution):
     Differences from Caffe: 1 to 3 spatial axes only (Caffe's im2col takes any number).
     """
 
+    #: (``Layer.accepts_channels_last``, ``wants_channels_last``) oneDNN convolves channels-last
+    #: tensors without reordering them, and its top stays channels-last
+    accepts_channels_last = True
+    wants_channels_last = True
+
     def flops(self, bottom_shapes, top_shapes) -> int:
         """``2 · top_count · (C/group) · Πkernel``: the multiply-adds (×2); the bias is not counted."""
         return 2 * sum(math.prod(s) for s in top_shapes) * (self.channels // self.group) * math.prod(self.kernel)

@@ -257,6 +257,8 @@ class BatchNormLayer(Layer):
     exact_num_bottom = 1
     exact_num_top = 1
     blobs_have_gradient = False
+    #: (``Layer.accepts_channels_last``) ``batch_norm`` takes any layout
+    accepts_channels_last = True
 
     def flops(self, bottom_shapes, top_shapes) -> int:
         """``2 · count``: subtract the mean, divide by the deviation."""

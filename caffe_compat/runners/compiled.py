@@ -28,6 +28,7 @@ class CompiledRunner(EagerRunner):
     """``torch.compile`` of the computing layers (see the module's doc)."""
 
     fuses_affine = False  # (the loop is traced / captured: layer by layer)
+    trains_channels_last = False
 
     kind = "compiled"
 

@@ -28,6 +28,8 @@ from caffe_compat.runners.base import LOW_PRECISION, PendingLoss, Runner
 
 __all__ = ["EagerRunner", "add_param_grads"]
 
+_CL = torch.channels_last
+
 
 def add_param_grads(params: list, grads) -> None:
     """Add each gradient into its parameter's diff (Caffe accumulates parameter diffs)."""
@@ -77,7 +79,26 @@ class EagerRunner(Runner):
     #: in passes that need no blob diffs, a layer applies the in-place per-channel affine layer
     #: after it itself (``affine_partners``); not where the loop is traced or recorded
     fuses_affine = True
+    #: in CPU float32 training passes, the layers that want channels-last bottoms get them
+    #: (``Layer.wants_channels_last``, the convolutions) and the layers that take them
+    #: (``accepts_channels_last``, ``layout_neutral``) keep them; not where the loop is traced
+    trains_channels_last = True
     _partners: dict[int, int] | None = None
+    _layouts: list | None = None
+
+    def layouts(self) -> list:
+        """Per step: 1 if its layer wants channels-last 4-D bottoms, 0 if it takes them, -1 if
+        it needs them contiguous."""
+        if self._layouts is None:
+            self._layouts = [
+                1
+                if s.layer.wants_channels_last
+                else 0
+                if s.layer.accepts_channels_last or s.layer.layout_neutral
+                else -1
+                for s in self.state.plan.steps
+            ]
+        return self._layouts
 
     def partners(self) -> dict[int, int]:
         """``affine_partners`` of the plan, computed once."""
@@ -123,6 +144,10 @@ class EagerRunner(Runner):
         witness = st.witness  # a training pass's InnerProduct bounds (runners.grad_witness)
         watch = witness.watch if witness.recording else None
         partners = self.partners() if overwrite and self.fuses_affine and not (observes or hooked or low) else {}
+        layouts = self.layouts()
+        # a training pass on the CPU in float32: the convolutions' bottoms in channels-last layout
+        to_cl = grad_on and overwrite and self.trains_channels_last and dev.type == "cpu" and dtype is torch.float32
+        to_cl = to_cl and not low
         applied = -1  # the index of a step its predecessor applied
         for li in range(start, end + 1):
             if li == applied:
@@ -151,6 +176,12 @@ class EagerRunner(Runner):
                     ):
                         t = t.detach()
                         detached = True
+                if t.dim() == 4:
+                    layout = layouts[li]
+                    if layout > 0 and to_cl:
+                        t = t.contiguous(memory_format=_CL)
+                    elif layout < 0 and not t.is_contiguous() and t.is_contiguous(memory_format=_CL):
+                        t = t.contiguous()  # (other strides, e.g. a Slice's view, as they were)
                 bottoms.append(t)
             if step.any_inplace:  # what Caffe's in-place layers keep of their bottom for backward
                 keep_inplace[li] = bottoms
