@@ -11,14 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from caffe_compat.layers.norm import LRNLayer
+from caffe_compat.layers.neuron import AbsValLayer
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers import SGDSolver
 
 CL = torch.channels_last
 
-# conv -> BatchNorm + Scale -> ReLU -> LRN (takes no channels-last bottom) -> pooling -> conv ->
-# a residual sum -> Flatten -> InnerProduct -> loss
+# conv -> BatchNorm + Scale -> ReLU -> LRN -> AbsVal (takes no channels-last bottom) -> pooling ->
+# conv -> a residual sum -> Flatten -> InnerProduct -> loss
 NET = """
 layer { name: "data" type: "Input" top: "data" top: "label"
         input_param { shape { dim: 4 dim: 3 dim: 12 dim: 12 } shape { dim: 4 } } }
@@ -28,7 +28,8 @@ layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
 layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
 layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
 layer { name: "norm1" type: "LRN" bottom: "conv1" top: "norm1" lrn_param { local_size: 3 } }
-layer { name: "pool1" type: "Pooling" bottom: "norm1" top: "pool1"
+layer { name: "abs1" type: "AbsVal" bottom: "norm1" top: "abs1" }
+layer { name: "pool1" type: "Pooling" bottom: "abs1" top: "pool1"
         pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
 layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
         convolution_param { num_output: 8 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.2 } } }
@@ -62,13 +63,13 @@ def _close(a, b, what: str) -> None:
 
 def test_training_matches_the_contiguous_pass_and_pycaffe_reads_c_arrays(tmp_path, monkeypatch):
     layouts = []
-    lrn_forward = LRNLayer.forward
+    abs_forward = AbsValLayer.forward
 
-    def lrn(self, x):
+    def absval(self, x):
         layouts.append(x.is_contiguous())
-        return lrn_forward(self, x)
+        return abs_forward(self, x)
 
-    monkeypatch.setattr(LRNLayer, "forward", lrn)
+    monkeypatch.setattr(AbsValLayer, "forward", absval)
     cl, plain = _solver(tmp_path, True), _solver(tmp_path, False)
     for it in range(3):
         cl.step(1)
@@ -76,7 +77,8 @@ def test_training_matches_the_contiguous_pass_and_pycaffe_reads_c_arrays(tmp_pat
         assert conv.is_contiguous(memory_format=CL) and not conv.is_contiguous(), "no channels-last pass"
         plain.step(1)
         assert plain.net.blobs["conv2"]._data.is_contiguous()
-        for name in ("conv1", "norm1", "pool1", "conv2", "sum", "fc", "loss"):
+        assert cl.net.blobs["norm1"]._data.is_contiguous(memory_format=CL)  # LRN kept the layout
+        for name in ("conv1", "norm1", "abs1", "pool1", "conv2", "sum", "fc", "loss"):
             a = cl.net.blobs[name].data
             assert a.flags.c_contiguous, name
             _close(a, plain.net.blobs[name].data, f"blob {name}, iteration {it}")
@@ -85,7 +87,7 @@ def test_training_matches_the_contiguous_pass_and_pycaffe_reads_c_arrays(tmp_pat
                 assert a.data.flags.c_contiguous and a.diff.flags.c_contiguous
                 _close(a.data, b.data, f"{name}[{i}] data, iteration {it}")
                 _close(a.diff, b.diff, f"{name}[{i}] diff, iteration {it}")
-    assert layouts and all(layouts)  # the LRN always got a contiguous bottom
+    assert layouts and all(layouts)  # AbsVal always got a contiguous bottom
 
 
 def test_a_pass_after_training_reads_channels_last_blobs(tmp_path):

@@ -199,6 +199,9 @@ class LRNLayer(Layer):
 
     exact_num_bottom = 1
     exact_num_top = 1
+    #: (``Layer.accepts_channels_last``) the across-channels chain keeps its bottom's layout
+    #: (``_buffer_like``), the within-channel one pools
+    accepts_channels_last = True
 
     def flops(self, bottom_shapes, top_shapes) -> int:
         """``count · (local_size + 3)`` across channels, ``count · (local_size² + 3)`` within."""
