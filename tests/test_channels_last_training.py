@@ -49,7 +49,7 @@ def _solver(tmp_path, channels_last: bool) -> SGDSolver:
         max_iter=100, display=0, random_seed=5,
     )  # fmt: skip
     solver = SGDSolver(sp, source="<test>")
-    solver.net._eager.trains_channels_last = channels_last
+    solver.net.use_channels_last_training(channels_last)
     rng = np.random.default_rng(0)
     solver.net.blobs["data"].data[...] = rng.standard_normal((4, 3, 12, 12)).astype(np.float32)
     solver.net.blobs["label"].data[...] = [0, 3, 1, 4]
@@ -99,7 +99,7 @@ def test_a_pass_after_training_reads_channels_last_blobs(tmp_path):
     with torch.no_grad():
         net.forward(start="norm1")
         after = {b: net.blobs[b].data.copy() for b in ("norm1", "sum", "fc")}
-        net._eager.trains_channels_last = False
+        net.use_channels_last_training(False)
         net.blobs["conv1"].data[...] = net.blobs["conv1"].data  # (contiguous now)
         net.forward(start="norm1")
     for b, v in after.items():
