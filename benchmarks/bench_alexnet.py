@@ -441,6 +441,19 @@ def _peak_rss(side: str, batch: int, threads: int, no_tune: bool) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def print_machine(device: torch.device, tuned: dict) -> None:
+    """The header lines every run prints: torch, device, threads, CPUs, load average, whether
+    ``tune_cpu`` cached allocations, the GPU's name."""
+    load = os.getloadavg()
+    print(
+        f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}, load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    print(f"# tune_cpu malloc caching (process-wide: both sides): {tuned['cache_allocations']}")
+    if device.type == "cuda":
+        print(f"# {torch.cuda.get_device_name(device)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", default="1,2,4,10,16,32,64")
@@ -540,14 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     amp = cmode.autocast_dtype() if args.baseline_same else None
     base_cl = args.baseline_channels_last or (args.baseline_same and args.channels_last)
     base_compile = args.baseline_same and args.compile
-    load = os.getloadavg()
-    print(
-        f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-        f"cpus {os.cpu_count()}, load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-    )
-    print(f"# tune_cpu malloc caching (process-wide: both sides): {tuned['cache_allocations']}")
-    if device.type == "cuda":
-        print(f"# {torch.cuda.get_device_name(device)}")
+    print_machine(device, tuned)
     print(
         f"# median of {args.reps} alternating rounds; ms per call; ratio = ours / baseline"
         + ("; baseline channels_last" if base_cl else "")

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_alexnet import NUM_CLASSES, Baseline, _time, sgd_solver  # noqa: E402
+from bench_alexnet import NUM_CLASSES, Baseline, _time, print_machine, sgd_solver  # noqa: E402
 
 from caffe_compat import io as cio  # noqa: E402
 from caffe_compat import mode as cmode  # noqa: E402
@@ -275,14 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
     else:
         tuned = cmode.tune_cpu(args.threads or None)
-    load = os.getloadavg()
-    print(
-        f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-        f"cpus {os.cpu_count()}, load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-    )
-    print(f"# tune_cpu malloc caching (process-wide: both sides): {tuned['cache_allocations']}")
-    if device.type == "cuda":
-        print(f"# {torch.cuda.get_device_name(device)}")
+    print_machine(device, tuned)
     print(
         f"# ResNet-50 {SIZE}x{SIZE}, float32, channels_last {args.channels_last} (both sides); median of "
         f"{args.reps} alternating rounds of the mean of {args.iters} calls after {args.warmup} warm-up; "

@@ -1,5 +1,6 @@
 """Replay one layer of a real-Caffe fixture net on Caffe's own bottoms: tops, bottom diffs and
-parameter diffs against the fixture's arrays, at the fixture README's tolerance."""
+parameter diffs against the fixture's arrays, at the fixture README's tolerance; and that
+tolerance for comparing two ways of computing the same blobs (``assert_close_scaled``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from caffe_compat.proto import caffe_pb2
 
 FIXTURES = Path(__file__).parent / "fixtures" / "caffe_reference" / "layers"
 FIX_RTOL, FIX_ATOL = 1e-4, 1e-5  # the fixture README's tolerance
+
+
+def assert_close_scaled(a, b, what: str) -> None:
+    """``a`` equals ``b`` to float32 rounding at the fixture README's tolerance, the absolute part
+    relative to ``b``'s scale (at least 1)."""
+    scale = max(1.0, float(np.abs(b).max()))
+    np.testing.assert_allclose(a, b, rtol=FIX_RTOL, atol=FIX_ATOL * scale, err_msg=what)
 
 
 def load_case(case: str):

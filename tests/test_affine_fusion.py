@@ -16,6 +16,7 @@ from caffe_compat.layers.common import ScaleLayer
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.runners.eager import affine_partners
 from caffe_compat.solvers import SGDSolver
+from tests.layer_replay import assert_close_scaled as _close
 
 # conv -> BatchNorm (in place) -> Scale with bias (in place) -> ReLU (in place), then a BatchNorm
 # with its own top and a Scale without bias in place on it, a residual sum, a classifier
@@ -54,12 +55,6 @@ def _solver(tmp_path, fused: bool, text: str = NET) -> SGDSolver:
     solver.net.blobs["data"].data[...] = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
     solver.net.blobs["label"].data[...] = [0, 3, 1, 4]
     return solver
-
-
-def _close(a, b, what: str) -> None:
-    """Float32 rounding, as the conformance tests allow it (absolute part relative to the scale)."""
-    scale = max(1.0, float(np.abs(b).max()))
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=what)
 
 
 def _share_weights(nets) -> None:

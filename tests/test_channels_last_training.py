@@ -14,6 +14,7 @@ import torch
 from caffe_compat.layers.neuron import AbsValLayer
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers import SGDSolver
+from tests.layer_replay import assert_close_scaled as _close
 
 CL = torch.channels_last
 
@@ -54,11 +55,6 @@ def _solver(tmp_path, channels_last: bool) -> SGDSolver:
     solver.net.blobs["data"].data[...] = rng.standard_normal((4, 3, 12, 12)).astype(np.float32)
     solver.net.blobs["label"].data[...] = [0, 3, 1, 4]
     return solver
-
-
-def _close(a, b, what: str) -> None:
-    scale = max(1.0, float(np.abs(b).max()))
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=what)
 
 
 def test_training_matches_the_contiguous_pass_and_pycaffe_reads_c_arrays(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import caffe_compat as caffe
 from caffe_compat.export import onnx as ox
 from caffe_compat.runners.eager import EagerRunner
 from caffe_compat.runners.inference import IN_PLACE, ConvKernel, InferenceRunner, build_program
+from tests.layer_replay import assert_close_scaled as _close
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF = os.path.join(HERE, "fixtures", "caffe_reference")
@@ -46,11 +47,6 @@ def _eager_blobs(net) -> dict[str, np.ndarray]:
     with torch.no_grad():
         EagerRunner(net._state).forward(0, len(net.plan.steps) - 1)
     return {name: blob.tensor.contiguous().numpy().copy() for name, blob in net.blobs.items()}
-
-
-def _close(a: np.ndarray, b: np.ndarray, name: str) -> None:
-    scale = max(1.0, float(np.abs(b).max()))
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=f"blob {name!r}")
 
 
 @pytest.mark.parametrize(

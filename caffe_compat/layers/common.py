@@ -716,12 +716,12 @@ class ScaleLayer(Layer):
             self.add_blob(bshape, p.bias_filler)
 
     def channel_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A learned per-channel scale (one 1-D blob along axis 1) and its bias: ``(gamma, beta)``."""
-        if not self.learned_scale or self.blobs[0].dim() != 1 or self.axis_param not in (1, -3):
+        """``channel_params`` as fixed float64 values: ``(gamma, beta)``, beta 0 without a bias."""
+        params = self.channel_params()
+        if params is None:
             return None
-        gamma = self.blobs[0].detach().double()
-        beta = self.blobs[1].detach().double() if self.bias_term else torch.zeros_like(gamma)
-        return gamma, beta
+        gamma = params[0].detach().double()
+        return gamma, params[1].detach().double() if params[1] is not None else torch.zeros_like(gamma)
 
     def channel_params(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The learned per-channel gamma (and beta) when they apply along axis 1."""

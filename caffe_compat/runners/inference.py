@@ -82,12 +82,11 @@ class ConvKernel:
         # another count, every call would reorder the weights again (about 9x slower)
         return (shape, torch.get_num_threads(), *[(p._version, p.data_ptr()) for p in self._params])
 
-    def _current(self, shape: tuple) -> bool:
-        """Whether the packed weights were made for this input shape and thread count from the
-        parameters' present values: their version counters (torch's in-place writes, the solvers'
-        updates, loading weights) and, for parameters whose NumPy view pycaffe handed out (writes
-        through it move no counter), a comparison with the values they were packed from."""
-        key = self._key_of(shape)
+    def _current(self, key: tuple) -> bool:
+        """Whether the packed weights were made for this ``_key_of`` (input shape, thread count,
+        the parameters' version counters: torch's in-place writes, the solvers' updates, loading
+        weights) and, for parameters whose NumPy view pycaffe handed out (writes through it move
+        no counter), from the values they hold now."""
         if key != self._key:
             return False
         for p, kept in zip(self._params, self._viewed):
@@ -97,11 +96,12 @@ class ConvKernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(x.shape)
-        if not self._current(shape):
+        key = self._key_of(shape)
+        if not self._current(key):
             w, b = self._fold()
             pad, stride, dilation, group = self._geometry
             packed = torch.ops.mkldnn._reorder_convolution_weight(w, pad, stride, dilation, group, list(shape))
-            self._key = self._key_of(shape)
+            self._key = key
             self._viewed = [p.detach().clone() if p.__dict__.get("_caffe_data_viewed") else None for p in self._params]
             self._packed = (packed, b)
             self._overhangs = any(self.layer.tail_pads(shape[2:]))
