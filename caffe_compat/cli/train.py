@@ -18,7 +18,8 @@ weights is written; ``continue``: Caffe's behaviour; see ``caffe_compat.solvers.
 ``--iterations N`` sets ``max_iter``; ``--model M`` trains the net in ``M`` instead of the
 solver's (``net: M``); speed opt-ins that depart from Caffe's float32 order
 of operations (docs/benchmarks.md): ``--precision bf16|fp16`` (autocast, float32 master weights;
-fp16 with loss scaling), ``--channels_last`` (the nets' 4-D tensors in NHWC), ``--compile``
+fp16 with loss scaling), ``--channels_last`` (the nets' 4-D parameters in NHWC too: CPU
+float32 training passes run the convolutions' activations in NHWC by default), ``--compile``
 (``torch.compile`` of the nets; the first iterations compile). ``--cuda_graph`` (one GPU)
 replays each training pass from a CUDA graph: the same kernels, without the per-layer Python that
 bounds small batches on a GPU (``caffe_compat.cuda_graph``). Without ``--gpu``, ``solver_mode: GPU`` in the solver
@@ -105,7 +106,8 @@ def build_parser(prog: str = "train.py") -> ArgumentParser:
     p.add_argument(
         "--channels_last",
         action="store_true",
-        help="keep the nets' 4-D parameters and activations in channels_last (NHWC), a speed opt-in (docs/benchmarks.md)",
+        help="keep the nets' 4-D parameters in channels_last (NHWC) too, a speed opt-in; CPU float32 training passes "
+        "already run the convolutions' activations in it (docs/benchmarks.md)",
     )
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the nets (opt-in; the first iterations compile)"
