@@ -23,12 +23,109 @@ import weakref
 import numpy as np
 import torch
 
-__all__ = ["Blob", "ParamBlob", "ParamDiff", "diff_owner", "uses_host_mirror"]
+__all__ = [
+    "Blob",
+    "CaffeParameter",
+    "ParamBlob",
+    "ParamDiff",
+    "data_generation",
+    "diff_owner",
+    "raw_data",
+    "uses_host_mirror",
+    "values_watched",
+]
 
 
 def uses_host_mirror(device: torch.device) -> bool:
     """Whether ``.data``/``.diff`` are host copies (tensors on a GPU) rather than views (CPU)."""
     return device.type != "cpu"
+
+
+_TENSOR_DATA = torch._C.TensorBase.data  # torch's own ``.data`` descriptor
+
+
+def raw_data(t: torch.Tensor) -> torch.Tensor:
+    """``t.data`` without ``CaffeParameter``'s bookkeeping: the library's own reads (the solvers
+    write through it and move the version counters themselves)."""
+    return _TENSOR_DATA.__get__(t)
+
+
+class _DataWatch:
+    """``CaffeParameter``'s record of its ``.data`` tensors: how many were handed out, and weak
+    references to those still alive. Pickled as a fresh record (a pickled parameter comes back
+    as a new tensor, whose caches start afresh)."""
+
+    __slots__ = ("handed", "refs")
+
+    def __init__(self):
+        self.handed = 0
+        self.refs: list = []
+
+    def __reduce__(self):
+        return (_DataWatch, ())
+
+    def add(self, t: torch.Tensor) -> None:
+        self.refs = [r for r in self.refs if r() is not None]
+        self.refs.append(weakref.ref(t))
+        self.handed += 1
+
+    def live(self) -> bool:
+        return any(r() is not None for r in self.refs)
+
+
+class CaffeParameter(torch.nn.Parameter):
+    """A learnable blob: an ``nn.Parameter`` whose ``.data`` is watched.
+
+    A write through ``param.data`` (``p.data.copy_(w)``, an idiom of many weight-loading scripts)
+    moves no version counter, so a cache of something made from the values (the inference
+    program's packed convolution weights, ``runners/inference.py``) could not tell that they
+    changed. Each read or assignment of ``.data`` is counted (``data_generation``), and the
+    tensors handed out are referred to weakly: while one lives, a write through it can come at
+    any time, and ``values_watched`` tells such a cache to compare the values instead."""
+
+    @property
+    def data(self) -> torch.Tensor:
+        d = _TENSOR_DATA.__get__(self)
+        self._data_watch().add(d)
+        return d
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        _TENSOR_DATA.__set__(self, value)
+        self._data_watch().add(value)  # the parameter now shares the storage of a tensor held elsewhere
+
+    def __reduce_ex__(self, proto):
+        # torch's own reduction comes back as a plain ``nn.Parameter``
+        state = torch._utils._get_obj_state(self)
+        return (_rebuild_caffe_parameter, (_TENSOR_DATA.__get__(self), self.requires_grad, state))
+
+    def _data_watch(self) -> _DataWatch:
+        watch = self.__dict__.get("_caffe_data_watch")
+        if watch is None:
+            watch = self.__dict__["_caffe_data_watch"] = _DataWatch()
+        return watch
+
+
+def _rebuild_caffe_parameter(data: torch.Tensor, requires_grad: bool, state) -> CaffeParameter:
+    p = CaffeParameter(data, requires_grad)
+    return torch._utils._set_obj_state(p, state) if state else p
+
+
+def data_generation(p: torch.Tensor) -> int:
+    """How many times ``p.data`` was handed out or assigned (``CaffeParameter``; 0 for others)."""
+    watch = p.__dict__.get("_caffe_data_watch")
+    return watch.handed if watch is not None else 0
+
+
+def values_watched(p: torch.Tensor) -> bool:
+    """Whether writes that move no version counter can reach ``p``'s values now: a NumPy view of
+    them was handed out (``ParamBlob.data``; it lives as long as the blob) or a tensor from
+    ``p.data`` is still alive."""
+    state = p.__dict__
+    if state.get("_caffe_data_viewed"):
+        return True
+    watch = state.get("_caffe_data_watch")
+    return watch is not None and watch.live()
 
 
 class ParamDiff:
@@ -98,7 +195,7 @@ class ParamDiff:
         d = self.own()
         if d is None:
             p = self.param
-            d = p.grad = torch.zeros_like(p.data)
+            d = p.grad = torch.zeros_like(raw_data(p))
         return d
 
     def export(self) -> torch.Tensor:
@@ -416,7 +513,7 @@ class ParamBlob(_HostSynced):
             # a view outlives this call and its writes move no version counter: whoever caches
             # something made of these values (``runners/inference.py``) compares them instead
             p._caffe_data_viewed = True
-        return self._host("data", p.data)
+        return self._host("data", raw_data(p))
 
     @property
     def diff(self) -> np.ndarray:
@@ -436,13 +533,13 @@ class ParamBlob(_HostSynced):
         shape = tuple(int(d) for d in shape)
         with torch.no_grad():
             self.param.data = torch.zeros(shape, dtype=self.param.dtype, device=self.param.device)
-            diff_owner(self.param).replace(torch.zeros_like(self.param.data))
+            diff_owner(self.param).replace(torch.zeros_like(raw_data(self.param)))
         self._drop_host_copies()
 
     @property
     def _gpu_data_ptr(self) -> int:
         """pycaffe's ``Blob._gpu_data_ptr`` for a parameter (a CUDA net only)."""
-        return _gpu_ptr(self, self.param.data, "data")
+        return _gpu_ptr(self, raw_data(self.param), "data")
 
     @property
     def _gpu_diff_ptr(self) -> int:

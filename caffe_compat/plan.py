@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from caffe_compat.blob import Blob, diff_owner
+from caffe_compat.blob import Blob, diff_owner, raw_data
 from caffe_compat.errors import CaffeError, LayerError, NetError
 from caffe_compat.layers.base import Layer, layer_class
 from caffe_compat.layers.python import PythonLayerError
@@ -488,7 +488,7 @@ def _collect_learnable(steps: list[Step]) -> list[LearnableParam]:
             seen.add(id(p))
             p.requires_grad_(bool(s.layer.blobs_have_gradient and s.params[k].need_backward and s.need_backward))
             if p.grad is None:
-                diff_owner(p).replace(p.data.new_zeros(p.shape))
+                diff_owner(p).replace(raw_data(p).new_zeros(p.shape))
             out.append(LearnableParam(p, float(s.params[k].lr_mult), float(s.params[k].decay_mult), s.name, k))
     return out
 

@@ -107,6 +107,40 @@ def test_new_weights_are_packed_again():
     _close(second, ref[net.outputs[0]], net.outputs[0])
 
 
+@pytest.mark.parametrize("how", ["temporary", "kept", "assigned"])
+def test_writes_through_param_data_are_packed_again(how):
+    """``param.data`` writes move no version counter (torch's rule); the program still sees them:
+    a temporary ``p.data.mul_()``, a write through a ``.data`` tensor kept across passes, and a
+    tensor assigned to ``p.data`` then written in place."""
+    net = _net("mobilenet", 32)
+    conv = net.layer_dict["conv1"].module.blobs[0]  # the torch parameters, as a torch script holds them
+    bn_var = net.layer_dict["conv1/bn"].module.blobs[1]
+    x = np.random.default_rng(1).standard_normal(net.blobs["data"].shape).astype(np.float32)
+    out = net.outputs[0]
+    first = net.forward(data=x)[out].copy()
+    versions = (conv._version, bn_var._version)
+    if how == "temporary":
+        conv.data.mul_(-1.5)
+        bn_var.data.add_(0.25)
+    elif how == "kept":
+        w = conv.data
+        net.forward(data=x)  # packed again while ``w`` lives: its values are compared from now on
+        w.mul_(-1.5)
+    else:
+        w = conv.detach().clone()
+        conv.data = w
+        net.forward(data=x)
+        w.mul_(-1.5)
+    assert (conv._version, bn_var._version) == versions  # nothing a version counter shows
+    second = net.forward(data=x)[out].copy()
+    assert not np.allclose(first, second)
+    _close(second, _eager_blobs(net)[out], out)
+    if how == "kept":  # once the kept tensor is gone, the packed weights hold its last values
+        del w
+        third = net.forward(data=x)[out].copy()
+        np.testing.assert_array_equal(third, second)
+
+
 def test_a_partial_pass_after_it_reads_contiguous_blobs():
     net = _net("squeezenet", 67)
     x = np.random.default_rng(2).standard_normal(net.blobs["data"].shape).astype(np.float32)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.blob import ParamBlob, ParamDiff, diff_owner
+from caffe_compat.blob import CaffeParameter, ParamBlob, ParamDiff, data_generation, diff_owner, values_watched
 
 
 def _param(values=(1.0, 2.0, 3.0)) -> torch.nn.Parameter:
@@ -111,3 +111,19 @@ def test_a_parameter_with_an_owner_pickles_and_gets_a_fresh_owner():
     owner = diff_owner(back)
     assert owner.param is back and not owner.exported
     assert isinstance(owner, ParamDiff)
+
+
+def test_a_caffe_parameter_counts_data_reads_and_pickles_as_one():
+    p = CaffeParameter(torch.arange(3.0))
+    assert data_generation(p) == 0 and not values_watched(p)
+    p.data.mul_(2)  # a temporary: counted, not alive
+    assert data_generation(p) == 1 and not values_watched(p)
+    kept = p.data
+    assert data_generation(p) == 2 and values_watched(p)
+    del kept
+    assert not values_watched(p)
+    back = pickle.loads(pickle.dumps(p))
+    assert type(back) is CaffeParameter and torch.equal(back.detach(), p.detach())
+    assert data_generation(back) == 0
+    back.data.add_(1)
+    assert data_generation(back) == 1

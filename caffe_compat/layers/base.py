@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from caffe_compat.blob import CaffeParameter
 from caffe_compat.errors import LayerError
 
 __all__ = [
@@ -317,8 +318,9 @@ class Layer(nn.Module):
 
     # -- helpers for subclasses ----------------------------------------------------------------
 
-    def add_blob(self, shape, filler=None, value: float | None = None) -> nn.Parameter:
-        """Create the next learnable blob, filled by ``filler`` (a FillerParameter) or ``value``."""
+    def add_blob(self, shape, filler=None, value: float | None = None) -> CaffeParameter:
+        """Create the next learnable blob, filled by ``filler`` (a FillerParameter) or ``value``
+        (a ``CaffeParameter``: an ``nn.Parameter`` whose ``.data`` writes are seen)."""
         from caffe_compat.fillers import fill
 
         t = torch.zeros(tuple(int(d) for d in shape), dtype=torch.float32)
@@ -329,7 +331,7 @@ class Layer(nn.Module):
                 raise self.error(f"blob {len(self.blobs)}: {e}") from None
         elif value is not None:
             t.fill_(value)
-        p = nn.Parameter(t, requires_grad=self.blobs_have_gradient)
+        p = CaffeParameter(t, requires_grad=self.blobs_have_gradient)
         self.blobs.append(p)
         return p
 

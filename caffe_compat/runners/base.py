@@ -175,7 +175,7 @@ class RunState:
         for lp in self.plan.learnable:
             p = lp.param
             if p.grad is None:
-                _blob.diff_owner(p).replace(torch.zeros_like(p.data))
+                _blob.diff_owner(p).replace(torch.zeros_like(_blob.raw_data(p)))
 
     def verify_labels(self, checks: list) -> None:
         """Raise for the first bad label in the loss layers' records (host copies, complete)."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch.nn.modules import module as _module_mod
 
+from caffe_compat.blob import data_generation, values_watched
 from caffe_compat.errors import CaffeError
 from caffe_compat.layers.conv import ConvolutionLayer
 from caffe_compat.layers.python import PythonLayerError
@@ -60,7 +61,7 @@ class ConvKernel:
         self._key = None
         self._packed = None
         self._overhangs = False  # for the packed shape: Caffe's overhanging last window
-        self._viewed: list = []  # per parameter: the values packed, where pycaffe viewed it
+        self._viewed: list = []  # per parameter: the values packed, where ``values_watched``
 
     def _fold(self):
         """Weights and bias with the absorbed BatchNorm/Scale applied (float64, then float32)."""
@@ -80,18 +81,30 @@ class ConvKernel:
     def _key_of(self, shape: tuple) -> tuple:
         # oneDNN picks the packed layout for the input shape and the thread count: packed for
         # another count, every call would reorder the weights again (about 9x slower)
-        return (shape, torch.get_num_threads(), *[(p._version, p.data_ptr()) for p in self._params])
+        return (
+            shape,
+            torch.get_num_threads(),
+            *[(p._version, p.data_ptr(), data_generation(p)) for p in self._params],
+        )
 
     def _current(self, key: tuple) -> bool:
         """Whether the packed weights were made for this ``_key_of`` (input shape, thread count,
         the parameters' version counters: torch's in-place writes, the solvers' updates, loading
-        weights) and, for parameters whose NumPy view pycaffe handed out (writes through it move
-        no counter), from the values they hold now."""
+        weights; how often ``.data`` was handed out) and, for parameters that writes moving no
+        counter can reach (``values_watched``: a NumPy view from pycaffe, a live tensor from
+        ``param.data``), from the values they hold now."""
         if key != self._key:
             return False
-        for p, kept in zip(self._params, self._viewed):
-            if p.__dict__.get("_caffe_data_viewed") and (kept is None or not torch.equal(p.detach(), kept)):
+        for i, (p, kept) in enumerate(zip(self._params, self._viewed)):
+            watched = values_watched(p)
+            if kept is None:
+                if watched:
+                    return False  # watched since the packing: the values are not known
+                continue
+            if not torch.equal(p.detach(), kept):
                 return False
+            if not watched:
+                self._viewed[i] = None  # the last such view is gone, the values are the packed ones
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +115,7 @@ class ConvKernel:
             pad, stride, dilation, group = self._geometry
             packed = torch.ops.mkldnn._reorder_convolution_weight(w, pad, stride, dilation, group, list(shape))
             self._key = key
-            self._viewed = [p.detach().clone() if p.__dict__.get("_caffe_data_viewed") else None for p in self._params]
+            self._viewed = [p.detach().clone() if values_watched(p) else None for p in self._params]
             self._packed = (packed, b)
             self._overhangs = any(self.layer.tail_pads(shape[2:]))
         if self._overhangs or any(m._forward_hooks or m._forward_pre_hooks for m in self._layers):

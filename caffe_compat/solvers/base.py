@@ -45,6 +45,7 @@ from google.protobuf import text_format
 from caffe_compat import _glog
 from caffe_compat import io as cio
 from caffe_compat._caffe import SolverLearningRate
+from caffe_compat.blob import raw_data
 from caffe_compat.errors import CaffeError, SolverError
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.solvers import lr_policy, nets, signals, testing, validate
@@ -257,7 +258,7 @@ class Solver(SolverLearningRate):
         logger.info("Solver scaffolding done.")
         params = self.net.learnable_params
         self.history: list[torch.Tensor] = [
-            torch.zeros_like(p.data) for _ in range(self.num_history_sets) for p in params
+            torch.zeros_like(raw_data(p)) for _ in range(self.num_history_sets) for p in params
         ]
         self._losses: list[np.float32] = []
         self._smoothed = _f32(0)

@@ -343,7 +343,7 @@ class DistributedSync:
             groups.setdefault((t.dtype, t.device), []).append(t)
         with torch.no_grad():
             for ts in groups.values():
-                flat = self._flat([t.data for t in ts])
+                flat = self._flat([t.detach() for t in ts])
                 dist.broadcast(flat, src=src)
                 self._unflatten(flat, [t.detach() for t in ts])
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from caffe_compat.blob import diff_owner
+from caffe_compat.blob import diff_owner, raw_data
 from caffe_compat.solvers.log import fmt, logger
 
 __all__ = ["UpdateEngine", "LossScaler", "fused_sgd_matches"]
@@ -233,7 +233,7 @@ class UpdateEngine:
         p = s.net.learnable_params[i]
         flat = self.flat_views(i) if s.fused_update and p.device.type == "cpu" else None
         if flat is None:
-            return [(p.data, p.grad, self.history_of(i))]
+            return [(raw_data(p), p.grad, self.history_of(i))]
         w, g, hist = flat
         step = max(int(s.update_chunk), 1)
         return ((w[k : k + step], g[k : k + step], [h[k : k + step] for h in hist]) for k in range(0, w.numel(), step))
@@ -244,11 +244,12 @@ class UpdateEngine:
         p = self.solver.net.learnable_params[i]
         g = p.grad
         hist = self.history_of(i)
-        tensors = [p.data, g, *hist]
-        stride = tuple(p.data.stride())
+        w = raw_data(p)
+        tensors = [w, g, *hist]
+        stride = tuple(w.stride())
         if g is None or any(t.stride() != stride or t.shape != p.shape or t.storage_offset() for t in tensors[1:]):
             return None
-        if not _dense(p.data):
+        if not _dense(w):
             return None
         return tuple(t.as_strided((t.numel(),), (1,)) for t in tensors[:2]) + (
             [h.as_strided((h.numel(),), (1,)) for h in hist],
@@ -293,7 +294,7 @@ class UpdateEngine:
         params = s.net.learnable_params
         if len({(params[i].device, params[i].dtype) for i in indices}) != 1:
             return False  # foreach operations take one device and dtype per call
-        ws = [params[i].data for i in indices]
+        ws = [raw_data(params[i]) for i in indices]
         gs = [params[i].grad for i in indices]
         hs = [s.history[i] for i in indices]  # history set 0
         if s.param.iter_size != 1:
