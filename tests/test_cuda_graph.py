@@ -177,6 +177,34 @@ def test_blobs_after_a_graphed_pass_show_that_pass(tmp_path):
             np.testing.assert_array_equal(a[name], b[name], err_msg=f"pass {it}, blob {name}")
 
 
+@pytest.mark.parametrize("clear", [True, False])
+def test_diff_views_held_across_graphed_passes_show_each_pass(tmp_path, clear):
+    """A diff array held from ``net.params[...][i].diff`` is a view of the diff's storage: after
+    each replayed pass it shows that pass's diff (after a clear, or accumulated without one), as
+    in an eager net; the solver's trajectory with such views held is the eager one."""
+    seen = {}
+    for graphed in (False, True):
+        solver = _solver(tmp_path, graphed)
+        net = solver.net
+        held = [p.diff for ps in net.params.values() for p in ps]
+        seen[graphed] = []
+        for _ in range(5):
+            if clear:
+                net.clear_param_diffs()
+            net.forward_backward()
+            fresh = [p.diff for ps in net.params.values() for p in ps]
+            for h, f in zip(held, fresh):
+                np.testing.assert_array_equal(h, f)
+            seen[graphed].append([h.copy() for h in held])
+        if graphed:
+            assert net._graphed.captures == 1
+        solver.step(4)
+        seen[graphed].append([h.copy() for h in held] + [p.detach().clone().numpy() for p in net.learnable_params])
+    for a, b in zip(seen[True], seen[False]):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
 def test_inputs_written_through_host_copies_reach_the_graph(tmp_path, monkeypatch):
     """Input blobs written through pycaffe's host copies (a GPU's ``.data``), a reshape that
     captures again, and diffs that accumulate without a clear, as in eager passes."""

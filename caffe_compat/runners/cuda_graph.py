@@ -150,18 +150,21 @@ class GraphRunner(EagerRunner):
         warming, pending = self._begin(rec, lambda: super(GraphRunner, self).train_pass(loss_scale))
         if warming:
             return pending
-        kept = None
-        if not st.diffs_cleared:  # this pass's gradients add into the diffs (autograd's rule)
-            ours = {g.data_ptr() for g in rec.grads if g is not None} if rec.graph is not None else set()
-            kept = {}
-            for lp in st.plan.learnable:
-                p = lp.param
-                d = _blob.diff_owner(p).own()
-                if d is not None:  # a diff the graph writes is overwritten by the replay: keep a copy
-                    kept[p] = d.clone() if d.data_ptr() in ours else d
+        # this pass's gradients add into the diffs (autograd's rule), and into a diff whose view
+        # pycaffe handed out (its storage stays the diff) after a clear too, which zeroed it
+        ours = {g.data_ptr() for g in rec.grads if g is not None} if rec.graph is not None else set()
+        kept = {}
+        for lp in st.plan.learnable:
+            p = lp.param
+            owner = _blob.diff_owner(p)
+            if st.diffs_cleared and not owner.exported:
+                continue
+            d = owner.own()
+            if d is not None:  # a diff the graph writes is overwritten by the replay: keep a copy
+                kept[p] = d.clone() if d.data_ptr() in ours else d
         loss, grads, records, _ = self._replay(rec, "train")
         for p, g in zip(self._params(), grads):
-            d = kept.get(p) if kept is not None else None
+            d = kept.get(p)
             if d is not None and g is not None:
                 d.add_(g)
             _blob.diff_owner(p).replace(g if d is None else d)
