@@ -117,6 +117,7 @@ class Net(PycaffeCalls, nn.Module):
         self.phase = param.state.phase
         self.name = param.name
         self.force_backward = param.force_backward
+        self._definition = param.SerializeToString()  # what a copy is built from (``__deepcopy__``)
         self.net_param = insert_splits(filter_net(param, self.source), self.source)
         self._build()
         dev = current_device()
@@ -230,6 +231,27 @@ class Net(PycaffeCalls, nn.Module):
     @property
     def _diffs_cleared(self) -> bool:
         return self._state.diffs_cleared
+
+    # -----------------------------------------------------------------------------------------
+    # copies
+
+    def __deepcopy__(self, memo) -> Net:
+        """``copy.deepcopy(net)`` (EMA and SWA helpers, a kept best model): a second net built
+        from the same definition (``Net(model, phase, level, stages)``), with copies of the
+        parameters' values (shared ones shared again; not their diffs), of the blobs' shapes and
+        data, the device, dtype, runner options and layer callbacks; nothing is shared with
+        this net. Data layers start again from their first record, Python layers are set up
+        again."""
+        other = _rebuild_net(self._definition, self.source, _copy_state(self))
+        other._state.before = list(self._state.before)
+        other._state.after = list(self._state.after)
+        memo[id(self)] = other
+        return other
+
+    def __reduce__(self):
+        # pickle (``torch.save(net)``) as ``__deepcopy__`` without the callbacks; loading runs
+        # the layers' setup again, so Python layers need their opt-in where it is loaded
+        return (_rebuild_net, (self._definition, self.source, _copy_state(self)))
 
     # -----------------------------------------------------------------------------------------
     # devices
@@ -625,3 +647,56 @@ class Net(PycaffeCalls, nn.Module):
 
     def __repr__(self) -> str:
         return f"Net({self.name!r}, {len(self.plan.steps)} layers, phase={'TRAIN' if self.phase == TRAIN else 'TEST'})"
+
+
+def _copy_state(net: Net) -> dict:
+    """What a copy of ``net`` takes over (``Net.__deepcopy__``, pickling): parameter values in
+    layer order, blob shapes and data, device, dtype and runner options."""
+    st = net._state
+    graphed = net._graphed
+    with torch.no_grad():
+        return {
+            "params": [_blob.raw_data(p).clone() for layer in net.modules_by_name.values() for p in layer.blobs],
+            "blobs": {n: b._data.detach().clone() for n, b in net.blobs.items() if b._data is not None},
+            "shapes": {n: b._shape for n, b in net.blobs.items()},
+            "device": st.device,
+            "dtype": st.dtype,
+            "mode_device": net._mode_device,
+            "program": net._eager.program_enabled,
+            "channels_last_training": net._eager.trains_channels_last,
+            "debug_info": st.debug_info,
+            "compile": net._compile_options,
+            "cuda_graph": (graphed.warmup, graphed.graph_factory) if graphed is not None else None,
+        }
+
+
+def _rebuild_net(definition: bytes, source: str, state: dict) -> Net:
+    """The copy ``Net.__deepcopy__`` / unpickling makes (see there)."""
+    param = caffe_pb2.NetParameter()
+    param.ParseFromString(definition)
+    net = Net(param)
+    net.source = source
+    dst = [p for layer in net.modules_by_name.values() for p in layer.blobs]
+    src = state["params"]
+    if len(dst) != len(src) or any(d.shape != s.shape for d, s in zip(dst, src)):
+        raise NetError(
+            f"{source}: the copy's learnable blobs differ from the original's (a layer whose setup "
+            "makes other blobs, e.g. a Python layer): build the net again and copy_from its weights"
+        )
+    net.to(device=state["device"], dtype=state["dtype"])
+    net._mode_device = state["mode_device"]
+    with torch.no_grad():
+        for d, s in zip(dst, src):
+            d.copy_(s)
+    for name, shape in state["shapes"].items():
+        net.blobs[name]._shape = shape
+    for name, t in state["blobs"].items():
+        net.blobs[name]._data = t.to(net._state.device)
+    net._eager.program_enabled = state["program"]
+    net._eager.trains_channels_last = state["channels_last_training"]
+    net._state.debug_info = state["debug_info"]
+    if state["compile"] is not None:
+        net.compile(**state["compile"])
+    if state["cuda_graph"] is not None:
+        net.use_cuda_graph(True, *state["cuda_graph"])
+    return net

@@ -26,6 +26,8 @@ class LayerView:
         return self._blobs()
 
     def __getattr__(self, name: str):
+        if name in LayerView.__slots__ or name.startswith("__"):
+            raise AttributeError(name)  # an unset slot (copy/pickle build the object empty first)
         return getattr(self.module, name)
 
     def __setattr__(self, name: str, value) -> None:
