@@ -695,8 +695,8 @@ def _rebuild_net(definition: bytes, source: str, state: dict) -> Net:
     net._eager.program_enabled = state["program"]
     net._eager.trains_channels_last = state["channels_last_training"]
     net._state.debug_info = state["debug_info"]
-    if state["compile"] is not None:
-        net.compile(**state["compile"])
+    options = state["compile"]
+    net.compile(options is not None, **(options or {}))  # (also off where the global switch is on)
     if state["cuda_graph"] is not None:
         net.use_cuda_graph(True, *state["cuda_graph"])
     return net

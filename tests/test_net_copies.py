@@ -103,3 +103,16 @@ def test_a_solver_net_can_be_averaged_with_torch_swa_utils(tmp_path):
     for b, q, r in zip(before, avg.module.learnable_params, net.learnable_params):
         torch.testing.assert_close(q.detach(), r.detach())
         assert not torch.equal(b, q.detach())
+
+
+def test_a_copy_of_a_compiled_net_is_compiled_alike(small_net):
+    net = small_net.compile(True, backend="aot_eager")
+    assert copy.deepcopy(net)._compile_options == {"backend": "aot_eager"}
+    assert copy.deepcopy(net.compile(False))._compile_options is None
+
+
+@pytest.fixture
+def small_net(tmp_path):
+    p = tmp_path / "shared.prototxt"
+    p.write_text(SHARED)
+    return caffe.Net(str(p), caffe.TEST)
