@@ -51,15 +51,18 @@ def raw_data(t: torch.Tensor) -> torch.Tensor:
 
 
 class _DataWatch:
-    """``CaffeParameter``'s record of its ``.data`` tensors: how many were handed out, and weak
-    references to those still alive. Pickled as a fresh record (a pickled parameter comes back
-    as a new tensor, whose caches start afresh)."""
+    """A parameter's record of the ways writes that move no version counter can reach its
+    values: the ``.data`` tensors ``CaffeParameter`` handed out (how many, and weak references
+    to those still alive), and whether pycaffe handed out a NumPy view (``ParamBlob.data``; it
+    lives as long as the blob). Pickled as a fresh record (a pickled parameter comes back as a
+    new tensor, whose caches start afresh)."""
 
-    __slots__ = ("handed", "refs")
+    __slots__ = ("handed", "refs", "viewed")
 
     def __init__(self):
         self.handed = 0
         self.refs: list = []
+        self.viewed = False
 
     def __reduce__(self):
         return (_DataWatch, ())
@@ -69,8 +72,16 @@ class _DataWatch:
         self.refs.append(weakref.ref(t))
         self.handed += 1
 
-    def live(self) -> bool:
-        return any(r() is not None for r in self.refs)
+    def watched(self) -> bool:
+        return self.viewed or any(r() is not None for r in self.refs)
+
+
+def _data_watch(p: torch.Tensor) -> _DataWatch:
+    """``p``'s ``_DataWatch``, made at the first call and kept on the tensor."""
+    watch = p.__dict__.get("_caffe_data_watch")
+    if watch is None:
+        watch = p.__dict__["_caffe_data_watch"] = _DataWatch()
+    return watch
 
 
 class CaffeParameter(torch.nn.Parameter):
@@ -86,24 +97,18 @@ class CaffeParameter(torch.nn.Parameter):
     @property
     def data(self) -> torch.Tensor:
         d = _TENSOR_DATA.__get__(self)
-        self._data_watch().add(d)
+        _data_watch(self).add(d)
         return d
 
     @data.setter
     def data(self, value: torch.Tensor) -> None:
         _TENSOR_DATA.__set__(self, value)
-        self._data_watch().add(value)  # the parameter now shares the storage of a tensor held elsewhere
+        _data_watch(self).add(value)  # the parameter now shares the storage of a tensor held elsewhere
 
     def __reduce_ex__(self, proto):
         # torch's own reduction comes back as a plain ``nn.Parameter``
         state = torch._utils._get_obj_state(self)
         return (_rebuild_caffe_parameter, (_TENSOR_DATA.__get__(self), self.requires_grad, state))
-
-    def _data_watch(self) -> _DataWatch:
-        watch = self.__dict__.get("_caffe_data_watch")
-        if watch is None:
-            watch = self.__dict__["_caffe_data_watch"] = _DataWatch()
-        return watch
 
 
 def _rebuild_caffe_parameter(data: torch.Tensor, requires_grad: bool, state) -> CaffeParameter:
@@ -121,11 +126,8 @@ def values_watched(p: torch.Tensor) -> bool:
     """Whether writes that move no version counter can reach ``p``'s values now: a NumPy view of
     them was handed out (``ParamBlob.data``; it lives as long as the blob) or a tensor from
     ``p.data`` is still alive."""
-    state = p.__dict__
-    if state.get("_caffe_data_viewed"):
-        return True
-    watch = state.get("_caffe_data_watch")
-    return watch is not None and watch.live()
+    watch = p.__dict__.get("_caffe_data_watch")
+    return watch is not None and watch.watched()
 
 
 class ParamDiff:
@@ -512,7 +514,7 @@ class ParamBlob(_HostSynced):
         if not uses_host_mirror(p.device):
             # a view outlives this call and its writes move no version counter: whoever caches
             # something made of these values (``runners/inference.py``) compares them instead
-            p._caffe_data_viewed = True
+            _data_watch(p).viewed = True
         return self._host("data", raw_data(p))
 
     @property
