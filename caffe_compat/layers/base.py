@@ -276,6 +276,12 @@ class Layer(nn.Module):
     def has_forward_with_affine(self) -> bool:
         return type(self).forward_with_affine is not Layer.forward_with_affine
 
+    @property
+    def hooked(self) -> bool:
+        """Whether forward hooks are registered on this module (the runners then call it as a
+        module, and fuse nothing into it)."""
+        return bool(self._forward_hooks or self._forward_pre_hooks)
+
     def recompute(self, bottoms: list[torch.Tensor], tops: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The forward again, under autograd, for a backward pass that reads the blobs (pycaffe's
         ``net.backward()`` when the last forward's autograd graph is gone or stale): the tops as

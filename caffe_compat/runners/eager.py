@@ -191,10 +191,7 @@ class EagerRunner(Runner):
             affine = None
             if partner is not None and partner <= end:
                 nxt = steps[partner]
-                if not (grad_on and caffe_grads and not nxt.grad_bottoms[0]) and not (
-                    layer._forward_hooks or layer._forward_pre_hooks or nxt.layer._forward_hooks
-                    or nxt.layer._forward_pre_hooks
-                ):  # fmt: skip
+                if not (grad_on and caffe_grads and not nxt.grad_bottoms[0] or layer.hooked or nxt.layer.hooked):
                     affine = nxt.layer.channel_params()
             try:
                 if affine is not None:
@@ -203,7 +200,7 @@ class EagerRunner(Runner):
                     fresh.discard(step.bottoms[0])
                     overwrote = overwrote or grad_on
                     tops = layer.forward_inplace(*bottoms)
-                elif hooked or layer._forward_hooks or layer._forward_pre_hooks:
+                elif hooked or layer.hooked:
                     tops = layer(*bottoms)
                 else:
                     tops = layer.forward(*bottoms)

@@ -118,7 +118,7 @@ class ConvKernel:
             self._viewed = [p.detach().clone() if values_watched(p) else None for p in self._params]
             self._packed = (packed, b)
             self._overhangs = any(self.layer.tail_pads(shape[2:]))
-        if self._overhangs or any(m._forward_hooks or m._forward_pre_hooks for m in self._layers):
+        if self._overhangs or any(m.hooked for m in self._layers):
             # Caffe's overhanging last window, or a hooked module: the layers one by one
             y = self.layer(x.contiguous())[0]
             for layer in self._layers[1:]:
@@ -275,7 +275,7 @@ class InferenceRunner(EagerRunner):
                 bottoms.append(t)
             try:
                 if op is None or op is IN_PLACE:
-                    if layer._forward_hooks or layer._forward_pre_hooks:
+                    if layer.hooked:
                         tops = layer(*bottoms)
                     else:
                         tops = layer.forward(*bottoms) if op is None else layer.forward_inplace(*bottoms)
